@@ -1,0 +1,157 @@
+//! The command line: every command, its flags and its `--help` text (with an example).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Upload videos to vidpipe, follow their jobs and administer parked (dead) jobs.
+#[derive(Debug, Parser)]
+#[command(
+    name = "producer",
+    version,
+    after_help = "Examples:
+  producer upload holiday.mp4 --wait
+  producer status 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e
+  producer dead list
+
+Settings: built-in defaults, then --config FILE (or $VIDPIPE_CONFIG), then VIDPIPE__SECTION__KEY
+environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f,
+VIDPIPE__STORAGE__ROOT=/srv/media, VIDPIPE__TOPOLOGY__PREFIX=staging.
+
+Exit codes: 0 done, 1 a task is dead (or the job is unknown), 2 usage error,
+3 broker or storage trouble, 4 --wait timed out. See docs/producer.md."
+)]
+pub struct Cli {
+    /// TOML settings file (else $VIDPIPE_CONFIG; VIDPIPE__* variables override both)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store each file and publish a transcode and a thumbnail job for it; print the job ids.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  producer upload holiday.mp4\n",
+        "  producer upload a.mp4 b.mov --renditions 720p,360p --formats hls --wait\n",
+        "  producer upload talk.mp4 --renditions hd:720:2500:128,sd:360:700:96 --thumbnails 5 --no-sprite\n\n",
+        "Every file is checked before anything is published. Without options the transcoder derives\n",
+        "its default ladder from the source (never upscaling), writes MP4 and HLS, and the thumbnailer\n",
+        "writes a poster, 10 thumbnails and a sprite sheet with WebVTT.\n\n",
+        "Prints one job id per file on stdout (--json: one JSON object per line). With --wait, live\n",
+        "progress goes to stderr and the exit code says how the tasks ended: 0 all completed,\n",
+        "1 a task is dead (its reason is printed), 4 --timeout ran out. 2 usage error, 3 broker or\n",
+        "storage trouble.",
+    ))]
+    Upload(UploadArgs),
+    /// Show each task of a job: completed (with its outputs), dead (with the reason) or pending.
+    #[command(after_help = concat!(
+        "Example:\n",
+        "  producer status 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e --json\n\n",
+        "Completed tasks are read from outputs/<job_id>/<task>/manifest.json; dead ones are found in\n",
+        "the dead-letter queue (video_tasks.dead) without taking them out. Exit code 0 if the job is\n",
+        "known (whatever its state), 1 if nothing of it exists, 3 broker or storage trouble.",
+    ))]
+    Status(StatusArgs),
+    /// Inspect, replay or purge jobs parked in the dead-letter queue (video_tasks.dead).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  producer dead list\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  \
+            producer dead replay --all\n  producer dead purge --yes"
+    )]
+    Dead(DeadCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UploadArgs {
+    /// Video files to upload (uploaded concurrently)
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Rendition ladder: preset names (1080p, 720p, 480p, 360p, 240p) or
+    /// name:height:video_kbps:audio_kbps, comma separated. Default: derived from the source
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    pub renditions: Vec<String>,
+    /// Output formats, comma separated: mp4, hls
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "mp4,hls"
+    )]
+    pub formats: Vec<String>,
+    /// Number of evenly spaced thumbnails (besides the poster)
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub thumbnails: u32,
+    /// Make a sprite sheet with a WebVTT track (the default)
+    #[arg(long, overrides_with = "no_sprite")]
+    pub sprite: bool,
+    /// No sprite sheet
+    #[arg(long, overrides_with = "sprite")]
+    pub no_sprite: bool,
+    /// Follow the jobs until every task is completed or dead; the exit code says which
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (exit code 4)
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    pub timeout: Option<f64>,
+    /// Machine-readable output: one JSON object per job on stdout, no progress bars
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The job id printed by `producer upload`
+    pub job_id: String,
+    /// One JSON object on stdout
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List every parked message: job, task, reason, attempts, worker, when.
+    #[command(after_help = "Example:\n  producer dead list --json\n\n\
+        Messages are looked at and put back (basic.get, then nack with requeue): nothing is taken out.")]
+    List {
+        /// One JSON object per message on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every parked message of one job, with all its headers and its body.
+    #[command(after_help = "Example:\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e")]
+    Show {
+        job_id: String,
+        /// One JSON object per message on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send parked messages back to video_tasks with their original routing key and the
+    /// attempt count reset to 1.
+    #[command(
+        after_help = "Examples:\n  producer dead replay 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  producer dead replay --all\n\n\
+        Each message is republished with a publisher confirm before its parked copy is acked, so\n\
+        nothing is lost (at worst, after a crash in between, a job is replayed twice). Reason\n\
+        headers are dropped. Fix the cause first (e.g. deploy the fixed worker), or the job will\n\
+        come straight back here."
+    )]
+    Replay {
+        /// The job to replay (all its parked tasks)
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job_id: Option<String>,
+        /// Replay every parked message
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every parked message, for good. Needs --yes.
+    #[command(after_help = "Example:\n  producer dead purge --yes\n\n\
+        Without --yes nothing is deleted and the exit code is 2. Consider `producer dead list --json`\n\
+        first to keep a record.")]
+    Purge {
+        /// Confirm that the parked messages should be deleted
+        #[arg(long)]
+        yes: bool,
+    },
+}

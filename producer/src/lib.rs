@@ -1,0 +1,84 @@
+//! The `producer` CLI as a library (the binary only parses flags; the benchmark drives the
+//! same publish path).
+//!
+//! - [`cli`]: commands, flags and their `--help`.
+//! - [`exit`]: how a command ends and the exit code for each ending.
+//! - [`publisher`]: broker access: deadpool-lapin pool, topology, confirmed publishing.
+//! - [`upload`]: checking files, building the jobs, storing and publishing them.
+//! - [`wait`]: following `video_events` until every task is completed or dead.
+//! - [`status`]: one job's state from its manifests and the dead-letter queue.
+//! - [`dead`]: listing, showing, replaying and purging parked messages.
+
+pub mod cli;
+pub mod dead;
+pub mod exit;
+pub mod publisher;
+pub mod status;
+pub mod upload;
+pub mod wait;
+
+use std::process::ExitCode;
+
+use shared::settings::{self, Settings};
+use shared::telemetry;
+
+use crate::cli::{Cli, Command};
+use crate::exit::Failure;
+
+/// Runs one parsed command line to its exit code.
+pub fn main_with(cli: Cli) -> ExitCode {
+    let loaded = match settings::load(cli.config.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("producer: {e:#}");
+            return ExitCode::from(Failure::usage("").exit_code());
+        }
+    };
+    telemetry::init(&loaded.settings.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("producer: cannot start the async runtime: {e}");
+            return ExitCode::from(Failure::Infra(e.into()).exit_code());
+        }
+    };
+    let result = runtime.block_on(run(cli.command, &loaded.settings));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => exit::success(),
+        Err(failure) => {
+            eprintln!("producer: {failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
+}
+
+/// Runs one command.
+pub async fn run(command: Command, settings: &Settings) -> Result<(), Failure> {
+    match command {
+        Command::Upload(args) => upload::run(settings, args).await,
+        Command::Status(args) => status::run(settings, args).await,
+        Command::Dead(cmd) => dead::run(settings, cmd).await,
+    }
+}
+
+/// Parses a job id argument, as a usage error naming it when it is not a UUID.
+pub fn parse_job_id(s: &str) -> Result<uuid::Uuid, Failure> {
+    s.parse().map_err(|_| {
+        Failure::usage(format!(
+            "`{s}` is not a job id: job ids are UUIDs as printed by `producer upload`"
+        ))
+    })
+}
+
+/// `println!` that shrugs off a closed stdout (`producer dead list | head`).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}

@@ -1,0 +1,150 @@
+//! Broker access for the producer: a deadpool-lapin connection pool, the topology
+//! (declared, or with `topology.declare = false` only checked, at start) and publishing
+//! with publisher confirms on confirm-mode channels that are reused between publishes.
+
+use std::sync::Mutex;
+
+use anyhow::Context;
+use deadpool_lapin::{Pool, Runtime};
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel, ConnectionProperties};
+use shared::broker;
+use shared::settings::{Settings, redact_url};
+use shared::topology::Topology;
+
+use crate::exit::Failure;
+
+/// One message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub exchange: String,
+    pub routing_key: String,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+/// The producer's connection to the broker.
+pub struct Broker {
+    pool: Pool,
+    /// Names of everything on the broker, under the configured prefix.
+    pub topology: Topology,
+    /// Confirm-mode channels not in use: opening one costs a round trip, so a publish
+    /// borrows one and returns it.
+    idle: Mutex<Vec<Channel>>,
+}
+
+impl Broker {
+    /// Connects (one attempt: a CLI should fail fast and say why) and declares the topology.
+    pub async fn connect(settings: &Settings) -> Result<Self, Failure> {
+        let url = settings.amqp.url.expose();
+        let pool = deadpool_lapin::Config {
+            url: Some(url.to_owned()),
+            pool: None,
+        }
+        .create_pool(
+            || ConnectionProperties::default().with_connection_name("vidpipe-producer".into()),
+            Runtime::Tokio1,
+        )
+        .map_err(|e| Failure::Usage(anyhow::anyhow!("invalid setting `amqp.url`: {e}")))?;
+        let topology = Topology::new(
+            &settings.topology.prefix,
+            settings.retry.policy().delays,
+            settings.retry.delivery_limit,
+        );
+        let broker = Self {
+            pool,
+            topology,
+            idle: Mutex::new(Vec::new()),
+        };
+        let channel = broker.channel().await.map_err(|e| {
+            Failure::Infra(anyhow::anyhow!(
+                "cannot reach RabbitMQ at {} ({e:#}); is it running? The address is the setting \
+                 `amqp.url` (environment VIDPIPE__AMQP__URL)",
+                redact_url(url)
+            ))
+        })?;
+        broker
+            .topology
+            .ensure(
+                &channel,
+                settings.topology.declare,
+                &broker.topology.work_queue("transcode"),
+            )
+            .await
+            .context("declaring the broker topology")
+            .map_err(Failure::Infra)?;
+        let _ = channel.close(200, "topology ready".into()).await;
+        Ok(broker)
+    }
+
+    /// A pooled connection, for consumers that must live as long as it (event queues).
+    pub async fn connection(&self) -> anyhow::Result<deadpool_lapin::Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}"))
+    }
+
+    /// A fresh plain channel on a pooled connection.
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        let conn = self.connection().await?;
+        conn.create_channel().await.context("opening a channel")
+    }
+
+    async fn confirm_channel(&self) -> anyhow::Result<Channel> {
+        let reused = self.idle.lock().expect("idle channels").pop();
+        if let Some(channel) = reused.filter(|c| c.status().connected()) {
+            return Ok(channel);
+        }
+        let conn = self.connection().await?;
+        broker::confirm_channel(&conn)
+            .await
+            .context("opening a publisher-confirm channel")
+    }
+
+    /// Publishes every message (persistent, `mandatory`) and waits for the broker's
+    /// confirm of each. Ok only if every one was routed and confirmed.
+    pub async fn publish_all(&self, messages: &[Outgoing]) -> anyhow::Result<()> {
+        let channel = self.confirm_channel().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = channel
+                .basic_publish(
+                    m.exchange.as_str().into(),
+                    m.routing_key.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.body,
+                    m.properties.clone(),
+                )
+                .await
+                .with_context(|| format!("publishing to `{}`", m.exchange))?;
+            confirms.push(confirm);
+        }
+        for (m, confirm) in messages.iter().zip(confirms) {
+            let confirmation = confirm.await.with_context(|| {
+                format!(
+                    "waiting for the broker to confirm a publish to `{}`",
+                    m.exchange
+                )
+            })?;
+            match confirmation {
+                lapin::Confirmation::Ack(None) => {}
+                lapin::Confirmation::Ack(Some(_)) => anyhow::bail!(
+                    "the broker could not route a message to `{}` with key `{}` (is the topology \
+                     declared under this prefix?)",
+                    m.exchange,
+                    m.routing_key
+                ),
+                other => anyhow::bail!(
+                    "the broker refused a message to `{}`: {other:?}",
+                    m.exchange
+                ),
+            }
+        }
+        self.idle.lock().expect("idle channels").push(channel);
+        Ok(())
+    }
+}

@@ -1,0 +1,144 @@
+//! `producer status JOB_ID`: each task's state. Completed is the presence of its
+//! manifest (`outputs/<job_id>/<task>/manifest.json`, written last by the worker); dead is
+//! a message of the job in the parking lot (looked at, never taken out); anything else is
+//! pending (queued, running or waiting for a retry).
+
+use serde::Serialize;
+use shared::settings::Settings;
+use shared::storage::Storage;
+use shared::storage_key::StorageKey;
+use shared::topology::TASKS;
+use uuid::Uuid;
+
+use crate::cli::StatusArgs;
+use crate::dead::{self, DeadInfo};
+use crate::exit::Failure;
+use crate::publisher::Broker;
+
+/// One task's state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum TaskStatus {
+    Completed {
+        manifest: String,
+        outputs: Vec<serde_json::Value>,
+    },
+    Dead(DeadInfo),
+    Pending,
+}
+
+/// Every task of a job.
+pub async fn job_status(
+    storage: &Storage,
+    broker: &Broker,
+    job_id: Uuid,
+) -> anyhow::Result<Vec<(&'static str, TaskStatus)>> {
+    let mut out = Vec::new();
+    let mut parked: Option<Vec<DeadInfo>> = None;
+    for task in TASKS {
+        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/"))?;
+        if let Some(manifest) = storage.manifest(&prefix).await? {
+            let outputs = manifest
+                .get("outputs")
+                .and_then(|o| o.as_array())
+                .cloned()
+                .unwrap_or_default();
+            out.push((
+                task,
+                TaskStatus::Completed {
+                    manifest: Storage::manifest_key(&prefix).to_string(),
+                    outputs,
+                },
+            ));
+            continue;
+        }
+        if parked.is_none() {
+            parked = Some(dead::of_job(broker, job_id).await?);
+        }
+        let dead = parked
+            .as_ref()
+            .and_then(|p| p.iter().rev().find(|d| d.task.as_deref() == Some(task)));
+        out.push((
+            task,
+            match dead {
+                Some(d) => TaskStatus::Dead(d.clone()),
+                None => TaskStatus::Pending,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// `producer status`.
+pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
+    let job_id = crate::parse_job_id(&args.job_id)?;
+    let storage = Storage::from_settings(&settings.storage).map_err(|e| {
+        Failure::Infra(
+            e.context("opening storage (settings `storage.*`, e.g. VIDPIPE__STORAGE__ROOT)"),
+        )
+    })?;
+    let broker = Broker::connect(settings).await?;
+    let tasks = job_status(&storage, &broker, job_id)
+        .await
+        .map_err(Failure::Infra)?;
+    let uploads = StorageKey::new(format!("uploads/{job_id}/")).expect("a uuid makes a valid key");
+    let uploaded = storage.list(&uploads).await.map_err(Failure::Infra)?;
+    let known =
+        !uploaded.is_empty() || tasks.iter().any(|(_, s)| !matches!(s, TaskStatus::Pending));
+    if !known {
+        return Err(Failure::JobsFailed(format!(
+            "no job {job_id}: nothing under {uploads} in storage (setting `storage.root`), no \
+             manifests, nothing parked in `{}`",
+            broker.topology.dead()
+        )));
+    }
+    if args.json {
+        let tasks: serde_json::Map<String, serde_json::Value> = tasks
+            .iter()
+            .map(|(t, s)| ((*t).to_owned(), serde_json::to_value(s).expect("JSON")))
+            .collect();
+        crate::say!(
+            "{}",
+            serde_json::json!({ "job_id": job_id, "source": uploaded.first(), "tasks": tasks })
+        );
+        return Ok(());
+    }
+    crate::say!("job {job_id}");
+    if let Some(source) = uploaded.first() {
+        crate::say!("  source     {source}");
+    }
+    for (task, status) in &tasks {
+        match status {
+            TaskStatus::Completed { manifest, outputs } => {
+                crate::say!(
+                    "  {task:<10} completed ({} outputs, {manifest})",
+                    outputs.len()
+                );
+                for o in outputs {
+                    let key = o.get("key").and_then(|k| k.as_str()).unwrap_or("?");
+                    let size = o.get("size_bytes").and_then(|s| s.as_u64()).unwrap_or(0);
+                    crate::say!("               {key}  {size} bytes");
+                }
+            }
+            TaskStatus::Dead(d) => crate::say!(
+                "  {task:<10} dead after {} attempt(s){}{}: {}",
+                d.attempts
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                d.worker
+                    .as_ref()
+                    .map(|w| format!(" on {w}"))
+                    .unwrap_or_default(),
+                d.failed_at
+                    .as_ref()
+                    .map(|t| format!(" at {t}"))
+                    .unwrap_or_default(),
+                d.reason
+            ),
+            TaskStatus::Pending => {
+                crate::say!("  {task:<10} pending (queued, running or waiting for a retry)")
+            }
+        }
+    }
+    Ok(())
+}

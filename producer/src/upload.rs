@@ -1,0 +1,479 @@
+//! `producer upload`: check every file, build one job per task, stream each file into
+//! storage (with a progress bar) and publish its jobs with confirms; optionally follow
+//! them to the end ([`crate::wait`]).
+//!
+//! Everything that can be refused is refused before the first byte is stored or the
+//! first message published: bad options, missing / unreadable / empty files, directories.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lapin::types::FieldTable;
+use shared::broker::persistent_json;
+use shared::messages::{
+    self, ImageFormat, JobMessage, OutputFormat, Rendition, SpriteSpec, ThumbnailJob, TranscodeJob,
+};
+use shared::settings::Settings;
+use shared::storage::Storage;
+use shared::storage_key::StorageKey;
+use shared::topology::Topology;
+use uuid::Uuid;
+
+use crate::cli::UploadArgs;
+use crate::exit::Failure;
+use crate::publisher::{Broker, Outgoing};
+use crate::wait;
+
+/// Named renditions `--renditions` accepts: (name, height, video kbit/s, audio kbit/s).
+pub const PRESETS: [(&str, u32, u32, u32); 5] = [
+    ("1080p", 1080, 5000, 192),
+    ("720p", 720, 2800, 128),
+    ("480p", 480, 1400, 128),
+    ("360p", 360, 800, 96),
+    ("240p", 240, 400, 64),
+];
+
+/// Files uploading at once.
+const CONCURRENT_UPLOADS: usize = 4;
+
+/// What every job of one `upload` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOptions {
+    /// Empty: the transcoder derives its default ladder from the source.
+    pub renditions: Vec<Rendition>,
+    pub formats: Vec<OutputFormat>,
+    pub thumbnails: u32,
+    pub sprite: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        Self {
+            renditions: Vec::new(),
+            formats: vec![OutputFormat::Mp4, OutputFormat::Hls],
+            thumbnails: 10,
+            sprite: true,
+        }
+    }
+}
+
+impl JobOptions {
+    /// From the command line; every problem is a usage error saying what is accepted.
+    pub fn from_args(args: &UploadArgs) -> Result<Self, Failure> {
+        let renditions = args
+            .renditions
+            .iter()
+            .filter(|r| !r.trim().is_empty())
+            .map(|r| parse_rendition(r.trim()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Failure::usage(format!("--renditions: {e}")))?;
+        let mut formats = Vec::new();
+        for f in &args.formats {
+            let format = match f.trim().to_ascii_lowercase().as_str() {
+                "mp4" => OutputFormat::Mp4,
+                "hls" => OutputFormat::Hls,
+                other => {
+                    return Err(Failure::usage(format!(
+                        "--formats: unknown format `{other}`; known: mp4, hls"
+                    )));
+                }
+            };
+            if !formats.contains(&format) {
+                formats.push(format);
+            }
+        }
+        let options = Self {
+            renditions,
+            formats,
+            thumbnails: args.thumbnails,
+            sprite: !args.no_sprite,
+        };
+        // The workers' own validation, run here so a bad ladder never reaches the queue.
+        let plan = JobPlan::new(Uuid::nil(), "mp4", &options);
+        plan.transcode
+            .validate()
+            .map_err(|e| Failure::usage(format!("--renditions/--formats: {e}")))?;
+        plan.thumbnail
+            .validate()
+            .map_err(|e| Failure::usage(format!("--thumbnails: {e}")))?;
+        Ok(options)
+    }
+}
+
+/// `720p` (a preset) or `name:height:video_kbps:audio_kbps`.
+pub fn parse_rendition(spec: &str) -> Result<Rendition, String> {
+    let parts: Vec<&str> = spec.split(':').collect();
+    match parts.as_slice() {
+        [name] => PRESETS
+            .iter()
+            .find(|p| p.0.eq_ignore_ascii_case(name))
+            .map(|&(name, height, video_kbps, audio_kbps)| Rendition {
+                name: name.into(),
+                height,
+                video_kbps,
+                audio_kbps,
+            })
+            .ok_or_else(|| {
+                let known: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                format!(
+                    "unknown rendition `{name}`; known: {}, or give name:height:video_kbps:audio_kbps",
+                    known.join(", ")
+                )
+            }),
+        [name, height, video, audio] => {
+            let number = |what: &str, v: &str| {
+                v.parse::<u32>()
+                    .map_err(|_| format!("`{spec}`: {what} `{v}` is not a whole number"))
+            };
+            Ok(Rendition {
+                name: (*name).into(),
+                height: number("height", height)?,
+                video_kbps: number("video_kbps", video)?,
+                audio_kbps: number("audio_kbps", audio)?,
+            })
+        }
+        _ => Err(format!(
+            "`{spec}` is neither a preset name nor name:height:video_kbps:audio_kbps"
+        )),
+    }
+}
+
+/// A clear error for anything that is not a readable, non-empty regular file. Returns
+/// its size.
+pub fn check_file(path: &Path) -> Result<u64, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{shown}: no such file"),
+        std::io::ErrorKind::PermissionDenied => format!("{shown}: permission denied"),
+        _ => format!("{shown}: cannot read it ({e})"),
+    })?;
+    if meta.is_dir() {
+        return Err(format!(
+            "{shown}: is a directory, not a video file (give the files inside it)"
+        ));
+    }
+    if !meta.is_file() {
+        return Err(format!("{shown}: not a regular file"));
+    }
+    if meta.len() == 0 {
+        return Err(format!("{shown}: the file is empty"));
+    }
+    std::fs::File::open(path).map_err(|e| format!("{shown}: cannot open it ({e})"))?;
+    Ok(meta.len())
+}
+
+/// Storage extension of an upload: the file's own when it is a short alphanumeric one.
+pub fn extension(path: &Path) -> String {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .filter(|e| !e.is_empty() && e.len() <= 8 && e.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_else(|| "bin".into())
+}
+
+/// One upload's job id, source key and the message of each task.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    pub job_id: Uuid,
+    pub source: StorageKey,
+    pub transcode: TranscodeJob,
+    pub thumbnail: ThumbnailJob,
+}
+
+impl JobPlan {
+    pub fn new(job_id: Uuid, extension: &str, options: &JobOptions) -> Self {
+        let key = |s: String| {
+            StorageKey::new(s).expect("a uuid and a checked extension make a valid key")
+        };
+        let source = key(format!("uploads/{job_id}/source.{extension}"));
+        Self {
+            job_id,
+            transcode: TranscodeJob {
+                job_id,
+                source: source.clone(),
+                output_prefix: key(format!("outputs/{job_id}/transcode/")),
+                renditions: options.renditions.clone(),
+                formats: options.formats.clone(),
+            },
+            thumbnail: ThumbnailJob {
+                job_id,
+                source: source.clone(),
+                output_prefix: key(format!("outputs/{job_id}/thumbnail/")),
+                poster: true,
+                count: options.thumbnails,
+                timestamps: Vec::new(),
+                width: 320,
+                format: ImageFormat::Jpeg,
+                quality: 85,
+                sprite: options.sprite.then_some(SpriteSpec {
+                    interval_s: 2.0,
+                    columns: 10,
+                    width: 160,
+                    keyframes_only: false,
+                }),
+            },
+            source,
+        }
+    }
+
+    /// Task names, in publishing order.
+    pub fn tasks(&self) -> [&'static str; 2] {
+        [TranscodeJob::TASK, ThumbnailJob::TASK]
+    }
+
+    /// One persistent message per task, routed by task name to `video_tasks`.
+    pub fn messages(&self, topology: &Topology) -> Vec<Outgoing> {
+        let message = |task: &str, body: Vec<u8>| Outgoing {
+            exchange: topology.tasks_exchange(),
+            routing_key: task.to_owned(),
+            body,
+            properties: persistent_json(FieldTable::default()),
+        };
+        vec![
+            message(TranscodeJob::TASK, messages::to_body(&self.transcode)),
+            message(ThumbnailJob::TASK, messages::to_body(&self.thumbnail)),
+        ]
+    }
+}
+
+/// Stores the source and publishes the jobs of one plan.
+pub async fn store_and_publish(
+    storage: &Storage,
+    broker: &Broker,
+    plan: &JobPlan,
+    file: &Path,
+    bar: &ProgressBar,
+) -> anyhow::Result<u64> {
+    let bytes = storage
+        .put_file(&plan.source, file, &|sent| bar.set_position(sent))
+        .await?;
+    bar.set_message("publishing");
+    broker.publish_all(&plan.messages(&broker.topology)).await?;
+    Ok(bytes)
+}
+
+/// `producer upload`.
+pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
+    let options = JobOptions::from_args(&args)?;
+    let mut sizes = Vec::with_capacity(args.files.len());
+    let mut problems = Vec::new();
+    for file in &args.files {
+        match check_file(file) {
+            Ok(size) => sizes.push(size),
+            Err(e) => problems.push(e),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::usage(format!(
+            "{}\nnothing was uploaded or published",
+            problems.join("\n")
+        )));
+    }
+
+    let storage = Storage::from_settings(&settings.storage).map_err(|e| {
+        Failure::Infra(
+            e.context("opening storage (settings `storage.*`, e.g. VIDPIPE__STORAGE__ROOT)"),
+        )
+    })?;
+    let broker = Broker::connect(settings).await?;
+    let plans: Vec<JobPlan> = args
+        .files
+        .iter()
+        .map(|f| JobPlan::new(Uuid::new_v4(), &extension(f), &options))
+        .collect();
+
+    // Bind the event queue before publishing, so no event can be missed.
+    let follower = if args.wait {
+        let ids: Vec<Uuid> = plans.iter().map(|p| p.job_id).collect();
+        Some(
+            wait::Follower::start(&broker, &ids)
+                .await
+                .map_err(Failure::Infra)?,
+        )
+    } else {
+        None
+    };
+
+    let interactive = !args.json && std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if interactive {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+
+    let results: Vec<(usize, anyhow::Result<u64>)> =
+        futures::stream::iter(plans.iter().zip(&args.files).zip(&sizes).enumerate())
+            .map(|(i, ((plan, file), size))| {
+                let bar = multi.add(ProgressBar::new(*size));
+                bar.set_style(style.clone());
+                bar.set_prefix(short_name(file));
+                let (storage, broker) = (&storage, &broker);
+                async move {
+                    let result = store_and_publish(storage, broker, plan, file, &bar).await;
+                    bar.finish_and_clear();
+                    (i, result)
+                }
+            })
+            .buffered(CONCURRENT_UPLOADS)
+            .collect()
+            .await;
+
+    let mut published = Vec::new();
+    let mut failed = 0;
+    for (i, result) in results {
+        let (plan, file) = (&plans[i], &args.files[i]);
+        match result {
+            Ok(bytes) => {
+                if args.json && !args.wait {
+                    crate::say!(
+                        "{}",
+                        serde_json::json!({
+                            "job_id": plan.job_id, "file": file, "source": plan.source.as_str(),
+                            "bytes": bytes, "tasks": plan.tasks(),
+                        })
+                    );
+                } else if !args.json {
+                    crate::say!("{}", plan.job_id);
+                }
+                if !args.json {
+                    eprintln!(
+                        "producer: {} stored as {} ({bytes} bytes); jobs published: {}",
+                        file.display(),
+                        plan.source,
+                        plan.tasks().join(", ")
+                    );
+                }
+                published.push(wait::TrackedJob {
+                    job_id: plan.job_id,
+                    file: file.clone(),
+                    tasks: plan.tasks().iter().map(|t| t.to_string()).collect(),
+                });
+            }
+            Err(e) => {
+                failed += 1;
+                eprintln!("producer: {}: {e:#}", file.display());
+            }
+        }
+    }
+
+    let waited = match follower {
+        Some(follower) if !published.is_empty() => {
+            let timeout = args.timeout.map(Duration::from_secs_f64);
+            Some(
+                follower
+                    .wait(
+                        &published,
+                        &storage,
+                        timeout,
+                        &multi,
+                        args.json,
+                        interactive,
+                    )
+                    .await,
+            )
+        }
+        _ => None,
+    };
+    if failed > 0 {
+        return Err(Failure::Infra(anyhow::anyhow!(
+            "{failed} of {} uploads failed (see above); the others were published",
+            args.files.len()
+        )));
+    }
+    waited.unwrap_or(Ok(()))
+}
+
+/// A file's name for a progress bar.
+fn short_name(file: &Path) -> String {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| file.display().to_string());
+    if name.chars().count() > 24 {
+        let tail: String = name
+            .chars()
+            .rev()
+            .take(23)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("…{tail}")
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_custom_renditions_parse() {
+        assert_eq!(parse_rendition("720p").unwrap().height, 720);
+        let r = parse_rendition("hd:720:2500:128").unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.video_kbps, r.audio_kbps),
+            ("hd", 2500, 128)
+        );
+        let e = parse_rendition("4k").unwrap_err();
+        assert!(
+            e.contains("unknown rendition `4k`") && e.contains("720p"),
+            "{e}"
+        );
+        assert!(
+            parse_rendition("a:b:c:d")
+                .unwrap_err()
+                .contains("not a whole number")
+        );
+    }
+
+    #[test]
+    fn default_plan_asks_for_the_default_ladder_and_thumbnails() {
+        let plan = JobPlan::new(Uuid::new_v4(), "mp4", &JobOptions::default());
+        assert!(plan.transcode.renditions.is_empty());
+        assert_eq!(
+            plan.transcode.formats,
+            [OutputFormat::Mp4, OutputFormat::Hls]
+        );
+        assert!(plan.thumbnail.poster);
+        assert_eq!(plan.thumbnail.count, 10);
+        let sprite = plan.thumbnail.sprite.clone().unwrap();
+        assert_eq!(
+            (sprite.interval_s, sprite.columns, sprite.width),
+            (2.0, 10, 160)
+        );
+        // What the workers will parse.
+        let topology = Topology::new("", vec![], 20);
+        for m in plan.messages(&topology) {
+            match m.routing_key.as_str() {
+                "transcode" => drop(messages::parse::<TranscodeJob>(&m.body).unwrap()),
+                _ => drop(messages::parse::<ThumbnailJob>(&m.body).unwrap()),
+            }
+        }
+    }
+
+    #[test]
+    fn files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("e.mp4");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(check_file(&empty).unwrap_err().contains("empty"));
+        assert!(check_file(dir.path()).unwrap_err().contains("directory"));
+        assert!(
+            check_file(&dir.path().join("none"))
+                .unwrap_err()
+                .contains("no such file")
+        );
+        assert_eq!(extension(&std::path::PathBuf::from("a/B.MOV")), "mov");
+        assert_eq!(extension(&std::path::PathBuf::from("noext")), "bin");
+    }
+}

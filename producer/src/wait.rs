@@ -1,0 +1,358 @@
+//! `upload --wait`: follow `video_events` until every task of every job is completed or
+//! dead, showing live progress (progress bars on a terminal, plain lines otherwise).
+//!
+//! The event queue (exclusive, auto-delete, bound to `job.<job_id>.#`) is bound before
+//! anything is published, so no event is missed. Events are best effort, so completion is
+//! also read from the task manifests every few seconds: a lost `completed` event never
+//! leaves `--wait` hanging.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::StreamExt;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use serde::Serialize;
+use shared::events::{JobEvent, JobState};
+use shared::storage::Storage;
+use shared::storage_key::StorageKey;
+use uuid::Uuid;
+
+use crate::exit::Failure;
+use crate::publisher::Broker;
+
+/// How often manifests are checked besides the events.
+const MANIFEST_POLL: Duration = Duration::from_secs(3);
+
+/// A published job to follow.
+#[derive(Debug, Clone)]
+pub struct TrackedJob {
+    pub job_id: Uuid,
+    pub file: PathBuf,
+    pub tasks: Vec<String>,
+}
+
+/// Where one task stands.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskProgress {
+    /// `queued` until the first event, then the last event's state.
+    pub state: String,
+    pub attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Why it failed or died.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip)]
+    terminal: bool,
+}
+
+impl TaskProgress {
+    fn queued() -> Self {
+        Self {
+            state: "queued".into(),
+            attempt: 0,
+            percent: None,
+            worker: None,
+            reason: None,
+            terminal: false,
+        }
+    }
+}
+
+/// The event queue of one `upload --wait`, bound before publishing.
+pub struct Follower {
+    /// Keeps the connection (and with it the exclusive queue) alive.
+    _conn: deadpool_lapin::Object,
+    _channel: Channel,
+    consumer: Consumer,
+}
+
+impl Follower {
+    /// Declares a private queue bound to every event of `job_ids` and starts consuming.
+    pub async fn start(broker: &Broker, job_ids: &[Uuid]) -> anyhow::Result<Self> {
+        let conn = broker.connection().await?;
+        let channel = conn.create_channel().await.context("opening a channel")?;
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("declaring the event queue")?;
+        for id in job_ids {
+            channel
+                .queue_bind(
+                    queue.name().clone(),
+                    broker.topology.events_exchange().into(),
+                    format!("job.{id}.#").into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .with_context(|| format!("binding to `{}`", broker.topology.events_exchange()))?;
+        }
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "vidpipe-producer-wait".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .context("consuming events")?;
+        Ok(Self {
+            _conn: conn,
+            _channel: channel,
+            consumer,
+        })
+    }
+
+    /// Follows `jobs` until every task is completed or dead, or `timeout` passes.
+    /// Prints a report per job (JSON lines on stdout with `json`) and returns the
+    /// command's result: Ok if all completed.
+    pub async fn wait(
+        mut self,
+        jobs: &[TrackedJob],
+        storage: &Storage,
+        timeout: Option<Duration>,
+        multi: &MultiProgress,
+        json: bool,
+        interactive: bool,
+    ) -> Result<(), Failure> {
+        let mut view = View::new(jobs, multi, json, interactive);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut poll = tokio::time::interval(MANIFEST_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lost = None;
+        while !view.all_terminal() {
+            let expired = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                next = self.consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        if let Ok(event) = serde_json::from_slice::<JobEvent>(&delivery.data) {
+                            view.apply(&event);
+                        }
+                    }
+                    Some(Err(e)) => { lost = Some(e.to_string()); break; }
+                    None => { lost = Some("the event stream ended".into()); break; }
+                },
+                _ = poll.tick() => view.check_manifests(storage).await,
+                _ = expired => break,
+            }
+        }
+        view.finish();
+        let ids: Vec<String> = jobs.iter().map(|j| j.job_id.to_string()).collect();
+        if let Some(e) = lost {
+            return Err(Failure::Infra(anyhow::anyhow!(
+                "lost the broker connection while waiting ({e}); the jobs are still queued: \
+                 check them with `producer status {}`",
+                ids.join(" / ")
+            )));
+        }
+        let dead = view.count(|p| p.state == "dead");
+        if dead > 0 {
+            return Err(Failure::JobsFailed(format!(
+                "{dead} task(s) ended dead (reasons above); after fixing the cause, re-run them with \
+                 `producer dead replay {}`",
+                ids.join(" / ")
+            )));
+        }
+        let unfinished = view.count(|p| !p.terminal);
+        if unfinished > 0 {
+            return Err(Failure::Timeout(format!(
+                "gave up waiting after {:?}: {unfinished} task(s) not finished yet; they are still \
+                 queued or running (see `producer status {}`)",
+                timeout.unwrap_or_default(),
+                ids.join(" / ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The tasks' states and how they are shown.
+struct View<'a> {
+    jobs: &'a [TrackedJob],
+    tasks: BTreeMap<(Uuid, String), (TaskProgress, Option<ProgressBar>)>,
+    json: bool,
+    /// Plain lines on stderr (not a terminal, not JSON).
+    plain: bool,
+}
+
+impl<'a> View<'a> {
+    fn new(jobs: &'a [TrackedJob], multi: &MultiProgress, json: bool, interactive: bool) -> Self {
+        let style = ProgressStyle::with_template("{prefix:24} [{bar:30}] {pos:>3}% {msg}")
+            .expect("valid template")
+            .progress_chars("=> ");
+        let mut tasks = BTreeMap::new();
+        for job in jobs {
+            for task in &job.tasks {
+                let bar = interactive.then(|| {
+                    let bar = multi.add(ProgressBar::new(100));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(format!("{} {task}", &job.job_id.to_string()[..8]));
+                    bar.set_message("queued");
+                    bar
+                });
+                tasks.insert((job.job_id, task.clone()), (TaskProgress::queued(), bar));
+            }
+        }
+        Self {
+            jobs,
+            tasks,
+            json,
+            plain: !json && !interactive,
+        }
+    }
+
+    fn all_terminal(&self) -> bool {
+        self.tasks.values().all(|(p, _)| p.terminal)
+    }
+
+    fn count(&self, f: impl Fn(&TaskProgress) -> bool) -> usize {
+        self.tasks.values().filter(|(p, _)| f(p)).count()
+    }
+
+    fn apply(&mut self, event: &JobEvent) {
+        let plain = self.plain;
+        let Some((progress, bar)) = self.tasks.get_mut(&(event.job_id, event.task.clone())) else {
+            return;
+        };
+        if progress.terminal {
+            return;
+        }
+        let before = progress.percent.unwrap_or(0.0);
+        let changed = progress.state != event.state.as_str();
+        progress.state = event.state.as_str().into();
+        progress.attempt = event.attempt;
+        progress.worker = Some(event.worker.clone());
+        progress.terminal = event.state.is_terminal();
+        if let Some(p) = event.percent {
+            progress.percent = Some(p);
+        }
+        if matches!(
+            event.state,
+            JobState::Failed | JobState::Retrying | JobState::Dead
+        ) {
+            progress.reason = event.detail.clone();
+        }
+        let percent = progress.percent.unwrap_or(0.0);
+        let message = describe(progress);
+        if let Some(bar) = bar {
+            bar.set_position(percent.clamp(0.0, 100.0) as u64);
+            match event.state {
+                JobState::Completed => bar.finish_with_message(message),
+                JobState::Dead => bar.abandon_with_message(message),
+                _ => bar.set_message(message),
+            }
+        } else if plain {
+            // On a log, a line per state change and per quarter of progress.
+            let quarter = |p: f64| (p / 25.0).floor() as i64;
+            if changed || quarter(percent) > quarter(before) {
+                eprintln!("job {} {}: {message}", event.job_id, event.task);
+            }
+        }
+    }
+
+    /// Marks tasks whose manifest exists as completed (events are best effort).
+    async fn check_manifests(&mut self, storage: &Storage) {
+        let pending: Vec<(Uuid, String)> = self
+            .tasks
+            .iter()
+            .filter(|(_, (p, _))| !p.terminal)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (job_id, task) in pending {
+            let Ok(prefix) = StorageKey::new(format!("outputs/{job_id}/{task}/")) else {
+                continue;
+            };
+            if let Ok(Some(_)) = storage.manifest(&prefix).await {
+                let event = JobEvent {
+                    job_id,
+                    task: task.clone(),
+                    state: JobState::Completed,
+                    attempt: self.tasks[&(job_id, task.clone())].0.attempt,
+                    worker: String::new(),
+                    at: String::new(),
+                    percent: Some(100.0),
+                    detail: None,
+                };
+                self.apply(&event);
+            }
+        }
+    }
+
+    /// Prints the outcome: reasons of dead tasks on stderr, JSON reports on stdout.
+    fn finish(&self) {
+        for (job_id, task) in self.tasks.keys() {
+            let (p, bar) = &self.tasks[&(*job_id, task.clone())];
+            if let Some(bar) = bar.as_ref().filter(|b| !b.is_finished()) {
+                bar.abandon_with_message(describe(p));
+            }
+            if !self.json {
+                match p.state.as_str() {
+                    "dead" => eprintln!(
+                        "job {job_id} {task}: dead after {} attempt(s): {}",
+                        p.attempt,
+                        p.reason.as_deref().unwrap_or("(no reason given)")
+                    ),
+                    "completed" => {
+                        eprintln!("job {job_id} {task}: completed (outputs/{job_id}/{task}/)")
+                    }
+                    _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p)),
+                }
+            }
+        }
+        if self.json {
+            for job in self.jobs {
+                let tasks: BTreeMap<&str, &TaskProgress> = job
+                    .tasks
+                    .iter()
+                    .map(|t| (t.as_str(), &self.tasks[&(job.job_id, t.clone())].0))
+                    .collect();
+                crate::say!(
+                    "{}",
+                    serde_json::json!({ "job_id": job.job_id, "file": job.file, "tasks": tasks })
+                );
+            }
+        }
+    }
+}
+
+/// `started (attempt 1, worker-a)`, `retrying: reason`, `dead: reason`, ….
+fn describe(p: &TaskProgress) -> String {
+    let worker = p.worker.as_deref().filter(|w| !w.is_empty());
+    match p.state.as_str() {
+        "queued" => "queued".into(),
+        "failed" | "retrying" | "dead" => format!(
+            "{} (attempt {}): {}",
+            p.state,
+            p.attempt,
+            p.reason.as_deref().unwrap_or("no reason given")
+        ),
+        state => match worker {
+            Some(w) => format!("{state} (attempt {}, {w})", p.attempt),
+            None => state.to_owned(),
+        },
+    }
+}

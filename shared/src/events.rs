@@ -1,0 +1,127 @@
+//! Job events on the `video_events` topic exchange, routed `job.<job_id>.<task>.<state>`.
+//!
+//! Events are for live progress (`producer upload --wait`, dashboards): transient, not
+//! confirmed, and losing one never loses a job — the manifests and the dead-letter queue
+//! are the record of truth.
+
+use lapin::options::BasicPublishOptions;
+use lapin::{BasicProperties, Channel};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Started,
+    Progress,
+    Completed,
+    /// Failed this attempt (a `retrying` or `dead` follows).
+    Failed,
+    Retrying,
+    Dead,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Started => "started",
+            JobState::Progress => "progress",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Retrying => "retrying",
+            JobState::Dead => "dead",
+        }
+    }
+    /// Completed and dead end a task; nothing follows them.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Dead)
+    }
+}
+
+/// One event's body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub job_id: Uuid,
+    pub task: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub worker: String,
+    /// RFC 3339 time the event was sent.
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Why it failed, or what it produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// `job.<job_id>.<task>.<state>`.
+pub fn routing_key(job_id: Uuid, task: &str, state: JobState) -> String {
+    format!("job.{job_id}.{task}.{}", state.as_str())
+}
+
+/// Current time as RFC 3339, for events and dead-letter headers.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Sends events on its own channel (no confirms: events are best effort), from one
+/// background task fed by a queue, so a job never waits on an event publish and events
+/// of one worker keep their order.
+#[derive(Clone)]
+pub struct EventPublisher {
+    queue: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
+    worker: String,
+}
+
+impl EventPublisher {
+    /// Starts the sending task; it ends when the last clone of the publisher is dropped.
+    pub fn new(channel: Channel, exchange: String, worker: String) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+        tokio::spawn(async move {
+            while let Some((routing_key, body)) = rx.recv().await {
+                let sent = channel
+                    .basic_publish(
+                        exchange.clone().into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        BasicProperties::default().with_content_type("application/json".into()),
+                    )
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "could not send a job event");
+                }
+            }
+        });
+        Self { queue, worker }
+    }
+
+    /// Queues one event for sending.
+    pub fn emit(
+        &self,
+        job_id: Uuid,
+        task: &str,
+        state: JobState,
+        attempt: u32,
+        percent: Option<f64>,
+        detail: Option<String>,
+    ) {
+        let event = JobEvent {
+            job_id,
+            task: task.to_owned(),
+            state,
+            attempt,
+            worker: self.worker.clone(),
+            at: now_rfc3339(),
+            percent,
+            detail,
+        };
+        let body = serde_json::to_vec(&event).expect("events always serialise");
+        // The receiver only goes away with the session; then events are moot.
+        let _ = self.queue.send((routing_key(job_id, task, state), body));
+    }
+}

@@ -1,0 +1,34 @@
+//! vidpipe's shared library: everything the producer and the two workers have in common.
+//!
+//! - [`settings`]: layered configuration (defaults, file, `VIDPIPE__*` environment).
+//! - [`telemetry`]: tracing setup, text or JSON lines.
+//! - [`storage_key`], [`messages`]: the message contract and its validation.
+//! - [`topology`]: exchange and queue names and their idempotent declaration.
+//! - [`broker`]: connecting with backoff, publishing with confirms.
+//! - [`outcome`]: job errors and the pure outcome → broker action decision.
+//! - [`handler`]: the trait both workers implement.
+//! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
+//! - [`events`]: job events on `video_events`.
+//! - [`storage`]: object storage with atomic commits and manifests.
+//! - [`health`]: readiness, liveness and Prometheus metrics over HTTP.
+//! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
+//! - [`app`]: the shared `main` of the worker binaries.
+//! - `media` (feature `media`): probing sources with FFmpeg, input limits.
+
+pub mod app;
+pub mod broker;
+pub mod events;
+pub mod handler;
+pub mod health;
+pub mod messages;
+pub mod outcome;
+pub mod runtime;
+pub mod settings;
+pub mod shutdown;
+pub mod storage;
+pub mod storage_key;
+pub mod telemetry;
+pub mod topology;
+
+pub use handler::{Handler, JobContext, OutputFile, TaskOutput};
+pub use outcome::JobError;

@@ -1,0 +1,453 @@
+//! Job messages: the JSON contract between the producer and the workers.
+//!
+//! One upload is one `job_id` with one message per task. A message names storage keys,
+//! never host paths and never bytes of video. Every message carries an explicit `schema`
+//! version; anything that fails to parse or validate is *poison* and goes straight to the
+//! dead-letter queue (see [`crate::outcome`]).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::storage_key::StorageKey;
+
+/// The only message schema this build understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Messages larger than this are poison: a job description is a few hundred bytes, so a
+/// megabyte is either a bug or an attack.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Why a message cannot be processed at all. Always permanent: it goes to the dead letters.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PoisonError {
+    #[error("message is {0} bytes, the limit is {MAX_MESSAGE_BYTES}")]
+    TooLarge(usize),
+    #[error("message is not valid JSON for a {task} job: {detail}")]
+    Malformed { task: &'static str, detail: String },
+    #[error("message has schema {found}, this worker understands schema {SCHEMA_VERSION}")]
+    UnknownSchema { found: u64 },
+    #[error("message is for task `{found}` but arrived on the `{expected}` queue")]
+    WrongTask {
+        expected: &'static str,
+        found: String,
+    },
+    #[error("invalid job: {0}")]
+    Invalid(String),
+}
+
+/// What every job message has in common; the worker runtime is generic over it.
+pub trait JobMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The task name: routing key, queue suffix and `task` field.
+    const TASK: &'static str;
+    fn job_id(&self) -> Uuid;
+    /// Storage key of the input video.
+    fn source(&self) -> &StorageKey;
+    /// Storage prefix (ending in `/`) that every output and the manifest go under.
+    fn output_prefix(&self) -> &StorageKey;
+    /// Range checks beyond what the types already enforce.
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// Parses and validates a message body. Any failure is poison.
+pub fn parse<J: JobMessage>(body: &[u8]) -> Result<J, PoisonError> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(PoisonError::TooLarge(body.len()));
+    }
+    // Look at `schema` and `task` first so the error says the useful thing, not
+    // "missing field renditions" for a message from a future producer.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| PoisonError::Malformed {
+            task: J::TASK,
+            detail: e.to_string(),
+        })?;
+    match value.get("schema").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(SCHEMA_VERSION) => {}
+        Some(found) => return Err(PoisonError::UnknownSchema { found }),
+        None => {
+            return Err(PoisonError::Malformed {
+                task: J::TASK,
+                detail: "missing or non-numeric `schema`".into(),
+            });
+        }
+    }
+    match value.get("task").and_then(serde_json::Value::as_str) {
+        Some(t) if t == J::TASK => {}
+        Some(t) => {
+            return Err(PoisonError::WrongTask {
+                expected: J::TASK,
+                found: t.to_owned(),
+            });
+        }
+        None => {
+            return Err(PoisonError::Malformed {
+                task: J::TASK,
+                detail: "missing `task`".into(),
+            });
+        }
+    }
+    let job: J = serde_json::from_value(value).map_err(|e| PoisonError::Malformed {
+        task: J::TASK,
+        detail: e.to_string(),
+    })?;
+    if !job.output_prefix().as_str().ends_with('/') {
+        return Err(PoisonError::Invalid(
+            "`output_prefix` must end with `/`".into(),
+        ));
+    }
+    job.validate().map_err(PoisonError::Invalid)?;
+    Ok(job)
+}
+
+/// Serialises a job for publishing (the producer and tests use this).
+pub fn to_body<J: JobMessage>(job: &J) -> Vec<u8> {
+    let mut value = serde_json::to_value(job).expect("job types always serialise");
+    if let Some(map) = value.as_object_mut() {
+        map.insert("schema".into(), SCHEMA_VERSION.into());
+        map.insert("task".into(), J::TASK.into());
+    }
+    serde_json::to_vec(&value).expect("a JSON value always serialises")
+}
+
+// ---------------------------------------------------------------------------------------
+// Transcode
+// ---------------------------------------------------------------------------------------
+
+/// One output rendition of the ladder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rendition {
+    /// Short name used in output file names, e.g. `720p`.
+    pub name: String,
+    /// Output height in pixels; width follows the source aspect ratio (rounded to even).
+    pub height: u32,
+    /// Video bitrate cap in kbit/s (CRF is the target, this caps peaks).
+    pub video_kbps: u32,
+    /// AAC bitrate in kbit/s.
+    pub audio_kbps: u32,
+}
+
+/// Container formats the transcoder can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Progressive MP4 with the index at the front (`faststart`).
+    Mp4,
+    /// HLS: master playlist, one media playlist per rendition, MPEG-TS segments.
+    Hls,
+}
+
+fn default_formats() -> Vec<OutputFormat> {
+    vec![OutputFormat::Mp4, OutputFormat::Hls]
+}
+
+/// `task = "transcode"`: turn the source into a rendition ladder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TranscodeJob {
+    pub job_id: Uuid,
+    pub source: StorageKey,
+    pub output_prefix: StorageKey,
+    /// Empty means "derive the default ladder from the source" (never upscaling).
+    #[serde(default)]
+    pub renditions: Vec<Rendition>,
+    #[serde(default = "default_formats")]
+    pub formats: Vec<OutputFormat>,
+}
+
+/// Rendition names become file names, so keep them to a safe alphabet.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+impl JobMessage for TranscodeJob {
+    const TASK: &'static str = "transcode";
+    fn job_id(&self) -> Uuid {
+        self.job_id
+    }
+    fn source(&self) -> &StorageKey {
+        &self.source
+    }
+    fn output_prefix(&self) -> &StorageKey {
+        &self.output_prefix
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.renditions.len() > 8 {
+            return Err(format!(
+                "{} renditions requested, at most 8",
+                self.renditions.len()
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.renditions {
+            if !valid_name(&r.name) {
+                return Err(format!(
+                    "rendition name `{}` must be 1-32 characters of a-z, 0-9, `_`, `-`",
+                    r.name
+                ));
+            }
+            if !seen.insert(r.name.as_str()) {
+                return Err(format!("rendition name `{}` appears twice", r.name));
+            }
+            if !(16..=4320).contains(&r.height) {
+                return Err(format!(
+                    "rendition `{}` height {} is outside 16..=4320",
+                    r.name, r.height
+                ));
+            }
+            if !(50..=100_000).contains(&r.video_kbps) {
+                return Err(format!(
+                    "rendition `{}` video_kbps {} is outside 50..=100000",
+                    r.name, r.video_kbps
+                ));
+            }
+            if !(16..=512).contains(&r.audio_kbps) {
+                return Err(format!(
+                    "rendition `{}` audio_kbps {} is outside 16..=512",
+                    r.name, r.audio_kbps
+                ));
+            }
+        }
+        if self.formats.is_empty() {
+            return Err("`formats` is empty: ask for mp4, hls or both".into());
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Thumbnail
+// ---------------------------------------------------------------------------------------
+
+/// Image formats the thumbnailer can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Jpeg,
+    Png,
+    Webp,
+}
+
+impl ImageFormat {
+    /// File extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            ImageFormat::Jpeg => "jpg",
+            ImageFormat::Png => "png",
+            ImageFormat::Webp => "webp",
+        }
+    }
+}
+
+/// Sprite sheet for hover-scrubbing, with a WebVTT track pointing into it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpriteSpec {
+    /// One tile every this many seconds.
+    pub interval_s: f64,
+    /// Tiles per row.
+    pub columns: u32,
+    /// Tile width in pixels; height follows the display aspect ratio.
+    pub width: u32,
+    /// Decode keyframes only (much faster on long videos, tiles snap to keyframes).
+    #[serde(default)]
+    pub keyframes_only: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_count() -> u32 {
+    10
+}
+fn default_width() -> u32 {
+    320
+}
+fn default_quality() -> u8 {
+    85
+}
+fn default_image_format() -> ImageFormat {
+    ImageFormat::Jpeg
+}
+
+/// `task = "thumbnail"`: poster, thumbnails and an optional sprite sheet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThumbnailJob {
+    pub job_id: Uuid,
+    pub source: StorageKey,
+    pub output_prefix: StorageKey,
+    /// Write `poster.<ext>`: a representative (non-black) frame.
+    #[serde(default = "default_true")]
+    pub poster: bool,
+    /// Evenly spaced thumbnails; ignored when `timestamps` is given.
+    #[serde(default = "default_count")]
+    pub count: u32,
+    /// Explicit thumbnail times in seconds.
+    #[serde(default)]
+    pub timestamps: Vec<f64>,
+    /// Thumbnail and poster width in pixels.
+    #[serde(default = "default_width")]
+    pub width: u32,
+    #[serde(default = "default_image_format")]
+    pub format: ImageFormat,
+    /// Encoder quality 1-100 (JPEG and WebP).
+    #[serde(default = "default_quality")]
+    pub quality: u8,
+    #[serde(default)]
+    pub sprite: Option<SpriteSpec>,
+}
+
+impl JobMessage for ThumbnailJob {
+    const TASK: &'static str = "thumbnail";
+    fn job_id(&self) -> Uuid {
+        self.job_id
+    }
+    fn source(&self) -> &StorageKey {
+        &self.source
+    }
+    fn output_prefix(&self) -> &StorageKey {
+        &self.output_prefix
+    }
+    fn validate(&self) -> Result<(), String> {
+        if self.count > 1000 {
+            return Err(format!("count {} is over the limit of 1000", self.count));
+        }
+        if self.timestamps.len() > 1000 {
+            return Err(format!(
+                "{} timestamps given, at most 1000",
+                self.timestamps.len()
+            ));
+        }
+        if let Some(t) = self.timestamps.iter().find(|t| !t.is_finite() || **t < 0.0) {
+            return Err(format!(
+                "timestamp {t} is not a non-negative number of seconds"
+            ));
+        }
+        if !(16..=3840).contains(&self.width) {
+            return Err(format!("width {} is outside 16..=3840", self.width));
+        }
+        if !(1..=100).contains(&self.quality) {
+            return Err(format!("quality {} is outside 1..=100", self.quality));
+        }
+        if let Some(s) = &self.sprite {
+            if !s.interval_s.is_finite() || s.interval_s < 0.1 {
+                return Err(format!(
+                    "sprite interval_s {} must be at least 0.1",
+                    s.interval_s
+                ));
+            }
+            if !(1..=50).contains(&s.columns) {
+                return Err(format!("sprite columns {} is outside 1..=50", s.columns));
+            }
+            if !(16..=1024).contains(&s.width) {
+                return Err(format!("sprite width {} is outside 16..=1024", s.width));
+            }
+        }
+        if !self.poster && self.count == 0 && self.timestamps.is_empty() && self.sprite.is_none() {
+            return Err("the job asks for no output at all".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn transcode_json(extra: &str) -> String {
+        format!(
+            r#"{{"schema":1,"task":"transcode","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
+               "source":"uploads/x/source.mp4","output_prefix":"outputs/x/transcode/"{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn transcode_round_trips_with_defaults() {
+        let job: TranscodeJob = parse(transcode_json("").as_bytes()).unwrap();
+        assert_eq!(job.formats, vec![OutputFormat::Mp4, OutputFormat::Hls]);
+        assert!(job.renditions.is_empty());
+        let again: TranscodeJob = parse(&to_body(&job)).unwrap();
+        assert_eq!(job, again);
+    }
+
+    #[test]
+    fn thumbnail_round_trips_with_defaults() {
+        let body = r#"{"schema":1,"task":"thumbnail","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
+            "source":"uploads/x/source.mp4","output_prefix":"outputs/x/thumbnail/",
+            "sprite":{"interval_s":2,"columns":10,"width":160}}"#;
+        let job: ThumbnailJob = parse(body.as_bytes()).unwrap();
+        assert!(job.poster);
+        assert_eq!(
+            (job.count, job.width, job.format),
+            (10, 320, ImageFormat::Jpeg)
+        );
+        let again: ThumbnailJob = parse(&to_body(&job)).unwrap();
+        assert_eq!(job, again);
+    }
+
+    #[test]
+    fn invalid_json_is_poison() {
+        assert!(matches!(
+            parse::<TranscodeJob>(b"{not json"),
+            Err(PoisonError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_schema_is_poison() {
+        let body = transcode_json("").replace(r#""schema":1"#, r#""schema":7"#);
+        assert_eq!(
+            parse::<TranscodeJob>(body.as_bytes()),
+            Err(PoisonError::UnknownSchema { found: 7 })
+        );
+    }
+
+    #[test]
+    fn wrong_task_is_poison() {
+        let body = transcode_json("").replace(r#""task":"transcode""#, r#""task":"thumbnail""#);
+        assert!(matches!(
+            parse::<TranscodeJob>(body.as_bytes()),
+            Err(PoisonError::WrongTask { .. })
+        ));
+    }
+
+    #[test]
+    fn traversal_in_key_is_poison() {
+        let body = transcode_json("").replace("uploads/x/source.mp4", "uploads/../../etc/passwd");
+        assert!(matches!(
+            parse::<TranscodeJob>(body.as_bytes()),
+            Err(PoisonError::Malformed { .. })
+        ));
+    }
+
+    #[test]
+    fn oversized_message_is_poison() {
+        let body = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            parse::<TranscodeJob>(&body),
+            Err(PoisonError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn out_of_range_rendition_is_poison() {
+        let body = transcode_json(
+            r#","renditions":[{"name":"huge","height":9000,"video_kbps":1000,"audio_kbps":128}]"#,
+        );
+        let err = parse::<TranscodeJob>(body.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("height 9000"), "{err}");
+    }
+
+    #[test]
+    fn thumbnail_limits_are_enforced() {
+        let body = r#"{"schema":1,"task":"thumbnail","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
+            "source":"uploads/x/source.mp4","output_prefix":"outputs/x/thumbnail/","count":5000}"#;
+        assert!(matches!(
+            parse::<ThumbnailJob>(body.as_bytes()),
+            Err(PoisonError::Invalid(_))
+        ));
+    }
+}

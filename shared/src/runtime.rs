@@ -1,0 +1,712 @@
+//! The worker runtime: the one consume → decide → ack / retry / dead-letter loop.
+//!
+//! Both workers hand a [`Handler`] and a shutdown token to [`run`]. Per connection:
+//! declare the topology, set prefetch = concurrency, consume the task's queue and run
+//! each delivery on a blocking thread. Each outcome becomes a broker action through the
+//! pure [`decide`]; a retry or dead letter is published with a confirm *before* the
+//! original is acked, so a crash in between duplicates a job at worst and never loses one.
+//!
+//! Broker loss: in-flight jobs are cancelled (their deliveries return to the queue when
+//! the channel dies, so finishing them would only be wasted work), then the worker
+//! reconnects with backoff and resumes. Shutdown: stop consuming, let in-flight jobs
+//! finish within the grace period, cancel and requeue the rest, return.
+//!
+//! Reconnection is done here, not by lapin's auto-recovery: a recovered channel cannot
+//! ack the deliveries of the old one anyway, and a fresh connection re-declares the
+//! topology and re-registers the consumer in one well-understood path.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, Connection};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::broker;
+use crate::events::{EventPublisher, JobState, now_rfc3339};
+use crate::handler::{Handler, JobContext};
+use crate::health::Health;
+use crate::messages::{self, JobMessage};
+use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
+use crate::settings::Settings;
+use crate::storage::Storage;
+use crate::topology::Topology;
+
+/// Our own attempt counter (1-based number of the delivery it travels with). RabbitMQ
+/// 3.13+ no longer counts `x-death` for client-republished messages, so we keep ours.
+pub const ATTEMPT_HEADER: &str = "x-vidpipe-attempt";
+/// Dead-letter headers: why, after how many attempts, by whom, when, from where.
+pub const REASON_HEADER: &str = "x-vidpipe-reason";
+pub const ATTEMPTS_HEADER: &str = "x-vidpipe-attempts";
+pub const WORKER_HEADER: &str = "x-vidpipe-worker";
+pub const FAILED_AT_HEADER: &str = "x-vidpipe-failed-at";
+pub const TASK_HEADER: &str = "x-vidpipe-task";
+/// On a retried message: the error of the previous attempt.
+pub const LAST_ERROR_HEADER: &str = "x-vidpipe-last-error";
+
+/// Everything [`run`] needs besides the handler and the shutdown signal.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub settings: Settings,
+    /// Jobs at once and the prefetch count.
+    pub concurrency: u16,
+    pub storage: Storage,
+    pub health: Health,
+}
+
+/// State shared by every job of one worker.
+struct Worker<H: Handler> {
+    handler: Arc<H>,
+    settings: Settings,
+    concurrency: u16,
+    storage: Storage,
+    health: Health,
+    topology: Topology,
+    policy: RetryPolicy,
+    name: String,
+    job_timeout: Duration,
+}
+
+/// Why a consume session ended.
+enum SessionEnd {
+    /// Shutdown requested; the connection stays open for in-flight acks.
+    Shutdown,
+    /// The connection or channel failed; reconnect.
+    Lost(anyhow::Error),
+}
+
+/// Runs the worker until `shutdown` fires and in-flight jobs are settled.
+pub async fn run<H: Handler>(
+    handler: H,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let settings = options.settings;
+    let worker = Arc::new(Worker {
+        handler: Arc::new(handler),
+        topology: Topology::new(
+            &settings.topology.prefix,
+            settings.retry.policy().delays,
+            settings.retry.delivery_limit,
+        ),
+        policy: settings.retry.policy(),
+        name: settings.worker.name(),
+        job_timeout: Duration::from_secs_f64(settings.worker.job_timeout_secs),
+        concurrency: options.concurrency,
+        storage: options.storage,
+        health: options.health,
+        settings,
+    });
+    tokio::fs::create_dir_all(&worker.settings.worker.scratch_dir)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create scratch dir {} (setting `worker.scratch_dir`): {e}",
+                worker.settings.worker.scratch_dir.display()
+            )
+        })?;
+    let stale_after = worker.job_timeout
+        + Duration::from_secs_f64(worker.settings.worker.shutdown_grace_secs)
+        + Duration::from_secs(60);
+    let scratch_root = worker.settings.worker.scratch_dir.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || remove_stale_scratch(&scratch_root, stale_after)).await;
+    tracing::info!(worker = %worker.name, task = H::Job::TASK, concurrency = worker.concurrency, "worker starting");
+
+    let mut backoff = Duration::from_millis(200);
+    let max_backoff = Duration::from_secs_f64(worker.settings.amqp.max_backoff_secs.max(0.1));
+    loop {
+        let Some(conn) = broker::connect(&worker.settings.amqp, &worker.name, &shutdown).await
+        else {
+            break;
+        };
+        let jobs = TaskTracker::new();
+        // Cancels this session's in-flight jobs: on broker loss at once, on shutdown
+        // after the grace period.
+        let cancel_jobs = CancellationToken::new();
+        let started = Instant::now();
+        let end = consume(&worker, &conn, &jobs, &cancel_jobs, &shutdown).await;
+        worker.health.set_ready(false);
+        jobs.close();
+        match end {
+            SessionEnd::Shutdown => {
+                drain(&worker, &jobs, &cancel_jobs).await;
+                let _ = conn.close(200, "worker shutting down".into()).await;
+                break;
+            }
+            SessionEnd::Lost(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "lost the broker; cancelling in-flight jobs (they will be redelivered) and reconnecting");
+                cancel_jobs.cancel();
+                jobs.wait().await;
+                let _ = conn.close(200, "reconnecting".into()).await;
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(200);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+    }
+    tracing::info!(worker = %worker.name, "worker stopped");
+    Ok(())
+}
+
+/// Removes `job-*` scratch directories left by a crashed worker. Only directories older
+/// than any job could live (time limit + grace + a margin) go, so workers sharing the
+/// scratch directory never delete each other's live jobs.
+fn remove_stale_scratch(root: &std::path::Path, stale_after: Duration) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_job_dir = entry.file_name().to_string_lossy().starts_with("job-");
+        let age = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        if is_job_dir && age.is_some_and(|a| a > stale_after) {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(dir = %entry.path().display(), "removed scratch left by a crashed worker")
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %entry.path().display(), error = %e, "could not remove stale scratch")
+                }
+            }
+        }
+    }
+}
+
+/// Shutdown: in-flight jobs get the grace period, then are cancelled (and requeued).
+async fn drain<H: Handler>(
+    worker: &Worker<H>,
+    jobs: &TaskTracker,
+    cancel_jobs: &CancellationToken,
+) {
+    let grace = Duration::from_secs_f64(worker.settings.worker.shutdown_grace_secs);
+    if !jobs.is_empty() {
+        tracing::info!(in_flight = jobs.len(), grace = ?grace, "waiting for in-flight jobs to finish");
+    }
+    if tokio::time::timeout(grace, jobs.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = jobs.len(),
+            "grace period over; cancelling in-flight jobs and requeueing them"
+        );
+        cancel_jobs.cancel();
+        jobs.wait().await;
+    }
+}
+
+/// One connection's consume session.
+async fn consume<H: Handler>(
+    worker: &Arc<Worker<H>>,
+    conn: &Connection,
+    jobs: &TaskTracker,
+    cancel_jobs: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    let setup = async {
+        let channel = conn.create_channel().await?;
+        let queue = worker.topology.work_queue(H::Job::TASK);
+        worker
+            .topology
+            .ensure(&channel, worker.settings.topology.declare, &queue)
+            .await?;
+        channel
+            .basic_qos(worker.concurrency, BasicQosOptions::default())
+            .await?;
+        let publisher = broker::confirm_channel(conn).await?;
+        let events = EventPublisher::new(
+            conn.create_channel().await?,
+            worker.topology.events_exchange(),
+            worker.name.clone(),
+        );
+        let consumer = channel
+            .basic_consume(
+                worker.topology.work_queue(H::Job::TASK).into(),
+                format!("{}-{}", worker.name, Uuid::new_v4().simple()).into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, anyhow::Error>((channel, publisher, events, consumer))
+    };
+    let (channel, publisher, events, mut consumer) = match setup.await {
+        Ok(s) => s,
+        Err(e) => {
+            return SessionEnd::Lost(e.context("setting up the consumer"));
+        }
+    };
+    worker.health.set_ready(true);
+    tracing::info!(queue = %worker.topology.work_queue(H::Job::TASK), prefetch = worker.concurrency, "consuming");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                // Stop new deliveries; unacked ones still buffered return to the queue
+                // when the channel closes.
+                let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
+                return SessionEnd::Shutdown;
+            }
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let worker = worker.clone();
+                    let (publisher, events, cancel) = (publisher.clone(), events.clone(), cancel_jobs.clone());
+                    jobs.spawn(async move { process(&worker, delivery, &publisher, &events, cancel).await });
+                }
+                Some(Err(e)) => return SessionEnd::Lost(anyhow::Error::new(e).context("consumer failed")),
+                None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled our consumer")),
+            },
+        }
+    }
+}
+
+/// Runs one delivery end to end: parse, handle, decide, settle.
+async fn process<H: Handler>(
+    worker: &Worker<H>,
+    delivery: Delivery,
+    publisher: &Channel,
+    events: &EventPublisher,
+    cancel: CancellationToken,
+) {
+    let task = H::Job::TASK;
+    let attempt = attempt_of(&delivery);
+    worker.health.in_flight.inc();
+    let parsed =
+        check_content_type(&delivery).and_then(|()| messages::parse::<H::Job>(&delivery.data));
+    let (outcome, job_id) = match parsed {
+        Ok(job) => {
+            let job_id = job.job_id();
+            let span = tracing::info_span!("job", %job_id, task, attempt);
+            (
+                run_job(worker, job, attempt, events, cancel)
+                    .instrument(span)
+                    .await,
+                job_id,
+            )
+        }
+        Err(poison) => (
+            Outcome::Poison(poison.to_string()),
+            loose_job_id(&delivery.data),
+        ),
+    };
+    let span = tracing::info_span!("job", %job_id, task, attempt);
+    settle(
+        worker, &delivery, job_id, attempt, &outcome, publisher, events,
+    )
+    .instrument(span)
+    .await;
+    worker.health.in_flight.dec();
+}
+
+/// Does the work of one parsed job and says how it went.
+async fn run_job<H: Handler>(
+    worker: &Worker<H>,
+    job: H::Job,
+    attempt: u32,
+    events: &EventPublisher,
+    cancel: CancellationToken,
+) -> Outcome {
+    let job_id = job.job_id();
+    events.emit(job_id, H::Job::TASK, JobState::Started, attempt, None, None);
+    let scratch = match tempfile::Builder::new()
+        .prefix("job-")
+        .tempdir_in(&worker.settings.worker.scratch_dir)
+    {
+        Ok(dir) => dir,
+        Err(e) => {
+            return Outcome::Failed(JobError::transient(format!(
+                "creating a scratch directory: {e}"
+            )));
+        }
+    };
+    let outcome = run_in_scratch(worker, job, attempt, events, cancel, scratch.path()).await;
+    // Removing a big scratch tree is slow disk work: keep it off the async threads.
+    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
+    outcome
+}
+
+/// [`run_job`]'s body, with its scratch directory made (and removed) by the caller.
+async fn run_in_scratch<H: Handler>(
+    worker: &Worker<H>,
+    job: H::Job,
+    attempt: u32,
+    events: &EventPublisher,
+    cancel: CancellationToken,
+    scratch: &std::path::Path,
+) -> Outcome {
+    let task = H::Job::TASK;
+    let job_id = job.job_id();
+    // Idempotence: a redelivered job whose manifest exists is already done. The source
+    // lookup runs alongside; its answer matters only when there is work to do.
+    let (existing, source) = tokio::join!(
+        worker.storage.manifest(job.output_prefix()),
+        worker.storage.fetch(job.source(), scratch)
+    );
+    // A permanent source problem (missing object, no such bucket) decides before an
+    // unreadable manifest, which would only make the job retry in vain.
+    let source = match (existing, source) {
+        (Ok(Some(_)), _) => {
+            tracing::info!("outputs already committed by an earlier delivery; skipping");
+            return Outcome::Completed;
+        }
+        (_, Err(e)) => return Outcome::Failed(e),
+        (Err(e), Ok(_)) => {
+            return Outcome::Failed(JobError::transient(
+                e.context("checking for an existing manifest"),
+            ));
+        }
+        (Ok(None), Ok(s)) => s,
+    };
+    worker.health.bytes_read.inc_by(source.size);
+    let out_dir = scratch.join("out");
+    if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
+        return Outcome::Failed(JobError::transient(format!(
+            "creating the output directory: {e}"
+        )));
+    }
+
+    // Progress: the handler reports on its thread; events go out at most once a second.
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0.0f64);
+    let done = CancellationToken::new();
+    let forwarder = tokio::spawn(forward_progress(
+        events.clone(),
+        job_id,
+        task,
+        attempt,
+        progress_rx,
+        done.clone(),
+    ));
+
+    let job_token = cancel.child_token();
+    let ctx = JobContext::new(
+        job_id,
+        attempt,
+        source.path.clone(),
+        out_dir,
+        job_token.clone(),
+        Arc::new(move |p| {
+            let _ = progress_tx.send(p);
+        }),
+    );
+    let handler = worker.handler.clone();
+    let span = tracing::Span::current();
+    let started = Instant::now();
+    let mut handle = tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let result = handler.handle(&job, &ctx);
+        (job, result)
+    });
+    let mut timed_out = false;
+    let joined = tokio::select! {
+        joined = &mut handle => joined,
+        _ = tokio::time::sleep(worker.job_timeout) => {
+            tracing::warn!(limit = ?worker.job_timeout, "job exceeded its time limit; cancelling it");
+            timed_out = true;
+            job_token.cancel();
+            handle.await
+        }
+    };
+    done.cancel();
+    let _ = forwarder.await;
+    worker
+        .health
+        .job_seconds
+        .get_or_create(&Health::task(task))
+        .observe(started.elapsed().as_secs_f64());
+
+    match joined {
+        Err(join) => Outcome::Failed(JobError::Transient(format!("handler panicked: {join}"))),
+        Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
+        Ok((_, Err(e))) => Outcome::Failed(e),
+        Ok((job, Ok(output))) => {
+            let manifest = serde_json::json!({
+                "schema": messages::SCHEMA_VERSION,
+                "job_id": job_id,
+                "task": task,
+                "source": job.source().as_str(),
+                "worker": worker.name,
+                "attempt": attempt,
+                "completed_at": now_rfc3339(),
+                "duration_s": started.elapsed().as_secs_f64(),
+            });
+            match worker
+                .storage
+                .commit(job.output_prefix(), &output, manifest)
+                .await
+            {
+                Ok(Some(written)) => {
+                    let bytes: u64 = written["outputs"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|o| o["size_bytes"].as_u64()).sum())
+                        .unwrap_or(0);
+                    worker.health.bytes_written.inc_by(bytes);
+                    Outcome::Completed
+                }
+                Ok(None) => {
+                    tracing::info!(
+                        "another delivery of this job committed first; keeping its result"
+                    );
+                    Outcome::Completed
+                }
+                Err(e) => Outcome::Failed(e),
+            }
+        }
+    }
+}
+
+async fn forward_progress(
+    events: EventPublisher,
+    job_id: Uuid,
+    task: &'static str,
+    attempt: u32,
+    mut rx: tokio::sync::watch::Receiver<f64>,
+    done: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tick.tick() => {
+                if rx.has_changed().unwrap_or(false) {
+                    let percent = *rx.borrow_and_update();
+                    events.emit(job_id, task, JobState::Progress, attempt, Some(percent), None);
+                }
+            }
+        }
+    }
+}
+
+/// Carries out the decided action on the broker.
+async fn settle<H: Handler>(
+    worker: &Worker<H>,
+    delivery: &Delivery,
+    job_id: Uuid,
+    attempt: u32,
+    outcome: &Outcome,
+    publisher: &Channel,
+    events: &EventPublisher,
+) {
+    let task = H::Job::TASK;
+    let action = decide(outcome, attempt, &worker.policy);
+    let count = |outcome: &str| {
+        worker
+            .health
+            .jobs
+            .get_or_create(&Health::labels(task, outcome))
+            .inc()
+    };
+    match action {
+        Action::Ack => {
+            tracing::info!("job completed");
+            ack(delivery).await;
+            count("completed");
+            events.emit(
+                job_id,
+                task,
+                JobState::Completed,
+                attempt,
+                Some(100.0),
+                None,
+            );
+        }
+        Action::Requeue => {
+            tracing::info!("job cancelled; returning it to the queue");
+            nack_requeue(delivery).await;
+            count("requeued");
+        }
+        Action::Retry {
+            tier,
+            attempt: next,
+            reason,
+        } => {
+            tracing::warn!(error = %reason, retry_in = %crate::topology::delay_label(worker.policy.delays[tier]), "job failed; will retry");
+            events.emit(
+                job_id,
+                task,
+                JobState::Failed,
+                attempt,
+                None,
+                Some(reason.clone()),
+            );
+            let mut headers = original_headers(delivery);
+            headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(next as i32));
+            headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
+            headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
+            let target = worker.topology.retry(tier);
+            if park(publisher, delivery, &target, task, headers, "for retry").await {
+                count("retried");
+                worker
+                    .health
+                    .retries
+                    .get_or_create(&Health::task(task))
+                    .inc();
+                events.emit(
+                    job_id,
+                    task,
+                    JobState::Retrying,
+                    attempt,
+                    None,
+                    Some(reason),
+                );
+            }
+        }
+        Action::Dead { reason } => {
+            tracing::error!(error = %reason, "job is dead; parking it in the dead-letter queue");
+            events.emit(
+                job_id,
+                task,
+                JobState::Failed,
+                attempt,
+                None,
+                Some(reason.clone()),
+            );
+            let mut headers = original_headers(delivery);
+            headers.insert(REASON_HEADER.into(), long_string(&reason));
+            headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(attempt as i32));
+            headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
+            headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
+            headers.insert(TASK_HEADER.into(), long_string(task));
+            let dead = worker.topology.dead();
+            if park(
+                publisher,
+                delivery,
+                &dead,
+                task,
+                headers,
+                "in the dead-letter queue",
+            )
+            .await
+            {
+                count("dead");
+                worker
+                    .health
+                    .dead_letters
+                    .get_or_create(&Health::task(task))
+                    .inc();
+                events.emit(job_id, task, JobState::Dead, attempt, None, Some(reason));
+            }
+        }
+    }
+}
+
+/// Moves a delivery to `exchange`: publish a copy with `headers` and wait for the
+/// broker's confirm, then ack the original. If the publish fails the original is
+/// requeued instead, so the job is never lost (at worst it runs again). True if parked.
+async fn park(
+    publisher: &Channel,
+    delivery: &Delivery,
+    exchange: &str,
+    routing_key: &str,
+    headers: FieldTable,
+    where_to: &str,
+) -> bool {
+    let props = broker::persistent_json(headers);
+    match broker::publish_confirmed(publisher, exchange, routing_key, &delivery.data, props).await {
+        Ok(()) => {
+            ack(delivery).await;
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "could not park the job {where_to}; requeueing it instead");
+            nack_requeue(delivery).await;
+            false
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery) {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!("channel closed before the ack; the broker will redeliver this job")
+        }
+        Err(e) => tracing::warn!(error = %e, "ack failed; the broker will redeliver this job"),
+    }
+}
+
+async fn nack_requeue(delivery: &Delivery) {
+    let options = BasicNackOptions {
+        requeue: true,
+        ..Default::default()
+    };
+    if let Err(e) = delivery.acker.nack(options).await {
+        tracing::warn!(error = %e, "nack failed; the broker will redeliver this job when the channel closes");
+    }
+}
+
+/// Jobs are JSON: a message that says it is something else is poison. (No content type
+/// at all is accepted, for hand-published messages from the management UI.)
+fn check_content_type(delivery: &Delivery) -> Result<(), messages::PoisonError> {
+    match delivery.properties.content_type() {
+        Some(ct) if ct.as_str() != "application/json" => {
+            Err(messages::PoisonError::Invalid(format!(
+                "content type `{}` is not application/json",
+                ct.as_str().chars().take(100).collect::<String>()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The 1-based attempt number this delivery carries (1 when absent or malformed).
+pub fn attempt_of(delivery: &Delivery) -> u32 {
+    header_u32(delivery.properties.headers().as_ref(), ATTEMPT_HEADER)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Reads an integer header of any AMQP integer type.
+pub fn header_u32(headers: Option<&FieldTable>, name: &str) -> Option<u32> {
+    let value = headers?.inner().get(name)?;
+    let n: i64 = match value {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
+}
+
+/// Reads a string header.
+pub fn header_str(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn original_headers(delivery: &Delivery) -> FieldTable {
+    delivery.properties.headers().clone().unwrap_or_default()
+}
+
+/// Header strings are bounded: an error message may quote hostile input.
+fn long_string(s: &str) -> AMQPValue {
+    let bounded: String = s.chars().take(2000).collect();
+    AMQPValue::LongString(LongString::from(bounded.into_bytes()))
+}
+
+/// Best-effort job id of an unparseable message, for logs and events.
+fn loose_job_id(body: &[u8]) -> Uuid {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("job_id")?.as_str()?.parse().ok())
+        .unwrap_or(Uuid::nil())
+}

@@ -1,0 +1,455 @@
+//! Layered settings: built-in defaults, then an optional TOML file, then environment
+//! variables prefixed `VIDPIPE__` with `__` for nesting (`VIDPIPE__AMQP__URL`,
+//! `VIDPIPE__WORKER__CONCURRENCY`). Every default works against a local RabbitMQ and
+//! `./data`. A bad value is an error naming the key; the AMQP URL never prints its password.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::outcome::RetryPolicy;
+
+/// Environment prefix; `VIDPIPE__SECTION__KEY` sets `section.key`.
+pub const ENV_PREFIX: &str = "VIDPIPE";
+/// Environment variable naming an optional settings file (same as `--config`).
+pub const CONFIG_FILE_ENV: &str = "VIDPIPE_CONFIG";
+
+/// All settings shared by the three binaries.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default)]
+pub struct Settings {
+    pub amqp: AmqpSettings,
+    pub topology: TopologySettings,
+    pub retry: RetrySettings,
+    pub worker: WorkerSettings,
+    pub storage: StorageSettings,
+    pub log: LogSettings,
+    pub health: HealthSettings,
+}
+
+/// A value that must never appear in logs (`Debug` shows it redacted).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself: only for handing to the library that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `amqp://user:pass@host/vhost` → `amqp://user:***@host/vhost`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "***".into();
+    };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AmqpSettings {
+    /// Broker URL, `amqp://` or `amqps://`.
+    pub url: Secret,
+    /// Longest wait between connection attempts while the broker is away.
+    pub max_backoff_secs: f64,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            max_backoff_secs: 10.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct TopologySettings {
+    /// Prepended to every exchange and queue name (tests use a unique one). Empty by
+    /// default, so the names are exactly `video_tasks`, `video_tasks.transcode`, ….
+    pub prefix: String,
+    /// Declare the topology at start. Turn off for least-privilege users that may not
+    /// configure anything; an administrator declares it once instead
+    /// (`transcoder --declare-topology`), and processes only check it exists.
+    pub declare: bool,
+}
+
+impl Default for TopologySettings {
+    fn default() -> Self {
+        Self {
+            prefix: String::new(),
+            declare: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct RetrySettings {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// Backoff of each retry tier in seconds; retries past the last tier reuse it.
+    pub delays_secs: Vec<f64>,
+    /// Quorum-queue delivery limit: a message redelivered this often (worker crash loop)
+    /// is dead-lettered by the broker itself.
+    pub delivery_limit: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            delays_secs: vec![5.0, 30.0, 300.0],
+            delivery_limit: 20,
+        }
+    }
+}
+
+impl RetrySettings {
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts,
+            delays: self
+                .delays_secs
+                .iter()
+                .map(|s| Duration::from_secs_f64(*s))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WorkerSettings {
+    /// Jobs run at once, and the prefetch count. Unset: the worker's own default
+    /// (transcoder 1, thumbnailer 2).
+    pub concurrency: Option<u16>,
+    /// A job running longer is cancelled and retried. Keep it below the broker's
+    /// `consumer_timeout` (30 min by default).
+    pub job_timeout_secs: f64,
+    /// On SIGTERM, how long in-flight jobs may run before they are cancelled and requeued.
+    pub shutdown_grace_secs: f64,
+    /// Name in logs, events and dead-letter headers. Default: `<hostname>-<pid>`.
+    pub name: Option<String>,
+    /// Where jobs get their scratch directories.
+    pub scratch_dir: PathBuf,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            concurrency: None,
+            job_timeout_secs: 1500.0,
+            shutdown_grace_secs: 60.0,
+            name: None,
+            scratch_dir: std::env::temp_dir().join("vidpipe-scratch"),
+        }
+    }
+}
+
+impl WorkerSettings {
+    pub fn name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            let host = hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+/// Which object store holds the media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// A directory (`storage.root`), shared by volume between containers on one host.
+    #[default]
+    Local,
+    /// S3-compatible object storage (`storage.s3.*`), for workers on many machines.
+    S3,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct StorageSettings {
+    pub backend: StorageBackend,
+    /// Root directory of the local filesystem store.
+    pub root: PathBuf,
+    /// Bytes an upload buffers in memory before sending a part (multipart above it).
+    /// S3 needs at least 5 MiB.
+    pub upload_buffer_bytes: usize,
+    pub s3: S3Settings,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Local,
+            root: PathBuf::from("./data"),
+            upload_buffer_bytes: 8 << 20,
+            s3: S3Settings::default(),
+        }
+    }
+}
+
+/// S3-compatible storage. Unset credentials and region fall back to the standard
+/// `AWS_*` environment variables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// e.g. `http://minio:9000`; unset means AWS itself.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO and most self-hosted servers want.
+    pub path_style: bool,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    /// Retries inside one storage call before the job itself fails (and is retried).
+    pub max_retries: usize,
+    pub retry_timeout_secs: f64,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+            allow_http: false,
+            access_key_id: None,
+            secret_access_key: None,
+            max_retries: 3,
+            retry_timeout_secs: 20.0,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` filter, e.g. `info` or `info,lapin=warn`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info,lapin=warn".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct HealthSettings {
+    /// Port of the health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`);
+    /// 0 turns it off.
+    pub port: u16,
+    pub bind: String,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        Self {
+            port: 8080,
+            bind: "0.0.0.0".into(),
+        }
+    }
+}
+
+/// Settings plus the raw layered source, for worker-specific sections.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    raw: config::Config,
+}
+
+impl Loaded {
+    /// A worker-specific section such as `transcoder` or `limits`; missing keys take
+    /// the type's defaults.
+    pub fn section<T: DeserializeOwned + Default>(&self, key: &str) -> anyhow::Result<T> {
+        match self.raw.get::<T>(key) {
+            Ok(v) => Ok(v),
+            Err(config::ConfigError::NotFound(_)) => Ok(T::default()),
+            Err(e) => Err(anyhow::anyhow!("invalid setting in `{key}`: {e}")),
+        }
+    }
+}
+
+/// Loads settings: defaults, then `file` (or `$VIDPIPE_CONFIG`) if given, then the
+/// environment.
+pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
+    let file = file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
+    let mut builder = config::Config::builder();
+    if let Some(file) = &file {
+        anyhow::ensure!(
+            file.is_file(),
+            "settings file {} does not exist",
+            file.display()
+        );
+        builder =
+            builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+    }
+    builder = builder.add_source(
+        config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("retry.delays_secs"),
+    );
+    let raw = builder.build().context("reading settings")?;
+    let settings: Settings = raw
+        .clone()
+        .try_deserialize()
+        .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+    validate(&settings)?;
+    Ok(Loaded { settings, raw })
+}
+
+fn validate(s: &Settings) -> anyhow::Result<()> {
+    let url = s.amqp.url.expose();
+    anyhow::ensure!(
+        url.starts_with("amqp://") || url.starts_with("amqps://"),
+        "invalid setting `amqp.url`: must start with amqp:// or amqps:// (got {})",
+        redact_url(url)
+    );
+    if s.storage.backend == StorageBackend::S3 {
+        anyhow::ensure!(
+            !s.storage.s3.bucket.is_empty(),
+            "invalid setting `storage.s3.bucket`: required when `storage.backend` is `s3`"
+        );
+        anyhow::ensure!(
+            s.storage.upload_buffer_bytes >= 5 << 20,
+            "invalid setting `storage.upload_buffer_bytes`: S3 parts must be at least 5 MiB (5242880)"
+        );
+    }
+    anyhow::ensure!(
+        s.storage.upload_buffer_bytes >= 64 << 10,
+        "invalid setting `storage.upload_buffer_bytes`: at least 65536"
+    );
+    anyhow::ensure!(
+        s.retry.max_attempts >= 1,
+        "invalid setting `retry.max_attempts`: must be at least 1"
+    );
+    anyhow::ensure!(
+        s.retry
+            .delays_secs
+            .iter()
+            .all(|d| d.is_finite() && *d > 0.0),
+        "invalid setting `retry.delays_secs`: every delay must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        s.worker.concurrency != Some(0),
+        "invalid setting `worker.concurrency`: must be at least 1"
+    );
+    anyhow::ensure!(
+        s.worker.job_timeout_secs.is_finite() && s.worker.job_timeout_secs > 0.0,
+        "invalid setting `worker.job_timeout_secs`: must be a positive number"
+    );
+    anyhow::ensure!(
+        s.worker.shutdown_grace_secs.is_finite() && s.worker.shutdown_grace_secs >= 0.0,
+        "invalid setting `worker.shutdown_grace_secs`: must be zero or more"
+    );
+    anyhow::ensure!(
+        s.topology
+            .prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+        "invalid setting `topology.prefix`: only A-Z, a-z, 0-9, `.`, `_` and `-`"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_work_locally() {
+        let s = Settings::default();
+        assert_eq!(s.amqp.url.expose(), "amqp://guest:guest@127.0.0.1:5672/%2f");
+        assert_eq!(s.storage.root, PathBuf::from("./data"));
+        assert_eq!(s.topology.prefix, "");
+        validate(&s).unwrap();
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let s = AmqpSettings {
+            url: Secret::new("amqp://app:hunter2@broker:5672/%2f"),
+            max_backoff_secs: 1.0,
+        };
+        let shown = format!("{s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("app:***@broker"), "{shown}");
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[worker]\nconcurrency = 3\n[retry]\ndelays_secs = [1, 2]\n",
+        )
+        .unwrap();
+        let loaded = load(Some(&good)).unwrap();
+        assert_eq!(loaded.settings.worker.concurrency, Some(3));
+        assert_eq!(loaded.settings.retry.delays_secs, vec![1.0, 2.0]);
+
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[worker]\nconcurrency = \"lots\"\n").unwrap();
+        let err = format!("{:#}", load(Some(&bad)).unwrap_err());
+        assert!(err.contains("concurrency"), "{err}");
+
+        let zero = dir.path().join("zero.toml");
+        std::fs::write(&zero, "[worker]\nconcurrency = 0\n").unwrap();
+        let err = format!("{:#}", load(Some(&zero)).unwrap_err());
+        assert!(err.contains("worker.concurrency"), "{err}");
+    }
+
+    #[test]
+    fn missing_settings_file_is_an_error() {
+        let err = load(Some(Path::new("/nonexistent/vidpipe.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vidpipe.toml"));
+    }
+}

@@ -1,0 +1,285 @@
+//! Broker topology: every exchange and queue name, and their idempotent declaration.
+//!
+//! ```text
+//! producer ──► video_tasks (direct) ──transcode──► video_tasks.transcode (quorum) ──► transcoder
+//!                  ▲                └─thumbnail──► video_tasks.thumbnail (quorum) ──► thumbnailer
+//!                  │ TTL expires, original routing key kept
+//!   video_tasks.retry.<delay> (fanout exchange + classic queue with x-message-ttl)
+//!                  ▲ worker republishes a transient failure with x-vidpipe-attempt
+//! video_tasks.dead (fanout exchange + quorum queue): poison, permanent, exhausted,
+//!                  and the work queues' own dead letters (delivery limit overflow)
+//! video_events (topic): job.<job_id>.<task>.<state>
+//! ```
+//!
+//! Retry tiers are named after their delay (`video_tasks.retry.5s`), so changing the
+//! configured delays declares new queues instead of clashing with existing arguments.
+//! Everything is declared by every process at start; declaring twice is a no-op.
+
+use std::time::Duration;
+
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// The tasks vidpipe knows; each has a routing key and a work queue of that name.
+pub const TASKS: [&str; 2] = ["transcode", "thumbnail"];
+
+/// Names of everything on the broker, under an optional prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Topology {
+    prefix: String,
+    retry_delays: Vec<Duration>,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn new(prefix: &str, retry_delays: Vec<Duration>, delivery_limit: u32) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            retry_delays,
+            delivery_limit,
+        }
+    }
+
+    fn name(&self, base: &str) -> String {
+        format!("{}{base}", self.prefix)
+    }
+
+    /// `video_tasks`: where jobs are published, routed by task name.
+    pub fn tasks_exchange(&self) -> String {
+        self.name("video_tasks")
+    }
+    /// `video_tasks.<task>`: the work queue of one task.
+    pub fn work_queue(&self, task: &str) -> String {
+        self.name(&format!("video_tasks.{task}"))
+    }
+    /// `video_tasks.dead`: the parking lot (exchange and queue share the name).
+    pub fn dead(&self) -> String {
+        self.name("video_tasks.dead")
+    }
+    /// `video_events`: transient job events.
+    pub fn events_exchange(&self) -> String {
+        self.name("video_events")
+    }
+    /// Number of retry tiers.
+    pub fn retry_tiers(&self) -> usize {
+        self.retry_delays.len()
+    }
+    /// `video_tasks.retry.<delay>`: exchange and queue of retry tier `tier`.
+    pub fn retry(&self, tier: usize) -> String {
+        self.name(&format!(
+            "video_tasks.retry.{}",
+            delay_label(self.retry_delays[tier])
+        ))
+    }
+
+    /// Declares everything. Idempotent; safe to call from every process at start.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+
+        channel
+            .exchange_declare(
+                self.tasks_exchange().into(),
+                ExchangeKind::Direct,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+
+        // Parking lot.
+        channel
+            .exchange_declare(
+                self.dead().into(),
+                ExchangeKind::Fanout,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-queue-type".into(), long_string("quorum"));
+        channel
+            .queue_declare(self.dead().into(), durable_queue, dead_args)
+            .await?;
+        bind(channel, &self.dead(), &self.dead(), "").await?;
+
+        // Work queues: quorum (replicated, poison-safe), dead-lettering to the parking
+        // lot when the broker gives up (delivery limit), never silently dropping.
+        for task in TASKS {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("quorum"));
+            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead()));
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(self.delivery_limit as i32),
+            );
+            channel
+                .queue_declare(self.work_queue(task).into(), durable_queue, args)
+                .await?;
+            bind(
+                channel,
+                &self.work_queue(task),
+                &self.tasks_exchange(),
+                task,
+            )
+            .await?;
+        }
+
+        // Retry tiers: hold for the TTL, then dead-letter back into `video_tasks` with the
+        // routing key the message was published with (the task name).
+        for tier in 0..self.retry_tiers() {
+            let name = self.retry(tier);
+            channel
+                .exchange_declare(
+                    name.clone().into(),
+                    ExchangeKind::Fanout,
+                    durable_exchange,
+                    FieldTable::default(),
+                )
+                .await?;
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("classic"));
+            args.insert("x-message-ttl".into(), AMQPValue::LongInt(self.retry_delays[tier].as_millis().min(i32::MAX as u128) as i32));
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                long_string(&self.tasks_exchange()),
+            );
+            channel
+                .queue_declare(name.clone().into(), durable_queue, args)
+                .await?;
+            bind(channel, &name, &name, "").await?;
+        }
+        Ok(())
+    }
+
+    /// Declares everything, or with `declare = false` (least-privilege users) only checks
+    /// that `queue` exists, failing with what to do about it.
+    pub async fn ensure(
+        &self,
+        channel: &Channel,
+        declare: bool,
+        queue: &str,
+    ) -> anyhow::Result<()> {
+        if declare {
+            return Ok(self.declare(channel).await?);
+        }
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel.queue_declare(queue.into(), passive, FieldTable::default()).await.map_err(|e| {
+            anyhow::anyhow!(
+                "queue `{queue}` is not there ({e}); with `topology.declare = false` an administrator \
+                 must declare the topology first (e.g. `transcoder --declare-topology`)"
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Deletes everything [`declare`](Self::declare) made. For tests with a private
+    /// prefix; never call it on a production prefix.
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        let mut queues: Vec<String> = TASKS.iter().map(|t| self.work_queue(t)).collect();
+        queues.push(self.dead());
+        let mut exchanges = vec![self.tasks_exchange(), self.events_exchange(), self.dead()];
+        for tier in 0..self.retry_tiers() {
+            queues.push(self.retry(tier));
+            exchanges.push(self.retry(tier));
+        }
+        for q in queues {
+            channel
+                .queue_delete(q.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        for e in exchanges {
+            channel
+                .exchange_delete(e.into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            ShortString::from(key),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// RabbitMQ wants string arguments as AMQP long strings (short strings are rejected).
+fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// `5s`, `30s`, `5m`, `1500ms`: the shortest exact label for a delay.
+pub fn delay_label(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms > 0 && ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms > 0 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names_are_exactly_the_design_names() {
+        let t = Topology::new(
+            "",
+            vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(300),
+            ],
+            20,
+        );
+        assert_eq!(t.tasks_exchange(), "video_tasks");
+        assert_eq!(t.work_queue("transcode"), "video_tasks.transcode");
+        assert_eq!(t.work_queue("thumbnail"), "video_tasks.thumbnail");
+        assert_eq!(t.dead(), "video_tasks.dead");
+        assert_eq!(t.events_exchange(), "video_events");
+        assert_eq!(
+            (0..3).map(|i| t.retry(i)).collect::<Vec<_>>(),
+            [
+                "video_tasks.retry.5s",
+                "video_tasks.retry.30s",
+                "video_tasks.retry.5m"
+            ]
+        );
+    }
+
+    #[test]
+    fn prefix_applies_to_every_name() {
+        let t = Topology::new("t1.", vec![Duration::from_millis(500)], 20);
+        assert_eq!(t.work_queue("transcode"), "t1.video_tasks.transcode");
+        assert_eq!(t.retry(0), "t1.video_tasks.retry.500ms");
+    }
+}

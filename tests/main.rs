@@ -1,0 +1,14 @@
+//! vidpipe's integration tests: one binary, real RabbitMQ (`AMQP_URL`, default the local
+//! broker), real worker processes, real FFmpeg. Each test gets its own topology prefix
+//! and storage root, so tests run in parallel and never see each other's queues.
+//! Set `TEST_LOG=1` to see worker logs.
+
+mod support;
+
+mod health;
+mod producer;
+mod runtime;
+mod s3;
+mod security;
+mod thumbnailer;
+mod transcoder;

@@ -1,0 +1,511 @@
+//! Integration tests: the `producer` binary as a process against the real broker, with
+//! real worker processes (the real `transcoder` / `thumbnailer`, or the test worker on the
+//! transcode queue where a test needs a task to complete regardless of media support).
+
+use std::process::Output;
+use std::time::Duration;
+
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString};
+use shared::broker;
+use shared::storage_key::StorageKey;
+
+use crate::support::{TestEnv, bin, eventually, fixtures, test_job};
+
+/// Runs `producer ARGS…` in this test's world and returns what it did.
+async fn producer(env: &TestEnv, args: &[&str]) -> Output {
+    tokio::process::Command::new(bin("producer"))
+        .args(args)
+        .envs(env.env_vars())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running producer")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The one JSON object a `--json` command printed.
+fn json(out: &Output) -> serde_json::Value {
+    let text = stdout(out);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {text}\nstderr: {}", stderr(out)))
+}
+
+/// Every JSON line a `--json` command printed.
+fn json_lines(out: &Output) -> Vec<serde_json::Value> {
+    stdout(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// Ready messages in both work queues.
+async fn queued_jobs(env: &TestEnv) -> u32 {
+    env.queue_depth(&env.topology.work_queue("transcode")).await
+        + env.queue_depth(&env.topology.work_queue("thumbnail")).await
+}
+
+/// A file that is not a video: every worker must refuse it permanently.
+fn not_a_video(env: &TestEnv) -> std::path::PathBuf {
+    let file = env.data.path().join("notes.mp4");
+    std::fs::write(&file, b"this is a text file, not a video").unwrap();
+    file
+}
+
+/// Upload with `--wait` through both real workers: both tasks complete, their outputs are
+/// in storage, exit code 0.
+#[tokio::test]
+#[ignore = "needs the transcoder and thumbnailer media pipelines (issues #3, #4)"]
+async fn upload_wait_completes_both_tasks_and_exits_0() {
+    let mut env = TestEnv::new().await;
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 2, 320, 240);
+    env.spawn_worker("transcoder", "transcoder", &[]);
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let out = producer(
+        &env,
+        &[
+            "upload",
+            clip.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "240",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        stderr(&out),
+        env.logs()
+    );
+    let report = json(&out);
+    let job_id = report["job_id"].as_str().unwrap().to_owned();
+    for task in ["transcode", "thumbnail"] {
+        assert_eq!(report["tasks"][task]["state"], "completed", "{report}");
+        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/")).unwrap();
+        let manifest = env
+            .storage
+            .manifest(&prefix)
+            .await
+            .unwrap()
+            .expect("manifest");
+        let outputs = manifest["outputs"].as_array().expect("outputs listed");
+        assert!(!outputs.is_empty(), "{task}: {manifest}");
+        for o in outputs {
+            let key = StorageKey::new(o["key"].as_str().unwrap()).unwrap();
+            assert!(
+                env.storage.exists(&key).await.unwrap(),
+                "{key} listed but missing"
+            );
+        }
+    }
+    // `status` agrees, and lists the outputs.
+    let status = producer(&env, &["status", &job_id, "--json"]).await;
+    assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
+    let status = json(&status);
+    assert_eq!(status["tasks"]["transcode"]["state"], "completed");
+    assert!(
+        !status["tasks"]["thumbnail"]["outputs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A task that goes dead (the input is not a video) makes `upload --wait` exit 1 and print
+/// the reason, the same reason the dead letter carries.
+#[tokio::test]
+async fn upload_wait_exits_1_and_prints_the_reason_when_a_task_dies() {
+    let mut env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    env.spawn_worker("transcoder", "transcoder", &[]);
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let out = producer(
+        &env,
+        &[
+            "upload",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "120",
+        ],
+    )
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}\n{}", env.logs());
+    let job_id = stdout(&out).trim().to_owned();
+    let status = json(&producer(&env, &["status", &job_id, "--json"]).await);
+    for task in ["transcode", "thumbnail"] {
+        let reason = status["tasks"][task]["reason"]
+            .as_str()
+            .expect("a dead task has a reason");
+        assert!(!reason.is_empty());
+        assert!(
+            err.contains(&format!("{task}: dead")),
+            "{task} not reported dead: {err}"
+        );
+        assert!(err.contains(reason), "reason `{reason}` not printed: {err}");
+    }
+}
+
+/// `--wait --json` follows each task to its own end: the transcode (test worker) completes,
+/// the thumbnail (a text file for the real thumbnailer) dies; exit code 1.
+#[tokio::test]
+async fn upload_wait_follows_each_task_to_its_own_end() {
+    let mut env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    env.spawn_worker("vidpipe-testworker", "testworker", &[]);
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let out = producer(
+        &env,
+        &[
+            "upload",
+            file.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "120",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}\n{}",
+        stderr(&out),
+        env.logs()
+    );
+    let report = json(&out);
+    assert_eq!(
+        report["tasks"]["transcode"]["state"], "completed",
+        "{report}"
+    );
+    assert_eq!(report["tasks"]["thumbnail"]["state"], "dead", "{report}");
+    assert!(
+        !report["tasks"]["thumbnail"]["reason"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// An unreachable broker is exit code 3 with a message naming the setting, and nothing is
+/// stored.
+#[tokio::test]
+async fn unreachable_broker_is_exit_code_3() {
+    let env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    let out = tokio::process::Command::new(bin("producer"))
+        .args(["upload", file.to_str().unwrap()])
+        .envs(env.env_vars())
+        .env("VIDPIPE__AMQP__URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("amqp.url"), "{}", stderr(&out));
+    let uploads = StorageKey::new("uploads/").unwrap();
+    assert!(
+        env.storage.list(&uploads).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+}
+
+/// `status` says pending before any worker ran, then completed (with outputs) for a task
+/// a worker finished and dead (with the reason) for one that was refused; an unknown job
+/// is exit code 1 and a malformed id exit code 2.
+#[tokio::test]
+async fn status_reports_pending_completed_and_dead_tasks() {
+    let mut env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    let out = producer(&env, &["upload", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_owned();
+
+    let pending = producer(&env, &["status", &job_id, "--json"]).await;
+    assert_eq!(pending.status.code(), Some(0), "{}", stderr(&pending));
+    let pending = json(&pending);
+    assert_eq!(pending["tasks"]["transcode"]["state"], "pending");
+    assert_eq!(pending["tasks"]["thumbnail"]["state"], "pending");
+
+    // The test worker completes any transcode job (it only copies the source); the real
+    // thumbnailer refuses a text file.
+    env.spawn_worker("vidpipe-testworker", "testworker", &[]);
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let prefix = StorageKey::new(format!("outputs/{job_id}/transcode/")).unwrap();
+    env.wait_manifest(&prefix, Duration::from_secs(60)).await;
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(60),
+        "the thumbnail job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+
+    let out = producer(&env, &["status", &job_id, "--json"]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let status = json(&out);
+    assert_eq!(
+        status["tasks"]["transcode"]["state"], "completed",
+        "{status}"
+    );
+    assert_eq!(
+        status["tasks"]["transcode"]["outputs"][0]["name"],
+        "out.txt"
+    );
+    assert_eq!(status["tasks"]["thumbnail"]["state"], "dead", "{status}");
+    assert!(
+        !status["tasks"]["thumbnail"]["reason"]
+            .as_str()
+            .unwrap()
+            .is_empty()
+    );
+    // Looking did not take the dead letter out.
+    assert_eq!(env.queue_depth(&dead_queue).await, 1);
+
+    let text = producer(&env, &["status", &job_id]).await;
+    assert!(
+        stdout(&text).contains("completed") && stdout(&text).contains("dead after"),
+        "{}",
+        stdout(&text)
+    );
+
+    let unknown = producer(&env, &["status", "00000000-0000-0000-0000-000000000001"]).await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", stderr(&unknown));
+    assert!(stderr(&unknown).contains("no job"), "{}", stderr(&unknown));
+    let malformed = producer(&env, &["status", "not-a-uuid"]).await;
+    assert_eq!(malformed.status.code(), Some(2));
+}
+
+/// A job parked because its source was missing is listed with its reason, replayed by
+/// `dead replay` once the source exists, and completes with its attempt count reset.
+#[tokio::test]
+async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
+    let mut env = TestEnv::new().await;
+    let (id, source, prefix) = crate::support::job_keys("transcode");
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, serde_json::json!({})),
+    )
+    .await;
+    env.spawn_worker("vidpipe-testworker", "testworker", &[]);
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+
+    let list = producer(&env, &["dead", "list", "--json"]).await;
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    let parked = json_lines(&list);
+    assert_eq!(parked.len(), 1, "{parked:?}");
+    assert_eq!(parked[0]["job_id"], id.to_string());
+    assert_eq!(parked[0]["task"], "transcode");
+    assert_eq!(parked[0]["parked_by"], "worker");
+    assert!(!parked[0]["reason"].as_str().unwrap().is_empty());
+    assert_eq!(
+        env.queue_depth(&dead_queue).await,
+        1,
+        "listing takes nothing out"
+    );
+    let show = producer(&env, &["dead", "show", &id.to_string()]).await;
+    assert!(
+        stdout(&show).contains("x-vidpipe-reason"),
+        "{}",
+        stdout(&show)
+    );
+
+    // Fix the cause, then replay.
+    env.put_source(&source, b"the source, at last").await;
+    let replay = producer(&env, &["dead", "replay", &id.to_string()]).await;
+    assert_eq!(replay.status.code(), Some(0), "{}", stderr(&replay));
+    let manifest = env.wait_manifest(&prefix, Duration::from_secs(30)).await;
+    assert_eq!(
+        manifest["outputs"][0]["attempt"], 1,
+        "attempt count reset: {manifest}"
+    );
+    assert_eq!(env.queue_depth(&dead_queue).await, 0);
+
+    let again = producer(&env, &["dead", "replay", &id.to_string()]).await;
+    assert_eq!(again.status.code(), Some(1), "nothing left to replay");
+}
+
+/// `dead list` explains a broker dead letter from `x-death`; `dead purge` refuses without
+/// `--yes` (exit code 2, nothing deleted) and empties the parking lot with it.
+#[tokio::test]
+async fn dead_purge_refuses_without_yes_and_list_reads_broker_dead_letters() {
+    let env = TestEnv::new().await;
+    let (id, source, prefix) = crate::support::job_keys("thumbnail");
+    let mut death = FieldTable::default();
+    death.insert("reason".into(), long("delivery_limit"));
+    death.insert("queue".into(), long(&env.topology.work_queue("thumbnail")));
+    death.insert("count".into(), AMQPValue::LongLongInt(1));
+    let mut keys = FieldArray::default();
+    keys.push(long("thumbnail"));
+    death.insert("routing-keys".into(), AMQPValue::FieldArray(keys));
+    let mut deaths = FieldArray::default();
+    deaths.push(AMQPValue::FieldTable(death));
+    let mut headers = FieldTable::default();
+    headers.insert("x-death".into(), AMQPValue::FieldArray(deaths));
+    let body = test_job(id, &source, &prefix, serde_json::json!({}));
+    broker::publish_confirmed(
+        &env.channel,
+        &env.topology.dead(),
+        "thumbnail",
+        &body,
+        broker::persistent_json(headers),
+    )
+    .await
+    .unwrap();
+
+    let list = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["parked_by"], "broker");
+    assert_eq!(list[0]["task"], "thumbnail");
+    assert!(
+        list[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("delivery_limit"),
+        "{list:?}"
+    );
+
+    let refused = producer(&env, &["dead", "purge"]).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("--yes"), "{}", stderr(&refused));
+    assert_eq!(
+        env.queue_depth(&env.topology.dead()).await,
+        1,
+        "nothing deleted"
+    );
+
+    let purged = producer(&env, &["dead", "purge", "--yes"]).await;
+    assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
+    assert!(stdout(&purged).contains("purged 1"), "{}", stdout(&purged));
+    assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
+}
+
+/// Bad input (missing file, a directory, an empty file, an unknown rendition, a bad
+/// format) is a clear error naming the culprit, exit code 2, and nothing is stored or
+/// published, even for the good files given alongside.
+#[tokio::test]
+async fn bad_input_is_refused_before_anything_is_published() {
+    let env = TestEnv::new().await;
+    let empty = env.data.path().join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let good = env.data.path().join("good.mp4");
+    std::fs::write(&good, b"bytes").unwrap();
+    let (good, empty) = (good.to_str().unwrap(), empty.to_str().unwrap());
+    let dir = env.data.path().to_str().unwrap().to_owned();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["upload", good, "/nonexistent/clip.mp4"],
+            "/nonexistent/clip.mp4: no such file",
+        ),
+        (vec!["upload", good, &dir], "is a directory"),
+        (vec!["upload", good, empty], "empty.mp4: the file is empty"),
+        (
+            vec!["upload", good, "--renditions", "720p,4k"],
+            "unknown rendition `4k`; known: 1080p, 720p",
+        ),
+        (
+            vec!["upload", good, "--formats", "avi"],
+            "unknown format `avi`",
+        ),
+        (
+            vec!["upload", good, "--renditions", "x:9000:100:64"],
+            "height 9000",
+        ),
+        (vec!["upload", good, "--bogus-flag"], "--bogus-flag"),
+    ];
+    for (args, says) in cases {
+        let out = producer(&env, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(stdout(&out).is_empty(), "{args:?} printed a job id");
+    }
+    assert_eq!(queued_jobs(&env).await, 0, "nothing published");
+    let uploads = StorageKey::new("uploads/").unwrap();
+    assert!(
+        env.storage.list(&uploads).await.unwrap().is_empty(),
+        "nothing stored"
+    );
+}
+
+/// Several files upload concurrently, one job each, two messages per job.
+#[tokio::test]
+async fn several_files_make_one_job_each() {
+    let env = TestEnv::new().await;
+    let files: Vec<String> = (0..3)
+        .map(|i| {
+            let f = env.data.path().join(format!("v{i}.mov"));
+            std::fs::write(&f, vec![i as u8 + 1; 100_000]).unwrap();
+            f.to_str().unwrap().to_owned()
+        })
+        .collect();
+    let mut args = vec![
+        "upload",
+        "--json",
+        "--renditions",
+        "720p,sd:360:700:96",
+        "--no-sprite",
+    ];
+    args.extend(files.iter().map(String::as_str));
+    let out = producer(&env, &args).await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let jobs = json_lines(&out);
+    assert_eq!(jobs.len(), 3);
+    for job in &jobs {
+        let source = StorageKey::new(job["source"].as_str().unwrap()).unwrap();
+        assert!(source.as_str().ends_with("/source.mov"));
+        assert_eq!(
+            env.storage.get_bytes(&source).await.unwrap().unwrap().len(),
+            100_000
+        );
+    }
+    assert_eq!(queued_jobs(&env).await, 6);
+    let taken = env.take_all(&env.topology.work_queue("transcode")).await;
+    let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
+    assert_eq!(job["renditions"][1]["name"], "sd");
+    let taken = env.take_all(&env.topology.work_queue("thumbnail")).await;
+    let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
+    assert!(job["sprite"].is_null(), "--no-sprite: {job}");
+}
+
+/// `--help` of every command says what it does and gives an example.
+#[tokio::test]
+async fn help_of_every_command_has_an_example() {
+    let env = TestEnv::new().await;
+    for args in [
+        vec!["--help"],
+        vec!["upload", "--help"],
+        vec!["status", "--help"],
+        vec!["dead", "--help"],
+        vec!["dead", "list", "--help"],
+        vec!["dead", "show", "--help"],
+        vec!["dead", "replay", "--help"],
+        vec!["dead", "purge", "--help"],
+    ] {
+        let out = producer(&env, &args).await;
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            stdout(&out).contains("Example"),
+            "{args:?}: {}",
+            stdout(&out)
+        );
+    }
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}

@@ -1,0 +1,525 @@
+//! Integration tests: the shared worker runtime, driven through the test worker
+//! (`tests/support/testworker.rs`) as real processes against the real broker.
+
+use std::time::Duration;
+
+use serde_json::json;
+use shared::events::JobState;
+use shared::storage_key::StorageKey;
+use uuid::Uuid;
+
+use crate::support::{TestEnv, eventually, job_keys, test_job};
+
+const WORKER: &str = "vidpipe-testworker";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// Puts a source and publishes a test job for it; returns its id and output prefix.
+async fn submit(env: &TestEnv, extra: serde_json::Value) -> (Uuid, StorageKey) {
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, id.as_bytes()).await;
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, extra))
+        .await;
+    (id, prefix)
+}
+
+/// Happy path: a job is handled, its output and manifest committed, the queue emptied.
+#[tokio::test]
+async fn job_completes_with_outputs_and_manifest() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "w1", &[]);
+    let (id, prefix) = submit(&env, json!({})).await;
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    assert_eq!(manifest["job_id"], id.to_string());
+    assert_eq!(manifest["task"], "transcode");
+    assert_eq!(manifest["attempt"], 1);
+    let out = shared::storage_key::StorageKey::new(manifest["outputs"][0]["key"].as_str().unwrap())
+        .unwrap();
+    assert!(
+        out.as_str().starts_with(prefix.as_str()),
+        "outputs live under the task's prefix"
+    );
+    let bytes = env
+        .storage
+        .get_bytes(&out)
+        .await
+        .unwrap()
+        .expect("output exists");
+    assert_eq!(bytes, id.as_bytes());
+    assert_eq!(manifest["outputs"][0]["size_bytes"], 16);
+    let queue = env.topology.work_queue("transcode");
+    eventually(PATIENCE, "the work queue to drain", async || {
+        env.queue_depth(&queue).await == 0
+    })
+    .await;
+}
+
+/// Fair dispatch: two workers with prefetch 1 share a batch of slow jobs.
+#[tokio::test]
+async fn two_workers_with_prefetch_one_share_slow_jobs() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "fair-a", &[("VIDPIPE__WORKER__CONCURRENCY", "1")]);
+    env.spawn_worker(WORKER, "fair-b", &[("VIDPIPE__WORKER__CONCURRENCY", "1")]);
+    let mut prefixes = Vec::new();
+    for _ in 0..6 {
+        prefixes.push(submit(&env, json!({ "work_ms": 600 })).await.1);
+    }
+    let mut by_worker = std::collections::HashMap::<String, u32>::new();
+    for p in &prefixes {
+        let m = env.wait_manifest(p, PATIENCE).await;
+        *by_worker
+            .entry(m["worker"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(
+        by_worker.len(),
+        2,
+        "both workers should get jobs: {by_worker:?}"
+    );
+    assert!(
+        by_worker.values().all(|n| *n >= 2),
+        "jobs should be shared fairly: {by_worker:?}"
+    );
+}
+
+/// A transient failure goes through a retry tier and succeeds on the next attempt.
+#[tokio::test]
+async fn transient_failure_is_retried_then_succeeds() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "retry", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "fail_attempts": 1 })),
+    )
+    .await;
+    let retrying = events
+        .wait_for("transcode", JobState::Retrying, PATIENCE)
+        .await;
+    assert_eq!(retrying.attempt, 1);
+    assert!(retrying.detail.unwrap().contains("failing attempt 1"));
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    assert_eq!(
+        manifest["attempt"], 2,
+        "the second attempt should be the one that succeeded"
+    );
+}
+
+/// Retries exhausted: the job lands in the parking lot with the reason and attempt count.
+#[tokio::test]
+async fn exhausted_retries_go_dead_with_reason_and_attempts() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "exhaust", &[("VIDPIPE__RETRY__MAX_ATTEMPTS", "3")]);
+    let (_, prefix) = submit(&env, json!({ "fail_attempts": 99 })).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].attempts(), Some(3));
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains("gave up after 3 attempts") && reason.contains("failing attempt 3"),
+        "{reason}"
+    );
+    assert_eq!(
+        dead[0].header("x-vidpipe-worker").as_deref(),
+        Some("exhaust")
+    );
+    assert!(dead[0].header("x-vidpipe-failed-at").is_some());
+    assert_eq!(
+        dead[0].header("x-vidpipe-task").as_deref(),
+        Some("transcode")
+    );
+    assert!(env.storage.manifest(&prefix).await.unwrap().is_none());
+}
+
+/// A permanent failure is dead at once, after one attempt.
+#[tokio::test]
+async fn permanent_failure_is_dead_without_retry() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "perm", &[]);
+    submit(&env, json!({ "permanent": true })).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].attempts(), Some(1));
+    assert!(
+        dead[0].reason().contains("permanent failure requested"),
+        "{}",
+        dead[0].reason()
+    );
+}
+
+/// Poison (invalid JSON, unknown schema, a key with `..`, a non-JSON content type) is
+/// dead at once, never retried.
+#[tokio::test]
+async fn poison_messages_are_dead_at_once() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "poison", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.publish_raw("transcode", b"{this is not json").await;
+    let mut future =
+        serde_json::from_slice::<serde_json::Value>(&test_job(id, &source, &prefix, json!({})))
+            .unwrap();
+    future["schema"] = json!(99);
+    env.publish_raw("transcode", &serde_json::to_vec(&future).unwrap())
+        .await;
+    let mut escape = future.clone();
+    escape["schema"] = json!(1);
+    escape["source"] = json!("uploads/../../etc/passwd");
+    env.publish_raw("transcode", &serde_json::to_vec(&escape).unwrap())
+        .await;
+
+    let mut wrong_type = escape.clone();
+    wrong_type["source"] = json!(source);
+    let props =
+        shared::broker::persistent_json(Default::default()).with_content_type("text/plain".into());
+    env.publish_with(
+        "transcode",
+        &serde_json::to_vec(&wrong_type).unwrap(),
+        props,
+    )
+    .await;
+
+    let dead = env.wait_dead(4, PATIENCE).await;
+    assert_eq!(dead.len(), 4);
+    let reasons: Vec<String> = dead.iter().map(|d| d.reason()).collect();
+    assert!(dead.iter().all(|d| d.attempts() == Some(1)), "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.starts_with("poison message")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("not valid JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("schema 99")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("`..`")), "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("content type `text/plain`")),
+        "{reasons:?}"
+    );
+}
+
+/// A worker SIGKILLed mid-job: the broker redelivers and another worker completes it.
+#[tokio::test]
+async fn sigkilled_worker_job_is_redelivered_and_completed() {
+    let mut env = TestEnv::new().await;
+    let victim = env.spawn_worker(WORKER, "victim", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 3000 })),
+    )
+    .await;
+    let started = events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    assert_eq!(started.worker, "victim");
+    env.worker(victim).signal("KILL");
+    env.worker(victim)
+        .wait_exit(Duration::from_secs(5))
+        .expect("killed");
+    env.spawn_worker(WORKER, "rescuer", &[]);
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    assert_eq!(manifest["worker"], "rescuer");
+}
+
+/// SIGTERM mid-job: the job is requeued (not lost), the process exits 0.
+#[tokio::test]
+async fn sigterm_mid_job_requeues_and_exits_zero() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(
+        WORKER,
+        "term",
+        &[("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "0.5")],
+    );
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 20000 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    let status = env
+        .worker(w)
+        .wait_exit(Duration::from_secs(10))
+        .expect("worker should exit within the grace period");
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        env.worker(w).log_text()
+    );
+    let queue = env.topology.work_queue("transcode");
+    eventually(PATIENCE, "the job to be back in its queue", async || {
+        env.queue_depth(&queue).await == 1
+    })
+    .await;
+    assert!(env.storage.manifest(&prefix).await.unwrap().is_none());
+}
+
+/// SIGTERM while idle-ish but with a short job: the job finishes within the grace period.
+#[tokio::test]
+async fn sigterm_lets_a_short_job_finish() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(
+        WORKER,
+        "finisher",
+        &[("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "20")],
+    );
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 1500 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
+    assert!(status.success());
+    assert!(
+        env.storage.manifest(&prefix).await.unwrap().is_some(),
+        "the job should have finished before exit"
+    );
+}
+
+/// The broker closes the worker's connection mid-job: the worker reconnects and the job
+/// is completed.
+#[tokio::test]
+async fn worker_recovers_after_broker_closes_its_connection() {
+    let mut env = TestEnv::new().await;
+    let name = format!("cut-{}", &Uuid::new_v4().simple().to_string()[..8]);
+    env.spawn_worker(WORKER, &name, &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 2000 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    close_connections_named(&name);
+    let manifest = env.wait_manifest(&prefix, Duration::from_secs(60)).await;
+    assert_eq!(manifest["worker"], name.as_str());
+    assert!(env.logs().contains("reconnecting"), "{}", env.logs());
+}
+
+/// A job over its time limit is cancelled and treated as a transient failure.
+#[tokio::test]
+async fn job_over_time_limit_is_cancelled_and_retried_until_dead() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(
+        WORKER,
+        "slowpoke",
+        &[
+            ("VIDPIPE__WORKER__JOB_TIMEOUT_SECS", "0.5"),
+            ("VIDPIPE__RETRY__MAX_ATTEMPTS", "2"),
+        ],
+    );
+    submit(&env, json!({ "work_ms": 30000 })).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].attempts(), Some(2));
+    assert!(
+        dead[0].reason().contains("time limit"),
+        "{}",
+        dead[0].reason()
+    );
+}
+
+/// Two environments at once never see each other's queues or jobs.
+#[tokio::test]
+async fn parallel_test_environments_are_isolated() {
+    let mut a = TestEnv::new().await;
+    let b = TestEnv::new().await;
+    assert_ne!(
+        a.topology.work_queue("transcode"),
+        b.topology.work_queue("transcode")
+    );
+    let (_, b_prefix) = submit(&b, json!({})).await;
+    a.spawn_worker(WORKER, "only-a", &[]);
+    let (_, a_prefix) = submit(&a, json!({})).await;
+    a.wait_manifest(&a_prefix, PATIENCE).await;
+    assert_eq!(
+        b.queue_depth(&b.topology.work_queue("transcode")).await,
+        1,
+        "a's worker must not touch b's job"
+    );
+    assert!(b.storage.manifest(&b_prefix).await.unwrap().is_none());
+}
+
+/// Closes every broker connection whose client-provided name is `name` (`rabbitmqctl`).
+fn close_connections_named(name: &str) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl (the broker runs on this machine)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pids: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(&format!("\"{name}\"")))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!pids.is_empty(), "no connection named {name} in:\n{text}");
+    for pid in pids {
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "closed by vidpipe test"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(status.success());
+    }
+}
+
+/// A source that is a symlink out of the storage root is refused as permanent.
+#[tokio::test]
+async fn symlink_out_of_storage_root_is_dead() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "symlink", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    let link = env.storage_root().join(&source);
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", &link).unwrap();
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].attempts(), Some(1));
+    assert!(
+        dead[0].reason().contains("outside the storage root"),
+        "{}",
+        dead[0].reason()
+    );
+}
+
+/// A source missing from storage is a permanent failure naming the key.
+#[tokio::test]
+async fn missing_source_is_dead_with_its_key() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "missing", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert!(
+        dead[0]
+            .reason()
+            .contains(&format!("source `{source}` does not exist")),
+        "{}",
+        dead[0].reason()
+    );
+}
+
+/// Crash-loop guard: a job whose worker dies on every delivery is dead-lettered by the
+/// broker once the quorum queue's delivery limit is reached, never redelivered forever.
+#[tokio::test]
+async fn job_that_keeps_killing_workers_is_dead_lettered_by_the_delivery_limit() {
+    let mut env = TestEnv::with_delivery_limit(1).await;
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 30000 })),
+    )
+    .await;
+    for round in 0..2 {
+        let w = env.spawn_worker(WORKER, &format!("crash-{round}"), &[]);
+        events
+            .wait_for_nth("transcode", JobState::Started, round + 1, PATIENCE)
+            .await;
+        env.worker(w).signal("KILL");
+        env.worker(w)
+            .wait_exit(Duration::from_secs(5))
+            .expect("killed");
+    }
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&dead[0].body).unwrap()["job_id"],
+        id.to_string()
+    );
+    assert!(
+        dead[0].headers.inner().contains_key("x-death"),
+        "the broker's own dead-letter record"
+    );
+}
+
+/// The broker cancels the worker's consumer (its queue is deleted): the worker reopens
+/// its channel, re-declares the topology and consumes again.
+#[tokio::test]
+async fn worker_resumes_after_its_queue_is_deleted() {
+    let mut env = TestEnv::new().await;
+    let first = job_keys("transcode");
+    env.put_source(&first.1, b"x").await;
+    env.spawn_worker(WORKER, "resume", &[]);
+    env.publish_raw(
+        "transcode",
+        &test_job(first.0, &first.1, &first.2, json!({})),
+    )
+    .await;
+    env.wait_manifest(&first.2, PATIENCE).await;
+
+    let queue = env.topology.work_queue("transcode");
+    let channel = env.conn.create_channel().await.unwrap();
+    channel
+        .queue_delete(queue.clone().into(), Default::default())
+        .await
+        .unwrap();
+    eventually(PATIENCE, "the worker to re-declare its queue", async || {
+        let ch = env.conn.create_channel().await.unwrap();
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        ch.queue_declare(queue.clone().into(), passive, Default::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    let (_, prefix) = submit(&env, json!({})).await;
+    env.wait_manifest(&prefix, PATIENCE).await;
+}
+
+/// Scratch left by a crashed worker is removed at the next start; a live-looking
+/// (recent) scratch directory is left alone.
+#[tokio::test]
+async fn stale_scratch_from_a_crash_is_removed_at_start() {
+    let mut env = TestEnv::new().await;
+    let stale = env.scratch_dir().join("job-crashed");
+    let fresh = env.scratch_dir().join("job-running");
+    std::fs::create_dir_all(stale.join("out")).unwrap();
+    std::fs::create_dir_all(&fresh).unwrap();
+    let status = std::process::Command::new("touch")
+        .args(["-d", "3 hours ago"])
+        .arg(&stale)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    env.spawn_worker(
+        WORKER,
+        "sweeper",
+        &[("VIDPIPE__WORKER__JOB_TIMEOUT_SECS", "60")],
+    );
+    eventually(PATIENCE, "the stale scratch to go", async || {
+        !stale.exists()
+    })
+    .await;
+    assert!(
+        fresh.exists(),
+        "a recent scratch directory may belong to a live job"
+    );
+}

@@ -1,0 +1,557 @@
+//! The test harness: a private, fully real environment per test.
+//!
+//! [`TestEnv::new`] picks a unique topology prefix and a fresh storage root, declares the
+//! topology on the real broker, and gives helpers to publish jobs, spawn real worker
+//! processes, follow events and read the dead letters. Dropping it kills its workers and
+//! deletes everything it declared. Waiting is always polling with a deadline.
+
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, Consumer};
+use shared::broker;
+use shared::events::{JobEvent, JobState};
+use shared::messages::{self, JobMessage};
+use shared::settings::StorageSettings;
+use shared::storage::Storage;
+use shared::storage_key::StorageKey;
+use shared::topology::Topology;
+use uuid::Uuid;
+
+pub mod fixtures;
+pub mod s3;
+
+/// Retry tiers used by tests: short, so retries happen within a test's patience.
+pub const TEST_RETRY_DELAYS: [f64; 2] = [0.3, 0.6];
+
+/// The broker tests use: `AMQP_URL`, or the local one.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Directory holding the workspace's binaries (next to the test worker).
+pub fn bin_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_vidpipe-testworker"))
+        .parent()
+        .expect("binaries live in a directory")
+        .to_path_buf()
+}
+
+/// Path of a workspace binary, which must have been built (`cargo build --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let path = if name == "vidpipe-testworker" {
+        PathBuf::from(env!("CARGO_BIN_EXE_vidpipe-testworker"))
+    } else {
+        bin_dir().join(name)
+    };
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// One test's private world.
+pub struct TestEnv {
+    pub prefix: String,
+    pub topology: Topology,
+    pub data: tempfile::TempDir,
+    pub storage: Storage,
+    pub conn: Connection,
+    /// Confirm-mode channel for publishing.
+    pub channel: Channel,
+    /// The work queues' delivery limit (workers must declare the same).
+    pub delivery_limit: u32,
+    /// Settings every worker of this environment gets besides the defaults above.
+    extra_env: Vec<(String, String)>,
+    workers: Vec<WorkerProcess>,
+}
+
+/// A worker process this test started.
+pub struct WorkerProcess {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Sends a signal (`libc`-free: uses `kill`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("polling a child") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("polling a child").is_none()
+    }
+    /// The worker's log so far, for assertion messages.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl TestEnv {
+    /// A fresh environment with the test retry delays.
+    pub async fn new() -> Self {
+        Self::with_delivery_limit(20).await
+    }
+
+    pub async fn with_delivery_limit(delivery_limit: u32) -> Self {
+        let prefix = format!("test-{}.", &Uuid::new_v4().simple().to_string()[..12]);
+        let topology = Topology::new(
+            &prefix,
+            TEST_RETRY_DELAYS
+                .iter()
+                .map(|s| Duration::from_secs_f64(*s))
+                .collect(),
+            delivery_limit,
+        );
+        let data = tempfile::tempdir().expect("temp dir");
+        let storage = Storage::from_settings(&StorageSettings {
+            root: data.path().join("store"),
+            ..Default::default()
+        })
+        .expect("storage");
+        let conn = broker::try_connect(&amqp_url(), "vidpipe-tests")
+            .await
+            .expect("the tests need RabbitMQ at AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f)");
+        let channel = broker::confirm_channel(&conn).await.expect("channel");
+        topology
+            .declare(&channel)
+            .await
+            .expect("declaring the test topology");
+        Self {
+            prefix,
+            topology,
+            data,
+            storage,
+            conn,
+            channel,
+            delivery_limit,
+            extra_env: Vec::new(),
+            workers: Vec::new(),
+        }
+    }
+
+    /// Switches this environment (and the workers it starts) to other storage.
+    pub fn use_storage(&mut self, settings: &StorageSettings, env: Vec<(String, String)>) {
+        self.storage = Storage::from_settings(settings).expect("storage");
+        self.extra_env = env;
+    }
+
+    /// The environment variables that point a process at this test's world.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        let delays = TEST_RETRY_DELAYS.map(|d| d.to_string()).join(",");
+        let mut vars = vec![
+            ("VIDPIPE__AMQP__URL".into(), amqp_url()),
+            ("VIDPIPE__AMQP__MAX_BACKOFF_SECS".into(), "1".into()),
+            ("VIDPIPE__TOPOLOGY__PREFIX".into(), self.prefix.clone()),
+            ("VIDPIPE__RETRY__DELAYS_SECS".into(), delays),
+            (
+                "VIDPIPE__RETRY__DELIVERY_LIMIT".into(),
+                self.delivery_limit.to_string(),
+            ),
+            (
+                "VIDPIPE__STORAGE__ROOT".into(),
+                self.storage_root().display().to_string(),
+            ),
+            (
+                "VIDPIPE__WORKER__SCRATCH_DIR".into(),
+                self.scratch_dir().display().to_string(),
+            ),
+            ("VIDPIPE__HEALTH__PORT".into(), "0".into()),
+            ("VIDPIPE__LOG__LEVEL".into(), "info,lapin=warn".into()),
+        ];
+        vars.extend(self.extra_env.iter().cloned());
+        vars
+    }
+
+    /// `job-*` scratch directories left behind (should be none once jobs settle).
+    pub fn scratch_leftovers(&self) -> Vec<String> {
+        std::fs::read_dir(self.scratch_dir())
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("job-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn storage_root(&self) -> PathBuf {
+        self.data.path().join("store")
+    }
+
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.data.path().join("scratch")
+    }
+
+    /// Starts a worker binary with this environment plus `extra` settings.
+    pub fn spawn_worker(&mut self, binary: &str, name: &str, extra: &[(&str, &str)]) -> usize {
+        let log = self.data.path().join(format!("{name}.log"));
+        let mut cmd = Command::new(bin(binary));
+        cmd.envs(self.env_vars())
+            .env("VIDPIPE__WORKER__NAME", name)
+            .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdin(Stdio::null());
+        if std::env::var_os("TEST_LOG").is_some() {
+            cmd.stdout(Stdio::inherit()).stderr(Stdio::inherit());
+        } else {
+            let file = std::fs::File::create(&log).expect("log file");
+            cmd.stdout(file.try_clone().expect("log file")).stderr(file);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        self.workers.push(WorkerProcess {
+            name: name.to_owned(),
+            child,
+            log,
+        });
+        self.workers.len() - 1
+    }
+
+    pub fn worker(&mut self, index: usize) -> &mut WorkerProcess {
+        &mut self.workers[index]
+    }
+
+    /// Puts a small source object into storage.
+    pub async fn put_source(&self, key: &str, bytes: &[u8]) -> StorageKey {
+        let key = StorageKey::new(key).expect("valid key");
+        self.storage
+            .put_bytes(&key, bytes.to_vec())
+            .await
+            .expect("writing a source");
+        key
+    }
+
+    /// Copies a local file into storage.
+    pub async fn put_source_file(&self, key: &str, file: &Path) -> StorageKey {
+        let key = StorageKey::new(key).expect("valid key");
+        self.storage
+            .put_file(&key, file, &|_| {})
+            .await
+            .expect("writing a source");
+        key
+    }
+
+    /// Publishes a job to `video_tasks` with a confirm.
+    pub async fn publish<J: JobMessage>(&self, job: &J) {
+        self.publish_raw(J::TASK, &messages::to_body(job)).await;
+    }
+
+    /// Publishes any bytes to `video_tasks` with the given routing key.
+    pub async fn publish_raw(&self, routing_key: &str, body: &[u8]) {
+        self.publish_with(
+            routing_key,
+            body,
+            broker::persistent_json(FieldTable::default()),
+        )
+        .await;
+    }
+
+    /// Publishes with explicit message properties.
+    pub async fn publish_with(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+        props: lapin::BasicProperties,
+    ) {
+        broker::publish_confirmed(
+            &self.channel,
+            &self.topology.tasks_exchange(),
+            routing_key,
+            body,
+            props,
+        )
+        .await
+        .expect("publishing a test job");
+    }
+
+    /// A consumer of every event of `job_id`, bound before anything is published.
+    pub async fn follow_events(&self, job_id: Uuid) -> EventStream {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("event queue");
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.events_exchange().into(),
+                format!("job.{job_id}.#").into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("binding the event queue");
+        let consumer = channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consuming events");
+        EventStream {
+            _channel: channel,
+            consumer,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for the manifest under `prefix`.
+    pub async fn wait_manifest(&self, prefix: &StorageKey, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(m) = self
+                .storage
+                .manifest(prefix)
+                .await
+                .expect("reading manifest")
+            {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no manifest under {prefix} within {timeout:?}; worker logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the parking lot holds at least `n` messages, then takes them all.
+    pub async fn wait_dead(&self, n: usize, timeout: Duration) -> Vec<DeadLetter> {
+        let deadline = Instant::now() + timeout;
+        while self.queue_depth(&self.topology.dead()).await < n as u32 {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} dead letters within {timeout:?}; worker logs:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.take_all(&self.topology.dead()).await
+    }
+
+    /// Removes and returns every message of a queue.
+    pub async fn take_all(&self, queue: &str) -> Vec<DeadLetter> {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let mut out = Vec::new();
+        while let Some(msg) = channel
+            .basic_get(queue.into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get")
+        {
+            let headers = msg
+                .delivery
+                .properties
+                .headers()
+                .clone()
+                .unwrap_or_default();
+            out.push(DeadLetter {
+                body: msg.delivery.data.clone(),
+                headers,
+            });
+            msg.delivery
+                .acker
+                .ack(BasicAckOptions::default())
+                .await
+                .expect("ack");
+        }
+        out
+    }
+
+    /// Ready messages in a queue (passive declare).
+    pub async fn queue_depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.expect("channel");
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = channel.close(200, "done".into()).await;
+        q.message_count()
+    }
+
+    /// Every worker log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.workers
+            .iter()
+            .map(|w| format!("--- {} ---\n{}", w.name, w.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+        }
+        // Delete what we declared, on a private runtime (Drop cannot await).
+        let topology = self.topology.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(conn) = broker::try_connect(&amqp_url(), "vidpipe-tests-cleanup").await {
+                    if let Ok(channel) = conn.create_channel().await {
+                        let _ = topology.delete(&channel).await;
+                    }
+                    let _ = conn.close(200, "done".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A message taken from the parking lot.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub body: Vec<u8>,
+    pub headers: FieldTable,
+}
+
+impl DeadLetter {
+    pub fn reason(&self) -> String {
+        shared::runtime::header_str(Some(&self.headers), shared::runtime::REASON_HEADER)
+            .unwrap_or_default()
+    }
+    pub fn attempts(&self) -> Option<u32> {
+        shared::runtime::header_u32(Some(&self.headers), shared::runtime::ATTEMPTS_HEADER)
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        shared::runtime::header_str(Some(&self.headers), name)
+    }
+}
+
+/// Events of one job, as they arrive.
+pub struct EventStream {
+    _channel: Channel,
+    consumer: Consumer,
+    pub seen: Vec<JobEvent>,
+}
+
+impl EventStream {
+    /// Waits for an event of `task` in `state`; returns it.
+    pub async fn wait_for(&mut self, task: &str, state: JobState, timeout: Duration) -> JobEvent {
+        self.wait_for_nth(task, state, 1, timeout).await
+    }
+
+    /// Waits for the `n`th (1-based) event of `task` in `state`; returns it.
+    pub async fn wait_for_nth(
+        &mut self,
+        task: &str,
+        state: JobState,
+        n: usize,
+        timeout: Duration,
+    ) -> JobEvent {
+        let matching = |seen: &[JobEvent]| {
+            seen.iter()
+                .filter(|e| e.task == task && e.state == state)
+                .nth(n - 1)
+                .cloned()
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(e) = matching(&self.seen) {
+                return e;
+            }
+            let next = tokio::time::timeout_at(deadline, self.consumer.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no {task} {state:?} event #{n} within {timeout:?}; saw {:?}",
+                        self.seen
+                    )
+                });
+            let delivery = next.expect("event stream ended").expect("event delivery");
+            let event: JobEvent = serde_json::from_slice(&delivery.data).expect("event JSON");
+            self.seen.push(event);
+        }
+    }
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A fresh job id and its storage keys (`uploads/<id>/source.bin`, `outputs/<id>/<task>/`).
+pub fn job_keys(task: &str) -> (Uuid, String, StorageKey) {
+    let id = Uuid::new_v4();
+    (
+        id,
+        format!("uploads/{id}/source.bin"),
+        StorageKey::new(format!("outputs/{id}/{task}/")).expect("valid prefix"),
+    )
+}
+
+/// A test-worker job body (`TestJob` of `tests/support/testworker.rs`) as JSON, with
+/// `extra` fields (`work_ms`, `fail_attempts`, `permanent`) merged in.
+pub fn test_job(id: Uuid, source: &str, prefix: &StorageKey, extra: serde_json::Value) -> Vec<u8> {
+    let mut job = serde_json::json!({
+        "schema": 1, "task": "transcode", "job_id": id,
+        "source": source, "output_prefix": prefix.as_str(),
+    });
+    if let (Some(job), Some(extra)) = (job.as_object_mut(), extra.as_object()) {
+        job.extend(extra.clone());
+    }
+    serde_json::to_vec(&job).expect("JSON")
+}
