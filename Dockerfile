@@ -1,0 +1,48 @@
+# vidpipe: one image with all three binaries (producer, transcoder, thumbnailer).
+#
+#   docker build -t vidpipe:latest .
+#   docker run --rm vidpipe:latest transcoder --help
+#
+# The runtime stage is repeated in docker/Dockerfile.prebuilt (same packages, user and
+# layout) for machines that build the binaries on the host instead; keep them in step.
+
+# --- build -------------------------------------------------------------------------------
+FROM rust:1-bookworm AS builder
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev \
+      libswscale-dev libswresample-dev clang libclang-dev pkg-config \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked -p producer -p transcoder -p thumbnailer \
+ && mkdir -p /out \
+ && cp target/release/producer target/release/transcoder target/release/thumbnailer /out/
+
+# --- runtime -----------------------------------------------------------------------------
+FROM debian:bookworm-slim
+# FFmpeg 5.1 runtime libraries only; curl for health checks, tini as PID 1.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 \
+      libavdevice59 ca-certificates tini curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 vidpipe \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /data --no-create-home \
+      --shell /usr/sbin/nologin vidpipe \
+ && mkdir -p /data \
+ && chown vidpipe:vidpipe /data
+COPY --from=builder /out/producer /out/transcoder /out/thumbnailer /usr/local/bin/
+
+# Media store (local backend); a named volume mounted here starts out owned by vidpipe.
+ENV VIDPIPE__STORAGE__ROOT=/data \
+    VIDPIPE__HEALTH__PORT=8080 \
+    TINI_SUBREAPER=1
+VOLUME /data
+WORKDIR /data
+EXPOSE 8080
+USER vidpipe
+# tini forwards SIGTERM to the worker (graceful shutdown) and reaps children. With
+# compose's `init: true` it runs under docker's own init; TINI_SUBREAPER keeps it quiet.
+ENTRYPOINT ["tini", "--"]
+CMD ["transcoder"]
