@@ -20,6 +20,8 @@ pub mod broker;
 pub mod events;
 pub mod handler;
 pub mod health;
+#[cfg(feature = "media")]
+pub mod media;
 pub mod messages;
 pub mod outcome;
 pub mod runtime;

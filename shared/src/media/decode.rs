@@ -1,0 +1,318 @@
+//! Decoding and filtering shared by both workers.
+//!
+//! [`VideoDecoder`] wraps FFmpeg's decoder with threading on and maps its failures to
+//! permanent job errors that say where in the source they happened. [`FrameGraph`] is a
+//! libavfilter graph with one input and any number of outputs: the transcoder feeds every
+//! rendition of its ladder from one decoded frame (one `split`), the thumbnailer uses one
+//! output. The graph also turns rotated phone video upright, the way the `ffmpeg` CLI's
+//! autorotate does.
+
+use ffmpeg::format::context::Input;
+use ffmpeg::{Packet, Rational, codec, decoder, filter, frame};
+use ffmpeg_next as ffmpeg;
+
+use super::probe::{AudioInfo, VideoInfo};
+use super::{pipeline_error, seconds};
+use crate::outcome::JobError;
+
+/// The source's main video stream, decoding.
+pub struct VideoDecoder {
+    pub decoder: decoder::Video,
+    pub stream_index: usize,
+    pub time_base: Rational,
+}
+
+impl VideoDecoder {
+    /// Opens a decoder for `video` with frame threading (`threads` = 0: one per core).
+    pub fn open(input: &Input, video: &VideoInfo, threads: usize) -> Result<Self, JobError> {
+        let stream = input
+            .stream(video.index)
+            .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?;
+        let mut ctx = codec::context::Context::from_parameters(stream.parameters())
+            .map_err(|e| JobError::Permanent(format!("cannot read the source video: {e}")))?;
+        ctx.set_threading(codec::threading::Config {
+            kind: codec::threading::Type::Frame,
+            count: threads,
+            ..Default::default()
+        });
+        let mut decoder = ctx.decoder();
+        decoder.set_packet_time_base(stream.time_base());
+        let decoder = decoder.video().map_err(|e| {
+            JobError::Permanent(format!(
+                "cannot open a decoder for the source video (`{}`): {e}",
+                video.codec
+            ))
+        })?;
+        Ok(Self {
+            decoder,
+            stream_index: video.index,
+            time_base: stream.time_base(),
+        })
+    }
+
+    /// Feeds one packet of the video stream.
+    pub fn send(&mut self, packet: &Packet) -> Result<(), JobError> {
+        match self.decoder.send_packet(packet) {
+            Ok(()) => Ok(()),
+            // The decoder's queue is full: the caller drains frames after every send, so
+            // this only happens around flushes; dropping nothing, just report it.
+            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(()),
+            Err(e) => Err(self.corrupt(packet.pts(), e)),
+        }
+    }
+
+    /// Signals the end of the stream; the remaining frames come out of [`Self::receive`].
+    pub fn send_eof(&mut self) {
+        // Only fails when already at EOF, which is what we want anyway.
+        let _ = self.decoder.send_eof();
+    }
+
+    /// The next decoded frame, `Ok(false)` when the decoder needs more input (or is done).
+    pub fn receive(&mut self, frame: &mut frame::Video) -> Result<bool, JobError> {
+        match self.decoder.receive_frame(frame) {
+            Ok(()) => Ok(true),
+            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(false),
+            Err(ffmpeg::Error::Eof) => Ok(false),
+            Err(e) => Err(self.corrupt(None, e)),
+        }
+    }
+
+    /// Forgets buffered frames (after a seek).
+    pub fn flush(&mut self) {
+        self.decoder.flush();
+    }
+
+    /// Presentation time of a decoded frame in seconds, if it has one.
+    pub fn frame_seconds(&self, frame: &frame::Video) -> Option<f64> {
+        frame.timestamp().map(|ts| seconds(ts, self.time_base))
+    }
+
+    fn corrupt(&self, pts: Option<i64>, err: ffmpeg::Error) -> JobError {
+        match pts {
+            Some(pts) => JobError::Permanent(format!(
+                "source video is corrupt near {:.2} s: {err}",
+                seconds(pts, self.time_base)
+            )),
+            None => JobError::Permanent(format!("source video is corrupt: {err}")),
+        }
+    }
+}
+
+/// POSIX EAGAIN, as FFmpeg reports "need more input / output not ready".
+const EAGAIN: i32 = 11;
+
+/// A filter graph with one source and `outputs` sinks named `out0`, `out1`, ….
+pub struct FrameGraph {
+    graph: filter::Graph,
+    outputs: usize,
+}
+
+impl FrameGraph {
+    /// A video graph: frames from `decoder` (timestamps in `time_base`) are turned upright
+    /// by `rotation` (clockwise degrees), then each output applies its own filter chain,
+    /// e.g. `scale=640:360,setsar=1,format=yuv420p`.
+    pub fn video(
+        decoder: &decoder::Video,
+        time_base: Rational,
+        rotation: u32,
+        chains: &[String],
+    ) -> Result<Self, JobError> {
+        let sar = decoder.aspect_ratio();
+        let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
+            sar
+        } else {
+            Rational::new(1, 1)
+        };
+        let args = format!(
+            "video_size={}x{}:pix_fmt={}:time_base={}/{}:pixel_aspect={}/{}",
+            decoder.width(),
+            decoder.height(),
+            ffmpeg::ffi::AVPixelFormat::from(decoder.format()) as i32,
+            time_base.numerator(),
+            time_base.denominator().max(1),
+            sar.numerator(),
+            sar.denominator()
+        );
+        Self::build("buffer", "buffersink", &args, orientation(rotation), chains)
+    }
+
+    /// An audio graph from `decoder`'s samples; each output applies its chain (e.g.
+    /// `aresample=48000,aformat=sample_fmts=fltp:channel_layouts=stereo`) and hands out
+    /// frames of exactly `frame_size` samples (what an AAC encoder wants), 0 for any size.
+    pub fn audio(
+        decoder: &decoder::Audio,
+        time_base: Rational,
+        chains: &[String],
+        frame_size: u32,
+    ) -> Result<Self, JobError> {
+        let layout = decoder.channel_layout();
+        let layout = if layout.bits() == 0 {
+            ffmpeg::ChannelLayout::default(i32::from(decoder.channels()))
+        } else {
+            layout
+        };
+        let args = format!(
+            "time_base={}/{}:sample_rate={}:sample_fmt={}:channel_layout=0x{:x}",
+            time_base.numerator(),
+            time_base.denominator().max(1),
+            decoder.rate(),
+            decoder.format().name(),
+            layout.bits()
+        );
+        let mut graph = Self::build("abuffer", "abuffersink", &args, "", chains)?;
+        if frame_size > 0 {
+            for i in 0..graph.outputs {
+                if let Some(mut sink) = graph.graph.get(&format!("out{i}")) {
+                    sink.sink().set_frame_size(frame_size);
+                }
+            }
+        }
+        Ok(graph)
+    }
+
+    fn build(
+        source: &str,
+        sink: &str,
+        args: &str,
+        pre: &str,
+        chains: &[String],
+    ) -> Result<Self, JobError> {
+        let err = |e| pipeline_error("building the filter graph", e);
+        let mut graph = filter::Graph::new();
+        let find = |name: &str| {
+            filter::find(name).ok_or_else(|| {
+                JobError::Permanent(format!("this FFmpeg build lacks the `{name}` filter"))
+            })
+        };
+        graph.add(&find(source)?, "in", args).map_err(err)?;
+        for i in 0..chains.len() {
+            graph
+                .add(&find(sink)?, &format!("out{i}"), "")
+                .map_err(err)?;
+        }
+        let spec = graph_spec(pre, chains);
+        let mut parser = graph.output("in", 0).map_err(err)?;
+        for i in 0..chains.len() {
+            parser = parser.input(&format!("out{i}"), 0).map_err(err)?;
+        }
+        parser.parse(&spec).map_err(err)?;
+        graph.validate().map_err(err)?;
+        Ok(Self {
+            graph,
+            outputs: chains.len(),
+        })
+    }
+
+    /// Feeds a decoded frame.
+    pub fn push(&mut self, frame: &frame::Frame) -> Result<(), JobError> {
+        self.source()?
+            .source()
+            .add(frame)
+            .map_err(|e| pipeline_error("filtering a frame", e))
+    }
+
+    /// Signals the end of input so the outputs drain.
+    pub fn flush(&mut self) -> Result<(), JobError> {
+        self.source()?
+            .source()
+            .flush()
+            .map_err(|e| pipeline_error("flushing the filter graph", e))
+    }
+
+    /// The next frame of output `index`, `Ok(false)` when it has none right now.
+    pub fn pull(&mut self, index: usize, frame: &mut frame::Frame) -> Result<bool, JobError> {
+        let mut sink = self
+            .graph
+            .get(&format!("out{index}"))
+            .ok_or_else(|| JobError::Permanent(format!("filter output {index} missing")))?;
+        match sink.sink().frame(frame) {
+            Ok(()) => Ok(true),
+            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(false),
+            Err(ffmpeg::Error::Eof) => Ok(false),
+            Err(e) => Err(pipeline_error("filtering", e)),
+        }
+    }
+
+    /// Time base of output `index`'s frames.
+    pub fn time_base(&mut self, index: usize) -> Rational {
+        self.graph
+            .get(&format!("out{index}"))
+            .map_or(Rational::new(1, 1), |mut s| s.sink().time_base())
+    }
+
+    pub fn outputs(&self) -> usize {
+        self.outputs
+    }
+
+    fn source(&mut self) -> Result<filter::Context, JobError> {
+        self.graph
+            .get("in")
+            .ok_or_else(|| JobError::Permanent("filter input missing".into()))
+    }
+}
+
+/// Filters that turn a picture stored `rotation` degrees off upright, as the `ffmpeg` CLI
+/// does (its `autorotate`).
+pub fn orientation(rotation: u32) -> &'static str {
+    match rotation {
+        90 => "transpose=clock,",
+        180 => "hflip,vflip,",
+        270 => "transpose=cclock,",
+        _ => "",
+    }
+}
+
+/// `[in]<pre>split=N[s0]…;[s0]<chain0>[out0];…`, or a plain chain for one output.
+fn graph_spec(pre: &str, chains: &[String]) -> String {
+    if chains.len() == 1 {
+        return format!("[in]{pre}{}[out0]", chains[0]);
+    }
+    let is_audio = pre.is_empty() && chains.iter().all(|c| c.starts_with('a'));
+    let split = if is_audio { "asplit" } else { "split" };
+    let mut spec = format!("[in]{pre}{split}={}", chains.len());
+    for i in 0..chains.len() {
+        spec.push_str(&format!("[s{i}]"));
+    }
+    for (i, chain) in chains.iter().enumerate() {
+        spec.push_str(&format!(";[s{i}]{chain}[out{i}]"));
+    }
+    spec
+}
+
+/// Opens the source's audio decoder.
+pub fn open_audio_decoder(input: &Input, audio: &AudioInfo) -> Result<decoder::Audio, JobError> {
+    let stream = input
+        .stream(audio.index)
+        .ok_or_else(|| JobError::Permanent("source audio stream vanished".into()))?;
+    let ctx = codec::context::Context::from_parameters(stream.parameters())
+        .map_err(|e| JobError::Permanent(format!("cannot read the source audio: {e}")))?;
+    let mut decoder = ctx.decoder();
+    decoder.set_packet_time_base(stream.time_base());
+    decoder.audio().map_err(|e| {
+        JobError::Permanent(format!(
+            "cannot open a decoder for the source audio (`{}`): {e}",
+            audio.codec
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_output_is_a_plain_chain() {
+        assert_eq!(
+            graph_spec("transpose=clock,", &["scale=2:2".into()]),
+            "[in]transpose=clock,scale=2:2[out0]"
+        );
+    }
+
+    #[test]
+    fn several_outputs_split_once() {
+        assert_eq!(
+            graph_spec("", &["scale=4:4".into(), "scale=2:2".into()]),
+            "[in]split=2[s0][s1];[s0]scale=4:4[out0];[s1]scale=2:2[out1]"
+        );
+    }
+}

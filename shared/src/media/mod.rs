@@ -1,0 +1,70 @@
+//! Media helpers on the FFmpeg libraries (feature `media`), shared by both workers.
+//!
+//! - [`probe`]: open a source, describe it ([`SourceInfo`]) and enforce the configured
+//!   [`MediaLimits`] before any work, with reasons a person can act on.
+//! - [`decode`]: the video decoder both workers use (threading on, decode errors mapped to
+//!   clear permanent failures) and the filter-graph plumbing that turns decoded frames into
+//!   upright, scaled frames.
+//!
+//! Everything here returns [`JobError`]s: a source FFmpeg cannot read is the uploader's
+//! problem (permanent), never a reason to retry.
+
+pub mod decode;
+pub mod probe;
+
+pub use decode::{FrameGraph, VideoDecoder};
+pub use probe::{AudioInfo, MediaLimits, Source, SourceInfo, VideoInfo, open};
+
+use std::sync::Once;
+
+use ffmpeg_next as ffmpeg;
+
+use crate::outcome::JobError;
+
+/// Initialises the FFmpeg libraries once per process and keeps their own logging to
+/// errors only (our tracing logs say what happened to a job).
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // `init` only registers devices/network; it cannot fail on FFmpeg 5+.
+        let _ = ffmpeg::init();
+        ffmpeg::log::set_level(ffmpeg::log::Level::Fatal);
+    });
+}
+
+/// Seconds of a timestamp in `time_base`.
+pub fn seconds(ts: i64, time_base: ffmpeg::Rational) -> f64 {
+    if time_base.denominator() == 0 {
+        return 0.0;
+    }
+    ts as f64 * f64::from(time_base.numerator()) / f64::from(time_base.denominator())
+}
+
+/// A timestamp in `time_base` for `seconds`.
+pub fn timestamp(seconds: f64, time_base: ffmpeg::Rational) -> i64 {
+    if time_base.numerator() == 0 {
+        return 0;
+    }
+    (seconds * f64::from(time_base.denominator()) / f64::from(time_base.numerator())).round() as i64
+}
+
+/// An FFmpeg failure while working on the source: permanent, with what we were doing.
+pub fn source_error(doing: &str, err: ffmpeg::Error) -> JobError {
+    JobError::Permanent(format!("{doing}: {err}"))
+}
+
+/// An FFmpeg failure on our own side (encoder, muxer, filter). Outputs live in local
+/// scratch space: a full disk or an I/O error there is transient (another attempt, maybe on
+/// another machine, can succeed); anything else is deterministic for this source and
+/// retrying would only burn time, so it is permanent.
+pub fn pipeline_error(doing: &str, err: ffmpeg::Error) -> JobError {
+    const ENOSPC: i32 = 28;
+    const EIO: i32 = 5;
+    const ENOMEM: i32 = 12;
+    match err {
+        ffmpeg::Error::Other { errno } if [ENOSPC, EIO, ENOMEM].contains(&errno) => {
+            JobError::Transient(format!("{doing}: {err}"))
+        }
+        _ => JobError::Permanent(format!("{doing}: {err}")),
+    }
+}

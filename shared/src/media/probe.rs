@@ -1,0 +1,361 @@
+//! Opening and probing a source, and the input limits every job is checked against before
+//! any decoding starts.
+//!
+//! Each refusal is a permanent failure whose text says what was found and what the limit
+//! is ("source is 7680x4320, limit is 3840x2160"), because it ends up in the dead-letter
+//! headers and in `producer status` for a person to act on.
+
+use std::path::Path;
+
+use ffmpeg::format::context::Input;
+use ffmpeg::media::Type as MediaType;
+use ffmpeg_next as ffmpeg;
+use serde::{Deserialize, Serialize};
+
+use super::{init, seconds};
+use crate::outcome::JobError;
+
+/// Limits on what a worker accepts (`[media]` in the settings file, `VIDPIPE__MEDIA__*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaLimits {
+    /// Longest accepted source, in seconds.
+    pub max_duration_s: f64,
+    /// Largest accepted frame: the long side may be at most the larger of these, the
+    /// short side at most the smaller (so portrait 2160x3840 passes a 3840x2160 limit).
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Largest accepted source file, in bytes.
+    pub max_file_bytes: u64,
+    /// Most streams a container may have (a file with hundreds is hostile, not a video).
+    pub max_streams: u32,
+}
+
+impl Default for MediaLimits {
+    fn default() -> Self {
+        Self {
+            max_duration_s: 4.0 * 3600.0,
+            max_width: 3840,
+            max_height: 2160,
+            max_file_bytes: 20 * 1024 * 1024 * 1024,
+            max_streams: 32,
+        }
+    }
+}
+
+/// What a probe found, as written into the task's manifest.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceInfo {
+    /// Container format as FFmpeg names it, e.g. `mov,mp4,m4a,3gp,3g2,mj2`.
+    pub container: String,
+    /// Seconds; 0 when the container does not say.
+    pub duration_s: f64,
+    pub size_bytes: u64,
+    pub video: VideoInfo,
+    pub audio: Option<AudioInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VideoInfo {
+    #[serde(skip)]
+    pub index: usize,
+    pub codec: String,
+    /// Coded size, as stored.
+    pub width: u32,
+    pub height: u32,
+    /// Size as shown: rotation and a non-square pixel aspect ratio applied.
+    pub display_width: u32,
+    pub display_height: u32,
+    /// Clockwise degrees the stored picture must turn to be upright: 0, 90, 180 or 270.
+    pub rotation: u32,
+    /// Average frame rate; 0 when unknown.
+    pub frame_rate: f64,
+    pub pixel_format: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AudioInfo {
+    #[serde(skip)]
+    pub index: usize,
+    pub codec: String,
+    pub sample_rate: u32,
+    pub channels: u16,
+}
+
+/// An opened, probed and accepted source.
+pub struct Source {
+    pub input: Input,
+    pub info: SourceInfo,
+}
+
+/// Opens `path`, probes it and checks it against `limits`.
+pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
+    init();
+    let size_bytes = std::fs::metadata(path)
+        .map_err(|e| JobError::Permanent(format!("cannot read the source: {e}")))?
+        .len();
+    if size_bytes == 0 {
+        return Err(JobError::Permanent("source is empty (0 bytes)".into()));
+    }
+    if size_bytes > limits.max_file_bytes {
+        return Err(JobError::Permanent(format!(
+            "source is {size_bytes} bytes, limit is {} bytes",
+            limits.max_file_bytes
+        )));
+    }
+    let input = ffmpeg::format::input(path).map_err(|e| {
+        JobError::Permanent(format!("source is not a video file FFmpeg can read ({e})"))
+    })?;
+    let streams = input.streams().count();
+    if streams > limits.max_streams as usize {
+        return Err(JobError::Permanent(format!(
+            "source has {streams} streams, limit is {}",
+            limits.max_streams
+        )));
+    }
+    let video = video_info(&input)?;
+    check_dimensions(&video, limits)?;
+    let audio = audio_info(&input);
+    let duration_s = duration_of(&input, video.index);
+    if duration_s > limits.max_duration_s {
+        return Err(JobError::Permanent(format!(
+            "source is {duration_s:.1} s long, limit is {} s",
+            limits.max_duration_s
+        )));
+    }
+    let info = SourceInfo {
+        container: input.format().name().to_owned(),
+        duration_s,
+        size_bytes,
+        video,
+        audio,
+    };
+    Ok(Source { input, info })
+}
+
+/// The main video stream: FFmpeg's best pick, ignoring cover art.
+fn video_info(input: &Input) -> Result<VideoInfo, JobError> {
+    let stream = input
+        .streams()
+        .filter(|s| s.parameters().medium() == MediaType::Video)
+        .filter(|s| {
+            !s.disposition()
+                .contains(ffmpeg::format::stream::Disposition::ATTACHED_PIC)
+        })
+        .max_by_key(|s| {
+            // Prefer FFmpeg's own choice, then the largest picture.
+            let best = input.streams().best(MediaType::Video).map(|b| b.index()) == Some(s.index());
+            let p = s.parameters();
+            let ctx = ffmpeg::codec::context::Context::from_parameters(p).ok();
+            let pixels = ctx
+                .and_then(|c| c.decoder().video().ok())
+                .map_or(0, |d| u64::from(d.width()) * u64::from(d.height()));
+            (best, pixels)
+        })
+        .ok_or_else(|| {
+            let kinds: Vec<String> = input
+                .streams()
+                .map(|s| {
+                    format!(
+                        "{:?} {}",
+                        s.parameters().medium(),
+                        s.parameters().id().name()
+                    )
+                })
+                .collect();
+            JobError::Permanent(if kinds.is_empty() {
+                "source has no video stream (no streams at all)".into()
+            } else {
+                format!(
+                    "source has no video stream (it has: {})",
+                    kinds.join(", ").to_lowercase()
+                )
+            })
+        })?;
+    let id = stream.parameters().id();
+    if ffmpeg::decoder::find(id).is_none() || id == ffmpeg::codec::Id::None {
+        return Err(JobError::Permanent(format!(
+            "source video codec `{}` is not supported by this build",
+            id.name()
+        )));
+    }
+    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
+        .and_then(|c| c.decoder().video())
+        .map_err(|e| JobError::Permanent(format!("cannot read the source video stream: {e}")))?;
+    let (width, height) = (decoder.width(), decoder.height());
+    if width == 0 || height == 0 {
+        return Err(JobError::Permanent(format!(
+            "source video stream (`{}`) has no picture size; the file is damaged or not a video",
+            id.name()
+        )));
+    }
+    let rotation = rotation_of(&stream);
+    let sar = decoder.aspect_ratio();
+    // Display width: stored width times the pixel aspect ratio (1 when unset/invalid).
+    let shown_w = if sar.numerator() > 0 && sar.denominator() > 0 {
+        (f64::from(width) * f64::from(sar.numerator()) / f64::from(sar.denominator())).round()
+            as u32
+    } else {
+        width
+    }
+    .max(1);
+    let (display_width, display_height) = if rotation % 180 == 90 {
+        (height, shown_w)
+    } else {
+        (shown_w, height)
+    };
+    let rate = stream.avg_frame_rate();
+    let frame_rate = if rate.denominator() > 0 && rate.numerator() > 0 {
+        f64::from(rate)
+    } else {
+        let r = stream.rate();
+        if r.denominator() > 0 && r.numerator() > 0 {
+            f64::from(r)
+        } else {
+            0.0
+        }
+    };
+    Ok(VideoInfo {
+        index: stream.index(),
+        codec: id.name().to_owned(),
+        width,
+        height,
+        display_width,
+        display_height,
+        rotation,
+        frame_rate,
+        pixel_format: format!("{:?}", decoder.format()).to_lowercase(),
+    })
+}
+
+fn audio_info(input: &Input) -> Option<AudioInfo> {
+    let stream = input.streams().best(MediaType::Audio)?;
+    let id = stream.parameters().id();
+    ffmpeg::decoder::find(id)?;
+    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
+        .and_then(|c| c.decoder().audio())
+        .ok()?;
+    if decoder.rate() == 0 {
+        return None;
+    }
+    Some(AudioInfo {
+        index: stream.index(),
+        codec: id.name().to_owned(),
+        sample_rate: decoder.rate(),
+        channels: decoder.channels(),
+    })
+}
+
+fn check_dimensions(video: &VideoInfo, limits: &MediaLimits) -> Result<(), JobError> {
+    let (long, short) = (video.width.max(video.height), video.width.min(video.height));
+    let (max_long, max_short) = (
+        limits.max_width.max(limits.max_height),
+        limits.max_width.min(limits.max_height),
+    );
+    if long > max_long || short > max_short {
+        return Err(JobError::Permanent(format!(
+            "source is {}x{}, limit is {}x{}",
+            video.width, video.height, limits.max_width, limits.max_height
+        )));
+    }
+    Ok(())
+}
+
+/// Container duration, else the video stream's; 0 when neither is known.
+fn duration_of(input: &Input, video_index: usize) -> f64 {
+    let d = input.duration();
+    if d > 0 {
+        return d as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE);
+    }
+    input
+        .stream(video_index)
+        .filter(|s| s.duration() > 0)
+        .map_or(0.0, |s| seconds(s.duration(), s.time_base()))
+}
+
+/// Clockwise rotation (0/90/180/270) from the stream's display matrix, the way the
+/// `ffmpeg` CLI's autorotate reads it.
+fn rotation_of(stream: &ffmpeg::format::stream::Stream) -> u32 {
+    use ffmpeg::codec::packet::side_data::Type;
+    for side in stream.side_data() {
+        if side.kind() != Type::DisplayMatrix {
+            continue;
+        }
+        let data = side.data();
+        if data.len() < 36 {
+            continue;
+        }
+        let m: Vec<f64> = data[..36]
+            .chunks_exact(4)
+            .map(|c| f64::from(i32::from_ne_bytes([c[0], c[1], c[2], c[3]])))
+            .collect();
+        return rotation_from_matrix(&m);
+    }
+    0
+}
+
+/// The display matrix's rotation as clockwise degrees, snapped to a quarter turn.
+fn rotation_from_matrix(m: &[f64]) -> u32 {
+    let s0 = m[0].hypot(m[3]);
+    let s1 = m[1].hypot(m[4]);
+    if s0 == 0.0 || s1 == 0.0 {
+        return 0;
+    }
+    let degrees = (m[1] / s1).atan2(m[0] / s0).to_degrees();
+    let quarter = (degrees / 90.0).round() as i64;
+    (quarter.rem_euclid(4) * 90) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Matrices as FFmpeg's `av_display_rotation_set(deg)` writes them (16.16 fixed); the
+    /// `ffmpeg` CLI turns such a stream `deg` degrees clockwise to show it upright.
+    fn matrix_for_clockwise(deg: f64) -> Vec<f64> {
+        let r = (-deg).to_radians();
+        let one = 65536.0;
+        vec![
+            r.cos() * one,
+            -r.sin() * one,
+            0.0,
+            r.sin() * one,
+            r.cos() * one,
+            0.0,
+            0.0,
+            0.0,
+            1073741824.0,
+        ]
+    }
+
+    #[test]
+    fn display_matrix_rotation_is_read_as_clockwise_quarter_turns() {
+        assert_eq!(rotation_from_matrix(&matrix_for_clockwise(0.0)), 0);
+        assert_eq!(rotation_from_matrix(&matrix_for_clockwise(90.0)), 90);
+        assert_eq!(rotation_from_matrix(&matrix_for_clockwise(180.0)), 180);
+        assert_eq!(rotation_from_matrix(&matrix_for_clockwise(270.0)), 270);
+    }
+
+    #[test]
+    fn dimension_limit_names_both_sizes() {
+        let video = VideoInfo {
+            index: 0,
+            codec: "h264".into(),
+            width: 7680,
+            height: 4320,
+            display_width: 7680,
+            display_height: 4320,
+            rotation: 0,
+            frame_rate: 30.0,
+            pixel_format: "yuv420p".into(),
+        };
+        let err = check_dimensions(&video, &MediaLimits::default()).unwrap_err();
+        assert_eq!(err.to_string(), "source is 7680x4320, limit is 3840x2160");
+        let portrait = VideoInfo {
+            width: 2160,
+            height: 3840,
+            ..video
+        };
+        assert!(check_dimensions(&portrait, &MediaLimits::default()).is_ok());
+    }
+}

@@ -1,0 +1,50 @@
+//! The transcoder: turns each upload into an adaptive ladder of H.264/AAC renditions, as
+//! MP4 (index at the front) and HLS, decoding the source once with the FFmpeg libraries
+//! in-process.
+//!
+//! - [`settings`]: `[transcoder]` settings (preset, CRF, keyframe and segment lengths).
+//! - [`ladder`]: the default ladder and each rendition's size (never upscaling).
+//! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass.
+//! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
+//! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
+//!
+//! The consume / ack / retry loop is not here: [`TranscodeHandler`] plugs into the shared
+//! worker runtime.
+
+pub mod encode;
+pub mod hls;
+pub mod ladder;
+pub mod pipeline;
+pub mod settings;
+
+use shared::media::MediaLimits;
+use shared::messages::TranscodeJob;
+use shared::settings::Loaded;
+use shared::{Handler, JobContext, JobError, TaskOutput};
+
+pub use settings::TranscoderSettings;
+
+/// The transcoder's [`Handler`].
+#[derive(Debug, Clone, Default)]
+pub struct TranscodeHandler {
+    pub settings: TranscoderSettings,
+    pub limits: MediaLimits,
+}
+
+impl TranscodeHandler {
+    /// Reads `[transcoder]` and `[media]` from the loaded settings and checks them.
+    pub fn from_settings(loaded: &Loaded) -> anyhow::Result<Self> {
+        let settings: TranscoderSettings = loaded.section("transcoder")?;
+        settings.validate()?;
+        let limits: MediaLimits = loaded.section("media")?;
+        shared::media::init();
+        Ok(Self { settings, limits })
+    }
+}
+
+impl Handler for TranscodeHandler {
+    type Job = TranscodeJob;
+    fn handle(&self, job: &TranscodeJob, ctx: &JobContext) -> Result<TaskOutput, JobError> {
+        pipeline::transcode(job, ctx, &self.settings, &self.limits)
+    }
+}

@@ -1,0 +1,392 @@
+//! The transcode itself: one demux and decode pass over the source feeds every rendition.
+//!
+//! ```text
+//! source ─ demux ─┬─ video decode ─ upright ─ split ─┬─ scale 1080p ─ x264 ─┬─ 1080p.mp4
+//!                 │                                  ├─ scale 720p ── x264 ─┤  hls/1080p/…
+//!                 │                                  └─ …                   │
+//!                 └─ audio decode ─ 48 kHz stereo ──────────── AAC (each) ──┘
+//! ```
+//!
+//! Timestamps are kept from the source (shifted so the earliest stream starts at 0), so
+//! variable frame rate stays variable and audio that starts late stays in sync.
+//! Cancellation is checked on every packet, so shutdown and the per-job time limit take
+//! effect well within a second.
+
+use std::path::Path;
+use std::time::Instant;
+
+use ffmpeg::{Packet, Rational, frame, picture};
+use ffmpeg_next as ffmpeg;
+use serde_json::json;
+use shared::media::decode::open_audio_decoder;
+use shared::media::{self, FrameGraph, MediaLimits, VideoDecoder, seconds, timestamp};
+use shared::messages::{OutputFormat, TranscodeJob};
+use shared::{JobContext, JobError, TaskOutput};
+
+use crate::encode::{AAC_FRAME_SIZE, Finished, RenditionOutput};
+use crate::hls;
+use crate::ladder;
+use crate::settings::TranscoderSettings;
+
+/// Read errors in a row after which the source counts as corrupt.
+const MAX_READ_ERRORS: u32 = 16;
+
+/// Transcodes `ctx.source_path` into `ctx.scratch_dir` as the job asks.
+pub fn transcode(
+    job: &TranscodeJob,
+    ctx: &JobContext,
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+) -> Result<TaskOutput, JobError> {
+    let started = Instant::now();
+    let mut src = media::open(&ctx.source_path, limits)?;
+    let info = src.info.clone();
+    let (plan, dropped) = ladder::plan(
+        &job.renditions,
+        info.video.display_width,
+        info.video.display_height,
+    );
+    let vstream = src
+        .input
+        .stream(info.video.index)
+        .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?;
+    let frame_rate = usable_rate(vstream.avg_frame_rate())
+        .or_else(|| usable_rate(vstream.rate()))
+        .unwrap_or(Rational::new(30, 1));
+    let v_start = vstream.start_time();
+    let v_tb = vstream.time_base();
+
+    let mut vdec = VideoDecoder::open(&src.input, &info.video, cfg.threads)?;
+    let chains: Vec<String> = plan
+        .iter()
+        .map(|p| {
+            format!(
+                "scale={}:{}:flags=bicubic,setsar=1,format=yuv420p",
+                p.width, p.height
+            )
+        })
+        .collect();
+    let mut vgraph = FrameGraph::video(&vdec.decoder, v_tb, info.video.rotation, &chains)?;
+
+    let mut audio = match &info.audio {
+        Some(a) => {
+            let astream = src.input.stream(a.index).expect("probed audio stream");
+            let (a_tb, a_start) = (astream.time_base(), astream.start_time());
+            let dec = open_audio_decoder(&src.input, a)?;
+            let chain = format!(
+                "aresample={},aformat=sample_fmts=fltp:channel_layouts=stereo",
+                cfg.audio_sample_rate
+            );
+            let graph = FrameGraph::audio(&dec, a_tb, &[chain], AAC_FRAME_SIZE)?;
+            Some(AudioPath {
+                index: a.index,
+                decoder: dec,
+                graph,
+                time_base: a_tb,
+                start: a_start,
+                offset: 0,
+            })
+        }
+        None => None,
+    };
+
+    // Shift every stream by the earliest start so outputs begin at 0 with the gaps
+    // between streams (e.g. audio starting late) kept.
+    let start_s = [
+        Some((v_start, v_tb)),
+        audio.as_ref().map(|a| (a.start, a.time_base)),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|(ts, _)| *ts != ffmpeg::ffi::AV_NOPTS_VALUE)
+    .map(|(ts, tb)| seconds(ts, tb))
+    .fold(f64::INFINITY, f64::min);
+    let start_s = if start_s.is_finite() { start_s } else { 0.0 };
+    let v_offset = timestamp(start_s, v_tb);
+    if let Some(a) = audio.as_mut() {
+        a.offset = timestamp(start_s, a.time_base);
+    }
+
+    let mut outputs = Vec::with_capacity(plan.len());
+    for (i, p) in plan.iter().enumerate() {
+        outputs.push(RenditionOutput::open(
+            p.clone(),
+            cfg,
+            frame_rate,
+            vgraph.time_base(i),
+            audio.is_some(),
+            &job.formats,
+            &ctx.scratch_dir,
+        )?);
+    }
+
+    let mut video = VideoPath {
+        offset: v_offset,
+        last_pts: None,
+        step: timestamp(1.0 / f64::from(frame_rate).max(1.0), v_tb).max(1),
+        frames: 0,
+        duration_s: info.duration_s,
+    };
+    let mut packet = Packet::empty();
+    let mut read_errors = 0;
+    loop {
+        ctx.check_cancelled()?;
+        match packet.read(&mut src.input) {
+            Ok(()) => read_errors = 0,
+            Err(ffmpeg::Error::Eof) => break,
+            Err(e) => {
+                read_errors += 1;
+                if read_errors >= MAX_READ_ERRORS {
+                    return Err(JobError::Permanent(format!(
+                        "source is corrupt or truncated after {:.2} s: {e}",
+                        video.last_s(v_tb)
+                    )));
+                }
+                continue;
+            }
+        }
+        if packet.stream() == vdec.stream_index {
+            vdec.send(&packet)?;
+            video.drain(&mut vdec, &mut vgraph, &mut outputs, ctx)?;
+        } else if let Some(a) = audio.as_mut().filter(|a| a.index == packet.stream()) {
+            a.send(&packet);
+            a.drain(&mut outputs)?;
+        }
+    }
+    vdec.send_eof();
+    video.drain(&mut vdec, &mut vgraph, &mut outputs, ctx)?;
+    vgraph.flush()?;
+    video.pull(&mut vgraph, &mut outputs)?;
+    if let Some(a) = audio.as_mut() {
+        a.finish(&mut outputs)?;
+    }
+    if video.frames == 0 {
+        return Err(JobError::Permanent(
+            "source video has no decodable frames".into(),
+        ));
+    }
+    let finished = outputs
+        .into_iter()
+        .map(RenditionOutput::finish)
+        .collect::<Result<Vec<_>, _>>()?;
+    ctx.progress(100.0);
+    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+}
+
+fn usable_rate(r: Rational) -> Option<Rational> {
+    (r.numerator() > 0 && r.denominator() > 0 && f64::from(r) <= 240.0).then_some(r)
+}
+
+/// Decoded video on its way to the renditions.
+struct VideoPath {
+    offset: i64,
+    last_pts: Option<i64>,
+    /// One frame in the stream's time base, for frames without a timestamp.
+    step: i64,
+    frames: u64,
+    duration_s: f64,
+}
+
+impl VideoPath {
+    fn drain(
+        &mut self,
+        dec: &mut VideoDecoder,
+        graph: &mut FrameGraph,
+        outputs: &mut [RenditionOutput],
+        ctx: &JobContext,
+    ) -> Result<(), JobError> {
+        let mut frame = frame::Video::empty();
+        while dec.receive(&mut frame)? {
+            let pts = match frame.timestamp() {
+                Some(ts) => ts - self.offset,
+                None => self.last_pts.map_or(0, |p| p + self.step),
+            };
+            // Encoders and muxers need strictly increasing timestamps; a repeated one is
+            // a duplicate frame and is dropped.
+            if self.last_pts.is_some_and(|last| pts <= last) {
+                continue;
+            }
+            self.last_pts = Some(pts);
+            self.frames += 1;
+            frame.set_pts(Some(pts));
+            graph.push(&frame)?;
+            self.pull(graph, outputs)?;
+            if self.duration_s > 0.0 {
+                ctx.progress(seconds(pts, dec.time_base) / self.duration_s * 100.0);
+            }
+        }
+        Ok(())
+    }
+
+    fn pull(
+        &mut self,
+        graph: &mut FrameGraph,
+        outputs: &mut [RenditionOutput],
+    ) -> Result<(), JobError> {
+        let mut scaled = frame::Video::empty();
+        for (i, out) in outputs.iter_mut().enumerate() {
+            while graph.pull(i, &mut scaled)? {
+                // Keyframes are placed by the fixed GOP, not copied from the source.
+                scaled.set_kind(picture::Type::None);
+                out.encode_video(Some(&scaled))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn last_s(&self, tb: Rational) -> f64 {
+        self.last_pts.map_or(0.0, |p| seconds(p + self.offset, tb))
+    }
+}
+
+/// Decoded audio on its way to every rendition's AAC encoder.
+struct AudioPath {
+    index: usize,
+    decoder: ffmpeg::decoder::Audio,
+    graph: FrameGraph,
+    time_base: Rational,
+    start: i64,
+    offset: i64,
+}
+
+impl AudioPath {
+    fn send(&mut self, packet: &Packet) {
+        // A damaged audio packet costs a few milliseconds of sound; the video decides
+        // whether the source is corrupt.
+        let _ = self.decoder.send_packet(packet);
+    }
+
+    fn drain(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
+        let mut frame = frame::Audio::empty();
+        while self.decoder.receive_frame(&mut frame).is_ok() {
+            let pts = frame.timestamp().map(|t| t - self.offset);
+            frame.set_pts(pts);
+            self.graph.push(&frame)?;
+            self.pull(outputs)?;
+        }
+        Ok(())
+    }
+
+    fn pull(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
+        let mut out = frame::Audio::empty();
+        while self.graph.pull(0, &mut out)? {
+            for o in outputs.iter_mut() {
+                o.encode_audio(Some(&out))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
+        let _ = self.decoder.send_eof();
+        self.drain(outputs)?;
+        self.graph.flush()?;
+        self.pull(outputs)
+    }
+}
+
+/// Writes the HLS master playlist and lists every file for the manifest.
+fn collect_outputs(
+    job: &TranscodeJob,
+    info: &media::SourceInfo,
+    finished: &[Finished],
+    dropped: &[String],
+    frame_rate: Rational,
+    ctx: &JobContext,
+    started: Instant,
+) -> Result<TaskOutput, JobError> {
+    let io = |e: std::io::Error| JobError::transient(format!("scratch space: {e}"));
+    let mut out = TaskOutput::default();
+    let mut variants = Vec::new();
+    for f in finished {
+        let codecs = hls::codecs(f.level, f.has_audio);
+        for (kind, path) in &f.files {
+            match kind {
+                OutputFormat::Mp4 => {
+                    let size = std::fs::metadata(path).map_err(io)?.len();
+                    out.push(
+                        format!("{}.mp4", f.plan.name),
+                        path,
+                        json!({
+                            "format": "mp4",
+                            "rendition": f.plan.name,
+                            "width": f.plan.width,
+                            "height": f.plan.height,
+                            "duration_s": round3(f.duration_s),
+                            "bitrate_kbps": kbps(size, f.duration_s),
+                            "video_kbps_cap": f.plan.video_kbps,
+                            "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
+                            "video_codec": "h264",
+                            "audio_codec": f.has_audio.then_some("aac"),
+                            "codecs": &codecs,
+                        }),
+                    );
+                }
+                OutputFormat::Hls => {
+                    let (peak, average, segments) = hls::measure(path).map_err(io)?;
+                    let dir = path.parent().unwrap_or(Path::new("."));
+                    out.push(
+                        format!("hls/{}/index.m3u8", f.plan.name),
+                        path,
+                        json!({
+                            "format": "hls-media-playlist",
+                            "rendition": f.plan.name,
+                            "width": f.plan.width,
+                            "height": f.plan.height,
+                            "duration_s": round3(f.duration_s),
+                            "segments": segments.len(),
+                            "peak_kbps": peak / 1000,
+                            "average_kbps": average / 1000,
+                            "codecs": &codecs,
+                        }),
+                    );
+                    for s in &segments {
+                        out.push(
+                            format!("hls/{}/{s}", f.plan.name),
+                            dir.join(s),
+                            json!({"format": "mpegts", "rendition": f.plan.name}),
+                        );
+                    }
+                    variants.push(hls::Variant {
+                        uri: format!("{}/index.m3u8", f.plan.name),
+                        bandwidth: peak,
+                        average_bandwidth: average,
+                        width: f.plan.width,
+                        height: f.plan.height,
+                        frame_rate: f64::from(frame_rate),
+                        codecs: codecs.clone(),
+                    });
+                }
+            }
+        }
+    }
+    if !variants.is_empty() {
+        let master = ctx.scratch_dir.join("hls").join("master.m3u8");
+        std::fs::write(&master, hls::master_playlist(&variants)).map_err(io)?;
+        out.push(
+            "hls/master.m3u8",
+            master,
+            json!({"format": "hls-master-playlist", "variants": variants.len()}),
+        );
+    }
+    out.summary = json!({
+        "source": info,
+        "renditions": finished.iter().map(|f| &f.plan).collect::<Vec<_>>(),
+        "dropped_renditions": dropped,
+        "formats": job.formats,
+        "elapsed_s": round3(started.elapsed().as_secs_f64()),
+    });
+    Ok(out)
+}
+
+fn kbps(bytes: u64, seconds: f64) -> u64 {
+    if seconds > 0.0 {
+        (bytes as f64 * 8.0 / seconds / 1000.0).round() as u64
+    } else {
+        0
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

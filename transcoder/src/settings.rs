@@ -1,0 +1,77 @@
+//! The transcoder's own settings: `[transcoder]` in the settings file,
+//! `VIDPIPE__TRANSCODER__*` in the environment.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TranscoderSettings {
+    /// libx264 preset: `ultrafast` … `veryslow`. Slower is smaller at the same quality.
+    pub preset: String,
+    /// Constant rate factor (quality target, 0-51, lower is better); each rendition's
+    /// `video_kbps` caps the peaks (VBV maxrate, buffer of twice that).
+    pub crf: u8,
+    /// Seconds between keyframes, the same in every rendition so players can switch
+    /// between them at any segment boundary.
+    pub keyframe_interval_s: f64,
+    /// Target HLS segment length in seconds (segments are cut on keyframes).
+    pub hls_segment_s: f64,
+    /// Decoder and encoder threads; 0 = one per core.
+    pub threads: usize,
+    /// AAC sample rate of every output.
+    pub audio_sample_rate: u32,
+}
+
+impl Default for TranscoderSettings {
+    fn default() -> Self {
+        Self {
+            preset: "veryfast".into(),
+            crf: 23,
+            keyframe_interval_s: 2.0,
+            hls_segment_s: 4.0,
+            threads: 0,
+            audio_sample_rate: 48_000,
+        }
+    }
+}
+
+impl TranscoderSettings {
+    /// Checks ranges once at start, so a typo stops the worker instead of every job.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        const PRESETS: [&str; 10] = [
+            "ultrafast",
+            "superfast",
+            "veryfast",
+            "faster",
+            "fast",
+            "medium",
+            "slow",
+            "slower",
+            "veryslow",
+            "placebo",
+        ];
+        anyhow::ensure!(
+            PRESETS.contains(&self.preset.as_str()),
+            "transcoder.preset `{}` is not one of {}",
+            self.preset,
+            PRESETS.join(", ")
+        );
+        anyhow::ensure!(self.crf <= 51, "transcoder.crf {} is over 51", self.crf);
+        anyhow::ensure!(
+            (0.5..=10.0).contains(&self.keyframe_interval_s),
+            "transcoder.keyframe_interval_s {} is outside 0.5..=10",
+            self.keyframe_interval_s
+        );
+        anyhow::ensure!(
+            self.hls_segment_s >= self.keyframe_interval_s && self.hls_segment_s <= 30.0,
+            "transcoder.hls_segment_s {} must be between keyframe_interval_s and 30",
+            self.hls_segment_s
+        );
+        anyhow::ensure!(
+            [32_000, 44_100, 48_000].contains(&self.audio_sample_rate),
+            "transcoder.audio_sample_rate {} is not 32000, 44100 or 48000",
+            self.audio_sample_rate
+        );
+        Ok(())
+    }
+}
