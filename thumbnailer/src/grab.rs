@@ -1,0 +1,228 @@
+//! Getting the frame shown at a given time, cheaply, with one decoder for the whole job.
+//!
+//! The frame at `t` is the last one whose timestamp is at or before `t` (what a player
+//! shows at that moment). Requests come in ascending time. The grabber learns the
+//! keyframe interval from the packets it reads: when `t` is more than one interval ahead,
+//! a seek to the keyframe before `t` skips work; otherwise it decodes forward from where
+//! it is, so neighbouring thumbnails never decode the same stretch twice. While it is still far from `t` it tells the decoder to skip
+//! frames nothing refers to (B-frames), which are most of a typical H.264 stream.
+//!
+//! In keyframes-only mode (fast sprites for long videos) only keyframe packets reach the
+//! decoder at all.
+
+use ffmpeg::codec::discard::Discard;
+use ffmpeg::format::context::Input;
+use ffmpeg::{Packet, frame};
+use ffmpeg_next as ffmpeg;
+use shared::JobError;
+use shared::media::{SourceInfo, VideoDecoder, seconds};
+
+/// Skip non-reference frames while more than this many seconds before the target.
+const SKIP_MARGIN_S: f64 = 0.5;
+
+/// Read errors in a row after which the source counts as corrupt.
+const MAX_READ_ERRORS: u32 = 16;
+
+pub struct Grabber<'a> {
+    input: &'a mut Input,
+    decoder: VideoDecoder,
+    /// Stream start, subtracted so that time 0 is the start of the video.
+    offset_s: f64,
+    keyframes_only: bool,
+    /// The newest decoded frame at or before the current target.
+    held: frame::Video,
+    held_s: Option<f64>,
+    /// A frame decoded past the previous target, kept for the next one.
+    ahead: frame::Video,
+    ahead_s: Option<f64>,
+    /// Time of the newest decoded frame, for deciding whether to seek.
+    position_s: Option<f64>,
+    /// Last keyframe packet seen and the longest keyframe interval seen so far.
+    last_key_s: Option<f64>,
+    gop_s: f64,
+    eof: bool,
+    /// Frames decoded so far (for the manifest and benchmarks).
+    pub decoded: u64,
+}
+
+impl<'a> Grabber<'a> {
+    pub fn new(
+        input: &'a mut Input,
+        info: &SourceInfo,
+        threads: usize,
+        keyframes_only: bool,
+    ) -> Result<Self, JobError> {
+        let mut decoder = VideoDecoder::open(input, &info.video, threads)?;
+        if keyframes_only {
+            decoder.decoder.skip_frame(Discard::NonKey);
+        }
+        let stream = input.stream(info.video.index).expect("probed video stream");
+        let start = stream.start_time();
+        let offset_s = if start == ffmpeg::ffi::AV_NOPTS_VALUE {
+            0.0
+        } else {
+            seconds(start, stream.time_base())
+        };
+        Ok(Self {
+            input,
+            decoder,
+            offset_s,
+            keyframes_only,
+            held: frame::Video::empty(),
+            held_s: None,
+            ahead: frame::Video::empty(),
+            ahead_s: None,
+            position_s: None,
+            last_key_s: None,
+            gop_s: 0.0,
+            eof: false,
+            decoded: 0,
+        })
+    }
+
+    /// The frame shown at `t` seconds, or `None` when the video has no frame at all.
+    /// Calls must come in ascending `t` (a smaller `t` restarts with a seek).
+    pub fn frame_at(
+        &mut self,
+        t: f64,
+        cancelled: &dyn Fn() -> Result<(), JobError>,
+    ) -> Result<Option<&frame::Video>, JobError> {
+        // Until a keyframe interval is known, assume a short one: a wrong guess costs
+        // at most one interval of decoding again.
+        let interval = if self.gop_s > 0.0 { self.gop_s } else { 1.0 };
+        let seek = match (self.held_s, self.position_s) {
+            (Some(h), _) if t < h => true,
+            (_, Some(p)) => t - p > interval,
+            (_, None) => t > interval,
+        };
+        if seek {
+            self.seek(t);
+        }
+        // The frame decoded past the previous target may be the one for this target.
+        if let Some(a) = self.ahead_s {
+            if a <= t || self.held_s.is_none() {
+                std::mem::swap(&mut self.held, &mut self.ahead);
+                self.held_s = Some(a);
+                self.ahead_s = None;
+            }
+            if a > t {
+                return Ok(Some(&self.held));
+            }
+        }
+        let mut frame = frame::Video::empty();
+        loop {
+            cancelled()?;
+            if !self.next_frame(&mut frame, t)? {
+                break;
+            }
+            let ft = self
+                .decoder
+                .frame_seconds(&frame)
+                .map(|s| s - self.offset_s);
+            let ft = ft.unwrap_or_else(|| self.position_s.map_or(0.0, |p| p + 1e-3));
+            self.position_s = Some(ft);
+            if ft > t + 1e-6 && self.held_s.is_some() {
+                self.ahead = frame;
+                self.ahead_s = Some(ft);
+                return Ok(Some(&self.held));
+            }
+            std::mem::swap(&mut self.held, &mut frame);
+            self.held_s = Some(ft);
+            if ft > t + 1e-6 {
+                // The very first frame is already past `t`: it is what is shown.
+                return Ok(Some(&self.held));
+            }
+        }
+        Ok(self.held_s.map(|_| &self.held))
+    }
+
+    /// Time of the frame [`Self::frame_at`] returned last.
+    pub fn held_seconds(&self) -> Option<f64> {
+        self.held_s
+    }
+
+    /// Seeks to the keyframe at or before `t`. A failed seek (unseekable input) leaves
+    /// everything as it was: decoding on from here still reaches `t`.
+    fn seek(&mut self, t: f64) {
+        let target = ((t + self.offset_s) * 1_000_000.0) as i64;
+        if self.input.seek(target, ..target + 1).is_ok() {
+            self.decoder.flush();
+            self.held_s = None;
+            self.ahead_s = None;
+            self.position_s = None;
+            self.eof = false;
+        }
+    }
+
+    /// Decodes the next frame into `frame`; `false` at the end of the stream.
+    fn next_frame(&mut self, frame: &mut frame::Video, target: f64) -> Result<bool, JobError> {
+        let mut packet = Packet::empty();
+        let mut read_errors = 0;
+        loop {
+            if self.decoder.receive(frame)? {
+                self.decoded += 1;
+                return Ok(true);
+            }
+            if self.eof {
+                return Ok(false);
+            }
+            match packet.read(self.input) {
+                Ok(()) => read_errors = 0,
+                Err(ffmpeg::Error::Eof) => {
+                    self.eof = true;
+                    self.decoder.send_eof();
+                    continue;
+                }
+                Err(e) => {
+                    read_errors += 1;
+                    if read_errors >= MAX_READ_ERRORS {
+                        return Err(JobError::Permanent(format!(
+                            "source is corrupt or truncated: {e}"
+                        )));
+                    }
+                    continue;
+                }
+            }
+            if packet.stream() != self.decoder.stream_index {
+                continue;
+            }
+            if packet.is_key()
+                && let Some(pt) = packet.pts()
+            {
+                let pt = seconds(pt, self.decoder.time_base) - self.offset_s;
+                if let Some(last) = self.last_key_s.filter(|l| pt > *l) {
+                    self.gop_s = self.gop_s.max(pt - last);
+                }
+                self.last_key_s = Some(pt);
+            }
+            if self.keyframes_only {
+                if !packet.is_key() {
+                    continue;
+                }
+            } else {
+                let far = packet
+                    .pts()
+                    .map(|p| seconds(p, self.decoder.time_base) - self.offset_s)
+                    .is_some_and(|pt| pt < target - SKIP_MARGIN_S);
+                self.decoder.decoder.skip_frame(if far {
+                    Discard::NonReference
+                } else {
+                    Discard::Default
+                });
+            }
+            self.decoder.send(&packet)?;
+        }
+    }
+}
+
+impl Grabber<'_> {
+    /// The decoder, for building scalers that match its frames.
+    pub fn decoder(&self) -> &ffmpeg::decoder::Video {
+        &self.decoder.decoder
+    }
+
+    /// Time base of the decoded frames' timestamps.
+    pub fn time_base(&self) -> ffmpeg::Rational {
+        self.decoder.time_base
+    }
+}
