@@ -63,3 +63,56 @@ pub fn ffprobe(path: &Path) -> serde_json::Value {
     assert!(out.status.success(), "ffprobe failed on {}", path.display());
     serde_json::from_slice(&out.stdout).expect("ffprobe JSON")
 }
+
+/// Runs `ffmpeg` with `args` and the output `name` in `dir`, for fixtures made from
+/// filter graphs (`-filter_complex …`).
+pub fn lavfi(dir: &Path, name: &str, graph: &str, extra: &[&str]) -> PathBuf {
+    let mut args = vec!["-filter_complex", graph];
+    args.extend_from_slice(extra);
+    ffmpeg(dir, name, &args)
+}
+
+/// A copy of `src` whose video is flagged as rotated 90° (as phones record portrait
+/// video): same pixels, a display matrix that says "turn me".
+pub fn rotated(dir: &Path, src: &Path, name: &str) -> PathBuf {
+    let src = src.to_str().expect("utf-8 path");
+    ffmpeg(
+        dir,
+        name,
+        &["-i", src, "-c", "copy", "-metadata:s:v:0", "rotate=90"],
+    )
+}
+
+/// Presentation times of the video keyframes of `path`, in seconds.
+pub fn keyframe_times(path: &Path) -> Vec<f64> {
+    let out = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "packet=pts_time,flags",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(path)
+        .output()
+        .expect("ffprobe");
+    let mut times: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (t, flags) = l.split_once(',')?;
+            flags.contains('K').then(|| t.parse().ok())?
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times
+}
+
+/// The first video frame of `path` as the `ffmpeg` CLI shows it (autorotated), RGB.
+pub fn first_frame_rgb(dir: &Path, path: &Path, name: &str) -> image::RgbImage {
+    let src = path.to_str().expect("utf-8 path");
+    let png = ffmpeg(dir, name, &["-i", src, "-frames:v", "1"]);
+    image::open(png).expect("PNG").to_rgb8()
+}

@@ -1,0 +1,300 @@
+#!/usr/bin/env bash
+# The docker-compose smoke test: the real docker-compose.yml, real images, real broker.
+#
+#   tests/compose/smoke.sh            (as root, or with sudo available; Debian 12)
+#
+# Offline-safe (see the team's COMPOSE-CI notes): it never pulls. It
+#   1. installs docker.io, docker-compose, debootstrap and ffmpeg with apt-get if missing
+#      and starts dockerd if it is not running;
+#   2. makes debian:bookworm-slim with debootstrap if the image is absent (cached as a
+#      `docker save` tarball under $VIDPIPE_CACHE_DIR, default /var/cache/vidpipe);
+#   3. builds the release binaries on the host (or takes them from $BIN_DIR) and the
+#      runtime image from them (docker/Dockerfile.prebuilt), and the RabbitMQ image of
+#      docker/rabbitmq/ unless $VIDPIPE_RABBITMQ_IMAGE names one that exists locally
+#      (rabbitmq:4-management is used when it is already there);
+#   4. with a private compose project: `up -d` until healthy; `--scale transcoder=3` and
+#      three consumers on video_tasks.transcode; `run --rm producer upload … --wait` of a
+#      generated clip and its outputs on the media volume; `docker stop` of the transcoder
+#      busy with a longer job (short shutdown grace, so the job is cancelled and requeued)
+#      and that job completing on the other transcoders, nothing dead;
+#   5. `down -v` on exit, whatever happened.
+#
+# Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), VIDPIPE_RABBITMQ_IMAGE,
+# VIDPIPE_CACHE_DIR, COMPOSE (the compose command; default docker-compose, else
+# `docker compose`), KEEP=1 (leave the project up for a look; prints how to remove it).
+# Exit code 0 when every check passed.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+t0=$(date +%s)
+
+say() { printf '\033[1msmoke [%3ss]:\033[0m %s\n' "$(($(date +%s) - t0))" "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+results=()
+failed=0
+pass() { results+=("PASS  $1"); say "PASS: $1"; }
+fail() { results+=("FAIL  $1"); say "FAIL: $1"; failed=1; }
+summary() {
+  echo
+  echo "==== compose smoke test: $(($(date +%s) - t0)) s ===="
+  for r in "${results[@]}"; do echo "  $r"; done
+  if [ "$failed" = 0 ] && [ ${#results[@]} -gt 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
+}
+# A failed precondition ends the test (the summary still prints from the exit trap).
+die() { fail "$1"; exit 1; }
+
+# --- 1. packages and the engine ------------------------------------------------------------
+missing=()
+command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+command -v ffmpeg >/dev/null 2>&1 || missing+=(ffmpeg)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ -n "${COMPOSE:-}" ]; then
+  read -r -a compose_cmd <<<"$COMPOSE"
+elif command -v docker-compose >/dev/null 2>&1; then
+  compose_cmd=(docker-compose)
+else
+  compose_cmd=(docker compose)
+fi
+docker_ok() { docker info >/dev/null 2>&1; }
+if ! docker_ok; then
+  say "starting dockerd (log: /tmp/vidpipe-dockerd.log)"
+  as_root setsid dockerd >/tmp/vidpipe-dockerd.log 2>&1 < /dev/null &
+  for _ in $(seq 1 60); do docker_ok && break; sleep 1; done
+  docker_ok || { echo "dockerd did not come up; see /tmp/vidpipe-dockerd.log" >&2; exit 1; }
+fi
+have_image() { docker image inspect "$1" >/dev/null 2>&1; }
+
+# --- 2. the base image ----------------------------------------------------------------------
+cache="${VIDPIPE_CACHE_DIR:-/var/cache/vidpipe}"
+base_tar="$cache/debian-bookworm-slim.tar"
+if ! have_image debian:bookworm-slim; then
+  if [ -s "$base_tar" ]; then
+    say "loading debian:bookworm-slim from $base_tar"
+    docker load -q -i "$base_tar" >/dev/null
+  else
+    say "making debian:bookworm-slim with debootstrap (about a minute, once)"
+    rootfs=$(mktemp -d /var/tmp/vidpipe-rootfs.XXXXXX)
+    sources=/etc/apt/sources.list.d/debian.sources
+    mirror=$(awk '/^URIs:/ {print $2; exit}' "$sources")
+    as_root debootstrap --variant=minbase bookworm "$rootfs" "$mirror" >/tmp/vidpipe-debootstrap.log 2>&1 \
+      || { echo "debootstrap failed; see /tmp/vidpipe-debootstrap.log" >&2; exit 1; }
+    as_root mkdir -p "$rootfs/etc/apt/sources.list.d"
+    as_root cp "$sources" "$rootfs/etc/apt/sources.list.d/"
+    as_root rm -rf "$rootfs/etc/apt/sources.list" "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* \
+      "$rootfs"/usr/share/locale/* "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin \
+      "$rootfs"/var/cache/apt/archives/*.deb
+    as_root tar --numeric-owner -C "$rootfs" -c . | docker import -c 'CMD ["bash"]' - debian:bookworm-slim >/dev/null
+    as_root rm -rf "$rootfs"
+    as_root mkdir -p "$cache"
+    as_root docker save -o "$base_tar" debian:bookworm-slim
+  fi
+fi
+
+# --- 3. binaries and images -----------------------------------------------------------------
+bins=(producer transcoder thumbnailer)
+if [ -n "${BIN_DIR:-}" ]; then
+  bin_dir=$BIN_DIR
+else
+  bin_dir=$root/target/release
+  say "building the release binaries (cargo build --release; minutes when cold)"
+  cargo build --release -q -p producer -p transcoder -p thumbnailer
+fi
+for b in "${bins[@]}"; do
+  [ -x "$bin_dir/$b" ] || { echo "no $bin_dir/$b (set BIN_DIR or build first)" >&2; exit 1; }
+done
+
+work=$(mktemp -d /tmp/vidpipe-smoke.XXXXXX)
+image=vidpipe:smoke
+say "building $image from $bin_dir (docker/Dockerfile.prebuilt)"
+mkdir -p "$work/context/bin"
+cp "${bins[@]/#/$bin_dir/}" "$work/context/bin/"
+docker build -q -f docker/Dockerfile.prebuilt -t "$image" "$work/context" >"$work/build.log" 2>&1 \
+  || { cat "$work/build.log" >&2; exit 1; }
+
+rabbit_image=${VIDPIPE_RABBITMQ_IMAGE:-}
+if [ -n "$rabbit_image" ]; then
+  have_image "$rabbit_image" || { echo "VIDPIPE_RABBITMQ_IMAGE=$rabbit_image is not a local image (this test never pulls)" >&2; exit 1; }
+elif have_image rabbitmq:4-management; then
+  rabbit_image=rabbitmq:4-management
+else
+  rabbit_image=vidpipe-rabbitmq:debian
+  say "building $rabbit_image (docker/rabbitmq)"
+  docker build -q -t "$rabbit_image" docker/rabbitmq >"$work/build-rabbitmq.log" 2>&1 \
+    || { cat "$work/build-rabbitmq.log" >&2; exit 1; }
+fi
+
+# --- 4. the compose project -----------------------------------------------------------------
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export COMPOSE_PROJECT_NAME="vpsmoke$$"
+export COMPOSE_FILE="$root/docker-compose.yml"
+export VIDPIPE_IMAGE=$image
+export VIDPIPE_RABBITMQ_IMAGE=$rabbit_image
+export VIDPIPE_AMQP_PORT; VIDPIPE_AMQP_PORT=$(free_port)
+export VIDPIPE_MANAGEMENT_PORT; VIDPIPE_MANAGEMENT_PORT=$(free_port)
+export VIDPIPE_INPUT_DIR="$work/input"
+export VIDPIPE_LOG_FORMAT=json
+# A stopped transcoder gives its job 2 s, then cancels and requeues it.
+export VIDPIPE_TRANSCODER_SHUTDOWN_GRACE_SECS=2
+compose() { "${compose_cmd[@]}" --project-directory "$root" "$@"; }
+
+cleanup() {
+  local rc=$?
+  set +e
+  if [ "$failed" != 0 ] || [ "$rc" != 0 ]; then
+    echo "---- last log lines ----"
+    compose logs --no-color --tail=25 2>&1 | tail -n 120
+  fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    say "KEEP=1: project $COMPOSE_PROJECT_NAME left up; remove it with:"
+    echo "  COMPOSE_PROJECT_NAME=$COMPOSE_PROJECT_NAME ${compose_cmd[*]} -f $COMPOSE_FILE down -v"
+  else
+    compose down -v --remove-orphans --timeout 10 >/dev/null 2>&1
+  fi
+  rm -rf "$work"
+  [ "$rc" != 0 ] && failed=1
+  summary
+  [ "$failed" = 0 ] || exit 1
+}
+trap cleanup EXIT
+
+# Test clips, readable by the container user (uid 10001).
+mkdir -p "$work/input"
+clip() { # name seconds size
+  ffmpeg -loglevel error -y -f lavfi -i "testsrc=duration=$2:size=$3:rate=25" \
+    -f lavfi -i "sine=frequency=440:duration=$2" -c:v libx264 -preset ultrafast -pix_fmt yuv420p \
+    -c:a aac -shortest "$work/input/$1"
+}
+clip short.mp4 4 320x240
+clip long.mp4 "${LONG_CLIP_SECS:-60}" "${LONG_CLIP_SIZE:-1280x720}"
+chmod 755 "$work" "$work/input"; chmod 644 "$work"/input/*.mp4
+
+ids() { compose ps -q "$1" 2>/dev/null; }
+health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null; }
+# all_healthy SERVICE COUNT: COUNT containers of SERVICE, every one healthy.
+all_healthy() {
+  local n=0 c
+  for c in $(ids "$1"); do
+    [ "$(health "$c")" = healthy ] || return 1
+    n=$((n + 1))
+  done
+  [ "$n" -ge "$2" ]
+}
+wait_until() { # seconds command…
+  local deadline=$(($(date +%s) + $1)); shift
+  until "$@"; do
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
+    sleep 1
+  done
+}
+rabbitmqctl() { compose exec -T rabbitmq rabbitmqctl -q "$@" 2>/dev/null | tr -d '\r'; }
+consumers() { rabbitmqctl list_consumers queue_name | grep -cx "$1" || true; }
+# In the media volume, through a running transcoder (no extra container).
+on_volume() { docker exec "$(ids transcoder | head -n 1)" "$@"; }
+manifests_done() { # job_id
+  on_volume test -f "/data/outputs/$1/transcode/manifest.json" &&
+    on_volume test -f "/data/outputs/$1/thumbnail/manifest.json"
+}
+# outputs_ok JOB_ID: both manifests parse and every output they list exists, non-empty.
+outputs_ok() {
+  local task keys key
+  for task in transcode thumbnail; do
+    keys=$(on_volume cat "/data/outputs/$1/$task/manifest.json" |
+      python3 -c 'import json,sys; m=json.load(sys.stdin); o=m["outputs"]; assert o; print("\n".join(x["key"] for x in o))') || return 1
+    for key in $keys; do on_volume test -s "/data/$key" || { echo "missing output $key" >&2; return 1; }; done
+    say "$task: $(echo "$keys" | wc -l) outputs, e.g. $(echo "$keys" | head -n 3 | tr '\n' ' ')"
+  done
+}
+dead_count() { rabbitmqctl list_queues name messages | awk '$1 == "video_tasks.dead" {print $2}'; }
+
+say "project $COMPOSE_PROJECT_NAME, images $image + $rabbit_image, compose: ${compose_cmd[*]}"
+t_up=$(date +%s)
+compose up -d --no-build >"$work/up.log" 2>&1 || { cat "$work/up.log" >&2; die "compose up -d"; }
+if wait_until 180 all_healthy rabbitmq 1 && wait_until 120 all_healthy transcoder 1 && wait_until 120 all_healthy thumbnailer 1; then
+  pass "up -d: rabbitmq, transcoder, thumbnailer healthy ($(($(date +%s) - t_up)) s)"
+else
+  die "up -d: services not healthy within the time limit"
+fi
+
+compose up -d --no-build --scale transcoder=3 >"$work/scale.log" 2>&1 || { cat "$work/scale.log" >&2; die "up --scale transcoder=3"; }
+if wait_until 120 all_healthy transcoder 3 && [ "$(ids transcoder | wc -l)" -eq 3 ]; then
+  pass "--scale transcoder=3: three healthy transcoders"
+else
+  die "--scale transcoder=3: not three healthy transcoders"
+fi
+three_consumers() { [ "$(consumers video_tasks.transcode)" -eq 3 ]; }
+if wait_until 60 three_consumers; then
+  pass "three consumers on video_tasks.transcode, $(consumers video_tasks.thumbnail) on video_tasks.thumbnail"
+else
+  fail "consumers on video_tasks.transcode: $(consumers video_tasks.transcode), wanted 3"
+fi
+
+# Upload through the producer service and wait for both tasks.
+say "producer upload short.mp4 --wait"
+t_job=$(date +%s)
+if compose run --rm -T producer upload short.mp4 --wait --timeout 240 --json >"$work/upload.json" 2>"$work/upload.err"; then
+  job=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["job_id"])' <"$work/upload.json")
+  pass "upload --wait: job $job completed ($(($(date +%s) - t_job)) s)"
+  if outputs_ok "$job"; then pass "outputs on the media volume under outputs/$job/"; else fail "outputs of $job on the volume"; fi
+else
+  rc=$?
+  cat "$work/upload.json" "$work/upload.err" >&2
+  fail "upload --wait exited $rc"
+fi
+
+# A busy transcoder is stopped: its job must still complete elsewhere.
+say "producer upload long.mp4 (no --wait), then stop the transcoder that takes it"
+if compose run --rm -T producer upload long.mp4 --json >"$work/long.json" 2>"$work/long.err"; then
+  long=$(python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["job_id"])' <"$work/long.json")
+  busy=""
+  # The only transcoder job now is the long one: find it by the /metrics gauge.
+  find_busy() {
+    local c
+    for c in $(ids transcoder); do
+      if docker exec "$c" curl -fsS http://127.0.0.1:8080/metrics 2>/dev/null |
+        grep -Eq '^vidpipe_jobs_in_flight [1-9]'; then busy=$c; return 0; fi
+    done
+    return 1
+  }
+  if wait_until 60 find_busy; then
+    busy_name=$(docker inspect -f '{{.Name}}' "$busy" | tr -d /)
+    busy_host=$(docker inspect -f '{{.Config.Hostname}}' "$busy")
+    sleep 2
+    if manifests_done "$long"; then
+      fail "stop test: the long job finished before its transcoder could be stopped (make LONG_CLIP_SECS larger)"
+    else
+      t_stop=$(date +%s)
+      docker stop -t 60 "$busy" >/dev/null
+      code=$(docker inspect -f '{{.State.ExitCode}}' "$busy")
+      if [ "$code" = 0 ]; then
+        pass "docker stop of busy $busy_name: exit 0 after $(($(date +%s) - t_stop)) s"
+      else
+        fail "docker stop of busy $busy_name: exit code $code"
+      fi
+      if wait_until 300 manifests_done "$long"; then
+        worker=$(on_volume cat "/data/outputs/$long/transcode/manifest.json" |
+          python3 -c 'import json,sys; m=json.load(sys.stdin); print(m.get("worker", "?"))')
+        case "$worker" in
+          "$busy_host"*) fail "long job: completed by the stopped transcoder ($worker)" ;;
+          *) pass "long job $long: requeued and completed by another transcoder ($worker)" ;;
+        esac
+        if outputs_ok "$long"; then pass "outputs of the long job complete"; else fail "outputs of the long job"; fi
+      else
+        fail "long job $long did not complete after its transcoder was stopped"
+      fi
+    fi
+  else
+    fail "no transcoder started the long job $long within 60 s"
+  fi
+else
+  cat "$work/long.json" "$work/long.err" >&2
+  fail "upload long.mp4"
+fi
+dead=$(dead_count)
+if [ "${dead:-x}" = 0 ]; then pass "video_tasks.dead is empty"; else fail "video_tasks.dead holds ${dead:-?} message(s)"; fi
