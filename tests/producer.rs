@@ -61,7 +61,6 @@ fn not_a_video(env: &TestEnv) -> std::path::PathBuf {
 /// Upload with `--wait` through both real workers: both tasks complete, their outputs are
 /// in storage, exit code 0.
 #[tokio::test]
-#[ignore = "needs the transcoder and thumbnailer media pipelines (issues #3, #4)"]
 async fn upload_wait_completes_both_tasks_and_exits_0() {
     let mut env = TestEnv::new().await;
     let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 2, 320, 240);
