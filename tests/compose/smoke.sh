@@ -148,8 +148,10 @@ cleanup() {
   local rc=$?
   set +e
   if [ "$failed" != 0 ] || [ "$rc" != 0 ]; then
-    echo "---- last log lines ----"
-    compose logs --no-color --tail=25 2>&1 | tail -n 120
+    echo "---- last log lines of the workers ----"
+    compose logs --no-color --tail=12 topology transcoder thumbnailer 2>&1 | tail -n 80
+    echo "---- video_tasks.dead ----"
+    compose run --rm -T ops dead list 2>&1 | tail -n 20
   fi
   if [ "${KEEP:-0}" = 1 ]; then
     say "KEEP=1: project $COMPOSE_PROJECT_NAME left up; remove it with:"
@@ -277,7 +279,9 @@ if compose run --rm -T producer upload long.mp4 --json >"$work/long.json" 2>"$wo
       else
         fail "docker stop of busy $busy_name: exit code $code"
       fi
-      if wait_until 300 manifests_done "$long"; then
+      # Done when both manifests exist; a dead task ends the wait at once.
+      settled() { manifests_done "$long" || [ "$(dead_count)" != 0 ]; }
+      if wait_until 300 settled && manifests_done "$long"; then
         worker=$(on_volume cat "/data/outputs/$long/transcode/manifest.json" |
           python3 -c 'import json,sys; m=json.load(sys.stdin); print(m.get("worker", "?"))')
         case "$worker" in
