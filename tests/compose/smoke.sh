@@ -151,7 +151,7 @@ cleanup() {
     echo "---- last log lines of the workers ----"
     compose logs --no-color --tail=12 topology transcoder thumbnailer 2>&1 | tail -n 80
     echo "---- video_tasks.dead ----"
-    compose run --rm -T ops dead list 2>&1 | tail -n 20
+    compose run --rm -T --no-deps ops dead list 2>&1 | tail -n 20
   fi
   if [ "${KEEP:-0}" = 1 ]; then
     say "KEEP=1: project $COMPOSE_PROJECT_NAME left up; remove it with:"
