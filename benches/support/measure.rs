@@ -1,0 +1,101 @@
+//! Measuring a child process for the benchmarks: wall time and peak resident memory
+//! (`VmHWM`, sampled from `/proc` while it runs), so our pipeline and the `ffmpeg` CLI are
+//! measured the same way, process start included.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One measured run.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    pub wall: Duration,
+    pub peak_rss_kib: u64,
+}
+
+/// Runs `cmd` to completion (it must succeed) and measures it.
+pub fn run(what: &str, cmd: &mut Command) -> Measured {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let wall = started.elapsed();
+    assert!(status.success(), "{what} failed: {status:?}");
+    Measured {
+        wall,
+        peak_rss_kib: peak,
+    }
+}
+
+/// The fastest of `n` runs (wall), with the highest peak memory seen.
+pub fn best_of(n: usize, what: &str, mut make: impl FnMut() -> Command) -> Measured {
+    let runs: Vec<Measured> = (0..n).map(|_| run(what, &mut make())).collect();
+    Measured {
+        wall: runs.iter().map(|m| m.wall).min().expect("n > 0"),
+        peak_rss_kib: runs.iter().map(|m| m.peak_rss_kib).max().expect("n > 0"),
+    }
+}
+
+/// Prints one comparison line.
+pub fn report(name: &str, ours: Measured, baseline: Measured, baseline_name: &str) {
+    println!(
+        "{name}: vidpipe {:.2} s / {} MiB, {baseline_name} {:.2} s / {} MiB -> wall ratio {:.2}, memory ratio {:.2}",
+        ours.wall.as_secs_f64(),
+        ours.peak_rss_kib / 1024,
+        baseline.wall.as_secs_f64(),
+        baseline.peak_rss_kib / 1024,
+        ours.wall.as_secs_f64() / baseline.wall.as_secs_f64(),
+        ours.peak_rss_kib as f64 / baseline.peak_rss_kib.max(1) as f64,
+    );
+}
+
+/// Makes a test clip with the `ffmpeg` CLI unless it exists.
+pub fn clip(path: &std::path::Path, seconds: u32, size: &str) {
+    if path.exists() {
+        return;
+    }
+    let status = Command::new("ffmpeg")
+        .args([
+            "-y",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg(format!("testsrc2=size={size}:rate=30:duration={seconds}"))
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:duration={seconds}"))
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ])
+        .arg(path)
+        .status()
+        .expect("the benchmark needs the ffmpeg CLI");
+    assert!(status.success(), "making the benchmark clip failed");
+}
