@@ -140,6 +140,16 @@ async fn hls_master_names_every_variant_and_keyframes_align() {
         assert_eq!(stream(&probe, "audio").unwrap()["codec_name"], "aac");
         let text = std::fs::read_to_string(&media).unwrap();
         assert!(text.contains("#EXT-X-ENDLIST"), "{text}");
+        for segment in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let path = media.parent().unwrap().join(segment);
+            assert!(
+                path.is_file(),
+                "{name}: segment {segment} is named but missing"
+            );
+        }
         assert!(
             text.matches("#EXTINF").count() >= 2,
             "5 s at 4 s segments makes two: {text}"
@@ -493,4 +503,30 @@ async fn shutdown_mid_transcode_requeues_the_job_within_seconds() {
     .await;
     assert!(env.storage.manifest(&prefix).await.unwrap().is_none());
     assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
+}
+
+/// Zero-byte and truncated uploads → dead with a reason; the worker keeps serving.
+#[tokio::test]
+async fn zero_byte_and_truncated_sources_are_dead_with_reasons() {
+    let mut env = TestEnv::new().await;
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 2, 320, 240);
+    let empty = env.data.path().join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let bytes = std::fs::read(&clip).unwrap();
+    let truncated = env.data.path().join("truncated.mp4");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    env.spawn_worker(WORKER, "t1", &[]);
+    submit(&env, &empty, json!({})).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].reason(), "source is empty (0 bytes)");
+    submit(&env, &truncated, json!({})).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert!(
+        dead[0].reason().starts_with("source "),
+        "{}",
+        dead[0].reason()
+    );
+    let prefix = submit(&env, &clip, json!({"formats": ["mp4"]})).await;
+    env.wait_manifest(&prefix, PATIENCE).await;
+    assert!(env.worker(0).is_running());
 }
