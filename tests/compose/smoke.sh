@@ -16,7 +16,8 @@
 #      three consumers on video_tasks.transcode; `run --rm producer upload … --wait` of a
 #      generated clip and its outputs on the media volume; `docker stop` of the transcoder
 #      busy with a longer job (short shutdown grace, so the job is cancelled and requeued)
-#      and that job completing on the other transcoders, nothing dead;
+#      and that job completing on the other transcoders, nothing dead; `stop` of the
+#      whole project with every worker exiting 0;
 #   5. `down -v` on exit, whatever happened.
 #
 # Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), VIDPIPE_RABBITMQ_IMAGE,
@@ -205,11 +206,13 @@ manifests_done() { # job_id
 }
 # outputs_ok JOB_ID: both manifests parse and every output they list exists, non-empty.
 outputs_ok() {
-  local task keys key
+  local task keys missing_keys
   for task in transcode thumbnail; do
     keys=$(on_volume cat "/data/outputs/$1/$task/manifest.json" |
       python3 -c 'import json,sys; m=json.load(sys.stdin); o=m["outputs"]; assert o; print("\n".join(x["key"] for x in o))') || return 1
-    for key in $keys; do on_volume test -s "/data/$key" || { echo "missing output $key" >&2; return 1; }; done
+    # One exec for all keys: prints the missing or empty ones.
+    missing_keys=$(on_volume sh -c 'for k; do [ -s "/data/$k" ] || echo "$k"; done' sh $keys)
+    [ -z "$missing_keys" ] || { echo "missing or empty outputs: $missing_keys" >&2; return 1; }
     say "$task: $(echo "$keys" | wc -l) outputs, e.g. $(echo "$keys" | head -n 3 | tr '\n' ' ')"
   done
 }
@@ -302,3 +305,22 @@ else
 fi
 dead=$(dead_count)
 if [ "${dead:-x}" = 0 ]; then pass "video_tasks.dead is empty"; else fail "video_tasks.dead holds ${dead:-?} message(s)"; fi
+
+# The whole stack stops cleanly: every worker exits 0 within its stop_grace_period.
+t_stop=$(date +%s)
+worker_ids=$(ids transcoder; ids thumbnailer)
+if compose stop >"$work/stop.log" 2>&1; then
+  bad=""
+  for c in $worker_ids; do
+    code=$(docker inspect -f '{{.State.ExitCode}}' "$c")
+    [ "$code" = 0 ] || bad="$bad $(docker inspect -f '{{.Name}}' "$c" | tr -d /)=$code"
+  done
+  if [ -z "$bad" ]; then
+    pass "compose stop: every worker exited 0 ($(($(date +%s) - t_stop)) s)"
+  else
+    fail "compose stop: worker exit codes:$bad"
+  fi
+else
+  cat "$work/stop.log" >&2
+  fail "compose stop"
+fi
