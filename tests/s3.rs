@@ -203,3 +203,73 @@ async fn s3_outage_mid_job_is_retried_until_it_completes() {
     })
     .await;
 }
+
+/// The whole pipeline on S3: `producer upload --wait` streams a real video into the
+/// bucket, the real transcoder and thumbnailer read it from there and write their
+/// renditions, images and manifests back; scratch space is empty afterwards.
+#[tokio::test]
+async fn media_round_trips_through_s3_with_the_real_workers() {
+    let s3 = S3Server::start("warmup").await;
+    let mut env = s3_env(&s3).await;
+    let clip = crate::support::fixtures::sample_mp4(env.data.path(), "clip.mp4", 2, 320, 240);
+    env.spawn_worker("transcoder", "s3-transcoder", &[]);
+    env.spawn_worker("thumbnailer", "s3-thumbnailer", &[]);
+    let out = tokio::process::Command::new(crate::support::bin("producer"))
+        .args([
+            "upload",
+            clip.to_str().unwrap(),
+            "--wait",
+            "--timeout",
+            "240",
+            "--json",
+        ])
+        .envs(env.env_vars())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("running producer");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        env.logs()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job_id = report["job_id"].as_str().unwrap();
+    for (task, must_have) in [
+        ("transcode", "hls/master.m3u8"),
+        ("thumbnail", "poster.jpg"),
+    ] {
+        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/")).unwrap();
+        let manifest = env
+            .storage
+            .manifest(&prefix)
+            .await
+            .unwrap()
+            .expect("manifest");
+        let outputs = manifest["outputs"].as_array().unwrap();
+        assert!(
+            outputs.iter().any(|o| o["name"] == must_have),
+            "{manifest:#}"
+        );
+        for o in outputs {
+            let key = StorageKey::new(o["key"].as_str().unwrap()).unwrap();
+            let bytes = env
+                .storage
+                .get_bytes(&key)
+                .await
+                .unwrap()
+                .expect("listed output exists");
+            assert_eq!(
+                bytes.len() as u64,
+                o["size_bytes"].as_u64().unwrap(),
+                "{key}"
+            );
+        }
+    }
+    eventually(PATIENCE, "scratch to be cleaned", async || {
+        env.scratch_leftovers().is_empty()
+    })
+    .await;
+}
