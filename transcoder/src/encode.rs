@@ -233,12 +233,7 @@ fn open_video_encoder(
 ) -> Result<encoder::Video, JobError> {
     let codec = encoder::find_by_name("libx264")
         .ok_or_else(|| JobError::Permanent("this FFmpeg build has no libx264 encoder".into()))?;
-    let mut ctx = codec::context::Context::new_with_codec(codec);
-    ctx.set_threading(codec::threading::Config {
-        kind: codec::threading::Type::Frame,
-        count: cfg.threads,
-        ..Default::default()
-    });
+    let ctx = codec::context::Context::new_with_codec(codec);
     let mut enc = ctx
         .encoder()
         .video()
@@ -257,6 +252,16 @@ fn open_video_encoder(
     let kbps = plan.video_kbps;
     enc.set_max_bit_rate(kbps as usize * 1000);
     let mut opts = Dictionary::new();
+    // x264 runs its own threads (frame-parallel plus lookahead); "auto" sizes them to the
+    // cores, as the ffmpeg CLI does.
+    opts.set(
+        "threads",
+        &if cfg.threads == 0 {
+            "auto".to_owned()
+        } else {
+            cfg.threads.to_string()
+        },
+    );
     opts.set("preset", &cfg.preset);
     opts.set("crf", &cfg.crf.to_string());
     opts.set("maxrate", &format!("{kbps}k"));
