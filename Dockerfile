@@ -21,11 +21,13 @@ RUN cargo build --release --locked -p producer -p transcoder -p thumbnailer \
 
 # --- runtime -----------------------------------------------------------------------------
 FROM debian:bookworm-slim
-# FFmpeg 5.1 runtime libraries only; curl for health checks, tini as PID 1.
+# FFmpeg 5.1 runtime libraries only (what `ldd` shows the workers link; libpostproc56
+# comes with libavfilter8); curl for health checks, tini as PID 1. No libavdevice59: the
+# binaries do not link it, and it drags in SDL, PulseAudio, JACK and X11 (236 MB).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 \
-      libavdevice59 ca-certificates tini curl \
+      ca-certificates tini curl \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 vidpipe \
  && useradd --system --uid 10001 --gid 10001 --home-dir /data --no-create-home \
