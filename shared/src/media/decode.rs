@@ -54,9 +54,12 @@ impl VideoDecoder {
     pub fn send(&mut self, packet: &Packet) -> Result<(), JobError> {
         match self.decoder.send_packet(packet) {
             Ok(()) => Ok(()),
-            // The decoder's queue is full: the caller drains frames after every send, so
-            // this only happens around flushes; dropping nothing, just report it.
-            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(()),
+            // FFmpeg guarantees a send succeeds once every frame has been received, and
+            // every caller drains the decoder before it sends again; "try again" here would
+            // mean a packet is being lost, so say so instead of dropping it quietly.
+            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Err(JobError::Permanent(
+                "internal error: the decoder refused a packet before its frames were read".into(),
+            )),
             Err(e) => Err(self.corrupt(packet.pts(), e)),
         }
     }
