@@ -179,6 +179,11 @@ clip long.mp4 "${LONG_CLIP_SECS:-60}" "${LONG_CLIP_SIZE:-1280x720}"
 chmod 755 "$work" "$work/input"; chmod 644 "$work"/input/*.mp4
 
 ids() { compose ps -q "$1" 2>/dev/null; }
+# Running containers of a service (Compose v1's `ps -q` also lists stopped ones).
+running() {
+  docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
+    --filter "label=com.docker.compose.service=$1"
+}
 health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null; }
 # all_healthy SERVICE COUNT: COUNT containers of SERVICE, every one healthy.
 all_healthy() {
@@ -199,7 +204,7 @@ wait_until() { # seconds command…
 rabbitmqctl() { compose exec -T rabbitmq rabbitmqctl -q "$@" 2>/dev/null | tr -d '\r'; }
 consumers() { rabbitmqctl list_consumers queue_name | grep -cx "$1" || true; }
 # In the media volume, through a running transcoder (no extra container).
-on_volume() { docker exec "$(ids transcoder | head -n 1)" "$@"; }
+on_volume() { docker exec "$(running transcoder | head -n 1)" "$@"; }
 manifests_done() { # job_id
   on_volume test -f "/data/outputs/$1/transcode/manifest.json" &&
     on_volume test -f "/data/outputs/$1/thumbnail/manifest.json"
@@ -261,7 +266,7 @@ if compose run --rm -T producer upload long.mp4 --json >"$work/long.json" 2>"$wo
   # The only transcoder job now is the long one: find it by the /metrics gauge.
   find_busy() {
     local c
-    for c in $(ids transcoder); do
+    for c in $(running transcoder); do
       if docker exec "$c" curl -fsS http://127.0.0.1:8080/metrics 2>/dev/null |
         grep -Eq '^vidpipe_jobs_in_flight [1-9]'; then busy=$c; return 0; fi
     done

@@ -1,11 +1,17 @@
 //! The transcode itself: one demux and decode pass over the source feeds every rendition.
 //!
 //! ```text
-//! source ─ demux ─┬─ video decode ─ upright ─ split ─┬─ scale 1080p ─ x264 ─┬─ 1080p.mp4
-//!                 │                                  ├─ scale 720p ── x264 ─┤  hls/1080p/…
-//!                 │                                  └─ …                   │
-//!                 └─ audio decode ─ 48 kHz stereo ──────────── AAC (each) ──┘
+//!            this thread                          one thread per rendition
+//! source ─ demux ─┬─ video decode ─ upright ─┬──► scale 1080p ─ x264 ─┬─ 1080p.mp4, hls/1080p/…
+//!                 │                          ├──► scale 720p ── x264 ─┤
+//!                 │                          └──► …                   │
+//!                 └─ audio decode ─ 48 kHz stereo ──► AAC (each) ─────┘
 //! ```
+//!
+//! Decoded frames are shared, not copied: each rendition thread gets a reference-counted
+//! frame through a short bounded channel (back-pressure keeps memory flat), scales it with
+//! its own swscale context and encodes it. Scaling and encoding of the renditions thus run
+//! in parallel with each other and with decoding.
 //!
 //! Timestamps are kept from the source (shifted so the earliest stream starts at 0), so
 //! variable frame rate stays variable and audio that starts late stays in sync.
@@ -13,6 +19,9 @@
 //! effect well within a second.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use ffmpeg::{Packet, Rational, frame, picture};
@@ -30,6 +39,16 @@ use crate::settings::TranscoderSettings;
 
 /// Read errors in a row after which the source counts as corrupt.
 const MAX_READ_ERRORS: u32 = 16;
+
+/// Frames queued per rendition thread: enough to ride out encoder hiccups, few enough
+/// that memory stays flat (each is a reference to a decoded picture).
+const QUEUE: usize = 8;
+
+/// What the decoding thread hands each rendition thread.
+enum Msg {
+    Video(Arc<frame::Video>),
+    Audio(Arc<frame::Audio>),
+}
 
 /// Transcodes `ctx.source_path` into `ctx.scratch_dir` as the job asks.
 pub fn transcode(
@@ -57,16 +76,17 @@ pub fn transcode(
     let v_tb = vstream.time_base();
 
     let mut vdec = VideoDecoder::open(&src.input, &info.video, cfg.threads)?;
-    let chains: Vec<String> = plan
-        .iter()
-        .map(|p| {
-            format!(
-                "scale={}:{}:flags=bicubic,setsar=1,format=yuv420p",
-                p.width, p.height
-            )
-        })
-        .collect();
-    let mut vgraph = FrameGraph::video(&vdec.decoder, v_tb, info.video.rotation, &chains)?;
+    // Only rotated video goes through a filter graph here (to turn it upright once);
+    // scaling happens in the rendition threads.
+    let upright = match info.video.rotation {
+        0 => None,
+        r => Some(FrameGraph::video(
+            &vdec.decoder,
+            v_tb,
+            r,
+            &["null".to_owned()],
+        )?),
+    };
 
     let mut audio = match &info.audio {
         Some(a) => {
@@ -102,18 +122,17 @@ pub fn transcode(
     .map(|(ts, tb)| seconds(ts, tb))
     .fold(f64::INFINITY, f64::min);
     let start_s = if start_s.is_finite() { start_s } else { 0.0 };
-    let v_offset = timestamp(start_s, v_tb);
     if let Some(a) = audio.as_mut() {
         a.offset = timestamp(start_s, a.time_base);
     }
 
     let mut outputs = Vec::with_capacity(plan.len());
-    for (i, p) in plan.iter().enumerate() {
+    for p in &plan {
         outputs.push(RenditionOutput::open(
             p.clone(),
             cfg,
             frame_rate,
-            vgraph.time_base(i),
+            v_tb,
             audio.is_some(),
             &job.formats,
             &ctx.scratch_dir,
@@ -121,17 +140,74 @@ pub fn transcode(
     }
 
     let mut video = VideoPath {
-        offset: v_offset,
+        offset: timestamp(start_s, v_tb),
         last_pts: None,
         step: timestamp(1.0 / f64::from(frame_rate).max(1.0), v_tb).max(1),
         frames: 0,
         duration_s: info.duration_s,
+        upright,
     };
+    let aborted = AtomicBool::new(false);
+    let finished = std::thread::scope(|scope| {
+        let mut senders = Vec::with_capacity(outputs.len());
+        let mut workers = Vec::with_capacity(outputs.len());
+        for out in outputs {
+            let (tx, rx) = sync_channel(QUEUE);
+            senders.push(tx);
+            let aborted = &aborted;
+            workers.push(scope.spawn(move || encode_rendition(out, rx, aborted)));
+        }
+        let fed = feed(
+            &mut src.input,
+            &mut vdec,
+            &mut video,
+            audio.as_mut(),
+            &senders,
+            ctx,
+        );
+        if fed.is_err() {
+            aborted.store(true, Ordering::Relaxed);
+        }
+        drop(senders);
+        let results: Vec<Result<Finished, JobError>> = workers
+            .into_iter()
+            .map(|w| {
+                w.join().unwrap_or_else(|_| {
+                    Err(JobError::Permanent("a rendition encoder panicked".into()))
+                })
+            })
+            .collect();
+        // The decoding side's error explains a rendition's "channel closed", so it wins.
+        fed?;
+        results.into_iter().collect::<Result<Vec<_>, _>>()
+    })?;
+    if video.frames == 0 {
+        return Err(JobError::Permanent(
+            "source video has no decodable frames".into(),
+        ));
+    }
+    ctx.progress(100.0);
+    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+}
+
+fn usable_rate(r: Rational) -> Option<Rational> {
+    (r.numerator() > 0 && r.denominator() > 0 && f64::from(r) <= 240.0).then_some(r)
+}
+
+/// Demuxes and decodes the whole source, handing every frame to every rendition.
+fn feed(
+    input: &mut ffmpeg::format::context::Input,
+    vdec: &mut VideoDecoder,
+    video: &mut VideoPath,
+    mut audio: Option<&mut AudioPath>,
+    senders: &[SyncSender<Msg>],
+    ctx: &JobContext,
+) -> Result<(), JobError> {
     let mut packet = Packet::empty();
     let mut read_errors = 0;
     loop {
         ctx.check_cancelled()?;
-        match packet.read(&mut src.input) {
+        match packet.read(input) {
             Ok(()) => read_errors = 0,
             Err(ffmpeg::Error::Eof) => break,
             Err(e) => {
@@ -139,7 +215,7 @@ pub fn transcode(
                 if read_errors >= MAX_READ_ERRORS {
                     return Err(JobError::Permanent(format!(
                         "source is corrupt or truncated after {:.2} s: {e}",
-                        video.last_s(v_tb)
+                        video.last_s(vdec.time_base)
                     )));
                 }
                 continue;
@@ -147,34 +223,81 @@ pub fn transcode(
         }
         if packet.stream() == vdec.stream_index {
             vdec.send(&packet)?;
-            video.drain(&mut vdec, &mut vgraph, &mut outputs, ctx)?;
-        } else if let Some(a) = audio.as_mut().filter(|a| a.index == packet.stream()) {
+            video.drain(vdec, senders, ctx)?;
+        } else if let Some(a) = audio.as_deref_mut().filter(|a| a.index == packet.stream()) {
             a.send(&packet);
-            a.drain(&mut outputs)?;
+            a.drain(senders)?;
         }
     }
     vdec.send_eof();
-    video.drain(&mut vdec, &mut vgraph, &mut outputs, ctx)?;
-    vgraph.flush()?;
-    video.pull(&mut vgraph, &mut outputs)?;
-    if let Some(a) = audio.as_mut() {
-        a.finish(&mut outputs)?;
+    video.drain(vdec, senders, ctx)?;
+    video.flush(senders)?;
+    if let Some(a) = audio {
+        a.finish(senders)?;
     }
-    if video.frames == 0 {
-        return Err(JobError::Permanent(
-            "source video has no decodable frames".into(),
-        ));
-    }
-    let finished = outputs
-        .into_iter()
-        .map(RenditionOutput::finish)
-        .collect::<Result<Vec<_>, _>>()?;
-    ctx.progress(100.0);
-    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+    Ok(())
 }
 
-fn usable_rate(r: Rational) -> Option<Rational> {
-    (r.numerator() > 0 && r.denominator() > 0 && f64::from(r) <= 240.0).then_some(r)
+/// Hands `msg` to every rendition thread. A closed channel means that thread failed; the
+/// caller stops and the thread's own error is reported.
+fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> Result<(), JobError> {
+    for tx in senders {
+        tx.send(msg())
+            .map_err(|_| JobError::Permanent("a rendition encoder stopped early".into()))?;
+    }
+    Ok(())
+}
+
+/// One rendition's thread: scale each frame to its size, encode, mux; finish the files
+/// when the channel closes (unless the job was aborted).
+fn encode_rendition(
+    mut out: RenditionOutput,
+    rx: Receiver<Msg>,
+    aborted: &AtomicBool,
+) -> Result<Finished, JobError> {
+    let (w, h) = (out.plan.width, out.plan.height);
+    let mut scaler: Option<(
+        ffmpeg::software::scaling::Context,
+        (ffmpeg::format::Pixel, u32, u32),
+    )> = None;
+    for msg in rx {
+        match msg {
+            Msg::Video(frame) => {
+                let fits = frame.width() == w
+                    && frame.height() == h
+                    && frame.format() == ffmpeg::format::Pixel::YUV420P;
+                if fits {
+                    out.encode_video(Some(&frame))?;
+                    continue;
+                }
+                let input = (frame.format(), frame.width(), frame.height());
+                if scaler.as_ref().is_none_or(|(_, i)| *i != input) {
+                    let ctx = ffmpeg::software::scaling::Context::get(
+                        input.0,
+                        input.1,
+                        input.2,
+                        ffmpeg::format::Pixel::YUV420P,
+                        w,
+                        h,
+                        ffmpeg::software::scaling::Flags::BICUBIC,
+                    )
+                    .map_err(|e| media::pipeline_error("creating a scaler", e))?;
+                    scaler = Some((ctx, input));
+                }
+                let (sws, _) = scaler.as_mut().expect("scaler just made");
+                let mut scaled = frame::Video::empty();
+                sws.run(&frame, &mut scaled)
+                    .map_err(|e| media::pipeline_error("scaling", e))?;
+                scaled.set_pts(frame.pts());
+                out.encode_video(Some(&scaled))?;
+            }
+            Msg::Audio(frame) => out.encode_audio(Some(&frame))?,
+        }
+    }
+    if aborted.load(Ordering::Relaxed) {
+        return Err(JobError::Cancelled);
+    }
+    out.finish()
 }
 
 /// Decoded video on its way to the renditions.
@@ -185,18 +308,22 @@ struct VideoPath {
     step: i64,
     frames: u64,
     duration_s: f64,
+    /// Turns rotated video upright; `None` for video stored upright.
+    upright: Option<FrameGraph>,
 }
 
 impl VideoPath {
     fn drain(
         &mut self,
         dec: &mut VideoDecoder,
-        graph: &mut FrameGraph,
-        outputs: &mut [RenditionOutput],
+        senders: &[SyncSender<Msg>],
         ctx: &JobContext,
     ) -> Result<(), JobError> {
-        let mut frame = frame::Video::empty();
-        while dec.receive(&mut frame)? {
+        loop {
+            let mut frame = frame::Video::empty();
+            if !dec.receive(&mut frame)? {
+                return Ok(());
+            }
             let pts = match frame.timestamp() {
                 Some(ts) => ts - self.offset,
                 None => self.last_pts.map_or(0, |p| p + self.step),
@@ -209,29 +336,43 @@ impl VideoPath {
             self.last_pts = Some(pts);
             self.frames += 1;
             frame.set_pts(Some(pts));
-            graph.push(&frame)?;
-            self.pull(graph, outputs)?;
+            // Keyframes are placed by the fixed GOP, not copied from the source (x264
+            // would obey a source I-frame and break the alignment across renditions).
+            frame.set_kind(picture::Type::None);
+            if let Some(graph) = self.upright.as_mut() {
+                graph.push(&frame)?;
+                self.pull(senders)?;
+            } else {
+                let frame = Arc::new(frame);
+                broadcast(senders, || Msg::Video(Arc::clone(&frame)))?;
+            }
             if self.duration_s > 0.0 {
                 ctx.progress(seconds(pts, dec.time_base) / self.duration_s * 100.0);
             }
         }
-        Ok(())
     }
 
-    fn pull(
-        &mut self,
-        graph: &mut FrameGraph,
-        outputs: &mut [RenditionOutput],
-    ) -> Result<(), JobError> {
-        let mut scaled = frame::Video::empty();
-        for (i, out) in outputs.iter_mut().enumerate() {
-            while graph.pull(i, &mut scaled)? {
-                // Keyframes are placed by the fixed GOP, not copied from the source.
-                scaled.set_kind(picture::Type::None);
-                out.encode_video(Some(&scaled))?;
+    /// Upright frames out of the rotation graph.
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+        let Some(graph) = self.upright.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            let mut up = frame::Video::empty();
+            if !graph.pull(0, &mut up)? {
+                return Ok(());
             }
+            up.set_kind(picture::Type::None);
+            let up = Arc::new(up);
+            broadcast(senders, || Msg::Video(Arc::clone(&up)))?;
         }
-        Ok(())
+    }
+
+    fn flush(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+        if let Some(graph) = self.upright.as_mut() {
+            graph.flush()?;
+        }
+        self.pull(senders)
     }
 
     fn last_s(&self, tb: Rational) -> f64 {
@@ -256,32 +397,33 @@ impl AudioPath {
         let _ = self.decoder.send_packet(packet);
     }
 
-    fn drain(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
+    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
         let mut frame = frame::Audio::empty();
         while self.decoder.receive_frame(&mut frame).is_ok() {
             let pts = frame.timestamp().map(|t| t - self.offset);
             frame.set_pts(pts);
             self.graph.push(&frame)?;
-            self.pull(outputs)?;
+            self.pull(senders)?;
         }
         Ok(())
     }
 
-    fn pull(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
-        let mut out = frame::Audio::empty();
-        while self.graph.pull(0, &mut out)? {
-            for o in outputs.iter_mut() {
-                o.encode_audio(Some(&out))?;
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+        loop {
+            let mut out = frame::Audio::empty();
+            if !self.graph.pull(0, &mut out)? {
+                return Ok(());
             }
+            let out = Arc::new(out);
+            broadcast(senders, || Msg::Audio(Arc::clone(&out)))?;
         }
-        Ok(())
     }
 
-    fn finish(&mut self, outputs: &mut [RenditionOutput]) -> Result<(), JobError> {
+    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
         let _ = self.decoder.send_eof();
-        self.drain(outputs)?;
+        self.drain(senders)?;
         self.graph.flush()?;
-        self.pull(outputs)
+        self.pull(senders)
     }
 }
 
