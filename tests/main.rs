@@ -5,6 +5,7 @@
 
 mod support;
 
+mod chaos;
 mod health;
 mod producer;
 mod runtime;

@@ -20,7 +20,8 @@
 #      whole project with every worker exiting 0;
 #   5. `down -v` on exit, whatever happened.
 #
-# Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), VIDPIPE_RABBITMQ_IMAGE,
+# Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), IMAGE (a local vidpipe
+# image to test instead, e.g. one built from the Dockerfile), VIDPIPE_RABBITMQ_IMAGE,
 # VIDPIPE_CACHE_DIR, COMPOSE (the compose command; default docker-compose, else
 # `docker compose`), KEEP=1 (leave the project up for a look; prints how to remove it).
 # Exit code 0 when every check passed.
@@ -99,25 +100,30 @@ if ! have_image debian:bookworm-slim; then
 fi
 
 # --- 3. binaries and images -----------------------------------------------------------------
-bins=(producer transcoder thumbnailer)
-if [ -n "${BIN_DIR:-}" ]; then
-  bin_dir=$BIN_DIR
-else
-  bin_dir=$root/target/release
-  say "building the release binaries (cargo build --release; minutes when cold)"
-  cargo build --release -q -p producer -p transcoder -p thumbnailer
-fi
-for b in "${bins[@]}"; do
-  [ -x "$bin_dir/$b" ] || { echo "no $bin_dir/$b (set BIN_DIR or build first)" >&2; exit 1; }
-done
-
 work=$(mktemp -d /tmp/vidpipe-smoke.XXXXXX)
-image=vidpipe:smoke
-say "building $image from $bin_dir (docker/Dockerfile.prebuilt)"
-mkdir -p "$work/context/bin"
-cp "${bins[@]/#/$bin_dir/}" "$work/context/bin/"
-docker build -q -f docker/Dockerfile.prebuilt -t "$image" "$work/context" >"$work/build.log" 2>&1 \
-  || { cat "$work/build.log" >&2; exit 1; }
+if [ -n "${IMAGE:-}" ]; then
+  # A ready vidpipe image (e.g. built from the Dockerfile): no host binaries needed.
+  have_image "$IMAGE" || { echo "IMAGE=$IMAGE is not a local image (this test never pulls)" >&2; exit 1; }
+  image=$IMAGE
+else
+  bins=(producer transcoder thumbnailer)
+  if [ -n "${BIN_DIR:-}" ]; then
+    bin_dir=$BIN_DIR
+  else
+    bin_dir=$root/target/release
+    say "building the release binaries (cargo build --release; minutes when cold)"
+    cargo build --release -q -p producer -p transcoder -p thumbnailer
+  fi
+  for b in "${bins[@]}"; do
+    [ -x "$bin_dir/$b" ] || { echo "no $bin_dir/$b (set BIN_DIR or build first)" >&2; exit 1; }
+  done
+  image=vidpipe:smoke
+  say "building $image from $bin_dir (docker/Dockerfile.prebuilt)"
+  mkdir -p "$work/context/bin"
+  cp "${bins[@]/#/$bin_dir/}" "$work/context/bin/"
+  docker build -q -f docker/Dockerfile.prebuilt -t "$image" "$work/context" >"$work/build.log" 2>&1 \
+    || { cat "$work/build.log" >&2; exit 1; }
+fi
 
 rabbit_image=${VIDPIPE_RABBITMQ_IMAGE:-}
 if [ -n "$rabbit_image" ]; then

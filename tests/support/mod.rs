@@ -27,6 +27,7 @@ use shared::topology::Topology;
 use uuid::Uuid;
 
 pub mod fixtures;
+pub mod node;
 pub mod s3;
 
 /// Retry tiers used by tests: short, so retries happen within a test's patience.
@@ -71,6 +72,8 @@ pub struct TestEnv {
     pub channel: Channel,
     /// The work queues' delivery limit (workers must declare the same).
     pub delivery_limit: u32,
+    /// The broker this environment (and its workers) uses.
+    pub amqp_url: String,
     /// Settings every worker of this environment gets besides the defaults above.
     extra_env: Vec<(String, String)>,
     workers: Vec<WorkerProcess>,
@@ -122,6 +125,23 @@ impl TestEnv {
     }
 
     pub async fn with_delivery_limit(delivery_limit: u32) -> Self {
+        Self::build(amqp_url(), delivery_limit).await
+    }
+
+    /// A fresh environment on another broker (a private node).
+    pub async fn on_broker(url: &str) -> Self {
+        Self::build(url.to_owned(), 20).await
+    }
+
+    /// Opens a new connection and channel (after the broker restarted under them).
+    pub async fn reconnect(&mut self) {
+        self.conn = broker::try_connect(&self.amqp_url, "vidpipe-tests")
+            .await
+            .expect("reconnecting to the broker");
+        self.channel = broker::confirm_channel(&self.conn).await.expect("channel");
+    }
+
+    async fn build(amqp_url: String, delivery_limit: u32) -> Self {
         let prefix = format!("test-{}.", &Uuid::new_v4().simple().to_string()[..12]);
         let topology = Topology::new(
             &prefix,
@@ -137,7 +157,7 @@ impl TestEnv {
             ..Default::default()
         })
         .expect("storage");
-        let conn = broker::try_connect(&amqp_url(), "vidpipe-tests")
+        let conn = broker::try_connect(&amqp_url, "vidpipe-tests")
             .await
             .expect("the tests need RabbitMQ at AMQP_URL (default amqp://guest:guest@127.0.0.1:5672/%2f)");
         let channel = broker::confirm_channel(&conn).await.expect("channel");
@@ -153,6 +173,7 @@ impl TestEnv {
             conn,
             channel,
             delivery_limit,
+            amqp_url,
             extra_env: Vec::new(),
             workers: Vec::new(),
         }
@@ -168,7 +189,7 @@ impl TestEnv {
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let delays = TEST_RETRY_DELAYS.map(|d| d.to_string()).join(",");
         let mut vars = vec![
-            ("VIDPIPE__AMQP__URL".into(), amqp_url()),
+            ("VIDPIPE__AMQP__URL".into(), self.amqp_url.clone()),
             ("VIDPIPE__AMQP__MAX_BACKOFF_SECS".into(), "1".into()),
             ("VIDPIPE__TOPOLOGY__PREFIX".into(), self.prefix.clone()),
             ("VIDPIPE__RETRY__DELAYS_SECS".into(), delays),
@@ -436,13 +457,14 @@ impl Drop for TestEnv {
         }
         // Delete what we declared, on a private runtime (Drop cannot await).
         let topology = self.topology.clone();
+        let url = self.amqp_url.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                if let Ok(conn) = broker::try_connect(&amqp_url(), "vidpipe-tests-cleanup").await {
+                if let Ok(conn) = broker::try_connect(&url, "vidpipe-tests-cleanup").await {
                     if let Ok(channel) = conn.create_channel().await {
                         let _ = topology.delete(&channel).await;
                     }

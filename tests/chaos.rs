@@ -1,0 +1,228 @@
+//! Conservation under chaos: real jobs through real transcoder and thumbnailer processes
+//! on a private broker node, while workers are SIGKILLed and replaced, their broker
+//! connections are closed, and the broker itself restarts once. Afterwards every
+//! submitted job must be in exactly one terminal state — completed with valid outputs,
+//! or dead with a reason — and the dead ones must be exactly the ones built to fail.
+//!
+//! CI-sized here; `CHAOS_JOBS=200 CHAOS_SECS=600 cargo test --test integration chaos::
+//! -- --nocapture` is the longer soak.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use shared::storage_key::StorageKey;
+use uuid::Uuid;
+
+use crate::support::fixtures::{self, ffprobe};
+use crate::support::node::PrivateNode;
+use crate::support::{TestEnv, job_keys};
+
+/// The private node's AMQP port (its distribution port is this + 20000).
+const NODE_PORT: u16 = 5681;
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Connections of the workers (everything but the test's own), closed by the broker.
+fn close_worker_connections(node: &PrivateNode) -> usize {
+    let out = node.ctl(&["list_connections", "-q", "pid", "client_properties"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut closed = 0;
+    for line in text.lines().filter(|l| !l.contains("vidpipe-tests")) {
+        if let Some(pid) = line
+            .split_whitespace()
+            .next()
+            .filter(|p| p.starts_with('<'))
+        {
+            let _ = node.ctl(&["close_connection", pid, "chaos test"]);
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Stores `file` as a job's source and publishes a `task` job for it.
+async fn submit(
+    env: &TestEnv,
+    task: &'static str,
+    file: &std::path::Path,
+    extra: serde_json::Value,
+) -> (Uuid, StorageKey) {
+    let (id, _, prefix) = job_keys(task);
+    let source = env
+        .put_source_file(&format!("uploads/{id}/source"), file)
+        .await;
+    let mut job = json!({"schema": 1, "task": task, "job_id": id,
+        "source": source.as_str(), "output_prefix": prefix.as_str()});
+    job.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    env.publish_raw(task, &serde_json::to_vec(&job).unwrap())
+        .await;
+    (id, prefix)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
+    let jobs_per_task = env_number("CHAOS_JOBS", 10) as usize;
+    let chaos_for = Duration::from_secs(env_number("CHAOS_SECS", 25));
+    let node = tokio::task::spawn_blocking(|| PrivateNode::start(NODE_PORT, ""))
+        .await
+        .unwrap();
+    let mut env = TestEnv::on_broker(&node.amqp_url()).await;
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 8, 480, 270);
+    let junk = env.data.path().join("junk.mp4");
+    std::fs::write(&junk, "not a video\n".repeat(100)).unwrap();
+
+    // Submit: good transcodes and thumbnails, plus a few built to fail.
+    let mut expect_ok: BTreeMap<String, (Uuid, &str, StorageKey)> = BTreeMap::new();
+    let mut expect_dead: BTreeSet<Uuid> = BTreeSet::new();
+    let transcode_job = json!({"formats": ["mp4", "hls"],
+        "renditions": [{"name": "270p", "height": 270, "video_kbps": 600, "audio_kbps": 64}]});
+    let thumbnail_job = json!({"count": 3, "sprite": {"interval_s": 1, "columns": 4, "width": 64}});
+    for _ in 0..jobs_per_task {
+        let (id, prefix) = submit(&env, "transcode", &clip, transcode_job.clone()).await;
+        expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
+        let (id, prefix) = submit(&env, "thumbnail", &clip, thumbnail_job.clone()).await;
+        expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
+    }
+    for task in ["transcode", "thumbnail"] {
+        let (id, _) = submit(&env, task, &junk, json!({})).await;
+        expect_dead.insert(id);
+    }
+
+    // Workers: two of each, replaced as they are killed.
+    let mut live: Vec<(usize, &str)> = Vec::new();
+    let mut spawned = 0;
+    let mut spawn = |env: &mut TestEnv, binary: &'static str| {
+        spawned += 1;
+        (
+            env.spawn_worker(binary, &format!("{binary}-{spawned}"), &[]),
+            binary,
+        )
+    };
+    for binary in ["transcoder", "transcoder", "thumbnailer", "thumbnailer"] {
+        let w = spawn(&mut env, binary);
+        live.push(w);
+    }
+
+    // Chaos.
+    let (mut kills, mut cuts, mut restarts) = (0, 0, 0);
+    let started = Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < chaos_for {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        round += 1;
+        if round == 6 && restarts == 0 {
+            let node_ref = &node;
+            tokio::task::block_in_place(|| node_ref.restart_app(Duration::from_secs(2)));
+            restarts += 1;
+            env.reconnect().await;
+        } else if round % 3 == 0 {
+            cuts += tokio::task::block_in_place(|| close_worker_connections(&node));
+        } else {
+            let pick = (round as usize * 7) % live.len();
+            let (index, binary) = live.remove(pick);
+            env.worker(index).signal("KILL");
+            env.worker(index).wait_exit(Duration::from_secs(10));
+            kills += 1;
+            let w = spawn(&mut env, binary);
+            live.push(w);
+        }
+        // Keep work flowing while things break.
+        let (id, prefix) = submit(&env, "transcode", &clip, transcode_job.clone()).await;
+        expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
+        let (id, prefix) = submit(&env, "thumbnail", &clip, thumbnail_job.clone()).await;
+        expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
+    }
+    let submitted = expect_ok.len() + expect_dead.len();
+
+    // Settle: every job reaches a terminal state.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut completed: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut dead: Vec<crate::support::DeadLetter> = Vec::new();
+    loop {
+        for (name, (_, _, prefix)) in &expect_ok {
+            if !completed.contains_key(name)
+                && let Some(m) = env.storage.manifest(prefix).await.unwrap()
+            {
+                completed.insert(name.clone(), m);
+            }
+        }
+        dead.extend(env.take_all(&env.topology.dead()).await);
+        if completed.len() + dead.len() >= submitted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after chaos only {} completed and {} dead of {submitted}\n{}",
+            completed.len(),
+            dead.len(),
+            env.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A little longer: nothing else may turn up (no job in two terminal states).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    dead.extend(env.take_all(&env.topology.dead()).await);
+
+    let dead_ids: Vec<Uuid> = dead
+        .iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+            v["job_id"].as_str().unwrap().parse().unwrap()
+        })
+        .collect();
+    println!(
+        "chaos: {submitted} jobs submitted, {} completed, {} dead; {kills} workers SIGKILLed, \
+         {cuts} connections closed, {restarts} broker restart(s)",
+        completed.len(),
+        dead.len()
+    );
+    for d in &dead {
+        assert!(!d.reason().is_empty(), "a dead letter without a reason");
+    }
+    assert_eq!(
+        dead_ids.iter().copied().collect::<BTreeSet<_>>(),
+        expect_dead,
+        "dead letters: {:?}",
+        dead.iter().map(|d| d.reason()).collect::<Vec<_>>()
+    );
+    assert_eq!(dead_ids.len(), expect_dead.len(), "a job was parked twice");
+    assert_eq!(completed.len(), expect_ok.len(), "a job was lost");
+
+    // Every completed job's outputs exist whole: sizes match the manifest, videos and
+    // images decode.
+    for (prefix, manifest) in &completed {
+        let (id, task, _) = &expect_ok[prefix];
+        assert_eq!(manifest["job_id"], id.to_string());
+        for o in manifest["outputs"].as_array().unwrap() {
+            let path = env.storage_root().join(o["key"].as_str().unwrap());
+            let size = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{task} output {path:?}: {e}"))
+                .len();
+            assert_eq!(
+                size,
+                o["size_bytes"].as_u64().unwrap(),
+                "{path:?} half-written"
+            );
+            let name = o["name"].as_str().unwrap();
+            if name.ends_with(".mp4") {
+                assert_eq!(
+                    ffprobe(&path)["streams"][0]["codec_name"],
+                    "h264",
+                    "{path:?}"
+                );
+            } else if name.ends_with(".jpg") {
+                image::open(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+            }
+        }
+    }
+    drop(env);
+    drop(node);
+}
