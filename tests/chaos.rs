@@ -123,7 +123,7 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
             tokio::task::block_in_place(|| node_ref.restart_app(Duration::from_secs(2)));
             restarts += 1;
             env.reconnect().await;
-        } else if round % 3 == 0 {
+        } else if round.is_multiple_of(3) {
             cuts += tokio::task::block_in_place(|| close_worker_connections(&node));
         } else {
             let pick = (round as usize * 7) % live.len();
