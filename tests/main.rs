@@ -7,6 +7,7 @@ mod support;
 
 mod chaos;
 mod health;
+mod hostile;
 mod producer;
 mod runtime;
 mod s3;
