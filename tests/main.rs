@@ -13,4 +13,5 @@ mod runtime;
 mod s3;
 mod security;
 mod thumbnailer;
+mod tls;
 mod transcoder;

@@ -1,15 +1,15 @@
-//! Broker access for the producer: a deadpool-lapin connection pool, the topology
-//! (declared, or with `topology.declare = false` only checked, at start) and publishing
-//! with publisher confirms on confirm-mode channels that are reused between publishes.
+//! Broker access for the producer: one shared connection (opened again when it drops,
+//! over TLS for `amqps://` with the `amqp.tls_*` settings), the topology (declared, or
+//! with `topology.declare = false` only checked, at start) and publishing with publisher
+//! confirms on confirm-mode channels that are reused between publishes.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use deadpool_lapin::{Pool, Runtime};
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use shared::broker;
-use shared::settings::{Settings, redact_url};
+use shared::settings::{AmqpSettings, Settings, redact_url};
 use shared::topology::Topology;
 
 use crate::exit::Failure;
@@ -23,9 +23,14 @@ pub struct Outgoing {
     pub properties: BasicProperties,
 }
 
+/// A connection of the producer, shared by every channel it opens.
+pub type SharedConnection = Arc<Connection>;
+
 /// The producer's connection to the broker.
 pub struct Broker {
-    pool: Pool,
+    amqp: AmqpSettings,
+    /// The connection channels are opened on; replaced when it is no longer connected.
+    conn: tokio::sync::Mutex<Option<SharedConnection>>,
     /// Names of everything on the broker, under the configured prefix.
     pub topology: Topology,
     /// Confirm-mode channels not in use: opening one costs a round trip, so a publish
@@ -37,22 +42,20 @@ impl Broker {
     /// Connects (one attempt: a CLI should fail fast and say why) and declares the topology.
     pub async fn connect(settings: &Settings) -> Result<Self, Failure> {
         let url = settings.amqp.url.expose();
-        let pool = deadpool_lapin::Config {
-            url: Some(url.to_owned()),
-            pool: None,
-        }
-        .create_pool(
-            || ConnectionProperties::default().with_connection_name("vidpipe-producer".into()),
-            Runtime::Tokio1,
-        )
-        .map_err(|e| Failure::Usage(anyhow::anyhow!("invalid setting `amqp.url`: {e}")))?;
+        url.parse::<lapin::uri::AMQPUri>().map_err(|e| {
+            Failure::Usage(anyhow::anyhow!(
+                "invalid setting `amqp.url` ({}): {e}",
+                redact_url(url)
+            ))
+        })?;
         let topology = Topology::new(
             &settings.topology.prefix,
             settings.retry.policy().delays,
             settings.retry.delivery_limit,
         );
         let broker = Self {
-            pool,
+            amqp: settings.amqp.clone(),
+            conn: tokio::sync::Mutex::new(None),
             topology,
             idle: Mutex::new(Vec::new()),
         };
@@ -77,15 +80,22 @@ impl Broker {
         Ok(broker)
     }
 
-    /// A pooled connection, for consumers that must live as long as it (event queues).
-    pub async fn connection(&self) -> anyhow::Result<deadpool_lapin::Object> {
-        self.pool
-            .get()
+    /// The shared connection, for consumers that must live as long as it (event queues).
+    /// Opened on first use, and again if it was lost.
+    pub async fn connection(&self) -> anyhow::Result<SharedConnection> {
+        let mut current = self.conn.lock().await;
+        if let Some(conn) = current.as_ref().filter(|c| c.status().connected()) {
+            return Ok(Arc::clone(conn));
+        }
+        let conn = broker::try_connect(&self.amqp, "vidpipe-producer")
             .await
-            .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}"))
+            .map(Arc::new)
+            .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}"))?;
+        *current = Some(Arc::clone(&conn));
+        Ok(conn)
     }
 
-    /// A fresh plain channel on a pooled connection.
+    /// A fresh plain channel on the shared connection.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         let conn = self.connection().await?;
         conn.create_channel().await.context("opening a channel")

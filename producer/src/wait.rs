@@ -69,7 +69,7 @@ impl TaskProgress {
 /// The event queue of one `upload --wait`, bound before publishing.
 pub struct Follower {
     /// Keeps the connection (and with it the exclusive queue) alive.
-    _conn: deadpool_lapin::Object,
+    _conn: crate::publisher::SharedConnection,
     _channel: Channel,
     consumer: Consumer,
 }

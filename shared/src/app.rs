@@ -121,9 +121,7 @@ fn declare_topology(settings: &crate::settings::Settings) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let conn =
-            crate::broker::try_connect(settings.amqp.url.expose(), "vidpipe-declare-topology")
-                .await?;
+        let conn = crate::broker::try_connect(&settings.amqp, "vidpipe-declare-topology").await?;
         let channel = conn.create_channel().await?;
         let topology = crate::topology::Topology::new(
             &settings.topology.prefix,

@@ -3,11 +3,18 @@
 //! [`connect`] waits with exponential backoff while the broker is absent (logging why)
 //! instead of crashing, so a worker started before its broker, or cut off from it, comes
 //! back by itself.
+//!
+//! `amqps://` URLs connect over TLS (rustls with ring). The server is verified against the
+//! system's native roots plus, when set, `amqp.tls_ca_file`; `amqp.tls_client_cert_file`
+//! and `amqp.tls_client_key_file` give a client certificate for brokers that ask for one.
+//! The files are read at every connection attempt, so renewed certificates are picked up
+//! on the next reconnect.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio_util::sync::CancellationToken;
@@ -24,9 +31,9 @@ pub async fn connect(
     let max = Duration::from_secs_f64(settings.max_backoff_secs.max(0.1));
     let mut delay = Duration::from_millis(200);
     loop {
-        match try_connect(url, name).await {
+        match try_connect(settings, name).await {
             Ok(conn) => {
-                tracing::info!(broker = %redact_url(url), "connected to the broker");
+                tracing::info!(broker = %redact_url(url), tls = is_tls(url), "connected to the broker");
                 return Some(conn);
             }
             Err(e) => {
@@ -41,12 +48,105 @@ pub async fn connect(
     }
 }
 
-/// One connection attempt. lapin's own auto-recovery stays off: [`crate::runtime`]
-/// reconnects itself (see its module docs for why), and a publisher that loses its
-/// connection must learn it rather than wait on a replay.
-pub async fn try_connect(url: &str, name: &str) -> lapin::Result<Connection> {
+/// What [`try_connect`] connects to: a bare URL (an `amqps://` one is verified against
+/// the system's native roots only, without a client certificate), or the `amqp`
+/// settings (the URL with the TLS files).
+pub trait Target {
+    /// The broker URL (a secret: never log it unredacted).
+    fn url(&self) -> &str;
+    /// The TLS configuration for an `amqps://` URL.
+    fn tls_config(&self) -> std::io::Result<OwnedTLSConfig>;
+}
+
+impl Target for str {
+    fn url(&self) -> &str {
+        self
+    }
+    fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
+        Ok(OwnedTLSConfig::default())
+    }
+}
+
+impl Target for String {
+    fn url(&self) -> &str {
+        self
+    }
+    fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
+        Ok(OwnedTLSConfig::default())
+    }
+}
+
+impl Target for AmqpSettings {
+    fn url(&self) -> &str {
+        self.url.expose()
+    }
+    fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
+        tls_config(self)
+    }
+}
+
+/// The TLS configuration the `amqp` settings describe: extra trusted CA certificates
+/// and a client identity from PEM files. Errors name the setting and the path, never
+/// the contents.
+pub fn tls_config(settings: &AmqpSettings) -> std::io::Result<OwnedTLSConfig> {
+    fn read(key: &str, path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+        std::fs::read(path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("reading `amqp.{key}` ({}): {e}", path.display()),
+            )
+        })
+    }
+    let cert_chain = match &settings.tls_ca_file {
+        Some(path) => Some(String::from_utf8(read("tls_ca_file", path)?).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("`amqp.tls_ca_file` ({}) is not PEM text", path.display()),
+            )
+        })?),
+        None => None,
+    };
+    let identity = match (
+        &settings.tls_client_cert_file,
+        &settings.tls_client_key_file,
+    ) {
+        (Some(cert), Some(key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read("tls_client_cert_file", cert)?,
+            key: read("tls_client_key_file", key)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "`amqp.tls_client_cert_file` and `amqp.tls_client_key_file` go together: \
+                 give both or neither",
+            ));
+        }
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
+}
+
+fn is_tls(url: &str) -> bool {
+    url.get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
+}
+
+/// One connection attempt, to a URL or with the `amqp` settings (see [`Target`]).
+/// lapin's own auto-recovery stays off: [`crate::runtime`] reconnects itself (see its
+/// module docs for why), and a publisher that loses its connection must learn it rather
+/// than wait on a replay.
+pub async fn try_connect<T: Target + ?Sized>(target: &T, name: &str) -> lapin::Result<Connection> {
+    let url = target.url();
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
-    Connection::connect(url, props).await
+    let tls = if is_tls(url) {
+        target.tls_config()?
+    } else {
+        OwnedTLSConfig::default()
+    };
+    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
 }
 
 /// A channel in publisher-confirm mode.

@@ -72,6 +72,15 @@ pub struct AmqpSettings {
     pub url: Secret,
     /// Longest wait between connection attempts while the broker is away.
     pub max_backoff_secs: f64,
+    /// PEM file of the CA certificate(s) to trust for `amqps://`, in addition to the
+    /// system's native roots (which alone are used when unset).
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (chain) for `amqps://`; needs
+    /// `tls_client_key_file`.
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (PKCS#8, PKCS#1 or SEC1, not
+    /// encrypted). Only its path is ever logged.
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 impl Default for AmqpSettings {
@@ -79,7 +88,70 @@ impl Default for AmqpSettings {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
             max_backoff_secs: 10.0,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
+    }
+}
+
+impl AmqpSettings {
+    /// Checks the TLS files: each one given must exist and hold what it should, and a
+    /// client certificate needs its key (and the other way round). Errors name the key.
+    /// Key material never appears in an error.
+    pub fn validate_tls(&self) -> anyhow::Result<()> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let read = |key: &str, path: &Path| -> anyhow::Result<Vec<u8>> {
+            anyhow::ensure!(
+                path.is_file(),
+                "invalid setting `amqp.{key}`: {} does not exist",
+                path.display()
+            );
+            std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid setting `amqp.{key}`: reading {}: {e}",
+                    path.display()
+                )
+            })
+        };
+        let has_certificate = |pem: &[u8]| {
+            CertificateDer::pem_slice_iter(pem)
+                .next()
+                .is_some_and(|c| c.is_ok())
+        };
+        if let Some(path) = &self.tls_ca_file {
+            let pem = read("tls_ca_file", path)?;
+            anyhow::ensure!(
+                has_certificate(&pem),
+                "invalid setting `amqp.tls_ca_file`: {} holds no PEM certificate",
+                path.display()
+            );
+        }
+        match (&self.tls_client_cert_file, &self.tls_client_key_file) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => anyhow::bail!(
+                "invalid settings `amqp.tls_client_cert_file` and `amqp.tls_client_key_file`: \
+                 give both or neither"
+            ),
+            (Some(cert), Some(key)) => {
+                let pem = read("tls_client_cert_file", cert)?;
+                anyhow::ensure!(
+                    has_certificate(&pem),
+                    "invalid setting `amqp.tls_client_cert_file`: {} holds no PEM certificate",
+                    cert.display()
+                );
+                let pem = read("tls_client_key_file", key)?;
+                anyhow::ensure!(
+                    PrivateKeyDer::from_pem_slice(&pem).is_ok(),
+                    "invalid setting `amqp.tls_client_key_file`: {} holds no unencrypted PEM \
+                     private key",
+                    key.display()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -352,6 +424,7 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
         "invalid setting `amqp.url`: must start with amqp:// or amqps:// (got {})",
         redact_url(url)
     );
+    s.amqp.validate_tls()?;
     if s.storage.backend == StorageBackend::S3 {
         anyhow::ensure!(
             !s.storage.s3.bucket.is_empty(),
@@ -417,6 +490,7 @@ mod tests {
         let s = AmqpSettings {
             url: Secret::new("amqp://app:hunter2@broker:5672/%2f"),
             max_backoff_secs: 1.0,
+            ..Default::default()
         };
         let shown = format!("{s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
@@ -445,6 +519,72 @@ mod tests {
         std::fs::write(&zero, "[worker]\nconcurrency = 0\n").unwrap();
         let err = format!("{:#}", load(Some(&zero)).unwrap_err());
         assert!(err.contains("worker.concurrency"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_must_exist_and_come_in_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = dir.path().join("ca.pem");
+        // Any DER-ish base64 parses as a PEM certificate; contents are checked by rustls.
+        std::fs::write(
+            &pem,
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let missing = dir.path().join("missing.pem");
+        let with = |ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>| AmqpSettings {
+            tls_ca_file: ca.map(Path::to_path_buf),
+            tls_client_cert_file: cert.map(Path::to_path_buf),
+            tls_client_key_file: key.map(Path::to_path_buf),
+            ..Default::default()
+        };
+
+        with(Some(&pem), Some(&pem), Some(&key))
+            .validate_tls()
+            .unwrap();
+        let err = with(Some(&missing), None, None)
+            .validate_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("amqp.tls_ca_file") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let err = with(None, Some(&pem), Some(&missing))
+            .validate_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqp.tls_client_key_file"), "{err}");
+        for (cert, key) in [(Some(pem.as_path()), None), (None, Some(key.as_path()))] {
+            let err = with(None, cert, key)
+                .validate_tls()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("amqp.tls_client_cert_file")
+                    && err.contains("amqp.tls_client_key_file"),
+                "{err}"
+            );
+        }
+        let err = with(None, Some(&key), Some(&key))
+            .validate_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqp.tls_client_cert_file"), "{err}");
+        let err = with(None, Some(&pem), Some(&pem))
+            .validate_tls()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("amqp.tls_client_key_file") && !err.contains("MAA="),
+            "{err}"
+        );
     }
 
     #[test]
