@@ -21,15 +21,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use shared::broker;
 use shared::events::JobEvent;
 use shared::messages::{self, ImageFormat, ThumbnailJob};
-use shared::storage::Storage;
 use shared::settings::StorageSettings;
+use shared::storage::Storage;
 use shared::storage_key::StorageKey;
 use shared::topology::Topology;
 use uuid::Uuid;
@@ -67,7 +66,9 @@ async fn main() {
         vec![Duration::from_secs(5), Duration::from_secs(30)],
         20,
     );
-    let conn = broker::try_connect(&url(), "vidpipe-load").await.expect("RabbitMQ");
+    let conn = broker::try_connect(&url(), "vidpipe-load")
+        .await
+        .expect("RabbitMQ");
     let ch = broker::confirm_channel(&conn).await.unwrap();
     topology.declare(&ch).await.unwrap();
 
@@ -82,7 +83,15 @@ async fn main() {
     .unwrap();
     let clip = data.path().join("clip.mp4");
     let status = Command::new("ffmpeg")
-        .args(["-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .args([
+            "-y",
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
         .arg("testsrc2=size=160x90:rate=25:duration=1")
         .args(["-c:v", "libx264", "-pix_fmt", "yuv420p"])
         .arg(&clip)
@@ -230,7 +239,11 @@ async fn main() {
         completed as f64 / elapsed.as_secs_f64(),
         pct(0.5),
         pct(0.99),
-        if manifests == jobs { "every job completed" } else { "NOT every job completed" }
+        if manifests == jobs {
+            "every job completed"
+        } else {
+            "NOT every job completed"
+        }
     );
     if manifests < jobs {
         for i in 0..workers {
@@ -239,7 +252,10 @@ async fn main() {
         }
     }
     for c in &mut children {
-        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
     }
     for c in &mut children {
         let _ = c.wait();

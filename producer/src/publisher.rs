@@ -1,13 +1,16 @@
-//! Broker access for the producer: one shared connection (opened again when it drops,
-//! over TLS for `amqps://` with the `amqp.tls_*` settings), the topology (declared, or
-//! with `topology.declare = false` only checked, at start) and publishing with publisher
-//! confirms on confirm-mode channels that are reused between publishes.
+//! Broker access for the producer: connections from a deadpool-lapin pool (or, when a CA
+//! file or client certificate is configured, one shared connection opened through
+//! `shared::broker`, since deadpool-lapin cannot pass a TLS identity), the topology
+//! (declared, or with `topology.declare = false` only checked, at start) and publishing
+//! with publisher confirms on confirm-mode channels that are reused between publishes.
 
+use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use deadpool_lapin::{Pool, Runtime};
 use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel, Connection};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use shared::broker;
 use shared::settings::{AmqpSettings, Settings, redact_url};
 use shared::topology::Topology;
@@ -23,14 +26,38 @@ pub struct Outgoing {
     pub properties: BasicProperties,
 }
 
-/// A connection of the producer, shared by every channel it opens.
-pub type SharedConnection = Arc<Connection>;
+/// A connection lent to a caller: pooled, or the shared TLS-identity connection.
+pub enum SharedConnection {
+    Pooled(Box<deadpool_lapin::Object>),
+    Shared(Arc<Connection>),
+}
+
+impl Deref for SharedConnection {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        match self {
+            SharedConnection::Pooled(c) => c,
+            SharedConnection::Shared(c) => c,
+        }
+    }
+}
+
+/// Where the producer's connections come from.
+enum Connections {
+    /// deadpool-lapin's pool: plain AMQP, and `amqps://` checked against the system's
+    /// trusted roots.
+    Pool(Pool),
+    /// A CA file or a client certificate is configured: one connection through
+    /// `shared::broker` (which builds that TLS configuration), reopened when lost.
+    Tls {
+        amqp: AmqpSettings,
+        conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    },
+}
 
 /// The producer's connection to the broker.
 pub struct Broker {
-    amqp: AmqpSettings,
-    /// The connection channels are opened on; replaced when it is no longer connected.
-    conn: tokio::sync::Mutex<Option<SharedConnection>>,
+    connections: Connections,
     /// Names of everything on the broker, under the configured prefix.
     pub topology: Topology,
     /// Confirm-mode channels not in use: opening one costs a round trip, so a publish
@@ -53,9 +80,26 @@ impl Broker {
             settings.retry.policy().delays,
             settings.retry.delivery_limit,
         );
+        let amqp = &settings.amqp;
+        let connections = if amqp.tls_ca_file.is_some() || amqp.tls_client_cert_file.is_some() {
+            Connections::Tls {
+                amqp: amqp.clone(),
+                conn: tokio::sync::Mutex::new(None),
+            }
+        } else {
+            let pool = deadpool_lapin::Config {
+                url: Some(url.to_owned()),
+                pool: None,
+            }
+            .create_pool(
+                || ConnectionProperties::default().with_connection_name("vidpipe-producer".into()),
+                Runtime::Tokio1,
+            )
+            .map_err(|e| Failure::Usage(anyhow::anyhow!("invalid setting `amqp.url`: {e}")))?;
+            Connections::Pool(pool)
+        };
         let broker = Self {
-            amqp: settings.amqp.clone(),
-            conn: tokio::sync::Mutex::new(None),
+            connections,
             topology,
             idle: Mutex::new(Vec::new()),
         };
@@ -80,22 +124,30 @@ impl Broker {
         Ok(broker)
     }
 
-    /// The shared connection, for consumers that must live as long as it (event queues).
-    /// Opened on first use, and again if it was lost.
+    /// A connection, for consumers that must live as long as it (event queues).
     pub async fn connection(&self) -> anyhow::Result<SharedConnection> {
-        let mut current = self.conn.lock().await;
-        if let Some(conn) = current.as_ref().filter(|c| c.status().connected()) {
-            return Ok(Arc::clone(conn));
+        match &self.connections {
+            Connections::Pool(pool) => pool
+                .get()
+                .await
+                .map(|c| SharedConnection::Pooled(Box::new(c)))
+                .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}")),
+            Connections::Tls { amqp, conn } => {
+                let mut current = conn.lock().await;
+                if let Some(c) = current.as_ref().filter(|c| c.status().connected()) {
+                    return Ok(SharedConnection::Shared(Arc::clone(c)));
+                }
+                let c = broker::try_connect(amqp, "vidpipe-producer")
+                    .await
+                    .map(Arc::new)
+                    .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}"))?;
+                *current = Some(Arc::clone(&c));
+                Ok(SharedConnection::Shared(c))
+            }
         }
-        let conn = broker::try_connect(&self.amqp, "vidpipe-producer")
-            .await
-            .map(Arc::new)
-            .map_err(|e| anyhow::anyhow!("connecting to RabbitMQ: {e}"))?;
-        *current = Some(Arc::clone(&conn));
-        Ok(conn)
     }
 
-    /// A fresh plain channel on the shared connection.
+    /// A fresh plain channel on a connection.
     pub async fn channel(&self) -> anyhow::Result<Channel> {
         let conn = self.connection().await?;
         conn.create_channel().await.context("opening a channel")
