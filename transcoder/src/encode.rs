@@ -1,5 +1,5 @@
-//! One rendition's encoders and muxers: libx264 video and AAC audio, each packet written
-//! to every container the job asked for (MP4 with the index at the front, and/or an HLS
+//! One rendition's video encoder and muxers (libx264; each packet written to every
+//! container the job asked for (MP4 with the index at the front, and/or an HLS
 //! media playlist with MPEG-TS segments). Encoding once per rendition and muxing twice is
 //! what keeps MP4 and HLS frame-identical and costs one encode, not two.
 
@@ -37,7 +37,9 @@ pub struct RenditionOutput {
     /// leaves without one (the last frame would otherwise have none, and the output would
     /// be a frame short).
     frame_duration: i64,
-    audio: Option<(encoder::Audio, Rational)>,
+    /// Time base of the AAC packets this rendition muxes (encoded by an [`AudioEncoder`]
+    /// shared by the renditions of one audio bit rate).
+    audio: Option<Rational>,
     muxers: Vec<Muxer>,
     /// End of the last video packet, seconds.
     video_end_s: f64,
@@ -61,18 +63,13 @@ impl RenditionOutput {
         cfg: &TranscoderSettings,
         frame_rate: Rational,
         video_tb: Rational,
-        audio: bool,
+        audio: Option<&AudioEncoder>,
         formats: &[OutputFormat],
         dir: &Path,
     ) -> Result<Self, JobError> {
         let fps = f64::from(frame_rate);
         let level = hls::h264_level(plan.width, plan.height, fps);
         let video = open_video_encoder(&plan, cfg, frame_rate, video_tb, level)?;
-        let audio = if audio {
-            Some(open_audio_encoder(plan.audio_kbps, cfg.audio_sample_rate)?)
-        } else {
-            None
-        };
         let mut muxers = Vec::new();
         for &kind in formats {
             let (path, fmt, opts) = match kind {
@@ -107,12 +104,12 @@ impl RenditionOutput {
                 ost.set_parameters(&video);
                 ost.set_time_base(video_tb);
             }
-            if let Some((a, tb)) = &audio {
+            if let Some(a) = audio {
                 let mut ost = ctx
                     .add_stream(encoder::find(codec::Id::AAC))
                     .map_err(|e| pipeline_error("adding the audio stream", e))?;
-                ost.set_parameters(a);
-                ost.set_time_base(*tb);
+                ost.set_parameters(&a.encoder);
+                ost.set_time_base(a.time_base);
             }
             ctx.write_header_with(opts)
                 .map_err(|e| pipeline_error(&format!("writing the {fmt} header"), e))?;
@@ -133,7 +130,7 @@ impl RenditionOutput {
             video,
             video_tb,
             frame_duration,
-            audio,
+            audio: audio.map(|a| a.time_base),
             muxers,
             video_end_s: 0.0,
         })
@@ -160,30 +157,17 @@ impl RenditionOutput {
         Ok(())
     }
 
-    /// Encodes one audio frame (48 kHz stereo, [`AAC_FRAME_SIZE`] samples); `None` drains.
-    pub fn encode_audio(&mut self, frame: Option<&frame::Audio>) -> Result<(), JobError> {
-        let Some((enc, _)) = self.audio.as_mut() else {
+    /// Muxes one AAC packet from this rendition's [`AudioEncoder`].
+    pub fn write_audio(&mut self, packet: &Packet) -> Result<(), JobError> {
+        if self.audio.is_none() {
             return Ok(());
-        };
-        let sent = match frame {
-            Some(f) => enc.send_frame(f),
-            None => enc.send_eof(),
-        };
-        sent.map_err(|e| pipeline_error("encoding audio", e))?;
-        let mut packets = Vec::new();
-        let mut packet = Packet::empty();
-        while enc.receive_packet(&mut packet).is_ok() {
-            packets.push(packet.clone());
         }
-        for p in &packets {
-            self.write(p, true)?;
-        }
-        Ok(())
+        self.write(packet, true)
     }
 
     fn write(&mut self, packet: &Packet, audio: bool) -> Result<(), JobError> {
         let enc_tb = if audio {
-            self.audio.as_ref().map_or(self.video_tb, |(_, tb)| *tb)
+            self.audio.unwrap_or(self.video_tb)
         } else {
             self.video_tb
         };
@@ -206,7 +190,6 @@ impl RenditionOutput {
     /// Drains the encoders and closes every container.
     pub fn finish(mut self) -> Result<Finished, JobError> {
         self.encode_video(None)?;
-        self.encode_audio(None)?;
         let mut files = Vec::new();
         for m in &mut self.muxers {
             m.ctx
@@ -278,23 +261,54 @@ fn open_video_encoder(
         .map_err(|e| pipeline_error("opening the H.264 encoder", e))
 }
 
-fn open_audio_encoder(kbps: u32, rate: u32) -> Result<(encoder::Audio, Rational), JobError> {
-    let codec = encoder::find(codec::Id::AAC)
-        .ok_or_else(|| JobError::Permanent("this FFmpeg build has no AAC encoder".into()))?;
-    let mut enc = codec::context::Context::new_with_codec(codec)
-        .encoder()
-        .audio()
-        .map_err(|e| pipeline_error("creating the AAC encoder", e))?;
-    enc.set_rate(rate as i32);
-    enc.set_channel_layout(ChannelLayout::STEREO);
-    enc.set_channels(2);
-    enc.set_format(format::Sample::F32(format::sample::Type::Planar));
-    enc.set_bit_rate(kbps as usize * 1000);
-    let tb = Rational::new(1, rate as i32);
-    enc.set_time_base(tb);
-    enc.set_flags(codec::Flags::GLOBAL_HEADER);
-    let enc = enc
-        .open_as(codec)
-        .map_err(|e| pipeline_error("opening the AAC encoder", e))?;
-    Ok((enc, tb))
+/// An AAC encoder (48 kHz stereo by default), one per distinct audio bit rate of the
+/// ladder: renditions with the same audio share its packets instead of encoding the same
+/// sound again.
+pub struct AudioEncoder {
+    pub kbps: u32,
+    encoder: encoder::Audio,
+    pub time_base: Rational,
+}
+
+impl AudioEncoder {
+    pub fn open(kbps: u32, rate: u32) -> Result<Self, JobError> {
+        let codec = encoder::find(codec::Id::AAC)
+            .ok_or_else(|| JobError::Permanent("this FFmpeg build has no AAC encoder".into()))?;
+        let mut enc = codec::context::Context::new_with_codec(codec)
+            .encoder()
+            .audio()
+            .map_err(|e| pipeline_error("creating the AAC encoder", e))?;
+        enc.set_rate(rate as i32);
+        enc.set_channel_layout(ChannelLayout::STEREO);
+        enc.set_channels(2);
+        enc.set_format(format::Sample::F32(format::sample::Type::Planar));
+        enc.set_bit_rate(kbps as usize * 1000);
+        let time_base = Rational::new(1, rate as i32);
+        enc.set_time_base(time_base);
+        enc.set_flags(codec::Flags::GLOBAL_HEADER);
+        let encoder = enc
+            .open_as(codec)
+            .map_err(|e| pipeline_error("opening the AAC encoder", e))?;
+        Ok(Self {
+            kbps,
+            encoder,
+            time_base,
+        })
+    }
+
+    /// Encodes one frame ([`AAC_FRAME_SIZE`] samples of 48 kHz stereo); `None` drains.
+    /// Returns the packets that came out.
+    pub fn encode(&mut self, frame: Option<&frame::Audio>) -> Result<Vec<Packet>, JobError> {
+        let sent = match frame {
+            Some(f) => self.encoder.send_frame(f),
+            None => self.encoder.send_eof(),
+        };
+        sent.map_err(|e| pipeline_error("encoding audio", e))?;
+        let mut packets = Vec::new();
+        let mut packet = Packet::empty();
+        while self.encoder.receive_packet(&mut packet).is_ok() {
+            packets.push(packet.clone());
+        }
+        Ok(packets)
+    }
 }

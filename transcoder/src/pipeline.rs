@@ -5,7 +5,7 @@
 //! source ─ demux ─┬─ video decode ─ upright ─┬──► scale 1080p ─ x264 ─┬─ 1080p.mp4, hls/1080p/…
 //!                 │                          ├──► scale 720p ── x264 ─┤
 //!                 │                          └──► …                   │
-//!                 └─ audio decode ─ 48 kHz stereo ──► AAC (each) ─────┘
+//!                 └─ audio decode ─ 48 kHz stereo ─ AAC per bit rate ──┘
 //! ```
 //!
 //! Decoded frames are shared, not copied: each rendition thread gets a reference-counted
@@ -32,7 +32,7 @@ use shared::media::{self, FrameGraph, MediaLimits, VideoDecoder, seconds, timest
 use shared::messages::{OutputFormat, TranscodeJob};
 use shared::{JobContext, JobError, TaskOutput};
 
-use crate::encode::{AAC_FRAME_SIZE, Finished, RenditionOutput};
+use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, RenditionOutput};
 use crate::hls;
 use crate::ladder;
 use crate::settings::TranscoderSettings;
@@ -47,7 +47,8 @@ const QUEUE: usize = 8;
 /// What the decoding thread hands each rendition thread.
 enum Msg {
     Video(Arc<frame::Video>),
-    Audio(Arc<frame::Audio>),
+    /// An AAC packet of the rendition's audio bit rate.
+    Audio(Arc<Packet>),
 }
 
 /// Transcodes `ctx.source_path` into `ctx.scratch_dir` as the job asks.
@@ -98,10 +99,25 @@ pub fn transcode(
                 cfg.audio_sample_rate
             );
             let graph = FrameGraph::audio(&dec, a_tb, &[chain], AAC_FRAME_SIZE)?;
+            // One AAC encoder per distinct bit rate; `route[i]` is rendition i's.
+            let mut encoders: Vec<AudioEncoder> = Vec::new();
+            let mut route = Vec::with_capacity(plan.len());
+            for p in &plan {
+                let at = match encoders.iter().position(|e| e.kbps == p.audio_kbps) {
+                    Some(at) => at,
+                    None => {
+                        encoders.push(AudioEncoder::open(p.audio_kbps, cfg.audio_sample_rate)?);
+                        encoders.len() - 1
+                    }
+                };
+                route.push(at);
+            }
             Some(AudioPath {
                 index: a.index,
                 decoder: dec,
                 graph,
+                encoders,
+                route,
                 time_base: a_tb,
                 start: a_start,
                 offset: 0,
@@ -127,13 +143,14 @@ pub fn transcode(
     }
 
     let mut outputs = Vec::with_capacity(plan.len());
-    for p in &plan {
+    for (i, p) in plan.iter().enumerate() {
+        let encoder = audio.as_ref().map(|a| &a.encoders[a.route[i]]);
         outputs.push(RenditionOutput::open(
             p.clone(),
             cfg,
             frame_rate,
             v_tb,
-            audio.is_some(),
+            encoder,
             &job.formats,
             &ctx.scratch_dir,
         )?);
@@ -260,6 +277,7 @@ fn encode_rendition(
         ffmpeg::software::scaling::Context,
         (ffmpeg::format::Pixel, u32, u32),
     )> = None;
+    let mut scaled = frame::Video::new(ffmpeg::format::Pixel::YUV420P, w, h);
     for msg in rx {
         match msg {
             Msg::Video(frame) => {
@@ -279,19 +297,20 @@ fn encode_rendition(
                         ffmpeg::format::Pixel::YUV420P,
                         w,
                         h,
-                        ffmpeg::software::scaling::Flags::BICUBIC,
+                        ffmpeg::software::scaling::Flags::BILINEAR,
                     )
                     .map_err(|e| media::pipeline_error("creating a scaler", e))?;
                     scaler = Some((ctx, input));
                 }
                 let (sws, _) = scaler.as_mut().expect("scaler just made");
-                let mut scaled = frame::Video::empty();
+                // One output picture, reused: x264 copies what it is given, and a fresh
+                // 1080p-sized allocation per frame costs page faults on every frame.
                 sws.run(&frame, &mut scaled)
                     .map_err(|e| media::pipeline_error("scaling", e))?;
                 scaled.set_pts(frame.pts());
                 out.encode_video(Some(&scaled))?;
             }
-            Msg::Audio(frame) => out.encode_audio(Some(&frame))?,
+            Msg::Audio(packet) => out.write_audio(&packet)?,
         }
     }
     if aborted.load(Ordering::Relaxed) {
@@ -380,11 +399,15 @@ impl VideoPath {
     }
 }
 
-/// Decoded audio on its way to every rendition's AAC encoder.
+/// Decoded audio on its way to the renditions: resampled once, AAC-encoded once per bit
+/// rate, each packet handed to the renditions of that bit rate.
 struct AudioPath {
     index: usize,
     decoder: ffmpeg::decoder::Audio,
     graph: FrameGraph,
+    encoders: Vec<AudioEncoder>,
+    /// Rendition i's encoder is `encoders[route[i]]`.
+    route: Vec<usize>,
     time_base: Rational,
     start: i64,
     offset: i64,
@@ -414,16 +437,40 @@ impl AudioPath {
             if !self.graph.pull(0, &mut out)? {
                 return Ok(());
             }
-            let out = Arc::new(out);
-            broadcast(senders, || Msg::Audio(Arc::clone(&out)))?;
+            self.encode(Some(&out), senders)?;
         }
+    }
+
+    /// Encodes `frame` (or drains, with `None`) with every encoder and routes the packets.
+    fn encode(
+        &mut self,
+        frame: Option<&frame::Audio>,
+        senders: &[SyncSender<Msg>],
+    ) -> Result<(), JobError> {
+        for (e, encoder) in self.encoders.iter_mut().enumerate() {
+            for packet in encoder.encode(frame)? {
+                let packet = Arc::new(packet);
+                let mine = senders
+                    .iter()
+                    .zip(&self.route)
+                    .filter(|(_, r)| **r == e)
+                    .map(|(tx, _)| tx);
+                for tx in mine {
+                    tx.send(Msg::Audio(Arc::clone(&packet))).map_err(|_| {
+                        JobError::Permanent("a rendition encoder stopped early".into())
+                    })?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn finish(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
         let _ = self.decoder.send_eof();
         self.drain(senders)?;
         self.graph.flush()?;
-        self.pull(senders)
+        self.pull(senders)?;
+        self.encode(None, senders)
     }
 }
 
