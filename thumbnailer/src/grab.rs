@@ -18,7 +18,7 @@ use shared::JobError;
 use shared::media::{SourceInfo, VideoDecoder, seconds};
 
 /// Skip non-reference frames while more than this many seconds before the target.
-const SKIP_MARGIN_S: f64 = 0.5;
+const SKIP_MARGIN_S: f64 = 0.2;
 
 /// Read errors in a row after which the source counts as corrupt.
 const MAX_READ_ERRORS: u32 = 16;
