@@ -1,10 +1,12 @@
 //! Getting the frame shown at a given time, cheaply, with one decoder for the whole job.
 //!
 //! The frame at `t` is the last one whose timestamp is at or before `t` (what a player
-//! shows at that moment). Requests come in ascending time. The grabber learns the
-//! keyframe interval from the packets it reads: when `t` is more than one interval ahead,
-//! a seek to the keyframe before `t` skips work; otherwise it decodes forward from where
-//! it is, so neighbouring thumbnails never decode the same stretch twice. While it is still far from `t` it tells the decoder to skip
+//! shows at that moment). Requests come in ascending time. When the container has a
+//! keyframe index (MP4, MKV, WebM, …) the grabber seeks exactly when the keyframe before
+//! `t` lies beyond what it has decoded, and otherwise decodes forward from where it is, so
+//! neighbouring thumbnails never decode the same stretch twice and nothing between them is
+//! decoded for nothing. Without an index (MPEG-TS) it learns the keyframe interval from
+//! the packets it reads and seeks when `t` is more than one interval ahead. While it is still far from `t` it tells the decoder to skip
 //! frames nothing refers to (B-frames), which are most of a typical H.264 stream.
 //!
 //! In keyframes-only mode (fast sprites for long videos) only keyframe packets reach the
@@ -37,6 +39,8 @@ pub struct Grabber<'a> {
     ahead_s: Option<f64>,
     /// Time of the newest decoded frame, for deciding whether to seek.
     position_s: Option<f64>,
+    /// Keyframe times from the container's index (empty without one).
+    keyframes: Vec<f64>,
     /// Last keyframe packet seen and the longest keyframe interval seen so far.
     last_key_s: Option<f64>,
     gop_s: f64,
@@ -63,10 +67,12 @@ impl<'a> Grabber<'a> {
         } else {
             seconds(start, stream.time_base())
         };
+        let keyframes = indexed_keyframes(input, info.video.index);
         Ok(Self {
             input,
             decoder,
             offset_s,
+            keyframes,
             keyframes_only,
             held: frame::Video::empty(),
             held_s: None,
@@ -90,10 +96,14 @@ impl<'a> Grabber<'a> {
         // Until a keyframe interval is known, assume a short one: a wrong guess costs
         // at most one interval of decoding again.
         let interval = if self.gop_s > 0.0 { self.gop_s } else { 1.0 };
-        let seek = match (self.held_s, self.position_s) {
-            (Some(h), _) if t < h => true,
-            (_, Some(p)) => t - p > interval,
-            (_, None) => t > interval,
+        let keyframe = self.keyframe_before(t);
+        let seek = match (self.held_s, self.position_s, keyframe) {
+            (Some(h), _, _) if t < h => true,
+            // Seeking pays exactly when the keyframe before `t` is past what we decoded.
+            (_, Some(p), Some(k)) => k > p + 1e-3,
+            (_, None, Some(k)) => k > 1e-3,
+            (_, Some(p), None) => t - p > interval,
+            (_, None, None) => t > interval,
         };
         if seek {
             self.seek(t);
@@ -134,6 +144,12 @@ impl<'a> Grabber<'a> {
             }
         }
         Ok(self.held_s.map(|_| &self.held))
+    }
+
+    /// The indexed keyframe at or before `t`, if the container has an index.
+    fn keyframe_before(&self, t: f64) -> Option<f64> {
+        let i = self.keyframes.partition_point(|k| *k <= t + 1e-6);
+        i.checked_sub(1).map(|i| self.keyframes[i])
     }
 
     /// Time of the frame [`Self::frame_at`] returned last.
@@ -225,4 +241,38 @@ impl Grabber<'_> {
     pub fn time_base(&self) -> ffmpeg::Rational {
         self.decoder.time_base
     }
+}
+
+/// Keyframe times (seconds from the start of the video) from the container's index;
+/// empty when the container has none. The safe ffmpeg-next API does not expose the index.
+#[allow(unsafe_code)]
+pub fn indexed_keyframes(input: &Input, index: usize) -> Vec<f64> {
+    let Some(stream) = input.stream(index) else {
+        return Vec::new();
+    };
+    let tb = stream.time_base();
+    let start = stream.start_time();
+    let offset_s = if start == ffmpeg::ffi::AV_NOPTS_VALUE {
+        0.0
+    } else {
+        seconds(start, tb)
+    };
+    // SAFETY: the pointer is the live AVStream of `input`, borrowed for this call. Each
+    // entry is copied out before any other FFmpeg call touches the stream, which is how
+    // long FFmpeg guarantees an entry pointer stays valid.
+    let mut raw: Vec<i64> = unsafe {
+        let st = stream.as_ptr() as *mut ffmpeg::ffi::AVStream;
+        let n = ffmpeg::ffi::avformat_index_get_entries_count(st);
+        (0..n)
+            .filter_map(|i| {
+                let e = ffmpeg::ffi::avformat_index_get_entry(st, i);
+                (!e.is_null() && (*e).flags() & ffmpeg::ffi::AVINDEX_KEYFRAME != 0)
+                    .then(|| (*e).timestamp)
+            })
+            .collect()
+    };
+    raw.sort_unstable();
+    raw.into_iter()
+        .map(|ts| seconds(ts, tb) - offset_s)
+        .collect()
 }

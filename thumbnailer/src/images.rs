@@ -28,13 +28,7 @@ impl Scaler {
         video: &VideoInfo,
         width: u32,
     ) -> Result<Self, JobError> {
-        let width = width.max(2) & !1;
-        let height = ((f64::from(width) * f64::from(video.display_height)
-            / f64::from(video.display_width.max(1))
-            / 2.0)
-            .round() as u32
-            * 2)
-        .max(2);
+        let (width, height) = scaled_size(video, width);
         let chain = format!("scale={width}:{height}:flags=bicubic,setsar=1,format=rgb24");
         let graph = FrameGraph::video(decoder, time_base, video.rotation, &[chain])?;
         Ok(Self {
@@ -56,6 +50,18 @@ impl Scaler {
         }
         Ok(to_rgb_image(&out))
     }
+}
+
+/// Output size for `width`: even, height from the display aspect ratio.
+pub fn scaled_size(video: &VideoInfo, width: u32) -> (u32, u32) {
+    let width = width.max(2) & !1;
+    let height = ((f64::from(width) * f64::from(video.display_height)
+        / f64::from(video.display_width.max(1))
+        / 2.0)
+        .round() as u32
+        * 2)
+    .max(2);
+    (width, height)
 }
 
 /// Copies an `rgb24` frame (rows padded to its stride) into a tight image.

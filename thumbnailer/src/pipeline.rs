@@ -7,6 +7,8 @@
 //! sheet and the poster candidates, whatever the video's length. A keyframes-only sprite
 //! takes a second, much cheaper pass that decodes keyframes alone.
 
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use image::RgbImage;
@@ -65,12 +67,8 @@ pub fn thumbnail(
     );
     let sprite_dir = ctx.scratch_dir.join("sprite");
     let mut sheets = None;
-    let mut tile_scaler = None;
-    let mut grabber = Grabber::new(&mut src.input, &info, cfg.threads, false)?;
-    let v_tb = grabber_time_base(&grabber);
-    let mut thumb_scaler = Scaler::new(grabber.decoder(), v_tb, &info.video, job.width)?;
     if let Some(spec) = &job.sprite {
-        let scaler = Scaler::new(grabber.decoder(), v_tb, &info.video, spec.width)?;
+        let (tile_w, tile_h) = images::scaled_size(&info.video, spec.width);
         let layout = Layout::new(
             if duration > 0.0 {
                 duration
@@ -79,8 +77,8 @@ pub fn thumbnail(
             },
             spec.interval_s,
             spec.columns,
-            scaler.width,
-            scaler.height,
+            tile_w,
+            tile_h,
             cfg.max_sheet_height,
         );
         std::fs::create_dir_all(&sprite_dir)
@@ -94,41 +92,68 @@ pub fn thumbnail(
             job.format,
             job.quality,
         ));
-        tile_scaler = Some(scaler);
     }
     targets.sort_by(|a, b| a.0.total_cmp(&b.0));
 
-    let mut candidates: Vec<(usize, f64, RgbImage)> = Vec::new();
-    let total = targets.len().max(1) as f64;
-    let cancelled = || ctx.check_cancelled();
-    for (n, (t, purpose)) in targets.iter().enumerate() {
-        ctx.progress(n as f64 / total * 100.0);
-        let frame = grabber.frame_at(*t, &cancelled)?.ok_or_else(no_frames)?;
-        let frame = frame.clone();
-        let shown = grabber.held_seconds().unwrap_or(*t);
-        match purpose {
-            Purpose::Poster(i) => candidates.push((*i, shown, thumb_scaler.rgb(frame)?)),
-            Purpose::Thumb(i) => {
-                let img = thumb_scaler.rgb(frame)?;
-                let name = format!("thumb_{:03}.{ext}", i + 1);
-                let path = ctx.scratch_dir.join(&name);
-                images::write(&img, job.format, job.quality, &path)?;
-                out.push(
-                    name,
-                    path,
-                    json!({"kind": "thumbnail", "index": i + 1, "time_s": round3(shown),
-                           "requested_s": round3(*t), "width": img.width(),
-                           "height": img.height(), "format": ext}),
-                );
-            }
-            Purpose::Tile(k) => {
-                let tile = tile_scaler.as_mut().expect("sprite scaler").rgb(frame)?;
-                sheets.as_mut().expect("sprite sheets").place(*k, &tile)?;
-            }
-        }
+    // Contiguous stretches of the (sorted) targets, one grabber each, in parallel: every
+    // grabber decodes only its own stretch, so the cores share the decoding.
+    let lanes = lanes(cfg, targets.len());
+    let keyframes = crate::grab::indexed_keyframes(&src.input, info.video.index);
+    let stretches = balance(&targets, &keyframes, lanes);
+    let shared = Shared {
+        job,
+        info: &info,
+        ctx,
+        sheets: sheets.map(Mutex::new),
+        done: AtomicUsize::new(0),
+        total: targets.len().max(1),
+        failed: AtomicBool::new(false),
+        decoder_threads: if lanes > 1 { 1 } else { cfg.threads },
+    };
+    let results: Vec<Result<Lane, JobError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = stretches
+            .iter()
+            .map(|chunk| {
+                let shared = &shared;
+                scope.spawn(move || {
+                    let r = grab_lane(chunk, shared);
+                    if r.is_err() {
+                        shared.failed.store(true, Ordering::Relaxed);
+                    }
+                    r
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(JobError::Permanent("a frame grabber panicked".into())))
+            })
+            .collect()
+    });
+    // The first real error explains the others (which only stopped because of it).
+    if let Some(e) = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .find(|e| !matches!(e, JobError::Cancelled))
+        .or_else(|| results.iter().find_map(|r| r.as_ref().err()))
+    {
+        return Err(e.clone());
     }
-    let decoded = grabber.decoded;
-    drop(grabber);
+    let mut candidates = Vec::new();
+    let mut thumbs = Vec::new();
+    let mut decoded = 0;
+    for lane in results.into_iter().flatten() {
+        candidates.extend(lane.candidates);
+        thumbs.extend(lane.thumbs);
+        decoded += lane.decoded;
+    }
+    thumbs.sort_by_key(|t| t.0);
+    for (_, name, path, meta) in thumbs {
+        out.push(name, path, meta);
+    }
+    let sheets = shared.sheets.map(|m| m.into_inner().expect("sheet lock"));
 
     if job.poster {
         let (time, img) = choose_poster(candidates).ok_or_else(no_frames)?;
@@ -143,9 +168,9 @@ pub fn thumbnail(
         );
     }
 
-    if let (Some(mut sheets), Some(mut scaler), Some(spec)) = (sheets, tile_scaler, &job.sprite) {
+    if let (Some(mut sheets), Some(spec)) = (sheets, &job.sprite) {
         if spec.keyframes_only {
-            keyframe_tiles(&mut src.input, &info, cfg, &mut sheets, &mut scaler, ctx)?;
+            keyframe_tiles(&mut src.input, &info, cfg, &mut sheets, spec.width, ctx)?;
         }
         sheets.flush()?;
         let layout = sheets.layout().clone();
@@ -182,10 +207,11 @@ fn keyframe_tiles(
     info: &SourceInfo,
     cfg: &ThumbnailerSettings,
     sheets: &mut SheetWriter,
-    scaler: &mut Scaler,
+    width: u32,
     ctx: &JobContext,
 ) -> Result<(), JobError> {
     let mut grabber = Grabber::new(input, info, cfg.threads, true)?;
+    let mut scaler = Scaler::new(grabber.decoder(), grabber.time_base(), &info.video, width)?;
     let layout = sheets.layout().clone();
     let cancelled = || ctx.check_cancelled();
     for k in 0..layout.tiles {
@@ -198,8 +224,131 @@ fn keyframe_tiles(
     Ok(())
 }
 
-fn grabber_time_base(g: &Grabber<'_>) -> ffmpeg_next::Rational {
-    g.time_base()
+/// What every lane shares.
+struct Shared<'a> {
+    job: &'a ThumbnailJob,
+    info: &'a SourceInfo,
+    ctx: &'a JobContext,
+    sheets: Option<Mutex<SheetWriter>>,
+    done: AtomicUsize,
+    total: usize,
+    /// Set by a lane that failed, so the others stop early.
+    failed: AtomicBool,
+    decoder_threads: usize,
+}
+
+/// What one lane produced besides the files it wrote.
+struct Lane {
+    candidates: Vec<(usize, f64, RgbImage)>,
+    /// `(index, name, path, manifest facts)` of each thumbnail written.
+    thumbs: Vec<(usize, String, std::path::PathBuf, serde_json::Value)>,
+    decoded: u64,
+}
+
+/// Lanes for `targets` requests: one per core (at most 4), one when there are few.
+fn lanes(cfg: &ThumbnailerSettings, targets: usize) -> usize {
+    let cores = if cfg.threads > 0 {
+        cfg.threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    cores.clamp(1, 4).min(targets / 2).max(1)
+}
+
+/// Cuts the sorted targets into `lanes` contiguous stretches of about equal decoding
+/// work: a target costs the video between it and the later of the previous target and
+/// its keyframe (the whole gap when the keyframes are unknown).
+fn balance<'t>(
+    targets: &'t [(f64, Purpose)],
+    keyframes: &[f64],
+    lanes: usize,
+) -> Vec<&'t [(f64, Purpose)]> {
+    let keyframe_before = |t: f64| {
+        let i = keyframes.partition_point(|k| *k <= t + 1e-6);
+        i.checked_sub(1).map_or(0.0, |i| keyframes[i])
+    };
+    let mut previous = 0.0;
+    let costs: Vec<f64> = targets
+        .iter()
+        .map(|(t, _)| {
+            let cost = (t - keyframe_before(*t).max(previous)).max(0.0) + 0.05;
+            previous = *t;
+            cost
+        })
+        .collect();
+    let total: f64 = costs.iter().sum();
+    let mut stretches = Vec::with_capacity(lanes);
+    let (mut start, mut acc) = (0, 0.0);
+    for (i, c) in costs.iter().enumerate() {
+        acc += c;
+        let cut = total * (stretches.len() + 1) as f64 / lanes as f64;
+        if acc >= cut && stretches.len() + 1 < lanes && i + 1 < targets.len() {
+            stretches.push(&targets[start..=i]);
+            start = i + 1;
+        }
+    }
+    stretches.push(&targets[start..]);
+    stretches.retain(|s| !s.is_empty());
+    stretches
+}
+
+/// One lane: its own input and decoder, visiting its targets in time order.
+fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobError> {
+    let (job, ctx) = (s.job, s.ctx);
+    let ext = job.format.extension();
+    let mut input = ffmpeg_next::format::input(&ctx.source_path)
+        .map_err(|e| JobError::Permanent(format!("cannot reopen the source: {e}")))?;
+    let mut grabber = Grabber::new(&mut input, s.info, s.decoder_threads, false)?;
+    let tb = grabber.time_base();
+    let mut thumb_scaler = Scaler::new(grabber.decoder(), tb, &s.info.video, job.width)?;
+    let mut tile_scaler = match &job.sprite {
+        Some(spec) => Some(Scaler::new(
+            grabber.decoder(),
+            tb,
+            &s.info.video,
+            spec.width,
+        )?),
+        None => None,
+    };
+    let cancelled = || {
+        if s.failed.load(Ordering::Relaxed) {
+            Err(JobError::Cancelled)
+        } else {
+            ctx.check_cancelled()
+        }
+    };
+    let mut lane = Lane {
+        candidates: Vec::new(),
+        thumbs: Vec::new(),
+        decoded: 0,
+    };
+    for (t, purpose) in targets {
+        let frame = grabber.frame_at(*t, &cancelled)?.ok_or_else(no_frames)?;
+        let frame = frame.clone();
+        let shown = grabber.held_seconds().unwrap_or(*t);
+        match purpose {
+            Purpose::Poster(i) => lane.candidates.push((*i, shown, thumb_scaler.rgb(frame)?)),
+            Purpose::Thumb(i) => {
+                let img = thumb_scaler.rgb(frame)?;
+                let name = format!("thumb_{:03}.{ext}", i + 1);
+                let path = ctx.scratch_dir.join(&name);
+                images::write(&img, job.format, job.quality, &path)?;
+                let meta = json!({"kind": "thumbnail", "index": i + 1, "time_s": round3(shown),
+                    "requested_s": round3(*t), "width": img.width(),
+                    "height": img.height(), "format": ext});
+                lane.thumbs.push((*i, name, path, meta));
+            }
+            Purpose::Tile(k) => {
+                let tile = tile_scaler.as_mut().expect("sprite scaler").rgb(frame)?;
+                let sheets = s.sheets.as_ref().expect("sprite sheets");
+                sheets.lock().expect("sheet lock").place(*k, &tile)?;
+            }
+        }
+        let done = s.done.fetch_add(1, Ordering::Relaxed) + 1;
+        ctx.progress(done as f64 / s.total as f64 * 100.0);
+    }
+    lane.decoded = grabber.decoded;
+    Ok(lane)
 }
 
 fn no_frames() -> JobError {
@@ -262,6 +411,21 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(thumb_times(&job, 8.0), [1.0, 3.0, 5.0, 7.0]);
+    }
+
+    #[test]
+    fn lanes_split_the_targets_in_order_by_decoding_work() {
+        let targets: Vec<(f64, Purpose)> = [1.0, 2.0, 3.0, 9.0, 10.0, 11.0]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (*t, Purpose::Thumb(i)))
+            .collect();
+        // Keyframes at 0 and 8: the first three cost 1 s each, 9 costs 1 s from the
+        // keyframe at 8, the rest 1 s each.
+        let lanes = balance(&targets, &[0.0, 8.0], 2);
+        assert_eq!(lanes.len(), 2);
+        assert_eq!(lanes.concat(), targets, "every target once, in order");
+        assert_eq!(lanes[0].len(), 3);
     }
 
     #[test]

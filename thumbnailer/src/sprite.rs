@@ -66,9 +66,14 @@ impl Layout {
         self.tiles.div_ceil(self.tiles_per_sheet)
     }
 
+    /// Tiles on sheet `s` (the last one may hold fewer).
+    pub fn tiles_in_sheet(&self, s: usize) -> usize {
+        (self.tiles - s * self.tiles_per_sheet).min(self.tiles_per_sheet)
+    }
+
     /// Pixel size of sheet `s` (the last one may hold fewer rows).
     pub fn sheet_size(&self, s: usize) -> (u32, u32) {
-        let in_sheet = (self.tiles - s * self.tiles_per_sheet).min(self.tiles_per_sheet);
+        let in_sheet = self.tiles_in_sheet(s);
         let cols = in_sheet.min(self.columns) as u32;
         let rows = in_sheet.div_ceil(self.columns) as u32;
         (cols * self.tile_w, rows * self.tile_h)
@@ -111,13 +116,16 @@ pub fn vtt_time(seconds: f64) -> String {
     )
 }
 
-/// Assembles sheets one at a time (memory: one sheet) and writes each when it is full.
+/// Assembles sheets and writes each as soon as its last tile is in. Tiles may arrive out
+/// of order (several grabbers work on different stretches of the video), so a few sheets
+/// can be open at once; memory holds those, never the whole sprite.
 pub struct SheetWriter {
     layout: Layout,
     dir: PathBuf,
     format: ImageFormat,
     quality: u8,
-    current: Option<(usize, RgbImage)>,
+    /// Open sheets: the image and how many tiles it has so far.
+    open: std::collections::BTreeMap<usize, (RgbImage, usize)>,
     /// `(sheet number, path, width, height)` of every sheet written.
     pub written: Vec<(usize, PathBuf, u32, u32)>,
 }
@@ -129,7 +137,7 @@ impl SheetWriter {
             dir: dir.to_path_buf(),
             format,
             quality,
-            current: None,
+            open: std::collections::BTreeMap::new(),
             written: Vec::new(),
         }
     }
@@ -142,27 +150,36 @@ impl SheetWriter {
         format!("sheet_{s:03}.{}", self.format.extension())
     }
 
-    /// Puts tile `k` in place, writing the previous sheet out when `k` starts a new one.
+    /// Puts tile `k` in place; writes its sheet out once the sheet is complete.
     pub fn place(&mut self, k: usize, tile: &RgbImage) -> Result<(), JobError> {
         let (sheet, x, y) = self.layout.position(k);
-        if self.current.as_ref().is_some_and(|(s, _)| *s != sheet) {
-            self.flush()?;
-        }
-        let (_, img) = self.current.get_or_insert_with(|| {
-            let (w, h) = self.layout.sheet_size(sheet);
-            (sheet, RgbImage::new(w, h))
+        let layout = &self.layout;
+        let (img, placed) = self.open.entry(sheet).or_insert_with(|| {
+            let (w, h) = layout.sheet_size(sheet);
+            (RgbImage::new(w, h), 0)
         });
         image::imageops::replace(img, tile, i64::from(x), i64::from(y));
+        *placed += 1;
+        if *placed >= self.layout.tiles_in_sheet(sheet) {
+            let (img, _) = self.open.remove(&sheet).expect("sheet just used");
+            self.write(sheet, &img)?;
+        }
         Ok(())
     }
 
-    /// Writes the sheet being assembled, if any.
+    /// Writes every sheet still open (only incomplete ones can be).
     pub fn flush(&mut self) -> Result<(), JobError> {
-        if let Some((s, img)) = self.current.take() {
-            let path = self.dir.join(self.sheet_name(s));
-            images::write(&img, self.format, self.quality, &path)?;
-            self.written.push((s, path, img.width(), img.height()));
+        for (s, (img, _)) in std::mem::take(&mut self.open) {
+            self.write(s, &img)?;
         }
+        self.written.sort_by_key(|w| w.0);
+        Ok(())
+    }
+
+    fn write(&mut self, s: usize, img: &RgbImage) -> Result<(), JobError> {
+        let path = self.dir.join(self.sheet_name(s));
+        images::write(img, self.format, self.quality, &path)?;
+        self.written.push((s, path, img.width(), img.height()));
         Ok(())
     }
 }
