@@ -214,6 +214,10 @@ impl JobMessage for TranscodeJob {
         if self.formats.is_empty() {
             return Err("`formats` is empty: ask for mp4, hls or both".into());
         }
+        let unique: std::collections::HashSet<_> = self.formats.iter().collect();
+        if unique.len() != self.formats.len() {
+            return Err("`formats` names a format twice: ask for mp4, hls or both".into());
+        }
         Ok(())
     }
 }
@@ -451,6 +455,13 @@ mod tests {
         );
         let err = parse::<TranscodeJob>(body.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("height 9000"), "{err}");
+    }
+
+    #[test]
+    fn a_format_named_twice_is_poison() {
+        let body = transcode_json(r#","formats":["mp4","mp4"]"#);
+        let err = parse::<TranscodeJob>(body.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 
     #[test]
