@@ -2,10 +2,10 @@
 //!
 //! [`VideoDecoder`] wraps FFmpeg's decoder with threading on and maps its failures to
 //! permanent job errors that say where in the source they happened. [`FrameGraph`] is a
-//! libavfilter graph with one input and any number of outputs: the transcoder feeds every
-//! rendition of its ladder from one decoded frame (one `split`), the thumbnailer uses one
-//! output. The graph also turns rotated phone video upright, the way the `ffmpeg` CLI's
-//! autorotate does.
+//! libavfilter graph with one input and any number of outputs (one `split`): the
+//! transcoder uses it to turn rotated video upright and to resample audio, the thumbnailer
+//! to turn frames into upright RGB pictures of a given width. Rotation follows the display
+//! matrix the way the `ffmpeg` CLI's autorotate does.
 
 use ffmpeg::format::context::Input;
 use ffmpeg::{Packet, Rational, codec, decoder, filter, frame};
