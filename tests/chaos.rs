@@ -14,9 +14,9 @@ use serde_json::json;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
+use crate::support::TestEnv;
 use crate::support::fixtures::{self, ffprobe};
 use crate::support::node::PrivateNode;
-use crate::support::{TestEnv, job_keys};
 
 /// The private node's AMQP port (its distribution port is this + 20000).
 const NODE_PORT: u16 = 5681;
@@ -46,27 +46,6 @@ fn close_worker_connections(node: &PrivateNode) -> usize {
     closed
 }
 
-/// Stores `file` as a job's source and publishes a `task` job for it.
-async fn submit(
-    env: &TestEnv,
-    task: &'static str,
-    file: &std::path::Path,
-    extra: serde_json::Value,
-) -> (Uuid, StorageKey) {
-    let (id, _, prefix) = job_keys(task);
-    let source = env
-        .put_source_file(&format!("uploads/{id}/source"), file)
-        .await;
-    let mut job = json!({"schema": 1, "task": task, "job_id": id,
-        "source": source.as_str(), "output_prefix": prefix.as_str()});
-    job.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    env.publish_raw(task, &serde_json::to_vec(&job).unwrap())
-        .await;
-    (id, prefix)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     let jobs_per_task = env_number("CHAOS_JOBS", 10) as usize;
@@ -86,13 +65,17 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
         "renditions": [{"name": "270p", "height": 270, "video_kbps": 600, "audio_kbps": 64}]});
     let thumbnail_job = json!({"count": 3, "sprite": {"interval_s": 1, "columns": 4, "width": 64}});
     for _ in 0..jobs_per_task {
-        let (id, prefix) = submit(&env, "transcode", &clip, transcode_job.clone()).await;
+        let (id, prefix) = env
+            .submit_file("transcode", &clip, transcode_job.clone())
+            .await;
         expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
-        let (id, prefix) = submit(&env, "thumbnail", &clip, thumbnail_job.clone()).await;
+        let (id, prefix) = env
+            .submit_file("thumbnail", &clip, thumbnail_job.clone())
+            .await;
         expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
     }
     for task in ["transcode", "thumbnail"] {
-        let (id, _) = submit(&env, task, &junk, json!({})).await;
+        let (id, _) = env.submit_file(task, &junk, json!({})).await;
         expect_dead.insert(id);
     }
 
@@ -135,9 +118,13 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
             live.push(w);
         }
         // Keep work flowing while things break.
-        let (id, prefix) = submit(&env, "transcode", &clip, transcode_job.clone()).await;
+        let (id, prefix) = env
+            .submit_file("transcode", &clip, transcode_job.clone())
+            .await;
         expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
-        let (id, prefix) = submit(&env, "thumbnail", &clip, thumbnail_job.clone()).await;
+        let (id, prefix) = env
+            .submit_file("thumbnail", &clip, thumbnail_job.clone())
+            .await;
         expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
     }
     let submitted = expect_ok.len() + expect_dead.len();

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::support::TestEnv;
 use crate::support::fixtures;
-use crate::support::{TestEnv, job_keys};
 
 const PATIENCE: Duration = Duration::from_secs(180);
 
@@ -92,14 +92,7 @@ async fn hostile_inputs_end_completed_or_dead_with_a_reason_and_workers_survive(
     let mut pending = Vec::new();
     for (name, path) in &inputs {
         for task in ["transcode", "thumbnail"] {
-            let (id, _, prefix) = job_keys(task);
-            let source = env
-                .put_source_file(&format!("uploads/{id}/source"), path)
-                .await;
-            let job = json!({"schema": 1, "task": task, "job_id": id,
-                "source": source.as_str(), "output_prefix": prefix.as_str()});
-            env.publish_raw(task, &serde_json::to_vec(&job).unwrap())
-                .await;
+            let (id, prefix) = env.submit_file(task, path, json!({})).await;
             pending.push((*name, task, id, prefix));
         }
     }

@@ -8,28 +8,15 @@ use image::RgbImage;
 use serde_json::{Value, json};
 use shared::storage_key::StorageKey;
 
+use crate::support::TestEnv;
 use crate::support::fixtures;
-use crate::support::{TestEnv, job_keys};
 
 const WORKER: &str = "thumbnailer";
 const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Uploads `file` and publishes a thumbnail job for it with `extra` fields.
 async fn submit(env: &TestEnv, file: &Path, extra: Value) -> StorageKey {
-    let (id, _, prefix) = job_keys("thumbnail");
-    let source = env
-        .put_source_file(&format!("uploads/{id}/source"), file)
-        .await;
-    let mut job = json!({
-        "schema": 1, "task": "thumbnail", "job_id": id,
-        "source": source.as_str(), "output_prefix": prefix.as_str(),
-    });
-    job.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    env.publish_raw("thumbnail", &serde_json::to_vec(&job).unwrap())
-        .await;
-    prefix
+    env.submit_file("thumbnail", file, extra).await.1
 }
 
 fn outputs(manifest: &Value) -> &Vec<Value> {

@@ -8,27 +8,14 @@ use serde_json::{Value, json};
 use shared::storage_key::StorageKey;
 
 use crate::support::fixtures::{self, ffprobe};
-use crate::support::{TestEnv, eventually, job_keys};
+use crate::support::{TestEnv, eventually};
 
 const WORKER: &str = "transcoder";
 const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Uploads `file` and publishes a transcode job for it with `extra` fields.
 async fn submit(env: &TestEnv, file: &Path, extra: Value) -> StorageKey {
-    let (id, _, prefix) = job_keys("transcode");
-    let source = env
-        .put_source_file(&format!("uploads/{id}/source"), file)
-        .await;
-    let mut job = json!({
-        "schema": 1, "task": "transcode", "job_id": id,
-        "source": source.as_str(), "output_prefix": prefix.as_str(),
-    });
-    job.as_object_mut()
-        .unwrap()
-        .extend(extra.as_object().unwrap().clone());
-    env.publish_raw("transcode", &serde_json::to_vec(&job).unwrap())
-        .await;
-    prefix
+    env.submit_file("transcode", file, extra).await.1
 }
 
 /// Local path of the output named `name` in a manifest.

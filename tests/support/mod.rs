@@ -281,6 +281,30 @@ impl TestEnv {
         key
     }
 
+    /// Stores `file` as a new job's source and publishes a `task` job for it with `extra`
+    /// fields merged in; returns the job id and its output prefix.
+    pub async fn submit_file(
+        &self,
+        task: &str,
+        file: &Path,
+        extra: serde_json::Value,
+    ) -> (Uuid, StorageKey) {
+        let (id, _, prefix) = job_keys(task);
+        let source = self
+            .put_source_file(&format!("uploads/{id}/source"), file)
+            .await;
+        let mut job = serde_json::json!({
+            "schema": 1, "task": task, "job_id": id,
+            "source": source.as_str(), "output_prefix": prefix.as_str(),
+        });
+        if let (Some(job), Some(extra)) = (job.as_object_mut(), extra.as_object()) {
+            job.extend(extra.clone());
+        }
+        self.publish_raw(task, &serde_json::to_vec(&job).expect("JSON"))
+            .await;
+        (id, prefix)
+    }
+
     /// Publishes a job to `video_tasks` with a confirm.
     pub async fn publish<J: JobMessage>(&self, job: &J) {
         self.publish_raw(J::TASK, &messages::to_body(job)).await;
