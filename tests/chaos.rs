@@ -46,6 +46,28 @@ fn close_worker_connections(node: &PrivateNode) -> usize {
     closed
 }
 
+/// Jobs expected to complete, by output prefix: `(job id, task, prefix)`.
+type Expected = BTreeMap<String, (Uuid, &'static str, StorageKey)>;
+
+/// Submits one good transcode and one good thumbnail job of `clip`.
+async fn submit_pair(env: &TestEnv, clip: &std::path::Path, expect_ok: &mut Expected) {
+    let jobs = [
+        (
+            "transcode",
+            json!({"formats": ["mp4", "hls"], "renditions":
+                [{"name": "270p", "height": 270, "video_kbps": 600, "audio_kbps": 64}]}),
+        ),
+        (
+            "thumbnail",
+            json!({"count": 3, "sprite": {"interval_s": 1, "columns": 4, "width": 64}}),
+        ),
+    ];
+    for (task, extra) in jobs {
+        let (id, prefix) = env.submit_file(task, clip, extra).await;
+        expect_ok.insert(prefix.as_str().to_owned(), (id, task, prefix));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     let jobs_per_task = env_number("CHAOS_JOBS", 10) as usize;
@@ -59,20 +81,10 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     std::fs::write(&junk, "not a video\n".repeat(100)).unwrap();
 
     // Submit: good transcodes and thumbnails, plus a few built to fail.
-    let mut expect_ok: BTreeMap<String, (Uuid, &str, StorageKey)> = BTreeMap::new();
+    let mut expect_ok: Expected = BTreeMap::new();
     let mut expect_dead: BTreeSet<Uuid> = BTreeSet::new();
-    let transcode_job = json!({"formats": ["mp4", "hls"],
-        "renditions": [{"name": "270p", "height": 270, "video_kbps": 600, "audio_kbps": 64}]});
-    let thumbnail_job = json!({"count": 3, "sprite": {"interval_s": 1, "columns": 4, "width": 64}});
     for _ in 0..jobs_per_task {
-        let (id, prefix) = env
-            .submit_file("transcode", &clip, transcode_job.clone())
-            .await;
-        expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
-        let (id, prefix) = env
-            .submit_file("thumbnail", &clip, thumbnail_job.clone())
-            .await;
-        expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
+        submit_pair(&env, &clip, &mut expect_ok).await;
     }
     for task in ["transcode", "thumbnail"] {
         let (id, _) = env.submit_file(task, &junk, json!({})).await;
@@ -118,14 +130,7 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
             live.push(w);
         }
         // Keep work flowing while things break.
-        let (id, prefix) = env
-            .submit_file("transcode", &clip, transcode_job.clone())
-            .await;
-        expect_ok.insert(prefix.as_str().to_owned(), (id, "transcode", prefix));
-        let (id, prefix) = env
-            .submit_file("thumbnail", &clip, thumbnail_job.clone())
-            .await;
-        expect_ok.insert(prefix.as_str().to_owned(), (id, "thumbnail", prefix));
+        submit_pair(&env, &clip, &mut expect_ok).await;
     }
     let submitted = expect_ok.len() + expect_dead.len();
 
