@@ -194,8 +194,17 @@ pub fn transcode(
                 })
             })
             .collect();
-        // The decoding side's error explains a rendition's "channel closed", so it wins.
-        fed?;
+        // A rendition that failed closed its channel, and the decoding side's error only
+        // says so: report the rendition's own error then. Otherwise the decoding side's
+        // error (corrupt source, cancellation) explains why the renditions stopped.
+        if let Err(e) = fed {
+            if e.to_string() == STOPPED_EARLY
+                && let Some(Err(own)) = results.into_iter().find(Result::is_err)
+            {
+                return Err(own);
+            }
+            return Err(e);
+        }
         results.into_iter().collect::<Result<Vec<_>, _>>()
     })?;
     if video.frames == 0 {
@@ -255,12 +264,15 @@ fn feed(
     Ok(())
 }
 
+/// What sending to a rendition thread that has already failed returns.
+const STOPPED_EARLY: &str = "a rendition encoder stopped early";
+
 /// Hands `msg` to every rendition thread. A closed channel means that thread failed; the
 /// caller stops and the thread's own error is reported.
 fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> Result<(), JobError> {
     for tx in senders {
         tx.send(msg())
-            .map_err(|_| JobError::Permanent("a rendition encoder stopped early".into()))?;
+            .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
     }
     Ok(())
 }
@@ -456,9 +468,8 @@ impl AudioPath {
                     .filter(|(_, r)| **r == e)
                     .map(|(tx, _)| tx);
                 for tx in mine {
-                    tx.send(Msg::Audio(Arc::clone(&packet))).map_err(|_| {
-                        JobError::Permanent("a rendition encoder stopped early".into())
-                    })?;
+                    tx.send(Msg::Audio(Arc::clone(&packet)))
+                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
                 }
             }
         }
