@@ -181,27 +181,11 @@ impl Default for TopologySettings {
 pub struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
-    /// Backoff of each retry tier in seconds; retries past the last tier reuse it. One
-    /// number is a single tier (`VIDPIPE__RETRY__DELAYS_SECS=60` reads as a number).
-    #[serde(deserialize_with = "one_or_many")]
+    /// Backoff of each retry tier in seconds; retries past the last tier reuse it.
     pub delays_secs: Vec<f64>,
     /// Quorum-queue delivery limit: a message redelivered this often (worker crash loop)
     /// is dead-lettered by the broker itself.
     pub delivery_limit: u32,
-}
-
-/// A list, or a single value standing for a list of one.
-fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(f64),
-        Many(Vec<f64>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(v) => vec![v],
-        OneOrMany::Many(v) => v,
-    })
 }
 
 impl Default for RetrySettings {
@@ -535,15 +519,6 @@ mod tests {
         std::fs::write(&zero, "[worker]\nconcurrency = 0\n").unwrap();
         let err = format!("{:#}", load(Some(&zero)).unwrap_err());
         assert!(err.contains("worker.concurrency"), "{err}");
-    }
-
-    #[test]
-    fn a_single_retry_delay_is_a_list_of_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("one.toml");
-        std::fs::write(&file, "[retry]\ndelays_secs = 60\n").unwrap();
-        let loaded = load(Some(&file)).unwrap();
-        assert_eq!(loaded.settings.retry.delays_secs, vec![60.0]);
     }
 
     #[test]
