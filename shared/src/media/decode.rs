@@ -236,17 +236,6 @@ impl FrameGraph {
         }
     }
 
-    /// Time base of output `index`'s frames.
-    pub fn time_base(&mut self, index: usize) -> Rational {
-        self.graph
-            .get(&format!("out{index}"))
-            .map_or(Rational::new(1, 1), |mut s| s.sink().time_base())
-    }
-
-    pub fn outputs(&self) -> usize {
-        self.outputs
-    }
-
     fn source(&mut self) -> Result<filter::Context, JobError> {
         self.graph
             .get("in")
