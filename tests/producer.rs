@@ -13,13 +13,7 @@ use crate::support::{TestEnv, bin, eventually, fixtures, test_job};
 
 /// Runs `producer ARGS…` in this test's world and returns what it did.
 async fn producer(env: &TestEnv, args: &[&str]) -> Output {
-    tokio::process::Command::new(bin("producer"))
-        .args(args)
-        .envs(env.env_vars())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("running producer")
+    env.producer(args).await
 }
 
 fn stderr(out: &Output) -> String {

@@ -214,8 +214,8 @@ async fn media_round_trips_through_s3_with_the_real_workers() {
     let clip = crate::support::fixtures::sample_mp4(env.data.path(), "clip.mp4", 2, 320, 240);
     env.spawn_worker("transcoder", "s3-transcoder", &[]);
     env.spawn_worker("thumbnailer", "s3-thumbnailer", &[]);
-    let out = tokio::process::Command::new(crate::support::bin("producer"))
-        .args([
+    let out = env
+        .producer(&[
             "upload",
             clip.to_str().unwrap(),
             "--wait",
@@ -223,11 +223,7 @@ async fn media_round_trips_through_s3_with_the_real_workers() {
             "240",
             "--json",
         ])
-        .envs(env.env_vars())
-        .kill_on_drop(true)
-        .output()
-        .await
-        .expect("running producer");
+        .await;
     assert_eq!(
         out.status.code(),
         Some(0),

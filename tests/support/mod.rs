@@ -305,6 +305,17 @@ impl TestEnv {
         (id, prefix)
     }
 
+    /// Runs `producer ARGS…` in this test's world and returns what it did.
+    pub async fn producer(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(bin("producer"))
+            .args(args)
+            .envs(self.env_vars())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("running producer")
+    }
+
     /// Publishes a job to `video_tasks` with a confirm.
     pub async fn publish<J: JobMessage>(&self, job: &J) {
         self.publish_raw(J::TASK, &messages::to_body(job)).await;
