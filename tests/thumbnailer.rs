@@ -37,8 +37,9 @@ fn load(path: &Path) -> RgbImage {
         .to_rgb8()
 }
 
-/// One colour per second: red, green, blue, white (so a frame says when it is from).
-fn colour_clock(dir: &Path) -> PathBuf {
+/// One colour per second: red, green, blue, white (so a frame says when it is from),
+/// H.264 with B-frames; `extra` are more encoder arguments.
+fn colour_clock(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let seg = |c: &str| format!("color=c={c}:s=160x120:r=25:d=1");
     let graph = format!(
         "{}[a];{}[b];{}[c];{}[d];[a][b][c][d]concat=n=4:v=1:a=0",
@@ -47,12 +48,9 @@ fn colour_clock(dir: &Path) -> PathBuf {
         seg("blue"),
         seg("white")
     );
-    fixtures::lavfi(
-        dir,
-        "clock.mp4",
-        &graph,
-        &["-c:v", "libx264", "-pix_fmt", "yuv420p"],
-    )
+    let mut args = vec!["-c:v", "libx264", "-pix_fmt", "yuv420p"];
+    args.extend_from_slice(extra);
+    fixtures::lavfi(dir, name, &graph, &args)
 }
 
 /// Count, size and format of every output match the job.
@@ -109,7 +107,7 @@ async fn outputs_have_the_requested_count_width_and_format() {
 #[tokio::test]
 async fn thumbnail_at_a_named_time_shows_that_frame() {
     let mut env = TestEnv::new().await;
-    let clip = colour_clock(env.data.path());
+    let clip = colour_clock(env.data.path(), "clock.mp4", &[]);
     env.spawn_worker(WORKER, "th1", &[]);
     let prefix = submit(
         &env,
@@ -226,6 +224,36 @@ async fn sprite_vtt_covers_the_video_and_points_inside_the_sheets() {
     }
     // 90 px tiles under 256 px: 2 rows of 3 = 6 tiles a sheet, so 10 tiles need 2.
     assert_eq!(sheets.len(), 2, "{sheets:?}");
+}
+
+/// Every sprite tile shows a frame from its own cue's time range: the range's keyframe
+/// when it has one (here at 1.5 s and 2.5 s, in the middle of the green and blue
+/// seconds), else the frame at the range's start.
+#[tokio::test]
+async fn every_sprite_tile_shows_a_frame_of_its_own_range() {
+    let mut env = TestEnv::new().await;
+    let clip = colour_clock(
+        env.data.path(),
+        "keyed-clock.mp4",
+        &["-force_key_frames", "1.5,2.5"],
+    );
+    env.spawn_worker(WORKER, "th1", &[]);
+    let sprite = json!({"poster": false, "count": 0,
+        "sprite": {"interval_s": 1.0, "columns": 4, "width": 80}});
+    let prefix = submit(&env, &clip, sprite).await;
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    let sheet = load(&path_of(&env, &manifest, "sprite/sheet_000.jpg"));
+    assert_eq!(sheet.dimensions(), (4 * 80, 60));
+    let expected = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]];
+    for (k, want) in expected.iter().enumerate() {
+        let p = sheet.get_pixel(80 * k as u32 + 40, 30);
+        for c in 0..3 {
+            assert!(
+                (i32::from(p[c]) - want[c]).abs() < 60,
+                "tile {k} is {p:?}, expected {want:?}"
+            );
+        }
+    }
 }
 
 /// Keyframes-only sprites (fast mode) still cover the whole video.

@@ -6,7 +6,9 @@
 //!
 //! - 10 thumbnails at given times vs one `ffmpeg -ss T -i … -frames:v 1` per thumbnail
 //!   (input seeking, the fast way to use the CLI);
-//! - a sprite sheet (a tile every 2 s) vs the CLI's `fps,scale,tile` filter chain.
+//! - a sprite sheet (a tile every 2 s) vs the CLI's `fps,scale,tile` filter chain, on
+//!   the clip above (keyframes 8.3 s apart, x264's default) and on the same picture with
+//!   a keyframe every 2 s (phones, streaming encoders).
 //!
 //! Both sides run as child processes measured the same way: the benchmark re-runs itself
 //! with `VIDPIPE_BENCH_CHILD` set to run our handler.
@@ -40,8 +42,12 @@ fn main() {
         std::fs::create_dir_all(&d).unwrap();
         d
     };
+    // The same picture with a keyframe every 2 s, as phones and streaming encoders (and
+    // our own transcoder) write them.
+    let short_gop = dir.join("source-1080p-40s-gop2s.mp4");
+    measure::clip_with(&short_gop, SECONDS, "1920x1080", &["-g", "60"]);
     let exe = std::env::current_exe().unwrap();
-    let ours = |job: &str, name: &str| {
+    let ours_on = |source: &Path, job: &str, name: &str| {
         let d = out(name);
         measure::best_of(3, name, || {
             let mut c = Command::new(&exe);
@@ -49,6 +55,7 @@ fn main() {
             c
         })
     };
+    let ours = |job: &str, name: &str| ours_on(&source, job, name);
 
     let times: Vec<String> = TIMES.iter().map(|t| t.to_string()).collect();
     let thumbs_job = format!(
@@ -89,12 +96,12 @@ fn main() {
     let our_sprite = ours(sprite_job, "ours-sprite");
     let fast_job = r#"{"poster":false,"count":0,"sprite":{"interval_s":2,"columns":10,"width":160,"keyframes_only":true}}"#;
     let our_fast_sprite = ours(fast_job, "ours-sprite-keyframes");
-    let cli_sprite = {
+    let cli_sprite_on = |source: &Path| {
         let d = out("cli-sprite");
         measure::best_of(3, "ffmpeg tile", || {
             let mut c = Command::new("ffmpeg");
             c.args(["-y", "-hide_banner", "-loglevel", "error", "-i"])
-                .arg(&source)
+                .arg(source)
                 .args([
                     "-vf",
                     "fps=1/2,scale=160:-2,tile=10x2",
@@ -107,12 +114,21 @@ fn main() {
             c
         })
     };
+    let cli_sprite = cli_sprite_on(&source);
+    let our_short_gop_sprite = ours_on(&short_gop, sprite_job, "ours-sprite-gop2s");
+    let cli_short_gop_sprite = cli_sprite_on(&short_gop);
     println!("thumbnailer on a {SECONDS} s 1080p clip");
     measure::report("10 thumbnails", our_thumbs, cli_thumbs, "ffmpeg -ss x10");
     measure::report(
         "sprite every 2 s",
         our_sprite,
         cli_sprite,
+        "ffmpeg fps,scale,tile",
+    );
+    measure::report(
+        "sprite every 2 s, source with a keyframe every 2 s",
+        our_short_gop_sprite,
+        cli_short_gop_sprite,
         "ffmpeg fps,scale,tile",
     );
     measure::report(

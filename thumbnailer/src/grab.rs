@@ -22,6 +22,15 @@ use shared::media::{SourceInfo, VideoDecoder, seconds};
 /// Skip non-reference frames while more than this many seconds before the target.
 const SKIP_MARGIN_S: f64 = 0.2;
 
+/// Which frame a request wants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Want {
+    /// The frame shown at the time: the last one at or before it.
+    ShownAt,
+    /// The first frame at or after the time, less this tolerance in seconds.
+    From(f64),
+}
+
 /// Read errors in a row after which the source counts as corrupt.
 const MAX_READ_ERRORS: u32 = 16;
 
@@ -93,12 +102,34 @@ impl<'a> Grabber<'a> {
         t: f64,
         cancelled: &dyn Fn() -> Result<(), JobError>,
     ) -> Result<Option<&frame::Video>, JobError> {
+        self.grab(t, Want::ShownAt, cancelled)
+    }
+
+    /// The first frame at or after `t` (within `tolerance` seconds before it), or the last
+    /// frame when the video ends first. Cheaper than [`Self::frame_at`]: frames nothing
+    /// refers to are skipped right up to `t`, since none before `t` can be the answer.
+    /// For a sprite tile, which may show any frame of its time range.
+    pub fn frame_from(
+        &mut self,
+        t: f64,
+        tolerance: f64,
+        cancelled: &dyn Fn() -> Result<(), JobError>,
+    ) -> Result<Option<&frame::Video>, JobError> {
+        self.grab(t, Want::From(tolerance), cancelled)
+    }
+
+    fn grab(
+        &mut self,
+        t: f64,
+        want: Want,
+        cancelled: &dyn Fn() -> Result<(), JobError>,
+    ) -> Result<Option<&frame::Video>, JobError> {
         // Until a keyframe interval is known, assume a short one: a wrong guess costs
         // at most one interval of decoding again.
         let interval = if self.gop_s > 0.0 { self.gop_s } else { 1.0 };
         let keyframe = self.keyframe_before(t);
         let seek = match (self.held_s, self.position_s, keyframe) {
-            (Some(h), _, _) if t < h => true,
+            (Some(h), _, _) if t < h && want == Want::ShownAt => true,
             // Seeking pays exactly when the keyframe before `t` is past what we decoded.
             (_, Some(p), Some(k)) => k > p + 1e-3,
             (_, None, Some(k)) => k > 1e-3,
@@ -108,21 +139,31 @@ impl<'a> Grabber<'a> {
         if seek {
             self.seek(t);
         }
+        // The first frame that answers: for `ShownAt` the one after the answer (which is
+        // then the frame held before it), for `From` the answer itself.
+        let (past, margin) = match want {
+            Want::ShownAt => (t + 1e-6, SKIP_MARGIN_S),
+            Want::From(tolerance) => (t - tolerance, 0.0),
+        };
+        let from = matches!(want, Want::From(_));
+        if from && self.held_s.is_some_and(|h| h >= past) {
+            return Ok(Some(&self.held));
+        }
         // The frame decoded past the previous target may be the one for this target.
         if let Some(a) = self.ahead_s {
-            if a <= t || self.held_s.is_none() {
+            if a <= t || self.held_s.is_none() || from {
                 std::mem::swap(&mut self.held, &mut self.ahead);
                 self.held_s = Some(a);
                 self.ahead_s = None;
             }
-            if a > t {
+            if a > t || (from && a >= past) {
                 return Ok(Some(&self.held));
             }
         }
         let mut frame = frame::Video::empty();
         loop {
             cancelled()?;
-            if !self.next_frame(&mut frame, t)? {
+            if !self.next_frame(&mut frame, t - margin)? {
                 break;
             }
             let ft = self
@@ -131,15 +172,16 @@ impl<'a> Grabber<'a> {
                 .map(|s| s - self.offset_s);
             let ft = ft.unwrap_or_else(|| self.position_s.map_or(0.0, |p| p + 1e-3));
             self.position_s = Some(ft);
-            if ft > t + 1e-6 && self.held_s.is_some() {
+            if !from && ft > past && self.held_s.is_some() {
                 self.ahead = frame;
                 self.ahead_s = Some(ft);
                 return Ok(Some(&self.held));
             }
             std::mem::swap(&mut self.held, &mut frame);
             self.held_s = Some(ft);
-            if ft > t + 1e-6 {
-                // The very first frame is already past `t`: it is what is shown.
+            if ft > past || (from && ft >= past) {
+                // For `ShownAt`: the very first frame is already past `t`, so it is what
+                // is shown.
                 return Ok(Some(&self.held));
             }
         }
@@ -170,8 +212,9 @@ impl<'a> Grabber<'a> {
         }
     }
 
-    /// Decodes the next frame into `frame`; `false` at the end of the stream.
-    fn next_frame(&mut self, frame: &mut frame::Video, target: f64) -> Result<bool, JobError> {
+    /// Decodes the next frame into `frame`; `false` at the end of the stream. Frames
+    /// nothing refers to are skipped while their time is before `skip_before`.
+    fn next_frame(&mut self, frame: &mut frame::Video, skip_before: f64) -> Result<bool, JobError> {
         let mut packet = Packet::empty();
         let mut read_errors = 0;
         loop {
@@ -219,7 +262,7 @@ impl<'a> Grabber<'a> {
                 let far = packet
                     .pts()
                     .map(|p| seconds(p, self.decoder.time_base) - self.offset_s)
-                    .is_some_and(|pt| pt < target - SKIP_MARGIN_S);
+                    .is_some_and(|pt| pt < skip_before);
                 self.decoder.decoder.skip_frame(if far {
                     Discard::NonReference
                 } else {
@@ -272,7 +315,16 @@ pub fn indexed_keyframes(input: &Input, index: usize) -> Vec<f64> {
             .collect()
     };
     raw.sort_unstable();
+    // Some containers index decoding times (MP4: a keyframe's DTS is its PTS minus the
+    // B-frame reorder delay), others presentation times (Matroska). The first keyframe is
+    // shown at the stream's start, so the gap between the two is that delay: without
+    // this, a target just before a keyframe looks as if it came after it, and the grabber
+    // seeks back to decode a stretch it already decoded.
+    let delay = raw
+        .first()
+        .map_or(0.0, |first| offset_s - seconds(*first, tb))
+        .clamp(0.0, 1.0);
     raw.into_iter()
-        .map(|ts| seconds(ts, tb) - offset_s)
+        .map(|ts| seconds(ts, tb) - offset_s + delay)
         .collect()
 }

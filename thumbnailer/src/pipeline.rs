@@ -65,6 +65,9 @@ pub fn thumbnail(
             .enumerate()
             .map(|(i, t)| (t, Purpose::Thumb(i))),
     );
+    // Keyframe times from the container's index: where seeking lands, for placing sprite
+    // tiles and for sharing the decoding fairly between lanes.
+    let keyframes = crate::grab::indexed_keyframes(&src.input, info.video.index);
     let sprite_dir = ctx.scratch_dir.join("sprite");
     let mut sheets = None;
     if let Some(spec) = &job.sprite {
@@ -84,7 +87,10 @@ pub fn thumbnail(
         std::fs::create_dir_all(&sprite_dir)
             .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
         if !spec.keyframes_only {
-            targets.extend((0..layout.tiles).map(|k| (layout.time(k), Purpose::Tile(k))));
+            targets.extend((0..layout.tiles).map(|k| {
+                let t = tile_time(&keyframes, layout.time(k), spec.interval_s);
+                (t, Purpose::Tile(k))
+            }));
         }
         sheets = Some(SheetWriter::new(
             layout,
@@ -98,7 +104,6 @@ pub fn thumbnail(
     // Contiguous stretches of the (sorted) targets, one grabber each, in parallel: every
     // grabber decodes only its own stretch, so the cores share the decoding.
     let lanes = lanes(cfg, targets.len());
-    let keyframes = crate::grab::indexed_keyframes(&src.input, info.video.index);
     let stretches = balance(&targets, &keyframes, lanes);
     let shared = Shared {
         job,
@@ -255,18 +260,128 @@ fn lanes(cfg: &ThumbnailerSettings, targets: usize) -> usize {
     cores.clamp(1, 4).min(targets / 2).max(1)
 }
 
+/// Shares the sorted targets out between `lanes` lanes of about equal decoding work; each
+/// lane's targets stay in time order.
+///
+/// With a keyframe index, targets after the same keyframe form a segment: one seek, then
+/// decoding forward, costing the video from the keyframe to the segment's last target.
+/// Segments are dealt out a window at a time (a few per lane): biggest first to the least
+/// loaded lane, then moves and swaps between the most and the least loaded lane while
+/// that lowers the most. Whole segments can't always be split evenly by cutting the
+/// targets into stretches (three segments of one size over two lanes), but they can be by
+/// choosing which lane gets which. Windows keep the lanes moving through the video
+/// together, so sprite sheets still fill in order and memory stays bounded. Without an
+/// index, contiguous stretches instead.
+fn balance(
+    targets: &[(f64, Purpose)],
+    keyframes: &[f64],
+    lanes: usize,
+) -> Vec<Vec<(f64, Purpose)>> {
+    let stretches = contiguous(targets, keyframes, lanes);
+    if keyframes.is_empty() || lanes < 2 {
+        return stretches;
+    }
+    let keyframe_before = |t: f64| keyframe_before(keyframes, t);
+    // (first, end) target indices and cost of each segment.
+    let mut segments: Vec<(usize, usize, f64)> = Vec::new();
+    for (i, (t, _)) in targets.iter().enumerate() {
+        let k = keyframe_before(*t);
+        match segments.last_mut() {
+            Some(seg) if keyframe_before(targets[seg.0].0) == k => {
+                seg.1 = i + 1;
+                seg.2 = t - k + 0.05 * (i + 1 - seg.0) as f64;
+            }
+            _ => segments.push((i, i + 1, t - k + 0.05)),
+        }
+    }
+    let mut load = vec![0.0; lanes];
+    let mut owner = vec![0; segments.len()];
+    let argmin = |load: &[f64]| (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b]));
+    let argmax = |load: &[f64]| (0..load.len()).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+    for window in (0..segments.len()).collect::<Vec<_>>().chunks(4 * lanes) {
+        let mut order = window.to_vec();
+        order.sort_by(|a, b| segments[*b].2.total_cmp(&segments[*a].2));
+        for s in order {
+            let l = argmin(&load).expect("lanes > 0");
+            owner[s] = l;
+            load[l] += segments[s].2;
+        }
+        // Even out: the best move or swap between the most and least loaded lanes.
+        for _ in 0..4 * window.len() {
+            let (hi, lo) = (argmax(&load).expect("lanes"), argmin(&load).expect("lanes"));
+            let cost = |s: &usize| segments[*s].2;
+            let mut best: Option<(f64, usize, Option<usize>)> = None;
+            for &a in window.iter().filter(|s| owner[**s] == hi) {
+                let mut consider = |delta: f64, b: Option<usize>| {
+                    let worst = (load[hi] - delta).max(load[lo] + delta);
+                    if worst < load[hi] - 1e-9 && best.is_none_or(|(w, ..)| worst < w) {
+                        best = Some((worst, a, b));
+                    }
+                };
+                consider(cost(&a), None);
+                for &b in window.iter().filter(|s| owner[**s] == lo) {
+                    consider(cost(&a) - cost(&b), Some(b));
+                }
+            }
+            let Some((_, a, b)) = best else { break };
+            owner[a] = lo;
+            load[hi] -= cost(&a);
+            load[lo] += cost(&a);
+            if let Some(b) = b {
+                owner[b] = hi;
+                load[lo] -= cost(&b);
+                load[hi] += cost(&b);
+            }
+        }
+    }
+    let mut out = vec![Vec::new(); lanes];
+    for (s, (first, end, _)) in segments.iter().enumerate() {
+        out[owner[s]].extend_from_slice(&targets[*first..*end]);
+    }
+    out.retain(|lane| !lane.is_empty());
+    // Stretches may cut a segment in two (both lanes then decode its start), which can
+    // beat whole segments when they are few and alike: take whichever plan's busiest lane
+    // has less to decode.
+    let busiest = |plan: &[Vec<(f64, Purpose)>]| {
+        plan.iter()
+            .map(|lane| lane_cost(lane, keyframes))
+            .fold(0.0, f64::max)
+    };
+    if busiest(&stretches) <= busiest(&out) {
+        stretches
+    } else {
+        out
+    }
+}
+
+/// The keyframe at or before `t` (0 when unknown).
+fn keyframe_before(keyframes: &[f64], t: f64) -> f64 {
+    let i = keyframes.partition_point(|k| *k <= t + 1e-6);
+    i.checked_sub(1).map_or(0.0, |i| keyframes[i])
+}
+
+/// Seconds of video one lane decodes for its (sorted) targets: from each target's
+/// keyframe or the previous target, whichever is later, plus a little per target.
+fn lane_cost(lane: &[(f64, Purpose)], keyframes: &[f64]) -> f64 {
+    let mut previous = f64::NEG_INFINITY;
+    lane.iter()
+        .map(|(t, _)| {
+            let cost = (t - keyframe_before(keyframes, *t).max(previous)).max(0.0) + 0.05;
+            previous = *t;
+            cost
+        })
+        .sum()
+}
+
 /// Cuts the sorted targets into `lanes` contiguous stretches of about equal decoding
 /// work: a target costs the video between it and the later of the previous target and
 /// its keyframe (the whole gap when the keyframes are unknown).
-fn balance<'t>(
-    targets: &'t [(f64, Purpose)],
+fn contiguous(
+    targets: &[(f64, Purpose)],
     keyframes: &[f64],
     lanes: usize,
-) -> Vec<&'t [(f64, Purpose)]> {
-    let keyframe_before = |t: f64| {
-        let i = keyframes.partition_point(|k| *k <= t + 1e-6);
-        i.checked_sub(1).map_or(0.0, |i| keyframes[i])
-    };
+) -> Vec<Vec<(f64, Purpose)>> {
+    let keyframe_before = |t: f64| keyframe_before(keyframes, t);
     let mut previous = 0.0;
     let costs: Vec<f64> = targets
         .iter()
@@ -283,11 +398,11 @@ fn balance<'t>(
         acc += c;
         let cut = total * (stretches.len() + 1) as f64 / lanes as f64;
         if acc >= cut && stretches.len() + 1 < lanes && i + 1 < targets.len() {
-            stretches.push(&targets[start..=i]);
+            stretches.push(targets[start..=i].to_vec());
             start = i + 1;
         }
     }
-    stretches.push(&targets[start..]);
+    stretches.push(targets[start..].to_vec());
     stretches.retain(|s| !s.is_empty());
     stretches
 }
@@ -322,8 +437,15 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobErro
         thumbs: Vec::new(),
         decoded: 0,
     };
+    // A tile's keyframe time may be off by a rounding error; half a frame of slack still
+    // finds that keyframe and no earlier frame.
+    let half_frame = 0.5 / s.info.video.frame_rate.max(1.0);
     for (t, purpose) in targets {
-        let frame = grabber.frame_at(*t, &cancelled)?.ok_or_else(no_frames)?;
+        let frame = match purpose {
+            Purpose::Tile(_) => grabber.frame_from(*t, half_frame, &cancelled)?,
+            _ => grabber.frame_at(*t, &cancelled)?,
+        };
+        let frame = frame.ok_or_else(no_frames)?;
         let frame = frame.clone();
         let shown = grabber.held_seconds().unwrap_or(*t);
         match purpose {
@@ -353,6 +475,18 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobErro
 
 fn no_frames() -> JobError {
     JobError::Permanent("source video has no decodable frames".into())
+}
+
+/// Where a sprite tile's frame is taken from. A tile stands for its cue's range
+/// `[start, start + interval)`, so any frame of that range is a true preview of it: the
+/// range's first keyframe when it has one (it decodes on its own, so the stretch of video
+/// before it need not be decoded at all), else the first frame from `start` on.
+fn tile_time(keyframes: &[f64], start: f64, interval: f64) -> f64 {
+    let i = keyframes.partition_point(|k| *k < start - 1e-6);
+    match keyframes.get(i) {
+        Some(k) if *k < start + interval => *k,
+        _ => start,
+    }
 }
 
 /// Poster candidates spread over the first half of the video (skipping the very start,
@@ -413,19 +547,50 @@ mod tests {
         assert_eq!(thumb_times(&job, 8.0), [1.0, 3.0, 5.0, 7.0]);
     }
 
-    #[test]
-    fn lanes_split_the_targets_in_order_by_decoding_work() {
-        let targets: Vec<(f64, Purpose)> = [1.0, 2.0, 3.0, 9.0, 10.0, 11.0]
+    fn thumbs(times: &[f64]) -> Vec<(f64, Purpose)> {
+        times
             .iter()
             .enumerate()
             .map(|(i, t)| (*t, Purpose::Thumb(i)))
-            .collect();
-        // Keyframes at 0 and 8: the first three cost 1 s each, 9 costs 1 s from the
-        // keyframe at 8, the rest 1 s each.
-        let lanes = balance(&targets, &[0.0, 8.0], 2);
+            .collect()
+    }
+
+    #[test]
+    fn without_an_index_lanes_are_contiguous_stretches_of_equal_work() {
+        let targets = thumbs(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let lanes = balance(&targets, &[], 2);
         assert_eq!(lanes.len(), 2);
         assert_eq!(lanes.concat(), targets, "every target once, in order");
         assert_eq!(lanes[0].len(), 3);
+    }
+
+    #[test]
+    fn lanes_get_whole_keyframe_segments_of_equal_work() {
+        // Keyframes every 8 s; segments (cost = keyframe to last target): [1, 5] 5 s,
+        // [10, 13] 5 s, [17, 23] 7 s, [28, 31] 7 s. Cutting into two stretches gives 10
+        // and 14 s (or 17 and 7); choosing segments gives 12 and 12.
+        let targets = thumbs(&[1.0, 5.0, 10.0, 13.0, 17.0, 23.0, 28.0, 31.0]);
+        let lanes = balance(&targets, &[0.0, 8.0, 16.0, 24.0], 2);
+        assert_eq!(lanes.len(), 2);
+        let mut all = lanes.concat();
+        all.sort_by(|a, b| a.0.total_cmp(&b.0));
+        assert_eq!(all, targets, "every target once");
+        for lane in &lanes {
+            assert!(lane.windows(2).all(|w| w[0].0 < w[1].0), "in time order");
+            assert_eq!(lane.len(), 4, "{lanes:?}");
+        }
+    }
+
+    #[test]
+    fn a_tile_shows_the_keyframe_of_its_range_when_there_is_one() {
+        let keyframes = [0.0, 8.3, 16.7];
+        // The range [8, 10) holds the keyframe at 8.3; [10, 12) holds none.
+        assert_eq!(tile_time(&keyframes, 8.0, 2.0), 8.3);
+        assert_eq!(tile_time(&keyframes, 10.0, 2.0), 10.0);
+        // A keyframe exactly at the range's start is that range's.
+        assert_eq!(tile_time(&keyframes, 0.0, 2.0), 0.0);
+        // No index: the first frame from the range's start on.
+        assert_eq!(tile_time(&[], 4.0, 2.0), 4.0);
     }
 
     #[test]
