@@ -55,21 +55,30 @@ pub struct Finished {
     pub files: Vec<(OutputFormat, PathBuf)>,
 }
 
+/// The video frames a rendition is fed: their nominal rate, and the time base of their
+/// timestamps (the decoder's, or the rotation filter graph's).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameClock {
+    pub rate: Rational,
+    pub time_base: Rational,
+}
+
 impl RenditionOutput {
-    /// Opens the encoders and writes each container's header. `video_tb` is the time base
-    /// of the frames that will arrive (the filter graph's output).
+    /// Opens the encoders (x264 with `threads` threads) and writes each container's
+    /// header.
     pub fn open(
         plan: Planned,
         cfg: &TranscoderSettings,
-        frame_rate: Rational,
-        video_tb: Rational,
+        threads: usize,
+        clock: FrameClock,
         audio: Option<&AudioEncoder>,
         formats: &[OutputFormat],
         dir: &Path,
     ) -> Result<Self, JobError> {
+        let (frame_rate, video_tb) = (clock.rate, clock.time_base);
         let fps = f64::from(frame_rate);
         let level = hls::h264_level(plan.width, plan.height, fps);
-        let video = open_video_encoder(&plan, cfg, frame_rate, video_tb, level)?;
+        let video = open_video_encoder(&plan, cfg, threads, frame_rate, video_tb, level)?;
         let mut muxers = Vec::new();
         for &kind in formats {
             let (path, fmt, opts) = match kind {
@@ -210,6 +219,7 @@ impl RenditionOutput {
 fn open_video_encoder(
     plan: &Planned,
     cfg: &TranscoderSettings,
+    threads: usize,
     frame_rate: Rational,
     time_base: Rational,
     level: u32,
@@ -235,16 +245,9 @@ fn open_video_encoder(
     let kbps = plan.video_kbps;
     enc.set_max_bit_rate(kbps as usize * 1000);
     let mut opts = Dictionary::new();
-    // x264 runs its own threads (frame-parallel plus lookahead); "auto" sizes them to the
-    // cores, as the ffmpeg CLI does.
-    opts.set(
-        "threads",
-        &if cfg.threads == 0 {
-            "auto".to_owned()
-        } else {
-            cfg.threads.to_string()
-        },
-    );
+    // x264 runs its own frame-parallel threads; the pipeline gives each rendition its
+    // share (see `pipeline::encoder_threads`).
+    opts.set("threads", &threads.to_string());
     opts.set("preset", &cfg.preset);
     opts.set("crf", &cfg.crf.to_string());
     opts.set("maxrate", &format!("{kbps}k"));

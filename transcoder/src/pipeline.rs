@@ -2,16 +2,18 @@
 //!
 //! ```text
 //!            this thread                          one thread per rendition
-//! source ─ demux ─┬─ video decode ─ upright ─┬──► scale 1080p ─ x264 ─┬─ 1080p.mp4, hls/1080p/…
-//!                 │                          ├──► scale 720p ── x264 ─┤
-//!                 │                          └──► …                   │
-//!                 └─ audio decode ─ 48 kHz stereo ─ AAC per bit rate ──┘
+//! source ─ demux ─┬─ video decode ─ upright ───► 1080p ─ x264 ─┬─ 1080p.mp4, hls/1080p/…
+//!                 │                                └► scale 720p ─ x264 ─┤
+//!                 │                                     └► scale 480p … ─┤
+//!                 └─ audio decode ─ 48 kHz stereo ─ AAC per bit rate ────┘
 //! ```
 //!
-//! Decoded frames are shared, not copied: each rendition thread gets a reference-counted
+//! Decoded frames are shared, not copied: a rendition thread gets a reference-counted
 //! frame through a short bounded channel (back-pressure keeps memory flat), scales it with
-//! its own swscale context and encodes it. Scaling and encoding of the renditions thus run
-//! in parallel with each other and with decoding.
+//! its own swscale context, hands its picture on to the next smaller rendition (which
+//! scales from it: fewer pixels to read than the source, see `ladder::scale_sources`)
+//! and encodes it. Scaling and encoding of the renditions thus run in parallel with each
+//! other and with decoding.
 //!
 //! Timestamps are kept from the source (shifted so the earliest stream starts at 0), so
 //! variable frame rate stays variable and audio that starts late stays in sync.
@@ -32,7 +34,7 @@ use shared::media::{self, FrameGraph, MediaLimits, VideoDecoder, seconds, timest
 use shared::messages::{OutputFormat, TranscodeJob};
 use shared::{JobContext, JobError, TaskOutput};
 
-use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, RenditionOutput};
+use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, RenditionOutput};
 use crate::hls;
 use crate::ladder;
 use crate::settings::TranscoderSettings;
@@ -143,13 +145,17 @@ pub fn transcode(
     }
 
     let mut outputs = Vec::with_capacity(plan.len());
+    let threads = encoder_threads(&plan, cfg.threads);
     for (i, p) in plan.iter().enumerate() {
         let encoder = audio.as_ref().map(|a| &a.encoders[a.route[i]]);
         outputs.push(RenditionOutput::open(
             p.clone(),
             cfg,
-            frame_rate,
-            v_tb,
+            threads[i],
+            FrameClock {
+                rate: frame_rate,
+                time_base: v_tb,
+            },
             encoder,
             &job.formats,
             &ctx.scratch_dir,
@@ -165,27 +171,45 @@ pub fn transcode(
         upright,
     };
     let aborted = AtomicBool::new(false);
+    let sources = ladder::scale_sources(&plan);
     let finished = std::thread::scope(|scope| {
-        let mut senders = Vec::with_capacity(outputs.len());
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            plan.iter().map(|_| sync_channel(QUEUE)).unzip();
+        // Decoded frames go to the renditions scaled from the source; every other one
+        // gets its pictures from the rendition it is scaled from. Audio goes to all.
+        let roots: Vec<SyncSender<Msg>> = senders
+            .iter()
+            .zip(&sources)
+            .filter(|(_, src)| src.is_none())
+            .map(|(tx, _)| tx.clone())
+            .collect();
         let mut workers = Vec::with_capacity(outputs.len());
-        for out in outputs {
-            let (tx, rx) = sync_channel(QUEUE);
-            senders.push(tx);
+        for (i, (out, rx)) in outputs.into_iter().zip(receivers).enumerate() {
+            let children: Vec<SyncSender<Msg>> = sources
+                .iter()
+                .enumerate()
+                .filter(|(_, src)| **src == Some(i))
+                .map(|(j, _)| senders[j].clone())
+                .collect();
             let aborted = &aborted;
-            workers.push(scope.spawn(move || encode_rendition(out, rx, aborted)));
+            workers.push(scope.spawn(move || encode_rendition(out, rx, children, aborted)));
         }
+        let routes = Routes {
+            video: roots,
+            all: senders,
+        };
         let fed = feed(
             &mut src.input,
             &mut vdec,
             &mut video,
             audio.as_mut(),
-            &senders,
+            &routes,
             ctx,
         );
         if fed.is_err() {
             aborted.store(true, Ordering::Relaxed);
         }
-        drop(senders);
+        drop(routes);
         let results: Vec<Result<Finished, JobError>> = workers
             .into_iter()
             .map(|w| {
@@ -194,16 +218,25 @@ pub fn transcode(
                 })
             })
             .collect();
-        // A rendition that failed closed its channel, and the decoding side's error only
-        // says so: report the rendition's own error then. Otherwise the decoding side's
+        // A rendition that failed closed its channel, and whoever fed it (the decoding
+        // side, or the larger rendition it is scaled from) only says it stopped early:
+        // report the failed rendition's own error then. Otherwise the decoding side's
         // error (corrupt source, cancellation) explains why the renditions stopped.
+        let mut errors: Vec<JobError> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err().cloned())
+            .collect();
+        errors.sort_by_key(|e| e.to_string() == STOPPED_EARLY);
         if let Err(e) = fed {
             if e.to_string() == STOPPED_EARLY
-                && let Some(Err(own)) = results.into_iter().find(Result::is_err)
+                && let Some(own) = errors.into_iter().next()
             {
                 return Err(own);
             }
             return Err(e);
+        }
+        if let Some(own) = errors.into_iter().next() {
+            return Err(own);
         }
         results.into_iter().collect::<Result<Vec<_>, _>>()
     })?;
@@ -216,17 +249,44 @@ pub fn transcode(
     collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
 }
 
+/// x264 threads per rendition: the cores (`threads`, 0 = all of them) shared out by
+/// picture size. Each rendition gets its share of 1.5 threads a core (x264's own "auto"
+/// for a single encoder), at least one. On 2 cores the 1080p/720p/480p/360p ladder gets
+/// 2/1/1/1: the renditions run side by side, so giving each x264 its own full set of
+/// frame threads (as "auto" would) only adds threads fighting over the same cores, and
+/// measured slower (and more memory) than sharing them out.
+fn encoder_threads(plan: &[ladder::Planned], threads: usize) -> Vec<usize> {
+    let cores = if threads > 0 {
+        threads
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    };
+    let pixels = |p: &ladder::Planned| f64::from(p.width) * f64::from(p.height);
+    let total: f64 = plan.iter().map(pixels).sum::<f64>().max(1.0);
+    plan.iter()
+        .map(|p| ((1.5 * cores as f64 * pixels(p) / total).round() as usize).max(1))
+        .collect()
+}
+
 fn usable_rate(r: Rational) -> Option<Rational> {
     (r.numerator() > 0 && r.denominator() > 0 && f64::from(r) <= 240.0).then_some(r)
 }
 
-/// Demuxes and decodes the whole source, handing every frame to every rendition.
+/// Where the decoding thread sends what it decodes.
+struct Routes {
+    /// The renditions scaled from the source itself.
+    video: Vec<SyncSender<Msg>>,
+    /// Every rendition, in plan order (for audio).
+    all: Vec<SyncSender<Msg>>,
+}
+
+/// Demuxes and decodes the whole source, handing every frame to the renditions.
 fn feed(
     input: &mut ffmpeg::format::context::Input,
     vdec: &mut VideoDecoder,
     video: &mut VideoPath,
     mut audio: Option<&mut AudioPath>,
-    senders: &[SyncSender<Msg>],
+    routes: &Routes,
     ctx: &JobContext,
 ) -> Result<(), JobError> {
     let mut packet = Packet::empty();
@@ -249,17 +309,17 @@ fn feed(
         }
         if packet.stream() == vdec.stream_index {
             vdec.send(&packet)?;
-            video.drain(vdec, senders, ctx)?;
+            video.drain(vdec, &routes.video, ctx)?;
         } else if let Some(a) = audio.as_deref_mut().filter(|a| a.index == packet.stream()) {
             a.send(&packet);
-            a.drain(senders)?;
+            a.drain(&routes.all)?;
         }
     }
     vdec.send_eof();
-    video.drain(vdec, senders, ctx)?;
-    video.flush(senders)?;
+    video.drain(vdec, &routes.video, ctx)?;
+    video.flush(&routes.video)?;
     if let Some(a) = audio {
-        a.finish(senders)?;
+        a.finish(&routes.all)?;
     }
     Ok(())
 }
@@ -277,11 +337,13 @@ fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> Result<(), J
     Ok(())
 }
 
-/// One rendition's thread: scale each frame to its size, encode, mux; finish the files
-/// when the channel closes (unless the job was aborted).
+/// One rendition's thread: scale each frame to its size, hand the picture on to the
+/// renditions scaled from it (`children`), encode, mux; finish the files when the channel
+/// closes (unless the job was aborted).
 fn encode_rendition(
     mut out: RenditionOutput,
     rx: Receiver<Msg>,
+    children: Vec<SyncSender<Msg>>,
     aborted: &AtomicBool,
 ) -> Result<Finished, JobError> {
     let (w, h) = (out.plan.width, out.plan.height);
@@ -289,42 +351,61 @@ fn encode_rendition(
         ffmpeg::software::scaling::Context,
         (ffmpeg::format::Pixel, u32, u32),
     )> = None;
-    let mut scaled = frame::Video::new(ffmpeg::format::Pixel::YUV420P, w, h);
+    // Scaled pictures, reused once x264 (which copies what it is given) and the children
+    // are done with them: a fresh allocation per frame costs page faults on every frame.
+    let mut pictures: Vec<Arc<frame::Video>> = Vec::new();
     for msg in rx {
         match msg {
             Msg::Video(frame) => {
                 let fits = frame.width() == w
                     && frame.height() == h
                     && frame.format() == ffmpeg::format::Pixel::YUV420P;
-                if fits {
-                    out.encode_video(Some(&frame))?;
-                    continue;
+                let picture = if fits {
+                    frame
+                } else {
+                    let input = (frame.format(), frame.width(), frame.height());
+                    if scaler.as_ref().is_none_or(|(_, i)| *i != input) {
+                        let ctx = ffmpeg::software::scaling::Context::get(
+                            input.0,
+                            input.1,
+                            input.2,
+                            ffmpeg::format::Pixel::YUV420P,
+                            w,
+                            h,
+                            ffmpeg::software::scaling::Flags::BILINEAR,
+                        )
+                        .map_err(|e| media::pipeline_error("creating a scaler", e))?;
+                        scaler = Some((ctx, input));
+                    }
+                    let (sws, _) = scaler.as_mut().expect("scaler just made");
+                    let free = match pictures.iter().position(|p| Arc::strong_count(p) == 1) {
+                        Some(i) => i,
+                        None => {
+                            pictures.push(Arc::new(frame::Video::new(
+                                ffmpeg::format::Pixel::YUV420P,
+                                w,
+                                h,
+                            )));
+                            pictures.len() - 1
+                        }
+                    };
+                    let scaled = Arc::get_mut(&mut pictures[free]).expect("held by the pool only");
+                    sws.run(&frame, scaled)
+                        .map_err(|e| media::pipeline_error("scaling", e))?;
+                    scaled.set_pts(frame.pts());
+                    Arc::clone(&pictures[free])
+                };
+                for tx in &children {
+                    tx.send(Msg::Video(Arc::clone(&picture)))
+                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
                 }
-                let input = (frame.format(), frame.width(), frame.height());
-                if scaler.as_ref().is_none_or(|(_, i)| *i != input) {
-                    let ctx = ffmpeg::software::scaling::Context::get(
-                        input.0,
-                        input.1,
-                        input.2,
-                        ffmpeg::format::Pixel::YUV420P,
-                        w,
-                        h,
-                        ffmpeg::software::scaling::Flags::BILINEAR,
-                    )
-                    .map_err(|e| media::pipeline_error("creating a scaler", e))?;
-                    scaler = Some((ctx, input));
-                }
-                let (sws, _) = scaler.as_mut().expect("scaler just made");
-                // One output picture, reused: x264 copies what it is given, and a fresh
-                // 1080p-sized allocation per frame costs page faults on every frame.
-                sws.run(&frame, &mut scaled)
-                    .map_err(|e| media::pipeline_error("scaling", e))?;
-                scaled.set_pts(frame.pts());
-                out.encode_video(Some(&scaled))?;
+                out.encode_video(Some(&picture))?;
             }
             Msg::Audio(packet) => out.write_audio(&packet)?,
         }
     }
+    // The children's input ends here, so they finish alongside this one.
+    drop(children);
     if aborted.load(Ordering::Relaxed) {
         return Err(JobError::Cancelled);
     }
@@ -589,4 +670,18 @@ fn kbps(bytes: u64, seconds: f64) -> u64 {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_threads_follow_picture_size() {
+        let (ladder, _) = ladder::plan(&[], 1920, 1080);
+        assert_eq!(encoder_threads(&ladder, 2), [2, 1, 1, 1]);
+        assert_eq!(encoder_threads(&ladder, 8), [7, 3, 1, 1]);
+        // One rendition gets what x264's "auto" would give it.
+        assert_eq!(encoder_threads(&ladder[..1], 4), [6]);
+    }
 }
