@@ -1,11 +1,12 @@
-//! The thumbnail job: one pass over the source in time order serves the poster
-//! candidates, the thumbnails and the sprite tiles, with one decoder for all of them.
+//! The thumbnail job: passes over the source in time order serve the poster candidates,
+//! the thumbnails and the sprite tiles, one decoder per core ("lane") for all of them.
 //!
-//! Every request becomes a target time; targets are sorted and visited once by the
+//! Every request becomes a target time; targets are sorted, shared out between the
+//! lanes by decoding work ([`balance`]) and visited once, in order, by each lane's
 //! [`Grabber`], which seeks or decodes forward as is cheaper. Images are written as soon
-//! as they exist (sprite sheets as soon as they are full), so memory holds at most one
-//! sheet and the poster candidates, whatever the video's length. A keyframes-only sprite
-//! takes a second, much cheaper pass that decodes keyframes alone.
+//! as they exist (sprite sheets as soon as they are full), so memory holds a few sheets
+//! and the poster candidates, whatever the video's length. A keyframes-only sprite takes
+//! a second, much cheaper pass that decodes keyframes alone.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -101,8 +102,8 @@ pub fn thumbnail(
     }
     targets.sort_by(|a, b| a.0.total_cmp(&b.0));
 
-    // Contiguous stretches of the (sorted) targets, one grabber each, in parallel: every
-    // grabber decodes only its own stretch, so the cores share the decoding.
+    // The (sorted) targets shared out between lanes, one grabber each, in parallel: every
+    // grabber decodes only what its own targets need, so the cores share the decoding.
     let lanes = lanes(cfg, targets.len());
     let stretches = balance(&targets, &keyframes, lanes);
     let shared = Shared {
