@@ -182,6 +182,8 @@ pub struct RetrySettings {
     /// Attempts in all, the first included.
     pub max_attempts: u32,
     /// Backoff of each retry tier in seconds; retries past the last tier reuse it.
+    /// One number (`60`) is a one-tier list.
+    #[serde(deserialize_with = "seconds_list")]
     pub delays_secs: Vec<f64>,
     /// Quorum-queue delivery limit: a message redelivered this often (worker crash loop)
     /// is dead-lettered by the broker itself.
@@ -195,6 +197,56 @@ impl Default for RetrySettings {
             delays_secs: vec![5.0, 30.0, 300.0],
             delivery_limit: 20,
         }
+    }
+}
+
+/// A list of seconds given as a list (`[5, 30]`, from a file), a comma-separated
+/// string (`5, 30`, from the environment) or a single number (`60`: the environment
+/// source reads a lone number as a number, not as a list of one).
+fn seconds_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    d.deserialize_any(Seconds)
+}
+
+/// Visits any of [`seconds_list`]'s forms. List items go through it again, since the
+/// environment source hands them over as untrimmed strings (`" 30"`).
+struct Seconds;
+
+impl<'de> serde::de::Visitor<'de> for Seconds {
+    type Value = Vec<f64>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("seconds, e.g. [5, 30, 300] or \"5,30,300\"")
+    }
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(vec![v as f64])
+    }
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(vec![v as f64])
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(vec![v])
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        v.split(',')
+            .map(|s| {
+                s.trim()
+                    .parse::<f64>()
+                    .map_err(|_| E::custom(format!("`{}` is not a number of seconds", s.trim())))
+            })
+            .collect()
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element_seed(Seconds)? {
+            out.extend(item);
+        }
+        Ok(out)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Seconds {
+    type Value = Vec<f64>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
     }
 }
 
@@ -387,6 +439,15 @@ impl Loaded {
 /// Loads settings: defaults, then `file` (or `$VIDPIPE_CONFIG`) if given, then the
 /// environment.
 pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
+    load_with_env(file, None)
+}
+
+/// [`load`] with the environment given as a map (`None`: the process's own), so tests
+/// need not change the process environment other tests read.
+fn load_with_env(
+    file: Option<&Path>,
+    env: Option<config::Map<String, String>>,
+) -> anyhow::Result<Loaded> {
     let file = file
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from));
@@ -406,7 +467,8 @@ pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
             .separator("__")
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("retry.delays_secs"),
+            .with_list_parse_key("retry.delays_secs")
+            .source(env),
     );
     let raw = builder.build().context("reading settings")?;
     let settings: Settings = raw
@@ -585,6 +647,29 @@ mod tests {
             err.contains("amqp.tls_client_key_file") && !err.contains("MAA="),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retry_delays_from_the_environment_take_one_value_or_a_list() {
+        let env = |v: &str| {
+            let mut m = config::Map::new();
+            m.insert("VIDPIPE__RETRY__DELAYS_SECS".to_owned(), v.to_owned());
+            load_with_env(None, Some(m))
+        };
+        assert_eq!(env("60").unwrap().settings.retry.delays_secs, vec![60.0]);
+        assert_eq!(env("2.5").unwrap().settings.retry.delays_secs, vec![2.5]);
+        assert_eq!(
+            env("5,30,300").unwrap().settings.retry.delays_secs,
+            vec![5.0, 30.0, 300.0]
+        );
+        assert_eq!(
+            env("0.5, 10").unwrap().settings.retry.delays_secs,
+            vec![0.5, 10.0]
+        );
+        let err = format!("{:#}", env("5,soon").unwrap_err());
+        assert!(err.contains("soon"), "{err}");
+        let err = format!("{:#}", env("-1").unwrap_err());
+        assert!(err.contains("retry.delays_secs"), "{err}");
     }
 
     #[test]
