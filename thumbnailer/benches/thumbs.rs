@@ -85,10 +85,7 @@ fn main() {
                 measure::run("ffmpeg thumbnail", &mut c)
             })
             .collect();
-        measure::Measured {
-            wall: runs.iter().map(|m| m.wall).sum(),
-            peak_rss_kib: runs.iter().map(|m| m.peak_rss_kib).max().unwrap(),
-        }
+        measure::Measured::sequence(&runs)
     };
 
     let sprite_job =
