@@ -25,9 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use shared::broker;
 use shared::events::JobEvent;
@@ -92,43 +90,17 @@ async fn main() {
     storage.put_file(&source, &clip, &|_| {}).await.unwrap();
 
     // Completion events, bound before anything is published.
-    let events = conn.create_channel().await.unwrap();
-    let q = events
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    for key in ["job.*.thumbnail.completed", "job.*.thumbnail.dead"] {
-        events
-            .queue_bind(
-                q.name().clone(),
-                topology.events_exchange().into(),
-                key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-    }
-    let mut consumer = events
-        .basic_consume(
-            q.name().clone(),
-            "load".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let (_events, mut consumer) = shared::events::subscribe(
+        &conn,
+        &topology.events_exchange(),
+        &[
+            "job.*.thumbnail.completed".to_owned(),
+            "job.*.thumbnail.dead".to_owned(),
+        ],
+        "load",
+    )
+    .await
+    .unwrap();
 
     let bin = thumbnailer_bin();
     let scratch = data.path().join("scratch");

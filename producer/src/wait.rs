@@ -10,11 +10,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Consumer};
 use serde::Serialize;
 use shared::events::{JobEvent, JobState};
@@ -78,43 +75,14 @@ impl Follower {
     /// Declares a private queue bound to every event of `job_ids` and starts consuming.
     pub async fn start(broker: &Broker, job_ids: &[Uuid]) -> anyhow::Result<Self> {
         let conn = broker.connection().await?;
-        let channel = conn.create_channel().await.context("opening a channel")?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("declaring the event queue")?;
-        for id in job_ids {
-            channel
-                .queue_bind(
-                    queue.name().clone(),
-                    broker.topology.events_exchange().into(),
-                    format!("job.{id}.#").into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .with_context(|| format!("binding to `{}`", broker.topology.events_exchange()))?;
-        }
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "vidpipe-producer-wait".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .context("consuming events")?;
+        let keys: Vec<String> = job_ids.iter().map(|id| format!("job.{id}.#")).collect();
+        let (channel, consumer) = shared::events::subscribe(
+            &conn,
+            &broker.topology.events_exchange(),
+            &keys,
+            "vidpipe-producer-wait",
+        )
+        .await?;
         Ok(Self {
             _conn: conn,
             _channel: channel,

@@ -4,8 +4,12 @@
 //! confirmed, and losing one never loses a job — the manifests and the dead-letter queue
 //! are the record of truth.
 
-use lapin::options::BasicPublishOptions;
-use lapin::{BasicProperties, Channel};
+use anyhow::Context;
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -124,4 +128,55 @@ impl EventPublisher {
         // The receiver only goes away with the session; then events are moot.
         let _ = self.queue.send((routing_key(job_id, task, state), body));
     }
+}
+
+/// A private subscription to events: a server-named queue, exclusive to this connection
+/// and deleted with it, bound to `exchange` with each routing key pattern of `keys`
+/// (`job.<id>.#`, `job.*.thumbnail.completed`), consumed without acks (events are best
+/// effort). Subscribe before publishing the jobs to follow: events sent before the
+/// binding exists reach nobody. The channel must be kept as long as the consumer.
+pub async fn subscribe(
+    conn: &Connection,
+    exchange: &str,
+    keys: &[String],
+    consumer_tag: &str,
+) -> anyhow::Result<(Channel, Consumer)> {
+    let channel = conn.create_channel().await.context("opening a channel")?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("declaring an event queue")?;
+    for key in keys {
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                exchange.into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding to `{exchange}` with `{key}`"))?;
+    }
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            consumer_tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("consuming events")?;
+    Ok((channel, consumer))
 }

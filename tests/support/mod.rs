@@ -12,9 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use shared::broker;
@@ -351,41 +349,14 @@ impl TestEnv {
 
     /// A consumer of every event of `job_id`, bound before anything is published.
     pub async fn follow_events(&self, job_id: Uuid) -> EventStream {
-        let channel = self.conn.create_channel().await.expect("channel");
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("event queue");
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.events_exchange().into(),
-                format!("job.{job_id}.#").into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("binding the event queue");
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .expect("consuming events");
+        let (channel, consumer) = shared::events::subscribe(
+            &self.conn,
+            &self.topology.events_exchange(),
+            &[format!("job.{job_id}.#")],
+            "",
+        )
+        .await
+        .expect("subscribing to the job's events");
         EventStream {
             _channel: channel,
             consumer,
