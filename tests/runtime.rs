@@ -482,16 +482,20 @@ async fn worker_resumes_after_its_queue_is_deleted() {
     // A consumer on the new queue means the worker has declared it and bound it again
     // (it consumes only after declaring the whole topology); before that, a publish could
     // find the queue but not yet its binding, and be unroutable.
-    eventually(PATIENCE, "the worker to re-declare its queue and consume", async || {
-        let ch = env.conn.create_channel().await.unwrap();
-        let passive = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        ch.queue_declare(queue.clone().into(), passive, Default::default())
-            .await
-            .is_ok_and(|q| q.consumer_count() > 0)
-    })
+    eventually(
+        PATIENCE,
+        "the worker to re-declare its queue and consume",
+        async || {
+            let ch = env.conn.create_channel().await.unwrap();
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            ch.queue_declare(queue.clone().into(), passive, Default::default())
+                .await
+                .is_ok_and(|q| q.consumer_count() > 0)
+        },
+    )
     .await;
     let (_, prefix) = submit(&env, json!({})).await;
     env.wait_manifest(&prefix, PATIENCE).await;
