@@ -278,21 +278,22 @@ fn balance(
     keyframes: &[f64],
     lanes: usize,
 ) -> Vec<Vec<(f64, Purpose)>> {
-    let stretches = contiguous(targets, keyframes, lanes);
+    let costs = target_costs(targets, keyframes);
+    let stretches = contiguous(targets, &costs, lanes);
     if keyframes.is_empty() || lanes < 2 {
         return stretches;
     }
     let keyframe_before = |t: f64| keyframe_before(keyframes, t);
-    // (first, end) target indices and cost of each segment.
+    // (first, end) target indices and cost of each segment. A segment's first target is
+    // the first after its keyframe, so the targets' costs add up to the segment's.
     let mut segments: Vec<(usize, usize, f64)> = Vec::new();
-    for (i, (t, _)) in targets.iter().enumerate() {
-        let k = keyframe_before(*t);
+    for (i, ((t, _), cost)) in targets.iter().zip(&costs).enumerate() {
         match segments.last_mut() {
-            Some(seg) if keyframe_before(targets[seg.0].0) == k => {
+            Some(seg) if keyframe_before(targets[seg.0].0) == keyframe_before(*t) => {
                 seg.1 = i + 1;
-                seg.2 = t - k + 0.05 * (i + 1 - seg.0) as f64;
+                seg.2 += cost;
             }
-            _ => segments.push((i, i + 1, t - k + 0.05)),
+            _ => segments.push((i, i + 1, *cost)),
         }
     }
     let mut load = vec![0.0; lanes];
@@ -361,37 +362,29 @@ fn keyframe_before(keyframes: &[f64], t: f64) -> f64 {
     i.checked_sub(1).map_or(0.0, |i| keyframes[i])
 }
 
-/// Seconds of video one lane decodes for its (sorted) targets: from each target's
-/// keyframe or the previous target, whichever is later, plus a little per target.
-fn lane_cost(lane: &[(f64, Purpose)], keyframes: &[f64]) -> f64 {
-    let mut previous = f64::NEG_INFINITY;
-    lane.iter()
+/// Decoding work of each of the sorted `targets` for one decoder visiting them in order,
+/// in seconds of video: from the later of the previous target and the target's keyframe
+/// (the whole gap when the keyframes are unknown), plus a little for the target itself.
+fn target_costs(targets: &[(f64, Purpose)], keyframes: &[f64]) -> Vec<f64> {
+    let mut previous = 0.0;
+    targets
+        .iter()
         .map(|(t, _)| {
             let cost = (t - keyframe_before(keyframes, *t).max(previous)).max(0.0) + 0.05;
             previous = *t;
             cost
         })
-        .sum()
+        .collect()
+}
+
+/// Seconds of video one lane decodes for its (sorted) targets.
+fn lane_cost(lane: &[(f64, Purpose)], keyframes: &[f64]) -> f64 {
+    target_costs(lane, keyframes).iter().sum()
 }
 
 /// Cuts the sorted targets into `lanes` contiguous stretches of about equal decoding
-/// work: a target costs the video between it and the later of the previous target and
-/// its keyframe (the whole gap when the keyframes are unknown).
-fn contiguous(
-    targets: &[(f64, Purpose)],
-    keyframes: &[f64],
-    lanes: usize,
-) -> Vec<Vec<(f64, Purpose)>> {
-    let keyframe_before = |t: f64| keyframe_before(keyframes, t);
-    let mut previous = 0.0;
-    let costs: Vec<f64> = targets
-        .iter()
-        .map(|(t, _)| {
-            let cost = (t - keyframe_before(*t).max(previous)).max(0.0) + 0.05;
-            previous = *t;
-            cost
-        })
-        .collect();
+/// work (`costs`, from [`target_costs`]).
+fn contiguous(targets: &[(f64, Purpose)], costs: &[f64], lanes: usize) -> Vec<Vec<(f64, Purpose)>> {
     let total: f64 = costs.iter().sum();
     let mut stretches = Vec::with_capacity(lanes);
     let (mut start, mut acc) = (0, 0.0);
