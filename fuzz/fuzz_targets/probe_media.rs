@@ -1,5 +1,6 @@
-//! The probe/decode path on mutated media: bytes → a file → `media::open` (probe + limits)
-//! → `VideoDecoder` → up to 50 video packets decoded.
+//! The probe/decode path on mutated media: bytes → a file → `media::open` (the container
+//! allow-list of `media::admit`, probe + limits) → `VideoDecoder` (limits on every frame)
+//! → up to 50 video packets decoded.
 //!
 //! Every failure must come back as an `Err` (a permanent job error): a panic, an abort, a
 //! sanitizer report or a timeout (`-timeout=N`) is a finding. One extra invariant from the
@@ -46,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // Everything `open` accepted is used by the workers: touch the description too.
     let _ = format!("{:?}", source.info);
-    let Ok(mut decoder) = VideoDecoder::open(&source.input, &source.info.video, 1) else {
+    let Ok(mut decoder) = VideoDecoder::open(&source.input, &source.info.video, 1, &MediaLimits::default()) else {
         return;
     };
 

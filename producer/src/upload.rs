@@ -141,8 +141,9 @@ pub fn parse_rendition(spec: &str) -> Result<Rendition, String> {
     }
 }
 
-/// A clear error for anything that is not a readable, non-empty regular file. Returns
-/// its size.
+/// A clear error for anything that is not a readable, non-empty regular file, or that is
+/// a playlist, manifest or concat list rather than a video (the workers refuse those too,
+/// with the same reason; saying so here stores nothing). Returns its size.
 pub fn check_file(path: &Path) -> Result<u64, String> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
@@ -162,6 +163,11 @@ pub fn check_file(path: &Path) -> Result<u64, String> {
         return Err(format!("{shown}: the file is empty"));
     }
     std::fs::File::open(path).map_err(|e| format!("{shown}: cannot open it ({e})"))?;
+    match shared::sniff::refusal_of_file(path) {
+        Ok(Some(reason)) => return Err(format!("{shown}: {reason}")),
+        Ok(None) => {}
+        Err(e) => return Err(format!("{shown}: cannot read it ({e})")),
+    }
     Ok(meta.len())
 }
 
@@ -467,6 +473,9 @@ mod tests {
         let empty = dir.path().join("e.mp4");
         std::fs::write(&empty, b"").unwrap();
         assert!(check_file(&empty).unwrap_err().contains("empty"));
+        let playlist = dir.path().join("clip.mp4");
+        std::fs::write(&playlist, "#EXTM3U\n#EXTINF:4,\n../other/source.mp4\n").unwrap();
+        assert!(check_file(&playlist).unwrap_err().contains("HLS playlist"));
         assert!(check_file(dir.path()).unwrap_err().contains("directory"));
         assert!(
             check_file(&dir.path().join("none"))

@@ -10,6 +10,8 @@
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
 //! - [`events`]: job events on `video_events`.
 //! - [`storage`]: object storage with atomic commits and manifests.
+//! - [`sniff`]: uploads that are lists of other files (playlists, manifests), by their
+//!   first bytes, for the producer and the workers alike.
 //! - [`health`]: readiness, liveness and Prometheus metrics over HTTP.
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`app`]: the shared `main` of the worker binaries.
@@ -27,6 +29,7 @@ pub mod outcome;
 pub mod runtime;
 pub mod settings;
 pub mod shutdown;
+pub mod sniff;
 pub mod storage;
 pub mod storage_key;
 pub mod telemetry;

@@ -47,7 +47,8 @@ pub enum Outcome {
     Failed(JobError),
     /// The message could not be parsed or validated.
     Poison(String),
-    /// The per-job time limit expired (counts as a transient failure).
+    /// The per-job time limit expired: transient on a first attempt (the machine may have
+    /// been busy), dead on any later one, so one hostile file costs at most two limits.
     TimedOut(Duration),
 }
 
@@ -99,6 +100,12 @@ pub fn decide(outcome: &Outcome, attempt: u32, policy: &RetryPolicy) -> Action {
         Outcome::Completed => Action::Ack,
         Outcome::Failed(JobError::Cancelled) => Action::Requeue,
         Outcome::Failed(JobError::Transient(reason)) => transient(reason.clone()),
+        Outcome::TimedOut(limit) if attempt >= 2 => Action::Dead {
+            reason: format!(
+                "job exceeded its time limit of {limit:?} again on attempt {attempt}; a source \
+                 that takes this long is not retried further"
+            ),
+        },
         Outcome::TimedOut(limit) => transient(format!("job exceeded its time limit of {limit:?}")),
         Outcome::Failed(JobError::Permanent(reason)) => Action::Dead {
             reason: reason.clone(),
@@ -170,6 +177,15 @@ mod tests {
                     tier: 0,
                     attempt: 2,
                     reason: "job exceeded its time limit of 2s".into(),
+                },
+            ),
+            (
+                Outcome::TimedOut(Duration::from_secs(2)),
+                2,
+                Action::Dead {
+                    reason: "job exceeded its time limit of 2s again on attempt 2; a source \
+                             that takes this long is not retried further"
+                        .into(),
                 },
             ),
             (

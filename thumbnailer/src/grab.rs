@@ -17,7 +17,7 @@ use ffmpeg::format::context::Input;
 use ffmpeg::{Packet, frame};
 use ffmpeg_next as ffmpeg;
 use shared::JobError;
-use shared::media::{SourceInfo, VideoDecoder, seconds};
+use shared::media::{MediaLimits, SourceInfo, VideoDecoder, seconds};
 
 /// Skip non-reference frames while more than this many seconds before the target.
 const SKIP_MARGIN_S: f64 = 0.2;
@@ -64,8 +64,9 @@ impl<'a> Grabber<'a> {
         info: &SourceInfo,
         threads: usize,
         keyframes_only: bool,
+        limits: &MediaLimits,
     ) -> Result<Self, JobError> {
-        let mut decoder = VideoDecoder::open(input, &info.video, threads)?;
+        let mut decoder = VideoDecoder::open(input, &info.video, threads, limits)?;
         if keyframes_only {
             decoder.decoder.skip_frame(Discard::NonKey);
         }

@@ -48,6 +48,12 @@ pub fn thumbnail(
             "thumbnail timestamp {t} s is past the end of the {duration:.2} s video"
         )));
     }
+    let (thumb_w, thumb_h) = images::scaled_size(&info.video, job.width);
+    limits.check_picture(
+        &format!("a {}-wide thumbnail of this video", job.width),
+        thumb_w,
+        thumb_h,
+    )?;
     let ext = job.format.extension();
     let mut out = TaskOutput::default();
 
@@ -73,6 +79,7 @@ pub fn thumbnail(
     let mut sheets = None;
     if let Some(spec) = &job.sprite {
         let (tile_w, tile_h) = images::scaled_size(&info.video, spec.width);
+        let sheet_height = sheet_height(spec.columns, tile_w, tile_h, cfg, limits)?;
         let layout = Layout::new(
             if duration > 0.0 {
                 duration
@@ -83,7 +90,7 @@ pub fn thumbnail(
             spec.columns,
             tile_w,
             tile_h,
-            cfg.max_sheet_height,
+            sheet_height,
         );
         std::fs::create_dir_all(&sprite_dir)
             .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
@@ -110,6 +117,7 @@ pub fn thumbnail(
         job,
         info: &info,
         ctx,
+        limits,
         sheets: sheets.map(Mutex::new),
         done: AtomicUsize::new(0),
         total: targets.len().max(1),
@@ -176,7 +184,15 @@ pub fn thumbnail(
 
     if let (Some(mut sheets), Some(spec)) = (sheets, &job.sprite) {
         if spec.keyframes_only {
-            keyframe_tiles(&mut src.input, &info, cfg, &mut sheets, spec.width, ctx)?;
+            keyframe_tiles(
+                &mut src.input,
+                &info,
+                cfg,
+                &mut sheets,
+                spec.width,
+                ctx,
+                limits,
+            )?;
         }
         sheets.flush()?;
         let layout = sheets.layout().clone();
@@ -207,6 +223,34 @@ pub fn thumbnail(
     Ok(out)
 }
 
+/// The tallest sheet to lay tiles out in: the configured height, lowered so a whole
+/// sheet stays within the pictures the limits allow (its memory is held while it fills).
+/// A job whose tiles cannot fit even one row is refused.
+fn sheet_height(
+    columns: u32,
+    tile_w: u32,
+    tile_h: u32,
+    cfg: &ThumbnailerSettings,
+    limits: &MediaLimits,
+) -> Result<u32, JobError> {
+    limits.check_picture(
+        &format!("a {tile_w}-wide sprite tile of this video"),
+        tile_w,
+        tile_h,
+    )?;
+    let row_pixels = i64::from(columns) * i64::from(tile_w) * i64::from(tile_h.max(1));
+    let rows_in_limit = limits.max_pixels() / row_pixels.max(1);
+    if rows_in_limit < 1 {
+        return Err(JobError::Permanent(format!(
+            "one row of {columns} sprite tiles of {tile_w}x{tile_h} is over the {}x{} picture \
+             limit; ask for fewer columns or narrower tiles",
+            limits.max_width, limits.max_height
+        )));
+    }
+    let rows = (cfg.max_sheet_height / tile_h.max(1)).max(1);
+    Ok(rows.min(rows_in_limit.min(i64::from(u32::MAX)) as u32) * tile_h)
+}
+
 /// Keyframes-only sprite: each tile is the last keyframe at or before its time.
 fn keyframe_tiles(
     input: &mut ffmpeg_next::format::context::Input,
@@ -215,8 +259,9 @@ fn keyframe_tiles(
     sheets: &mut SheetWriter,
     width: u32,
     ctx: &JobContext,
+    limits: &MediaLimits,
 ) -> Result<(), JobError> {
-    let mut grabber = Grabber::new(input, info, cfg.threads, true)?;
+    let mut grabber = Grabber::new(input, info, cfg.threads, true, limits)?;
     let mut scaler = Scaler::new(grabber.decoder(), grabber.time_base(), &info.video, width)?;
     let layout = sheets.layout().clone();
     let cancelled = || ctx.check_cancelled();
@@ -235,6 +280,7 @@ struct Shared<'a> {
     job: &'a ThumbnailJob,
     info: &'a SourceInfo,
     ctx: &'a JobContext,
+    limits: &'a MediaLimits,
     sheets: Option<Mutex<SheetWriter>>,
     done: AtomicUsize,
     total: usize,
@@ -405,9 +451,9 @@ fn contiguous(targets: &[(f64, Purpose)], costs: &[f64], lanes: usize) -> Vec<Ve
 fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobError> {
     let (job, ctx) = (s.job, s.ctx);
     let ext = job.format.extension();
-    let mut input = ffmpeg_next::format::input(&ctx.source_path)
-        .map_err(|e| JobError::Permanent(format!("cannot reopen the source: {e}")))?;
-    let mut grabber = Grabber::new(&mut input, s.info, s.decoder_threads, false)?;
+    // Every lane opens the source the one admitted way, like the probe did.
+    let mut input = media::open_input(&ctx.source_path)?;
+    let mut grabber = Grabber::new(&mut input, s.info, s.decoder_threads, false, s.limits)?;
     let tb = grabber.time_base();
     let mut thumb_scaler = Scaler::new(grabber.decoder(), tb, &s.info.video, job.width)?;
     let mut tile_scaler = match &job.sprite {

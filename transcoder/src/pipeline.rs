@@ -78,7 +78,7 @@ pub fn transcode(
     let v_start = vstream.start_time();
     let v_tb = vstream.time_base();
 
-    let mut vdec = VideoDecoder::open(&src.input, &info.video, cfg.threads)?;
+    let mut vdec = VideoDecoder::open(&src.input, &info.video, cfg.threads, limits)?;
     // Only rotated video goes through a filter graph here (to turn it upright once);
     // scaling happens in the rendition threads.
     let upright = match info.video.rotation {

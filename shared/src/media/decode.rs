@@ -1,7 +1,11 @@
 //! Decoding and filtering shared by both workers.
 //!
 //! [`VideoDecoder`] wraps FFmpeg's decoder with threading on and maps its failures to
-//! permanent job errors that say where in the source they happened. [`FrameGraph`] is a
+//! permanent job errors that say where in the source they happened. It also holds every
+//! frame it hands out to the [`MediaLimits`]: a header can lie (a stream that says
+//! 160x120 and switches to 8K, a raw stream with no declared duration), the decoded
+//! frames cannot. FFmpeg's `max_pixels` keeps an oversized picture from being allocated
+//! at all. [`FrameGraph`] is a
 //! libavfilter graph with one input and any number of outputs (one `split`): the
 //! transcoder uses it to turn rotated video upright and to resample audio, the thumbnailer
 //! to turn frames into upright RGB pictures of a given width. Rotation follows the display
@@ -11,7 +15,7 @@ use ffmpeg::format::context::Input;
 use ffmpeg::{Packet, Rational, codec, decoder, filter, frame};
 use ffmpeg_next as ffmpeg;
 
-use super::probe::{AudioInfo, VideoInfo};
+use super::probe::{AudioInfo, MediaLimits, VideoInfo};
 use super::{pipeline_error, seconds};
 use crate::outcome::JobError;
 
@@ -20,16 +24,35 @@ pub struct VideoDecoder {
     pub decoder: decoder::Video,
     pub stream_index: usize,
     pub time_base: Rational,
+    /// What every decoded frame is checked against.
+    limits: MediaLimits,
+    /// Seconds where the stream starts: durations are measured from here.
+    origin_s: f64,
+    /// The picture size the decoder opened with; a frame of another size is a change
+    /// mid-stream, which the filter graphs built for this size cannot take.
+    size: (u32, u32),
+    /// Seconds per frame, for frames with no timestamp (raw streams have none).
+    frame_s: f64,
+    /// Time of the last frame that had one, and frames decoded since without one.
+    last_s: Option<f64>,
+    untimed: u32,
 }
 
 impl VideoDecoder {
-    /// Opens a decoder for `video` with frame threading (`threads` = 0: one per core).
-    pub fn open(input: &Input, video: &VideoInfo, threads: usize) -> Result<Self, JobError> {
+    /// Opens a decoder for `video` with frame threading (`threads` = 0: one per core);
+    /// every frame it decodes is held to `limits`.
+    pub fn open(
+        input: &Input,
+        video: &VideoInfo,
+        threads: usize,
+        limits: &MediaLimits,
+    ) -> Result<Self, JobError> {
         let stream = input
             .stream(video.index)
             .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?;
         let mut ctx = codec::context::Context::from_parameters(stream.parameters())
             .map_err(|e| JobError::Permanent(format!("cannot read the source video: {e}")))?;
+        super::admit::set_max_pixels(&mut ctx, limits.max_pixels());
         ctx.set_threading(codec::threading::Config {
             kind: codec::threading::Type::Frame,
             count: threads,
@@ -43,10 +66,26 @@ impl VideoDecoder {
                 video.codec
             ))
         })?;
+        let origin_s = match stream.start_time() {
+            ts if ts == ffmpeg::ffi::AV_NOPTS_VALUE => 0.0,
+            ts => seconds(ts, stream.time_base()),
+        };
         Ok(Self {
             decoder,
             stream_index: video.index,
             time_base: stream.time_base(),
+            limits: limits.clone(),
+            origin_s,
+            size: (video.width, video.height),
+            // Unknown rate: count frames as if at 60 fps, a loose bound but a bound.
+            frame_s: 1.0
+                / if video.frame_rate > 0.0 {
+                    video.frame_rate
+                } else {
+                    60.0
+                },
+            last_s: None,
+            untimed: 0,
         })
     }
 
@@ -73,11 +112,60 @@ impl VideoDecoder {
     /// The next decoded frame, `Ok(false)` when the decoder needs more input (or is done).
     pub fn receive(&mut self, frame: &mut frame::Video) -> Result<bool, JobError> {
         match self.decoder.receive_frame(frame) {
-            Ok(()) => Ok(true),
+            Ok(()) => self.check(frame).map(|()| true),
             Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(false),
             Err(ffmpeg::Error::Eof) => Ok(false),
             Err(e) => Err(self.corrupt(None, e)),
         }
+    }
+
+    /// Holds a decoded frame to the limits: its size, its pixel aspect ratio, the size it
+    /// is shown at, its time from the stream's start, and the size the decoder opened with.
+    fn check(&mut self, frame: &frame::Video) -> Result<(), JobError> {
+        let at = self.frame_seconds(frame);
+        // How far into the stream this frame is: its own time, else counted in frames
+        // from the last frame that had one.
+        let elapsed = match at {
+            Some(t) => {
+                (self.last_s, self.untimed) = (Some(t), 0);
+                t - self.origin_s
+            }
+            None => {
+                self.untimed = self.untimed.saturating_add(1);
+                self.last_s.unwrap_or(self.origin_s) - self.origin_s
+                    + f64::from(self.untimed) * self.frame_s
+            }
+        };
+        let what = match at {
+            Some(t) => format!("source frame at {t:.2} s"),
+            None => "a source frame".to_owned(),
+        };
+        let (w, h) = (frame.width(), frame.height());
+        self.limits.check_picture(&what, w, h)?;
+        let sar = frame.aspect_ratio();
+        self.limits
+            .check_pixel_aspect(&what, sar.numerator(), sar.denominator())?;
+        if sar.numerator() > 0 && sar.denominator() > 0 {
+            let shown = (f64::from(w) * f64::from(sar.numerator()) / f64::from(sar.denominator()))
+                .round() as u32;
+            self.limits
+                .check_picture(&format!("{what} as shown"), shown.max(1), h)?;
+        }
+        if elapsed > self.limits.max_duration_s {
+            return Err(JobError::Permanent(format!(
+                "source runs past the {} s limit (a frame at {elapsed:.2} s), whatever its \
+                 header says",
+                self.limits.max_duration_s,
+            )));
+        }
+        if (w, h) != self.size {
+            return Err(JobError::Permanent(format!(
+                "{what} changes the picture size from {}x{} to {w}x{h}; vidpipe takes videos \
+                 of one picture size (re-encode the upload at one size)",
+                self.size.0, self.size.1
+            )));
+        }
+        Ok(())
     }
 
     /// Forgets buffered frames (after a seek).
@@ -90,14 +178,17 @@ impl VideoDecoder {
         frame.timestamp().map(|ts| seconds(ts, self.time_base))
     }
 
+    /// A decoding failure. FFmpeg reports a picture over `max_pixels` the same way as
+    /// corrupt data (it refuses to allocate it), so the reason names both.
     fn corrupt(&self, pts: Option<i64>, err: ffmpeg::Error) -> JobError {
-        match pts {
-            Some(pts) => JobError::Permanent(format!(
-                "source video is corrupt near {:.2} s: {err}",
-                seconds(pts, self.time_base)
-            )),
-            None => JobError::Permanent(format!("source video is corrupt: {err}")),
-        }
+        let near = pts.map_or_else(String::new, |pts| {
+            format!(" near {:.2} s", seconds(pts, self.time_base))
+        });
+        JobError::Permanent(format!(
+            "source video cannot be decoded{near}: corrupt data, or a picture over the {}x{} \
+             limit ({err})",
+            self.limits.max_width, self.limits.max_height
+        ))
     }
 }
 

@@ -1,17 +1,21 @@
 //! Media helpers on the FFmpeg libraries (feature `media`), shared by both workers.
 //!
+//! - [`admit`]: the one way a source is opened: an allow-listed container decided from
+//!   its bytes, no other file reachable (playlists, manifests and concat lists refused).
 //! - [`probe`]: open a source, describe it ([`SourceInfo`]) and enforce the configured
 //!   [`MediaLimits`] before any work, with reasons a person can act on.
 //! - [`decode`]: the video decoder both workers use (threading on, decode errors mapped to
-//!   clear permanent failures) and the filter-graph plumbing that turns decoded frames into
+//!   clear permanent failures, every decoded frame held to the limits) and the filter-graph plumbing that turns decoded frames into
 //!   upright, scaled frames.
 //!
 //! Everything here returns [`JobError`]s: a source FFmpeg cannot read is the uploader's
 //! problem (permanent), never a reason to retry.
 
+pub mod admit;
 pub mod decode;
 pub mod probe;
 
+pub use admit::open_input;
 pub use decode::{FrameGraph, VideoDecoder};
 pub use probe::{AudioInfo, MediaLimits, Source, SourceInfo, VideoInfo, open};
 

@@ -1,5 +1,6 @@
-//! Opening and probing a source, and the input limits every job is checked against before
-//! any decoding starts.
+//! Probing a source (opened through [`super::admit`], the one way in), and the input
+//! limits every job is checked against: here on what the headers declare, and again by
+//! the decoder on every frame it actually produces ([`super::decode`]).
 //!
 //! Each refusal is a permanent failure whose text says what was found and what the limit
 //! is ("source is 7680x4320, limit is 3840x2160"), because it ends up in the dead-letter
@@ -29,6 +30,9 @@ pub struct MediaLimits {
     pub max_file_bytes: u64,
     /// Most streams a container may have (a file with hundreds is hostile, not a video).
     pub max_streams: u32,
+    /// Most extreme pixel aspect ratio accepted, either way: 4 takes 1:4 to 4:1. Real
+    /// anamorphic video stays within 2:1; a 1:100 file would make 100-times-tall pictures.
+    pub max_pixel_aspect: f64,
 }
 
 impl Default for MediaLimits {
@@ -39,7 +43,49 @@ impl Default for MediaLimits {
             max_height: 2160,
             max_file_bytes: 20 * 1024 * 1024 * 1024,
             max_streams: 32,
+            max_pixel_aspect: 4.0,
         }
+    }
+}
+
+impl MediaLimits {
+    /// Most pixels in one picture: what a decoder may allocate for a frame.
+    pub fn max_pixels(&self) -> i64 {
+        i64::from(self.max_width) * i64::from(self.max_height)
+    }
+
+    /// A picture (`what` names it: "source", "source frame at 3.20 s", "thumbnail") must
+    /// fit the limits either way round: its long side within the larger limit and its
+    /// short side within the smaller, so portrait 2160x3840 passes a 3840x2160 limit.
+    pub fn check_picture(&self, what: &str, width: u32, height: u32) -> Result<(), JobError> {
+        let (long, short) = (width.max(height), width.min(height));
+        let (max_long, max_short) = (
+            self.max_width.max(self.max_height),
+            self.max_width.min(self.max_height),
+        );
+        if long > max_long || short > max_short || width == 0 || height == 0 {
+            return Err(JobError::Permanent(format!(
+                "{what} is {width}x{height}, limit is {}x{}",
+                self.max_width, self.max_height
+            )));
+        }
+        Ok(())
+    }
+
+    /// A pixel aspect ratio `num:den` (0 or negative: unset, square) must be within
+    /// [`Self::max_pixel_aspect`] either way.
+    pub fn check_pixel_aspect(&self, what: &str, num: i32, den: i32) -> Result<(), JobError> {
+        if num <= 0 || den <= 0 {
+            return Ok(());
+        }
+        let ratio = f64::from(num) / f64::from(den);
+        let max = self.max_pixel_aspect.max(1.0);
+        if ratio > max || ratio < 1.0 / max {
+            return Err(JobError::Permanent(format!(
+                "{what} has a pixel aspect ratio of {num}:{den}; vidpipe takes 1:{max} to {max}:1"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -103,9 +149,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
             limits.max_file_bytes
         )));
     }
-    let input = ffmpeg::format::input(path).map_err(|e| {
-        JobError::Permanent(format!("source is not a video file FFmpeg can read ({e})"))
-    })?;
+    let input = super::admit::open_input(path)?;
     let streams = input.streams().count();
     if streams > limits.max_streams as usize {
         return Err(JobError::Permanent(format!(
@@ -113,8 +157,9 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
             limits.max_streams
         )));
     }
-    let video = video_info(&input)?;
-    check_dimensions(&video, limits)?;
+    let video = video_info(&input, limits)?;
+    limits.check_picture("source", video.width, video.height)?;
+    limits.check_picture("source as shown", video.display_width, video.display_height)?;
     let audio = audio_info(&input);
     let duration_s = duration_of(&input, video.index);
     if duration_s > limits.max_duration_s {
@@ -134,7 +179,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
 }
 
 /// The main video stream: FFmpeg's best pick, ignoring cover art.
-fn video_info(input: &Input) -> Result<VideoInfo, JobError> {
+fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError> {
     let stream = input
         .streams()
         .filter(|s| s.parameters().medium() == MediaType::Video)
@@ -191,6 +236,7 @@ fn video_info(input: &Input) -> Result<VideoInfo, JobError> {
     }
     let rotation = rotation_of(&stream);
     let sar = decoder.aspect_ratio();
+    limits.check_pixel_aspect("source", sar.numerator(), sar.denominator())?;
     // Display width: stored width times the pixel aspect ratio (1 when unset/invalid).
     let shown_w = if sar.numerator() > 0 && sar.denominator() > 0 {
         (f64::from(width) * f64::from(sar.numerator()) / f64::from(sar.denominator())).round()
@@ -244,21 +290,6 @@ fn audio_info(input: &Input) -> Option<AudioInfo> {
         sample_rate: decoder.rate(),
         channels: decoder.channels(),
     })
-}
-
-fn check_dimensions(video: &VideoInfo, limits: &MediaLimits) -> Result<(), JobError> {
-    let (long, short) = (video.width.max(video.height), video.width.min(video.height));
-    let (max_long, max_short) = (
-        limits.max_width.max(limits.max_height),
-        limits.max_width.min(limits.max_height),
-    );
-    if long > max_long || short > max_short {
-        return Err(JobError::Permanent(format!(
-            "source is {}x{}, limit is {}x{}",
-            video.width, video.height, limits.max_width, limits.max_height
-        )));
-    }
-    Ok(())
 }
 
 /// Container duration, else the video stream's; 0 when neither is known.
@@ -349,13 +380,25 @@ mod tests {
             frame_rate: 30.0,
             pixel_format: "yuv420p".into(),
         };
-        let err = check_dimensions(&video, &MediaLimits::default()).unwrap_err();
+        let limits = MediaLimits::default();
+        let err = limits
+            .check_picture("source", video.width, video.height)
+            .unwrap_err();
         assert_eq!(err.to_string(), "source is 7680x4320, limit is 3840x2160");
-        let portrait = VideoInfo {
-            width: 2160,
-            height: 3840,
-            ..video
-        };
-        assert!(check_dimensions(&portrait, &MediaLimits::default()).is_ok());
+        assert!(limits.check_picture("source", 2160, 3840).is_ok());
+    }
+
+    #[test]
+    fn extreme_pixel_aspect_ratios_are_refused_both_ways() {
+        let limits = MediaLimits::default();
+        assert!(limits.check_pixel_aspect("source", 8, 9).is_ok());
+        assert!(limits.check_pixel_aspect("source", 4, 3).is_ok());
+        assert!(
+            limits.check_pixel_aspect("source", 0, 1).is_ok(),
+            "unset is square"
+        );
+        let err = limits.check_pixel_aspect("source", 1, 100).unwrap_err();
+        assert!(err.to_string().contains("1:100"), "{err}");
+        assert!(limits.check_pixel_aspect("source", 65535, 1).is_err());
     }
 }
