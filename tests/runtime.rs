@@ -530,3 +530,33 @@ async fn stale_scratch_from_a_crash_is_removed_at_start() {
         "a recent scratch directory may belong to a live job"
     );
 }
+
+/// An oversize message (300 KiB, over the 64 KiB limit) is parked at once with its body
+/// cut to the limit and a header giving its original size.
+#[tokio::test]
+async fn oversize_message_is_parked_cut_to_the_message_limit() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "oversize", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    let mut body = test_job(id, &source, &prefix, json!({}));
+    body.resize(300 * 1024, b' ');
+    env.publish_raw("transcode", &body).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].body.len(), shared::messages::MAX_MESSAGE_BYTES);
+    assert_eq!(
+        dead[0].body[..],
+        body[..shared::messages::MAX_MESSAGE_BYTES]
+    );
+    assert_eq!(
+        shared::runtime::header_u32(
+            Some(&dead[0].headers),
+            shared::runtime::TRUNCATED_FROM_HEADER
+        ),
+        Some(300 * 1024)
+    );
+    assert!(
+        dead[0].reason().contains("307200 bytes"),
+        "{}",
+        dead[0].reason()
+    );
+}

@@ -51,6 +51,10 @@ pub const FAILED_AT_HEADER: &str = "x-vidpipe-failed-at";
 pub const TASK_HEADER: &str = "x-vidpipe-task";
 /// On a retried message: the error of the previous attempt.
 pub const LAST_ERROR_HEADER: &str = "x-vidpipe-last-error";
+/// On a dead letter whose body was over [`messages::MAX_MESSAGE_BYTES`]: the body's
+/// original size in bytes. The parked body is cut to the limit, so the parking lot
+/// cannot be used to store big blobs.
+pub const TRUNCATED_FROM_HEADER: &str = "x-vidpipe-truncated-from";
 
 /// Everything [`run`] needs besides the handler and the shutdown signal.
 #[derive(Debug, Clone)]
@@ -546,7 +550,17 @@ async fn settle<H: Handler>(
             headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
             headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
             let target = worker.topology.retry(tier);
-            if park(publisher, delivery, &target, task, headers, "for retry").await {
+            if park(
+                publisher,
+                delivery,
+                &delivery.data,
+                &target,
+                task,
+                headers,
+                "for retry",
+            )
+            .await
+            {
                 count("retried");
                 worker
                     .health
@@ -579,10 +593,12 @@ async fn settle<H: Handler>(
             headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
             headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
             headers.insert(TASK_HEADER.into(), long_string(task));
+            let body = dead_body(&delivery.data, &mut headers);
             let dead = worker.topology.dead();
             if park(
                 publisher,
                 delivery,
+                body,
                 &dead,
                 task,
                 headers,
@@ -602,19 +618,35 @@ async fn settle<H: Handler>(
     }
 }
 
-/// Moves a delivery to `exchange`: publish a copy with `headers` and wait for the
-/// broker's confirm, then ack the original. If the publish fails the original is
-/// requeued instead, so the job is never lost (at worst it runs again). True if parked.
+/// The body a dead letter keeps: the whole body up to the message limit; past it (an
+/// oversize message is poison) only its first [`messages::MAX_MESSAGE_BYTES`], with
+/// [`TRUNCATED_FROM_HEADER`] saying how big it was.
+fn dead_body<'a>(body: &'a [u8], headers: &mut FieldTable) -> &'a [u8] {
+    if body.len() <= messages::MAX_MESSAGE_BYTES {
+        return body;
+    }
+    headers.insert(
+        TRUNCATED_FROM_HEADER.into(),
+        AMQPValue::LongLongInt(i64::try_from(body.len()).unwrap_or(i64::MAX)),
+    );
+    &body[..messages::MAX_MESSAGE_BYTES]
+}
+
+/// Moves a delivery to `exchange`: publish `body` (the delivery's own, or a cut of it)
+/// with `headers` and wait for the broker's confirm, then ack the original. If the
+/// publish fails the original is requeued instead, so the job is never lost (at worst it
+/// runs again). True if parked.
 async fn park(
     publisher: &Channel,
     delivery: &Delivery,
+    body: &[u8],
     exchange: &str,
     routing_key: &str,
     headers: FieldTable,
     where_to: &str,
 ) -> bool {
     let props = broker::persistent_json(headers);
-    match broker::publish_confirmed(publisher, exchange, routing_key, &delivery.data, props).await {
+    match broker::publish_confirmed(publisher, exchange, routing_key, body, props).await {
         Ok(()) => {
             ack(delivery).await;
             true
@@ -709,4 +741,25 @@ fn loose_job_id(body: &[u8]) -> Uuid {
         .ok()
         .and_then(|v| v.get("job_id")?.as_str()?.parse().ok())
         .unwrap_or(Uuid::nil())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_bodies_are_cut_to_the_message_limit_and_say_so() {
+        let mut headers = FieldTable::default();
+        let small = vec![b'x'; messages::MAX_MESSAGE_BYTES];
+        assert_eq!(dead_body(&small, &mut headers).len(), small.len());
+        assert!(headers.inner().get(TRUNCATED_FROM_HEADER).is_none());
+
+        let big = vec![b'x'; 300 * 1024];
+        let kept = dead_body(&big, &mut headers);
+        assert_eq!(kept.len(), messages::MAX_MESSAGE_BYTES);
+        assert_eq!(
+            header_u32(Some(&headers), TRUNCATED_FROM_HEADER),
+            Some(300 * 1024)
+        );
+    }
 }
