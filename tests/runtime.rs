@@ -560,3 +560,37 @@ async fn oversize_message_is_parked_cut_to_the_message_limit() {
         dead[0].reason()
     );
 }
+
+/// A job whose output prefix already holds another job's manifest (a hostile message
+/// pointing at someone else's outputs) is dead, naming both jobs, never "skipped" as
+/// done; the other job's outputs stay as they were.
+#[tokio::test]
+async fn manifest_of_another_job_is_refused_not_skipped() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "owner", &[]);
+    let (victim, victim_prefix) = submit(&env, json!({})).await;
+    let before = env.wait_manifest(&victim_prefix, PATIENCE).await;
+
+    let (intruder, source, _) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(intruder).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(intruder, &source, &victim_prefix, json!({})),
+    )
+    .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains(&victim.to_string()) && reason.contains(&intruder.to_string()),
+        "{reason}"
+    );
+    assert_eq!(dead[0].attempts(), Some(1));
+    events.wait_for("transcode", JobState::Dead, PATIENCE).await;
+    assert!(
+        !events.seen.iter().any(|e| e.state == JobState::Completed),
+        "{:?}",
+        events.seen
+    );
+    assert_eq!(env.wait_manifest(&victim_prefix, PATIENCE).await, before);
+}

@@ -38,6 +38,7 @@ use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
 use crate::storage::Storage;
+use crate::storage_key::StorageKey;
 use crate::topology::Topology;
 
 /// Our own attempt counter (1-based number of the delivery it travels with). RabbitMQ
@@ -361,9 +362,14 @@ async fn run_in_scratch<H: Handler>(
     // A permanent source problem (missing object, no such bucket) decides before an
     // unreadable manifest, which would only make the job retry in vain.
     let source = match (existing, source) {
-        (Ok(Some(_)), _) => {
-            tracing::info!("outputs already committed by an earlier delivery; skipping");
-            return Outcome::Completed;
+        (Ok(Some(manifest)), _) => {
+            return match claim_manifest(&manifest, job_id, job.output_prefix()) {
+                Ok(()) => {
+                    tracing::info!("outputs already committed by an earlier delivery; skipping");
+                    Outcome::Completed
+                }
+                Err(e) => Outcome::Failed(e),
+            };
         }
         (_, Err(e)) => return Outcome::Failed(e),
         (Err(e), Ok(_)) => {
@@ -458,16 +464,52 @@ async fn run_in_scratch<H: Handler>(
                     worker.health.bytes_written.inc_by(bytes);
                     Outcome::Completed
                 }
-                Ok(None) => {
-                    tracing::info!(
-                        "another delivery of this job committed first; keeping its result"
-                    );
-                    Outcome::Completed
-                }
+                // Someone committed first: fine if it was another delivery of this job.
+                Ok(None) => match worker.storage.manifest(job.output_prefix()).await {
+                    Ok(Some(manifest)) => {
+                        match claim_manifest(&manifest, job_id, job.output_prefix()) {
+                            Ok(()) => {
+                                tracing::info!(
+                                    "another delivery of this job committed first; keeping its result"
+                                );
+                                Outcome::Completed
+                            }
+                            Err(e) => Outcome::Failed(e),
+                        }
+                    }
+                    Ok(None) => Outcome::Failed(JobError::transient(
+                        "the manifest that won the commit race has disappeared",
+                    )),
+                    Err(e) => Outcome::Failed(JobError::transient(
+                        e.context("reading the manifest that won the commit race"),
+                    )),
+                },
                 Err(e) => Outcome::Failed(e),
             }
         }
     }
+}
+
+/// Whether a manifest found under this job's output prefix may count as this job's
+/// result: only if it names this job. A message that points its `output_prefix` at
+/// another job's outputs must not be "skipped" as done with that job's results (nor be
+/// reported complete when it lost the commit race to them): it is refused, permanently.
+fn claim_manifest(
+    manifest: &serde_json::Value,
+    job_id: Uuid,
+    prefix: &StorageKey,
+) -> Result<(), JobError> {
+    let owner = manifest.get("job_id").and_then(serde_json::Value::as_str);
+    if owner.and_then(|o| o.parse::<Uuid>().ok()) == Some(job_id) {
+        return Ok(());
+    }
+    let owner: String = owner
+        .map(|o| o.chars().take(64).collect())
+        .unwrap_or_else(|| "(none recorded)".into());
+    Err(JobError::Permanent(format!(
+        "output prefix `{prefix}` already holds the committed outputs of job {owner}, not of \
+         this job {job_id}; a job may only write under its own output prefix"
+    )))
 }
 
 async fn forward_progress(
@@ -761,5 +803,26 @@ mod tests {
             header_u32(Some(&headers), TRUNCATED_FROM_HEADER),
             Some(300 * 1024)
         );
+    }
+
+    #[test]
+    fn an_existing_manifest_counts_only_for_its_own_job() {
+        let prefix = StorageKey::new("outputs/a/transcode/").unwrap();
+        let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let manifest = serde_json::json!({ "job_id": mine, "task": "transcode" });
+        assert!(claim_manifest(&manifest, mine, &prefix).is_ok());
+
+        let Err(JobError::Permanent(reason)) = claim_manifest(&manifest, other, &prefix) else {
+            panic!("another job's manifest must be refused permanently");
+        };
+        assert!(
+            reason.contains(&mine.to_string()) && reason.contains(&other.to_string()),
+            "{reason}"
+        );
+        let anonymous = serde_json::json!({ "task": "transcode" });
+        assert!(matches!(
+            claim_manifest(&anonymous, mine, &prefix),
+            Err(JobError::Permanent(_))
+        ));
     }
 }
