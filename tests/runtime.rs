@@ -594,3 +594,35 @@ async fn manifest_of_another_job_is_refused_not_skipped() {
     );
     assert_eq!(env.wait_manifest(&victim_prefix, PATIENCE).await, before);
 }
+
+/// A symlink planted in the storage root (`outputs/<job>/transcode` -> a directory
+/// outside it) makes the job dead with the reason; nothing is written outside the root.
+#[tokio::test]
+async fn symlink_in_the_output_path_out_of_the_root_is_dead_and_nothing_escapes() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "escape", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let elsewhere = env.data.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let link = env
+        .storage_root()
+        .join(prefix.as_str().trim_end_matches('/'));
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains("outside the storage root") && reason.contains("symlink"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].attempts(), Some(1), "permanent, not retried");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "something was written outside the storage root"
+    );
+}

@@ -37,7 +37,7 @@ use crate::health::Health;
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
 use crate::storage_key::StorageKey;
 use crate::topology::Topology;
 
@@ -373,7 +373,7 @@ async fn run_in_scratch<H: Handler>(
         }
         (_, Err(e)) => return Outcome::Failed(e),
         (Err(e), Ok(_)) => {
-            return Outcome::Failed(JobError::transient(
+            return Outcome::Failed(storage::job_error(
                 e.context("checking for an existing manifest"),
             ));
         }
@@ -480,7 +480,7 @@ async fn run_in_scratch<H: Handler>(
                     Ok(None) => Outcome::Failed(JobError::transient(
                         "the manifest that won the commit race has disappeared",
                     )),
-                    Err(e) => Outcome::Failed(JobError::transient(
+                    Err(e) => Outcome::Failed(storage::job_error(
                         e.context("reading the manifest that won the commit race"),
                     )),
                 },
