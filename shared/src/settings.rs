@@ -460,8 +460,8 @@ impl HealthSettings {
         }
         self.socket_addr()?;
         anyhow::ensure!(
-            self.max_connections >= 1,
-            "invalid setting `health.max_connections`: must be at least 1"
+            (1..=65_536).contains(&self.max_connections),
+            "invalid setting `health.max_connections`: must be 1 to 65536"
         );
         anyhow::ensure!(
             self.timeout_secs.is_finite() && self.timeout_secs > 0.0,
@@ -754,6 +754,14 @@ mod tests {
             env(&[("VIDPIPE__HEALTH__ADDR", "localhost")]).unwrap_err()
         );
         assert!(err.contains("health.addr"), "{err}");
+        for (key, value) in [
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "0"),
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "100000000000"),
+            ("VIDPIPE__HEALTH__TIMEOUT_SECS", "0"),
+        ] {
+            let err = format!("{:#}", env(&[(key, value)]).unwrap_err());
+            assert!(err.contains("health."), "{key}={value}: {err}");
+        }
     }
 
     #[test]
