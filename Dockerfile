@@ -37,8 +37,10 @@ RUN apt-get update \
 COPY --from=builder /out/producer /out/transcoder /out/thumbnailer /usr/local/bin/
 
 # Media store (local backend); a named volume mounted here starts out owned by vidpipe.
+# Health endpoint on every interface of the container's own network (the built-in default
+# is loopback on a free port): Prometheus on the container network scrapes :8080.
 ENV VIDPIPE__STORAGE__ROOT=/data \
-    VIDPIPE__HEALTH__PORT=8080 \
+    VIDPIPE__HEALTH__ADDR=0.0.0.0:8080 \
     TINI_SUBREAPER=1
 VOLUME /data
 WORKDIR /data

@@ -114,7 +114,7 @@ async fn main() {
                 .env("VIDPIPE__WORKER__SCRATCH_DIR", &scratch)
                 .env("VIDPIPE__WORKER__CONCURRENCY", "2")
                 .env("VIDPIPE__WORKER__NAME", format!("load-{i}"))
-                .env("VIDPIPE__HEALTH__PORT", "0")
+                .env("VIDPIPE__HEALTH__ENABLED", "false")
                 .env("VIDPIPE__LOG__LEVEL", "warn")
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(data.path().join(format!("worker-{i}.log"))).unwrap())

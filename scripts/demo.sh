@@ -67,7 +67,7 @@ stop_workers() {
 trap stop_workers EXIT
 trap 'exit 130' INT TERM
 for worker in transcoder thumbnailer; do
-  VIDPIPE__HEALTH__PORT=0 VIDPIPE__WORKER__NAME="demo-$worker" "$bin/$worker" \
+  VIDPIPE__WORKER__NAME="demo-$worker" "$bin/$worker" \
     >"$data/demo-logs/$worker.log" 2>&1 &
   pids+=($!)
 done

@@ -1,6 +1,7 @@
 //! Integration tests: the health and metrics endpoint of a real worker process.
 
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -38,6 +39,34 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
+/// The address worker `index` logged for its health endpoint (it runs with JSON logs).
+async fn logged_health_addr(env: &mut TestEnv, index: usize) -> SocketAddr {
+    let mut found = None;
+    eventually(
+        PATIENCE,
+        "the worker to log its health address",
+        async || {
+            found = env.worker(index).log_text().lines().find_map(|line| {
+                let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+                (entry["fields"]["message"] == "health and metrics endpoint listening")
+                    .then(|| entry["fields"]["addr"].as_str()?.parse().ok())?
+            });
+            found.is_some()
+        },
+    )
+    .await;
+    found.expect("found above")
+}
+
+/// Whether the peer closes `stream` (EOF or reset) within `within`, without answering.
+async fn closed_unanswered(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(within, stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
 /// Forwards every connection on `listener` to the real broker: the broker "appears".
 fn forward_to_broker(listener: TcpListener) {
     tokio::spawn(async move {
@@ -59,14 +88,13 @@ async fn readiness_follows_broker_reachability() {
     let health_port = free_port().await;
     let broker_port = free_port().await;
     let url = format!("amqp://guest:guest@127.0.0.1:{broker_port}/%2f");
-    let health = health_port.to_string();
+    let health = format!("127.0.0.1:{health_port}");
     env.spawn_worker(
         WORKER,
         "readiness",
         &[
             ("VIDPIPE__AMQP__URL", &url),
-            ("VIDPIPE__HEALTH__PORT", &health),
-            ("VIDPIPE__HEALTH__BIND", "127.0.0.1"),
+            ("VIDPIPE__HEALTH__ADDR", &health),
         ],
     );
     eventually(PATIENCE, "the health endpoint to answer", async || {
@@ -98,15 +126,8 @@ async fn readiness_follows_broker_reachability() {
 async fn metrics_count_completed_retried_and_dead_jobs() {
     let mut env = TestEnv::new().await;
     let port = free_port().await;
-    let port_s = port.to_string();
-    env.spawn_worker(
-        WORKER,
-        "metrics",
-        &[
-            ("VIDPIPE__HEALTH__PORT", &port_s),
-            ("VIDPIPE__HEALTH__BIND", "127.0.0.1"),
-        ],
-    );
+    let addr = format!("127.0.0.1:{port}");
+    env.spawn_worker(WORKER, "metrics", &[("VIDPIPE__HEALTH__ADDR", &addr)]);
     for extra in [
         json!({}),
         json!({ "fail_attempts": 1 }),
@@ -136,4 +157,151 @@ async fn metrics_count_completed_retried_and_dead_jobs() {
         "{last}"
     );
     assert!(last.contains("vidpipe_jobs_in_flight 0"), "{last}");
+}
+
+/// With default health settings, two transcoders and a thumbnailer start side by side on
+/// one machine (no port clash) and each serves its own endpoint.
+#[tokio::test]
+async fn workers_with_default_health_settings_start_side_by_side() {
+    let mut env = TestEnv::new().await;
+    let json_logs = [("VIDPIPE__LOG__FORMAT", "json")];
+    let workers = [
+        env.spawn_worker("transcoder", "transcoder-1", &json_logs),
+        env.spawn_worker("transcoder", "transcoder-2", &json_logs),
+        env.spawn_worker("thumbnailer", "thumbnailer-1", &json_logs),
+    ];
+    let mut ports = Vec::new();
+    for index in workers {
+        let addr = logged_health_addr(&mut env, index).await;
+        eventually(PATIENCE, "the endpoint to be ready", async || {
+            get(addr.port(), "/readyz").await.map(|r| r.0) == Some(200)
+        })
+        .await;
+        ports.push(addr.port());
+    }
+    for index in workers {
+        assert!(env.worker(index).is_running(), "{}", env.logs());
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(
+        ports.len(),
+        3,
+        "each worker has a port of its own: {ports:?}"
+    );
+}
+
+/// By default the endpoint listens on loopback only, on a port the OS picked.
+#[tokio::test]
+async fn default_health_endpoint_is_on_loopback() {
+    let mut env = TestEnv::new().await;
+    let index = env.spawn_worker(WORKER, "loopback", &[("VIDPIPE__LOG__FORMAT", "json")]);
+    let addr = logged_health_addr(&mut env, index).await;
+    assert_eq!(addr.ip().to_string(), "127.0.0.1", "{addr}");
+    assert_ne!(addr.port(), 0);
+    // The kernel's own table agrees: the socket on that port is bound to 127.0.0.1
+    // (`0100007F` in /proc/net/tcp), not to every interface.
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let listening: Vec<&str> = table
+        .lines()
+        .filter_map(|l| {
+            let local = l.split_whitespace().nth(1)?;
+            let state = l.split_whitespace().nth(3)?;
+            (state == "0A" && local.ends_with(&format!(":{:04X}", addr.port()))).then_some(local)
+        })
+        .collect();
+    assert_eq!(
+        listening,
+        [format!("0100007F:{:04X}", addr.port())],
+        "{table}"
+    );
+    assert_eq!(get(addr.port(), "/healthz").await.unwrap().0, 200);
+}
+
+/// Connections beyond `health.max_connections` are closed at once (not queued), and the
+/// endpoint answers again as soon as a slot is free.
+#[tokio::test]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let mut env = TestEnv::new().await;
+    let port = free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    env.spawn_worker(
+        WORKER,
+        "capped",
+        &[
+            ("VIDPIPE__HEALTH__ADDR", &addr),
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "4"),
+            // Long enough that the held connections keep their slots for the whole test.
+            ("VIDPIPE__HEALTH__TIMEOUT_SECS", "60"),
+        ],
+    );
+    eventually(PATIENCE, "the health endpoint to answer", async || {
+        get(port, "/healthz").await.is_some()
+    })
+    .await;
+    // Four idle clients take every slot (accepted in order, before anything after them).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    for _ in 0..3 {
+        let mut extra = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_unanswered(&mut extra, Duration::from_secs(5)).await,
+            "a connection beyond the cap was kept open"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2), "not at once");
+    }
+    // One slot frees: a request is answered while the other three are still held.
+    held.pop();
+    eventually(PATIENCE, "an answer once a slot is free", async || {
+        get(port, "/healthz").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    assert_eq!(held.len(), 3);
+}
+
+/// A client that starts a request and never finishes it is dropped after
+/// `health.timeout_secs`, and its slot serves the next client.
+#[tokio::test]
+async fn slow_client_is_dropped_after_the_timeout() {
+    let mut env = TestEnv::new().await;
+    let port = free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    env.spawn_worker(
+        WORKER,
+        "slowloris",
+        &[
+            ("VIDPIPE__HEALTH__ADDR", &addr),
+            // One slot: while the slow client holds it, nobody else is served.
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "1"),
+            ("VIDPIPE__HEALTH__TIMEOUT_SECS", "1"),
+        ],
+    );
+    eventually(PATIENCE, "the health endpoint to answer", async || {
+        get(port, "/healthz").await.is_some()
+    })
+    .await;
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = Instant::now();
+    // Headers trickle in and never end (no blank line).
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut dropped = false;
+    while started.elapsed() < Duration::from_secs(10) && !dropped {
+        if slow.write_all(b"X-Slow: 1\r\n").await.is_err() {
+            dropped = true;
+            break;
+        }
+        dropped = closed_unanswered(&mut slow, Duration::from_millis(200)).await;
+    }
+    assert!(dropped, "the slow client was still connected after 10 s");
+    let held_for = started.elapsed();
+    assert!(
+        held_for >= Duration::from_millis(900) && held_for < Duration::from_secs(5),
+        "dropped after {held_for:?}, the timeout is 1 s"
+    );
+    assert_eq!(get(port, "/healthz").await.map(|r| r.0), Some(200));
 }

@@ -333,6 +333,46 @@ async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
     assert_eq!(again.status.code(), Some(1), "nothing left to replay");
 }
 
+/// An oversize job parked with its body cut to the message limit shows as truncated in
+/// `dead list` (text and JSON), and `dead replay` leaves it parked instead of sending
+/// what is left of it.
+#[tokio::test]
+async fn dead_list_shows_a_truncated_body_and_replay_leaves_it_parked() {
+    let mut env = TestEnv::new().await;
+    let (id, source, prefix) = crate::support::job_keys("transcode");
+    let mut body = test_job(id, &source, &prefix, serde_json::json!({}));
+    body.resize(300 * 1024, b' ');
+    env.publish_raw("transcode", &body).await;
+    env.spawn_worker("vidpipe-testworker", "testworker", &[]);
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+
+    let list = producer(&env, &["dead", "list"]).await;
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    assert!(
+        stdout(&list).contains("[body truncated: 65536 of 307200 bytes kept]"),
+        "{}",
+        stdout(&list)
+    );
+    let parked = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(parked[0]["truncated_from"], 307200, "{parked:?}");
+    assert_eq!(parked[0]["bytes"], 65536, "{parked:?}");
+
+    let replay = producer(&env, &["dead", "replay", &id.to_string()]).await;
+    assert_ne!(replay.status.code(), Some(0));
+    assert!(
+        stderr(&replay).contains("cannot be replayed"),
+        "{}",
+        stderr(&replay)
+    );
+    assert_eq!(env.queue_depth(&dead_queue).await, 1, "still parked");
+}
+
 /// `dead list` explains a broker dead letter from `x-death`; `dead purge` refuses without
 /// `--yes` (exit code 2, nothing deleted) and empties the parking lot with it.
 #[tokio::test]

@@ -531,3 +531,99 @@ async fn stale_scratch_from_a_crash_is_removed_at_start() {
         "a recent scratch directory may belong to a live job"
     );
 }
+
+/// An oversize message (300 KiB, over the 64 KiB limit) is parked at once with its body
+/// cut to the limit and a header giving its original size.
+#[tokio::test]
+async fn oversize_message_is_parked_cut_to_the_message_limit() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "oversize", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    let mut body = test_job(id, &source, &prefix, json!({}));
+    body.resize(300 * 1024, b' ');
+    env.publish_raw("transcode", &body).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].body.len(), shared::messages::MAX_MESSAGE_BYTES);
+    assert_eq!(
+        dead[0].body[..],
+        body[..shared::messages::MAX_MESSAGE_BYTES]
+    );
+    assert_eq!(
+        shared::runtime::header_u32(
+            Some(&dead[0].headers),
+            shared::runtime::TRUNCATED_FROM_HEADER
+        ),
+        Some(300 * 1024)
+    );
+    assert!(
+        dead[0].reason().contains("307200 bytes"),
+        "{}",
+        dead[0].reason()
+    );
+}
+
+/// A job whose output prefix already holds another job's manifest (a hostile message
+/// pointing at someone else's outputs) is dead, naming both jobs, never "skipped" as
+/// done; the other job's outputs stay as they were.
+#[tokio::test]
+async fn manifest_of_another_job_is_refused_not_skipped() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "owner", &[]);
+    let (victim, victim_prefix) = submit(&env, json!({})).await;
+    let before = env.wait_manifest(&victim_prefix, PATIENCE).await;
+
+    let (intruder, source, _) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(intruder).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(intruder, &source, &victim_prefix, json!({})),
+    )
+    .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains(&victim.to_string()) && reason.contains(&intruder.to_string()),
+        "{reason}"
+    );
+    assert_eq!(dead[0].attempts(), Some(1));
+    events.wait_for("transcode", JobState::Dead, PATIENCE).await;
+    assert!(
+        !events.seen.iter().any(|e| e.state == JobState::Completed),
+        "{:?}",
+        events.seen
+    );
+    assert_eq!(env.wait_manifest(&victim_prefix, PATIENCE).await, before);
+}
+
+/// A symlink planted in the storage root (`outputs/<job>/transcode` -> a directory
+/// outside it) makes the job dead with the reason; nothing is written outside the root.
+#[tokio::test]
+async fn symlink_in_the_output_path_out_of_the_root_is_dead_and_nothing_escapes() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "escape", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let elsewhere = env.data.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let link = env
+        .storage_root()
+        .join(prefix.as_str().trim_end_matches('/'));
+    std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains("outside the storage root") && reason.contains("symlink"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].attempts(), Some(1), "permanent, not retried");
+    assert_eq!(
+        std::fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "something was written outside the storage root"
+    );
+}

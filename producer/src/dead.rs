@@ -7,7 +7,9 @@
 //! the parked one, so a crash in between duplicates a job at worst.
 //!
 //! Why a message died comes from our `x-vidpipe-*` headers (worker dead letters) or
-//! from the broker's `x-death` (delivery-limit overflows).
+//! from the broker's `x-death` (delivery-limit overflows). A message parked with its body
+//! cut to the message limit (it was oversize, see `x-vidpipe-truncated-from`) is shown as
+//! such and never replayed: what is left of it is not the job that was sent.
 
 use std::collections::BTreeMap;
 
@@ -19,7 +21,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
 use shared::runtime::{
     ATTEMPT_HEADER, ATTEMPTS_HEADER, FAILED_AT_HEADER, LAST_ERROR_HEADER, REASON_HEADER,
-    TASK_HEADER, WORKER_HEADER, header_str, header_u32,
+    TASK_HEADER, TRUNCATED_FROM_HEADER, WORKER_HEADER, header_str, header_u32,
 };
 use shared::settings::Settings;
 use uuid::Uuid;
@@ -61,7 +63,11 @@ pub struct DeadInfo {
     /// `worker` (parked by a vidpipe worker) or `broker` (dead-lettered by RabbitMQ,
     /// e.g. the delivery limit of a crash-looping job).
     pub parked_by: &'static str,
+    /// Bytes of the body as parked.
     pub bytes: usize,
+    /// Set when the worker parked only the first `bytes` of an oversize body: its
+    /// original size.
+    pub truncated_from: Option<u64>,
 }
 
 /// Reads a parked message's headers and body.
@@ -139,6 +145,7 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
         failed_at,
         parked_by,
         bytes: delivery.data.len(),
+        truncated_from: header_u32(headers, TRUNCATED_FROM_HEADER).map(u64::from),
     }
 }
 
@@ -343,6 +350,15 @@ async fn replay(broker: &Broker, job_id: Option<Uuid>) -> Result<(), Failure> {
             .job_id
             .map(|id| id.to_string())
             .unwrap_or_else(|| "(no job id)".into());
+        if let Some(original) = info.truncated_from {
+            failed += 1;
+            eprintln!(
+                "producer: {shown}: only the first {} of its {original} bytes were kept when it \
+                 was parked (it was over the message limit); it cannot be replayed, left parked",
+                info.bytes
+            );
+            continue;
+        }
         let Some(message) = replay_message(delivery, info, &exchange) else {
             failed += 1;
             eprintln!("producer: {shown}: no task to route it by; left parked");
@@ -413,7 +429,12 @@ fn print_list(queue: &str, infos: &[DeadInfo], json: bool) {
         "FAILED AT"
     );
     for i in infos {
-        let reason: String = i.reason.chars().take(100).collect();
+        // The note goes first so the 100-character cut never hides it.
+        let note = i
+            .truncated_from
+            .map(|original| format!("[body truncated: {} of {original} bytes kept] ", i.bytes))
+            .unwrap_or_default();
+        let reason: String = format!("{note}{}", i.reason).chars().take(100).collect();
         crate::say!(
             "{:<36}  {:<9}  {:>8}  {:<20}  {:<25}  {reason}",
             i.job_id

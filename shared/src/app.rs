@@ -83,10 +83,10 @@ pub fn worker_main<H: Handler>(
         let storage = Storage::from_settings(&s.storage)?;
         let health = Health::new();
         let shutdown = shutdown::on_signals();
-        if s.health.port != 0 {
+        if s.health.enabled {
             health
                 .clone()
-                .serve(&s.health.bind, s.health.port, shutdown.child_token())
+                .serve(&s.health, shutdown.child_token())
                 .await?;
         }
         let options = WorkerOptions {

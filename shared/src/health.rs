@@ -1,19 +1,43 @@
 //! Health and metrics over plain HTTP: `/healthz` (alive), `/readyz` (connected and
 //! consuming; 503 while the broker is unreachable or during shutdown) and `/metrics`
-//! (Prometheus text format). One tiny endpoint per worker, port `health.port`.
+//! (Prometheus text format). One tiny endpoint per worker at `health.addr`, served by
+//! hyper's HTTP/1 server.
+//!
+//! By default it listens on loopback on a port the OS picks (logged at start), so any
+//! number of workers of any kind can run side by side on one machine and nothing is
+//! reachable from outside it; container images set a fixed `0.0.0.0:8080`. Whoever can
+//! reach it gets a bounded share: a fixed number of connections, one request each, and a
+//! deadline for every exchange.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+use crate::settings::HealthSettings;
+
+/// Largest request the endpoint reads (hyper's minimum buffer); a probe is ~100 bytes.
+const MAX_REQUEST_BYTES: usize = 8192;
 
 type Labels = Vec<(String, String)>;
 
@@ -125,58 +149,101 @@ impl Health {
         out
     }
 
-    /// Serves the endpoint until `stop` fires. Binding failure is an error at start.
-    pub async fn serve(self, bind: &str, port: u16, stop: CancellationToken) -> anyhow::Result<()> {
-        let listener = TcpListener::bind((bind, port)).await.map_err(|e| {
-            anyhow::anyhow!("cannot listen on {bind}:{port} (setting `health.port`): {e}")
-        })?;
-        tracing::info!(addr = %listener.local_addr()?, "health and metrics endpoint listening");
+    /// The answer to `GET path`: status, content type, body.
+    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+        match path {
+            "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+            "/readyz" if self.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
+            "/readyz" => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "not ready\n".to_owned(),
+            ),
+            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.render()),
+            _ => (
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                "try /healthz, /readyz or /metrics\n".to_owned(),
+            ),
+        }
+    }
+
+    fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let (status, content_type, body) = match *request.method() {
+            Method::GET | Method::HEAD => self.answer(request.uri().path()),
+            _ => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "only GET and HEAD\n".to_owned(),
+            ),
+        };
+        let mut response = Response::new(Full::new(Bytes::from(body)));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        response
+    }
+
+    /// Binds `settings.addr` and serves the endpoint until `stop` fires; returns the
+    /// address bound (the port the OS chose when the setting's port is 0). A bind
+    /// failure is an error at start, naming the setting.
+    ///
+    /// Bounded on purpose: at most `max_connections` connections at once (one more is
+    /// closed as soon as it is accepted, never queued), one request per connection, and
+    /// `timeout_secs` for a client to send its request and the whole exchange, so slow
+    /// or idle clients cannot hold the slots for long.
+    pub async fn serve(
+        self,
+        settings: &HealthSettings,
+        stop: CancellationToken,
+    ) -> anyhow::Result<SocketAddr> {
+        let addr = settings.socket_addr()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} (setting `health.addr`): {e}"))?;
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "health and metrics endpoint listening");
+        let slots = Arc::new(Semaphore::new(settings.max_connections));
+        let timeout = Duration::from_secs_f64(settings.timeout_secs);
         tokio::spawn(async move {
             loop {
-                let (mut stream, _) = tokio::select! {
+                let stream = tokio::select! {
                     _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(e) => {
+                            // Out of file descriptors and the like: don't spin on it.
+                            tracing::warn!(error = %e, "health endpoint: accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    },
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Full: closing at once costs nothing and keeps memory bounded.
+                    drop(stream);
+                    continue;
                 };
                 let health = self.clone();
                 tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    let n = match tokio::time::timeout(
-                        std::time::Duration::from_secs(5),
-                        stream.read(&mut buf),
-                    )
-                    .await
-                    {
-                        Ok(Ok(n)) => n,
-                        _ => return,
-                    };
-                    let request = String::from_utf8_lossy(&buf[..n]);
-                    let path = request.split_whitespace().nth(1).unwrap_or("/");
-                    let (status, content_type, body) = match path {
-                        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                        "/readyz" if health.is_ready() => {
-                            ("200 OK", "text/plain", "ready\n".to_owned())
-                        }
-                        "/readyz" => (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            "not ready\n".to_owned(),
-                        ),
-                        "/metrics" => ("200 OK", "text/plain; version=0.0.4", health.render()),
-                        _ => (
-                            "404 Not Found",
-                            "text/plain",
-                            "try /healthz, /readyz or /metrics\n".to_owned(),
-                        ),
-                    };
-                    let response = format!(
-                        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                    let _ = stream.shutdown().await;
+                    let service = service_fn(move |request: Request<Incoming>| {
+                        let response = health.respond(&request);
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(timeout)
+                        .keep_alive(false)
+                        .max_buf_size(MAX_REQUEST_BYTES)
+                        .serve_connection(TokioIo::new(stream), service);
+                    // The header timeout stops a slow request; this one a client that
+                    // sends its request and then never reads the answer.
+                    let _ = tokio::time::timeout(timeout, connection).await;
+                    drop(slot);
                 });
             }
         });
-        Ok(())
+        Ok(bound)
     }
 }

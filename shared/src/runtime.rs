@@ -37,7 +37,8 @@ use crate::health::Health;
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
-use crate::storage::Storage;
+use crate::storage::{self, Storage};
+use crate::storage_key::StorageKey;
 use crate::topology::Topology;
 
 /// Our own attempt counter (1-based number of the delivery it travels with). RabbitMQ
@@ -51,6 +52,10 @@ pub const FAILED_AT_HEADER: &str = "x-vidpipe-failed-at";
 pub const TASK_HEADER: &str = "x-vidpipe-task";
 /// On a retried message: the error of the previous attempt.
 pub const LAST_ERROR_HEADER: &str = "x-vidpipe-last-error";
+/// On a dead letter whose body was over [`messages::MAX_MESSAGE_BYTES`]: the body's
+/// original size in bytes. The parked body is cut to the limit, so the parking lot
+/// cannot be used to store big blobs.
+pub const TRUNCATED_FROM_HEADER: &str = "x-vidpipe-truncated-from";
 
 /// Everything [`run`] needs besides the handler and the shutdown signal.
 #[derive(Debug, Clone)]
@@ -357,13 +362,18 @@ async fn run_in_scratch<H: Handler>(
     // A permanent source problem (missing object, no such bucket) decides before an
     // unreadable manifest, which would only make the job retry in vain.
     let source = match (existing, source) {
-        (Ok(Some(_)), _) => {
-            tracing::info!("outputs already committed by an earlier delivery; skipping");
-            return Outcome::Completed;
+        (Ok(Some(manifest)), _) => {
+            return match claim_manifest(&manifest, job_id, job.output_prefix()) {
+                Ok(()) => {
+                    tracing::info!("outputs already committed by an earlier delivery; skipping");
+                    Outcome::Completed
+                }
+                Err(e) => Outcome::Failed(e),
+            };
         }
         (_, Err(e)) => return Outcome::Failed(e),
         (Err(e), Ok(_)) => {
-            return Outcome::Failed(JobError::transient(
+            return Outcome::Failed(storage::job_error(
                 e.context("checking for an existing manifest"),
             ));
         }
@@ -454,16 +464,52 @@ async fn run_in_scratch<H: Handler>(
                     worker.health.bytes_written.inc_by(bytes);
                     Outcome::Completed
                 }
-                Ok(None) => {
-                    tracing::info!(
-                        "another delivery of this job committed first; keeping its result"
-                    );
-                    Outcome::Completed
-                }
+                // Someone committed first: fine if it was another delivery of this job.
+                Ok(None) => match worker.storage.manifest(job.output_prefix()).await {
+                    Ok(Some(manifest)) => {
+                        match claim_manifest(&manifest, job_id, job.output_prefix()) {
+                            Ok(()) => {
+                                tracing::info!(
+                                    "another delivery of this job committed first; keeping its result"
+                                );
+                                Outcome::Completed
+                            }
+                            Err(e) => Outcome::Failed(e),
+                        }
+                    }
+                    Ok(None) => Outcome::Failed(JobError::transient(
+                        "the manifest that won the commit race has disappeared",
+                    )),
+                    Err(e) => Outcome::Failed(storage::job_error(
+                        e.context("reading the manifest that won the commit race"),
+                    )),
+                },
                 Err(e) => Outcome::Failed(e),
             }
         }
     }
+}
+
+/// Whether a manifest found under this job's output prefix may count as this job's
+/// result: only if it names this job. A message that points its `output_prefix` at
+/// another job's outputs must not be "skipped" as done with that job's results (nor be
+/// reported complete when it lost the commit race to them): it is refused, permanently.
+fn claim_manifest(
+    manifest: &serde_json::Value,
+    job_id: Uuid,
+    prefix: &StorageKey,
+) -> Result<(), JobError> {
+    let owner = manifest.get("job_id").and_then(serde_json::Value::as_str);
+    if owner.and_then(|o| o.parse::<Uuid>().ok()) == Some(job_id) {
+        return Ok(());
+    }
+    let owner: String = owner
+        .map(|o| o.chars().take(64).collect())
+        .unwrap_or_else(|| "(none recorded)".into());
+    Err(JobError::Permanent(format!(
+        "output prefix `{prefix}` already holds the committed outputs of job {owner}, not of \
+         this job {job_id}; a job may only write under its own output prefix"
+    )))
 }
 
 async fn forward_progress(
@@ -546,7 +592,17 @@ async fn settle<H: Handler>(
             headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
             headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
             let target = worker.topology.retry(tier);
-            if park(publisher, delivery, &target, task, headers, "for retry").await {
+            if park(
+                publisher,
+                delivery,
+                &delivery.data,
+                &target,
+                task,
+                headers,
+                "for retry",
+            )
+            .await
+            {
                 count("retried");
                 worker
                     .health
@@ -579,10 +635,12 @@ async fn settle<H: Handler>(
             headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
             headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
             headers.insert(TASK_HEADER.into(), long_string(task));
+            let body = dead_body(&delivery.data, &mut headers);
             let dead = worker.topology.dead();
             if park(
                 publisher,
                 delivery,
+                body,
                 &dead,
                 task,
                 headers,
@@ -602,19 +660,35 @@ async fn settle<H: Handler>(
     }
 }
 
-/// Moves a delivery to `exchange`: publish a copy with `headers` and wait for the
-/// broker's confirm, then ack the original. If the publish fails the original is
-/// requeued instead, so the job is never lost (at worst it runs again). True if parked.
+/// The body a dead letter keeps: the whole body up to the message limit; past it (an
+/// oversize message is poison) only its first [`messages::MAX_MESSAGE_BYTES`], with
+/// [`TRUNCATED_FROM_HEADER`] saying how big it was.
+fn dead_body<'a>(body: &'a [u8], headers: &mut FieldTable) -> &'a [u8] {
+    if body.len() <= messages::MAX_MESSAGE_BYTES {
+        return body;
+    }
+    headers.insert(
+        TRUNCATED_FROM_HEADER.into(),
+        AMQPValue::LongLongInt(i64::try_from(body.len()).unwrap_or(i64::MAX)),
+    );
+    &body[..messages::MAX_MESSAGE_BYTES]
+}
+
+/// Moves a delivery to `exchange`: publish `body` (the delivery's own, or a cut of it)
+/// with `headers` and wait for the broker's confirm, then ack the original. If the
+/// publish fails the original is requeued instead, so the job is never lost (at worst it
+/// runs again). True if parked.
 async fn park(
     publisher: &Channel,
     delivery: &Delivery,
+    body: &[u8],
     exchange: &str,
     routing_key: &str,
     headers: FieldTable,
     where_to: &str,
 ) -> bool {
     let props = broker::persistent_json(headers);
-    match broker::publish_confirmed(publisher, exchange, routing_key, &delivery.data, props).await {
+    match broker::publish_confirmed(publisher, exchange, routing_key, body, props).await {
         Ok(()) => {
             ack(delivery).await;
             true
@@ -709,4 +783,46 @@ fn loose_job_id(body: &[u8]) -> Uuid {
         .ok()
         .and_then(|v| v.get("job_id")?.as_str()?.parse().ok())
         .unwrap_or(Uuid::nil())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_bodies_are_cut_to_the_message_limit_and_say_so() {
+        let mut headers = FieldTable::default();
+        let small = vec![b'x'; messages::MAX_MESSAGE_BYTES];
+        assert_eq!(dead_body(&small, &mut headers).len(), small.len());
+        assert!(headers.inner().get(TRUNCATED_FROM_HEADER).is_none());
+
+        let big = vec![b'x'; 300 * 1024];
+        let kept = dead_body(&big, &mut headers);
+        assert_eq!(kept.len(), messages::MAX_MESSAGE_BYTES);
+        assert_eq!(
+            header_u32(Some(&headers), TRUNCATED_FROM_HEADER),
+            Some(300 * 1024)
+        );
+    }
+
+    #[test]
+    fn an_existing_manifest_counts_only_for_its_own_job() {
+        let prefix = StorageKey::new("outputs/a/transcode/").unwrap();
+        let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
+        let manifest = serde_json::json!({ "job_id": mine, "task": "transcode" });
+        assert!(claim_manifest(&manifest, mine, &prefix).is_ok());
+
+        let Err(JobError::Permanent(reason)) = claim_manifest(&manifest, other, &prefix) else {
+            panic!("another job's manifest must be refused permanently");
+        };
+        assert!(
+            reason.contains(&mine.to_string()) && reason.contains(&other.to_string()),
+            "{reason}"
+        );
+        let anonymous = serde_json::json!({ "task": "transcode" });
+        assert!(matches!(
+            claim_manifest(&anonymous, mine, &prefix),
+            Err(JobError::Permanent(_))
+        ));
+    }
 }

@@ -399,21 +399,75 @@ impl Default for LogSettings {
     }
 }
 
+/// The health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct HealthSettings {
-    /// Port of the health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`);
-    /// 0 turns it off.
-    pub port: u16,
-    pub bind: String,
+    /// Whether to serve the endpoint at all.
+    pub enabled: bool,
+    /// `ip:port` to listen on. The default, `127.0.0.1:0`, is loopback only on a port the
+    /// OS picks (logged at start): nothing outside the machine can reach it, and any
+    /// number of workers start side by side. Containers set `0.0.0.0:8080`.
+    pub addr: String,
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// Seconds a client gets to send its request and receive the answer.
+    pub timeout_secs: f64,
+    /// `health.port` and `health.bind` were replaced by `addr`: still parsed, only so a
+    /// deployment that sets them gets an error saying what to write instead of a
+    /// silently different address.
+    #[serde(rename = "port")]
+    retired_port: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "bind")]
+    retired_bind: Option<serde::de::IgnoredAny>,
 }
 
 impl Default for HealthSettings {
     fn default() -> Self {
         Self {
-            port: 8080,
-            bind: "0.0.0.0".into(),
+            enabled: true,
+            addr: "127.0.0.1:0".into(),
+            max_connections: 64,
+            timeout_secs: 5.0,
+            retired_port: None,
+            retired_bind: None,
         }
+    }
+}
+
+impl HealthSettings {
+    /// [`Self::addr`] parsed; the error names the key.
+    pub fn socket_addr(&self) -> anyhow::Result<std::net::SocketAddr> {
+        self.addr.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "invalid setting `health.addr`: `{}` is not an ip:port such as 127.0.0.1:0 or 0.0.0.0:8080",
+                self.addr.chars().take(100).collect::<String>()
+            )
+        })
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (key, set) in [
+            ("port", self.retired_port.is_some()),
+            ("bind", self.retired_bind.is_some()),
+        ] {
+            anyhow::ensure!(
+                !set,
+                "setting `health.{key}` was replaced by `health.addr` (ip:port, e.g. \
+                 VIDPIPE__HEALTH__ADDR=0.0.0.0:8080; port 0 lets the OS pick one); \
+                 `health.enabled = false` turns the endpoint off"
+            );
+        }
+        self.socket_addr()?;
+        anyhow::ensure!(
+            (1..=65_536).contains(&self.max_connections),
+            "invalid setting `health.max_connections`: must be 1 to 65536"
+        );
+        anyhow::ensure!(
+            self.timeout_secs.is_finite() && self.timeout_secs > 0.0,
+            "invalid setting `health.timeout_secs`: must be a positive number of seconds"
+        );
+        Ok(())
     }
 }
 
@@ -524,6 +578,7 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
         s.worker.shutdown_grace_secs.is_finite() && s.worker.shutdown_grace_secs >= 0.0,
         "invalid setting `worker.shutdown_grace_secs`: must be zero or more"
     );
+    s.health.validate()?;
     anyhow::ensure!(
         s.topology
             .prefix
@@ -670,6 +725,43 @@ mod tests {
         assert!(err.contains("soon"), "{err}");
         let err = format!("{:#}", env("-1").unwrap_err());
         assert!(err.contains("retry.delays_secs"), "{err}");
+    }
+
+    #[test]
+    fn health_listens_on_loopback_by_default_and_retired_keys_say_what_replaced_them() {
+        let env = |pairs: &[(&str, &str)]| {
+            let map = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            load_with_env(None, Some(map))
+        };
+        let defaults = env(&[]).unwrap().settings.health;
+        let addr = defaults.socket_addr().unwrap();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        assert_eq!(addr.port(), 0, "the OS picks the port");
+        assert!(defaults.enabled);
+
+        let set = env(&[("VIDPIPE__HEALTH__ADDR", "0.0.0.0:8080")]).unwrap();
+        assert_eq!(set.settings.health.socket_addr().unwrap().port(), 8080);
+
+        for key in ["VIDPIPE__HEALTH__PORT", "VIDPIPE__HEALTH__BIND"] {
+            let err = format!("{:#}", env(&[(key, "8080")]).unwrap_err());
+            assert!(err.contains("replaced by `health.addr`"), "{err}");
+        }
+        let err = format!(
+            "{:#}",
+            env(&[("VIDPIPE__HEALTH__ADDR", "localhost")]).unwrap_err()
+        );
+        assert!(err.contains("health.addr"), "{err}");
+        for (key, value) in [
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "0"),
+            ("VIDPIPE__HEALTH__MAX_CONNECTIONS", "100000000000"),
+            ("VIDPIPE__HEALTH__TIMEOUT_SECS", "0"),
+        ] {
+            let err = format!("{:#}", env(&[(key, value)]).unwrap_err());
+            assert!(err.contains("health."), "{key}={value}: {err}");
+        }
     }
 
     #[test]

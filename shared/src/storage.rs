@@ -7,6 +7,9 @@
 //! - A task's outputs are committed file by file, then its `manifest.json` last, written
 //!   with create-if-absent: the manifest's presence means "this task is done", and two
 //!   workers racing on the same task cannot both claim it.
+//! - Nothing leaves the root: on the filesystem backend every key is resolved before it
+//!   is read, written, listed or deleted, and one whose path runs through a symlink to
+//!   somewhere outside `storage.root` is refused ([`OutsideRoot`], a permanent failure).
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -32,6 +35,30 @@ pub const MANIFEST: &str = "manifest.json";
 
 /// Copy buffer for streaming files in and out.
 const CHUNK: usize = 1 << 20;
+
+/// A key whose place on disk resolves outside the storage root: a symlink inside the root
+/// (say `outputs/<job>/transcode -> /elsewhere`) leads out of it. Refused for every read,
+/// write, listing and deletion; permanent, since the link will not go away by itself.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "storage key `{key}` resolves outside the storage root through a symlink ({link} -> {target}); refusing to use it"
+)]
+pub struct OutsideRoot {
+    key: String,
+    /// The path under the root that was resolved (the link itself or a directory above it).
+    link: String,
+    /// Where it leads, or why it leads nowhere (a dangling link).
+    target: String,
+}
+
+/// A storage failure as a job failure: a path out of the root is permanent (no retry can
+/// help); anything else may be a hiccup and is transient.
+pub fn job_error(err: anyhow::Error) -> JobError {
+    match err.downcast_ref::<OutsideRoot>() {
+        Some(outside) => JobError::Permanent(outside.to_string()),
+        None => JobError::transient(err),
+    }
+}
 
 /// The media store. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -137,8 +164,45 @@ impl Storage {
         ObjectPath::from(key.as_str().trim_end_matches('/'))
     }
 
+    /// Checks that `key` stays inside the root on the filesystem backend (a no-op on S3,
+    /// which has no links). The deepest part of its path that exists is resolved with
+    /// every symlink followed and must still lie under the root; the parts below it do
+    /// not exist yet, so the store creates them as plain directories and files.
+    ///
+    /// This guards against links planted in the storage tree, not against a local user
+    /// racing to plant one between the check and the use: whoever can write the root
+    /// directly is trusted.
+    fn confine(&self, key: &StorageKey) -> Result<(), OutsideRoot> {
+        if self.local.is_none() {
+            return Ok(());
+        }
+        let mut existing = self.root.join(key.as_str().trim_end_matches('/'));
+        // `symlink_metadata` sees a dangling link as existing, which `canonicalize` then
+        // refuses: a link that leads nowhere is not followed either.
+        while existing.symlink_metadata().is_err() {
+            if !existing.pop() || existing == self.root {
+                return Ok(());
+            }
+        }
+        let outside = |target: String| OutsideRoot {
+            key: key.to_string(),
+            link: existing
+                .strip_prefix(&self.root)
+                .unwrap_or(&existing)
+                .display()
+                .to_string(),
+            target,
+        };
+        match existing.canonicalize() {
+            Ok(real) if real.starts_with(&self.root) => Ok(()),
+            Ok(real) => Err(outside(real.display().to_string())),
+            Err(e) => Err(outside(format!("unresolvable: {e}"))),
+        }
+    }
+
     /// Whether `key` exists.
     pub async fn exists(&self, key: &StorageKey) -> anyhow::Result<bool> {
+        self.confine(key)?;
         match self.store.head(&Self::path(key)).await {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -154,6 +218,7 @@ impl Storage {
         file: &FsPath,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> anyhow::Result<u64> {
+        self.confine(key)?;
         let mut input = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("opening {}", file.display()))?;
@@ -188,6 +253,7 @@ impl Storage {
 
     /// Writes a small object (manifests, test fixtures) in one go.
     pub async fn put_bytes(&self, key: &StorageKey, bytes: Vec<u8>) -> anyhow::Result<()> {
+        self.confine(key)?;
         self.store
             .put(&Self::path(key), PutPayload::from(bytes))
             .await
@@ -197,6 +263,7 @@ impl Storage {
 
     /// Reads a small object whole; `None` if absent.
     pub async fn get_bytes(&self, key: &StorageKey) -> anyhow::Result<Option<Vec<u8>>> {
+        self.confine(key)?;
         match self.store.get(&Self::path(key)).await {
             Ok(r) => Ok(Some(
                 r.bytes()
@@ -217,6 +284,8 @@ impl Storage {
     pub async fn fetch(&self, key: &StorageKey, scratch: &FsPath) -> Result<LocalSource, JobError> {
         let location = Self::path(key);
         let what = format!("source `{key}`");
+        self.confine(key)
+            .map_err(|e| JobError::Permanent(format!("{what}: {e}")))?;
         let meta = self
             .store
             .head(&location)
@@ -283,6 +352,8 @@ impl Storage {
         output: &TaskOutput,
         mut manifest: serde_json::Value,
     ) -> Result<Option<serde_json::Value>, JobError> {
+        self.confine(prefix)
+            .map_err(|e| JobError::Permanent(e.to_string()))?;
         let run = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let run_prefix = prefix
             .join(&format!("{run}/"))
@@ -297,7 +368,7 @@ impl Storage {
                 Ok(size) => size,
                 Err(e) => {
                     self.delete_all(&written).await;
-                    return Err(JobError::transient(e));
+                    return Err(job_error(e));
                 }
             };
             written.push(key.clone());
@@ -322,6 +393,10 @@ impl Storage {
             ..Default::default()
         };
         let key = Self::manifest_key(prefix);
+        if let Err(e) = self.confine(&key) {
+            self.delete_all(&written).await;
+            return Err(JobError::Permanent(e.to_string()));
+        }
         match self
             .store
             .put_opts(&Self::path(&key), PutPayload::from(body), opts)
@@ -341,6 +416,7 @@ impl Storage {
 
     /// Every key under `prefix` (small listings: tests, status).
     pub async fn list(&self, prefix: &StorageKey) -> anyhow::Result<Vec<String>> {
+        self.confine(prefix)?;
         let mut stream = self.store.list(Some(&Self::path(prefix)));
         let mut keys = Vec::new();
         while let Some(meta) = stream.next().await {
@@ -356,6 +432,10 @@ impl Storage {
     /// Best-effort removal of keys (an abandoned run's files).
     async fn delete_all(&self, keys: &[StorageKey]) {
         for key in keys {
+            if let Err(e) = self.confine(key) {
+                tracing::warn!(%key, error = %e, "not removing an abandoned output");
+                continue;
+            }
             if let Err(e) = self.store.delete(&Self::path(key)).await {
                 tracing::warn!(%key, error = %e, "could not remove an abandoned output");
             }
@@ -392,5 +472,127 @@ pub fn classify(what: &str, err: object_store::Error) -> JobError {
             JobError::Permanent(format!("{what}: the bucket does not exist ({text})"))
         }
         _ => JobError::Transient(format!("{what}: storage error ({text})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> StorageKey {
+        StorageKey::new(k).unwrap()
+    }
+
+    /// A local store in `dir/store`, and `dir/elsewhere`, a directory outside its root.
+    fn store_and_elsewhere(dir: &FsPath) -> (Storage, PathBuf) {
+        let storage = Storage::from_settings(&StorageSettings {
+            root: dir.join("store"),
+            ..Default::default()
+        })
+        .unwrap();
+        let elsewhere = dir.join("elsewhere");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        (storage, elsewhere)
+    }
+
+    fn link(storage: &Storage, at: &str, to: &FsPath) {
+        let at = storage.root.join(at);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(to, at).unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_write_read_or_listing_follows_a_symlink_out_of_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, elsewhere) = store_and_elsewhere(dir.path());
+        std::fs::write(elsewhere.join("manifest.json"), b"{}").unwrap();
+        link(&storage, "outputs/j/transcode", &elsewhere);
+        link(&storage, "uploads/j", &elsewhere);
+        link(
+            &storage,
+            "outputs/k/manifest.json",
+            &elsewhere.join("manifest.json"),
+        );
+        link(&storage, "outputs/d/transcode", &dir.path().join("nowhere"));
+
+        let refused = |e: anyhow::Error| e.downcast_ref::<OutsideRoot>().is_some();
+        let file = dir.path().join("out.txt");
+        std::fs::write(&file, b"output").unwrap();
+        for k in ["outputs/j/transcode/run-1/out.txt", "outputs/d/transcode/x"] {
+            let err = storage.put_file(&key(k), &file, &|_| {}).await.unwrap_err();
+            assert!(refused(err), "{k}");
+        }
+        let err = storage
+            .put_bytes(&key("outputs/j/transcode/a"), b"x".to_vec())
+            .await;
+        assert!(refused(err.unwrap_err()));
+        for k in [
+            "outputs/j/transcode/manifest.json",
+            "outputs/k/manifest.json",
+        ] {
+            assert!(
+                refused(storage.get_bytes(&key(k)).await.unwrap_err()),
+                "{k}"
+            );
+        }
+        assert!(refused(
+            storage
+                .list(&key("outputs/j/transcode/"))
+                .await
+                .unwrap_err()
+        ));
+        assert!(refused(
+            storage
+                .exists(&key("uploads/j/source.mp4"))
+                .await
+                .unwrap_err()
+        ));
+
+        let mut output = TaskOutput::default();
+        output.push("out.txt", &file, serde_json::json!({}));
+        let err = storage
+            .commit(&key("outputs/j/transcode/"), &output, serde_json::json!({}))
+            .await
+            .unwrap_err();
+        let JobError::Permanent(reason) = err else {
+            panic!("a symlink out of the root is permanent: {err:?}");
+        };
+        assert!(
+            reason.contains("outside the storage root") && reason.contains("outputs/j/transcode"),
+            "{reason}"
+        );
+
+        std::fs::write(elsewhere.join("source.mp4"), b"video").unwrap();
+        let err = storage
+            .fetch(&key("uploads/j/source.mp4"), dir.path())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, JobError::Permanent(_)), "{err:?}");
+
+        // Nothing was written outside: only the two files this test put there.
+        let mut left: Vec<_> = std::fs::read_dir(&elsewhere)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["manifest.json", "source.mp4"]);
+        assert!(!dir.path().join("nowhere").exists());
+    }
+
+    #[tokio::test]
+    async fn a_symlink_that_stays_inside_the_root_is_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, _) = store_and_elsewhere(dir.path());
+        std::fs::create_dir_all(storage.root.join("shared")).unwrap();
+        link(&storage, "outputs/j", &storage.root.join("shared"));
+        storage
+            .put_bytes(&key("outputs/j/a.txt"), b"x".to_vec())
+            .await
+            .unwrap();
+        assert!(storage.root.join("shared/a.txt").is_file());
+        assert_eq!(
+            storage.get_bytes(&key("outputs/j/a.txt")).await.unwrap(),
+            Some(b"x".to_vec())
+        );
     }
 }

@@ -203,7 +203,6 @@ impl TestEnv {
                 "VIDPIPE__WORKER__SCRATCH_DIR".into(),
                 self.scratch_dir().display().to_string(),
             ),
-            ("VIDPIPE__HEALTH__PORT".into(), "0".into()),
             ("VIDPIPE__LOG__LEVEL".into(), "info,lapin=warn".into()),
         ];
         vars.extend(self.extra_env.iter().cloned());
