@@ -562,9 +562,10 @@ async fn oversize_message_is_parked_cut_to_the_message_limit() {
     );
 }
 
-/// A job whose output prefix already holds another job's manifest (a hostile message
-/// pointing at someone else's outputs) is dead, naming both jobs, never "skipped" as
-/// done; the other job's outputs stay as they were.
+/// A job aimed at another job's outputs, whose manifest is already there (a hostile
+/// message), is dead at once naming both jobs (the message check refuses a prefix that is
+/// not the job's own; the runtime's manifest-owner check stands behind it), never
+/// "skipped" as done; the other job's outputs stay as they were.
 #[tokio::test]
 async fn manifest_of_another_job_is_refused_not_skipped() {
     let mut env = TestEnv::new().await;

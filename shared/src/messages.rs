@@ -95,6 +95,15 @@ pub fn parse<J: JobMessage>(body: &[u8]) -> Result<J, PoisonError> {
             "`output_prefix` must end with `/`".into(),
         ));
     }
+    // Outputs belong to their job: a message cannot aim its outputs (or its "already done"
+    // check) at another job's folder. Anything may come before, e.g. a tenant's folder.
+    let own = format!("{}/{}/", job.job_id(), J::TASK);
+    let prefix = job.output_prefix().as_str();
+    if !(prefix == own || prefix.ends_with(&format!("/{own}"))) {
+        return Err(PoisonError::Invalid(format!(
+            "`output_prefix` `{prefix}` must end with this job's `{own}`"
+        )));
+    }
     job.validate().map_err(PoisonError::Invalid)?;
     Ok(job)
 }
@@ -364,7 +373,7 @@ mod tests {
     fn transcode_json(extra: &str) -> String {
         format!(
             r#"{{"schema":1,"task":"transcode","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
-               "source":"uploads/x/source.mp4","output_prefix":"outputs/x/transcode/"{extra}}}"#
+               "source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/"{extra}}}"#
         )
     }
 
@@ -380,7 +389,7 @@ mod tests {
     #[test]
     fn thumbnail_round_trips_with_defaults() {
         let body = r#"{"schema":1,"task":"thumbnail","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
-            "source":"uploads/x/source.mp4","output_prefix":"outputs/x/thumbnail/",
+            "source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/thumbnail/",
             "sprite":{"interval_s":2,"columns":10,"width":160}}"#;
         let job: ThumbnailJob = parse(body.as_bytes()).unwrap();
         assert!(job.poster);
@@ -397,11 +406,29 @@ mod tests {
         // Found by the `parse_message` fuzz target: without serde_json's
         // `float_roundtrip`, some times came back one unit in the last place off.
         let body = r#"{"schema":1,"task":"thumbnail","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
-            "source":"uploads/x/source.mp4","output_prefix":"outputs/x/thumbnail/",
+            "source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/thumbnail/",
             "timestamps":[13479.531075614921, 1e-42, 3.12]}"#;
         let job: ThumbnailJob = parse(body.as_bytes()).unwrap();
         let again: ThumbnailJob = parse(&to_body(&job)).unwrap();
         assert_eq!(job.timestamps, again.timestamps);
+    }
+
+    #[test]
+    fn outputs_must_go_under_the_jobs_own_folder() {
+        let other = transcode_json("").replace(
+            "outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/",
+            "outputs/0e0e0e0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/",
+        );
+        let err = parse::<TranscodeJob>(other.as_bytes()).unwrap_err();
+        assert!(
+            err.to_string().contains("must end with this job's"),
+            "{err}"
+        );
+        let tenant =
+            transcode_json("").replace("outputs/6f1c1f0e", "tenants/acme/outputs/6f1c1f0e");
+        assert!(parse::<TranscodeJob>(tenant.as_bytes()).is_ok());
+        let wrong_task = transcode_json("").replace("/transcode/", "/thumbnail/");
+        assert!(parse::<TranscodeJob>(wrong_task.as_bytes()).is_err());
     }
 
     #[test]
@@ -467,7 +494,7 @@ mod tests {
     #[test]
     fn thumbnail_limits_are_enforced() {
         let body = r#"{"schema":1,"task":"thumbnail","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
-            "source":"uploads/x/source.mp4","output_prefix":"outputs/x/thumbnail/","count":5000}"#;
+            "source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/thumbnail/","count":5000}"#;
         assert!(matches!(
             parse::<ThumbnailJob>(body.as_bytes()),
             Err(PoisonError::Invalid(_))
