@@ -160,17 +160,18 @@ fn probe(head: &[u8]) -> Option<*const ff::AVInputFormat> {
     }
 }
 
-/// `avformat_open_input` + `avformat_find_stream_info` with `format` forced and every
-/// other file out of reach.
+/// `avformat_open_input` + `avformat_find_stream_info` with `format` forced, only the
+/// demuxers in `whitelist` (the forced one, in production) and every other file out of
+/// reach.
 fn open_restricted(
     path: &Path,
     format: *const ff::AVInputFormat,
-    name: &str,
+    whitelist: &str,
 ) -> Result<Input, ffmpeg::Error> {
     let url =
         CString::new(format!("file:{}", path.display())).map_err(|_| ffmpeg::Error::InvalidData)?;
     let mut options = Dictionary::default();
-    options.set("format_whitelist", name);
+    options.set("format_whitelist", whitelist);
     options.set("protocol_whitelist", "file");
     options.set("enable_drefs", "0");
     // SAFETY: `ctx` is freshly allocated and owned here until it is either handed to
@@ -279,5 +280,61 @@ pub fn set_max_pixels(decoder: &mut ffmpeg::codec::context::Context, max_pixels:
     // when it sizes pictures; setting it before the decoder opens is documented use.
     unsafe {
         (*decoder.as_mut_ptr()).max_pixels = max_pixels;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `io_open` guard on its own, with FFmpeg's HLS demuxer forced past the
+    /// allow-list: the playlist's segment is never opened. As a control, FFmpeg's plain open
+    /// of the same playlist does read the segment's video.
+    #[test]
+    fn a_forced_playlist_demuxer_still_cannot_open_the_files_it_names() {
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        let segment = dir.path().join("segment.ts");
+        let made = std::process::Command::new("ffmpeg")
+            .args(["-y", "-loglevel", "error", "-f", "lavfi", "-i"])
+            .arg("testsrc2=size=64x48:rate=10:duration=1")
+            .args(["-c:v", "mpeg2video"])
+            .arg(&segment)
+            .status()
+            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
+        assert!(made.success());
+        let playlist = dir.path().join("list.m3u8");
+        std::fs::write(
+            &playlist,
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nsegment.ts\n#EXT-X-ENDLIST\n",
+        )
+        .unwrap();
+
+        let control = ffmpeg::format::input(&playlist).expect("FFmpeg reads the playlist");
+        assert!(
+            control.streams().best(ffmpeg::media::Type::Video).is_some(),
+            "control: FFmpeg's own open reaches the segment's video"
+        );
+
+        // SAFETY: a static demuxer description, or null.
+        let hls = unsafe { ff::av_find_input_format(c"hls".as_ptr()) };
+        assert!(!hls.is_null(), "this FFmpeg has the hls demuxer");
+        // The segment's demuxer whitelisted too: only the guard stands in the way.
+        match open_restricted(&playlist, hls, "hls,mpegts") {
+            Err(_) => {}
+            Ok(input) => assert!(
+                input.streams().best(ffmpeg::media::Type::Video).is_none(),
+                "the segment was opened through the guard"
+            ),
+        }
+    }
+
+    #[test]
+    fn playlists_are_refused_by_name_before_ffmpeg_opens_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("clip.mp4");
+        std::fs::write(&fake, "#EXTM3U\n#EXTINF:1,\n../other/source.mp4\n").unwrap();
+        let err = open_input(&fake).err().expect("refused");
+        assert!(err.to_string().contains("HLS playlist"), "{err}");
     }
 }
