@@ -81,8 +81,14 @@ pub struct UploadArgs {
         default_value = "mp4,hls"
     )]
     pub formats: Vec<String>,
-    /// Number of evenly spaced thumbnails (besides the poster)
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Number of evenly spaced thumbnails (besides the poster), 0 to 1000
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        allow_negative_numbers = true,
+        value_parser = thumbnail_count
+    )]
     pub thumbnails: u32,
     /// Make a sprite sheet with a WebVTT track (the default)
     #[arg(long, overrides_with = "no_sprite")]
@@ -99,6 +105,20 @@ pub struct UploadArgs {
     /// Machine-readable output: one JSON object per job on stdout, no progress bars
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--thumbnails N`: negative numbers reach this parser (instead of clap's "did you mean
+/// `-- -1`"), so the error says what a count may be.
+fn thumbnail_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!(
+            "the thumbnail count must be 0 or more (0: only the poster), not {n}"
+        )),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("{n} thumbnails is over the limit of 1000")),
+        Err(_) => Err(format!(
+            "`{s}` is not a whole number: give how many thumbnails, 0 or more"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]

@@ -63,10 +63,20 @@ impl Default for JobOptions {
 impl JobOptions {
     /// From the command line; every problem is a usage error saying what is accepted.
     pub fn from_args(args: &UploadArgs) -> Result<Self, Failure> {
+        // `--renditions ,,` or `--renditions ""` is a slip, not a request for the default
+        // ladder: the default is asked for by leaving the flag out.
+        if args.renditions.iter().any(|r| r.trim().is_empty()) {
+            return Err(Failure::usage(format!(
+                "--renditions: `{}` has an empty entry; give preset names ({}) or \
+                 name:height:video_kbps:audio_kbps separated by commas, or leave --renditions out \
+                 for the default ladder derived from the source",
+                args.renditions.join(","),
+                PRESETS.map(|p| p.0).join(", ")
+            )));
+        }
         let renditions = args
             .renditions
             .iter()
-            .filter(|r| !r.trim().is_empty())
             .map(|r| parse_rendition(r.trim()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Failure::usage(format!("--renditions: {e}")))?;
