@@ -105,6 +105,12 @@ async fn upload_wait_completes_both_tasks_and_exits_0() {
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let status = json(&status);
     assert_eq!(status["tasks"]["transcode"]["state"], "completed");
+    // The default ladder leaves out the rungs above 240p without calling them dropped:
+    // nobody asked for them.
+    assert!(
+        status["tasks"]["transcode"]["dropped_renditions"].is_null(),
+        "{status}"
+    );
     assert!(
         !status["tasks"]["thumbnail"]["outputs"]
             .as_array()
@@ -472,6 +478,87 @@ async fn bad_input_is_refused_before_anything_is_published() {
     assert!(
         env.storage.list(&uploads).await.unwrap().is_empty(),
         "nothing stored"
+    );
+}
+
+/// A slip in the options is a usage error that says what is accepted: an empty entry in
+/// `--renditions` (not silently the default ladder) and a negative `--thumbnails` (not
+/// clap's hint to write `-- -1`). Nothing is published.
+#[tokio::test]
+async fn empty_renditions_and_negative_thumbnails_are_usage_errors() {
+    let env = TestEnv::new().await;
+    let good = env.data.path().join("good.mp4");
+    std::fs::write(&good, b"bytes").unwrap();
+    let good = good.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--renditions", ",,"], "empty entry"),
+        (&["--renditions", "720p,,360p"], "empty entry"),
+        (&["--thumbnails", "-1"], "must be 0 or more"),
+        (&["--thumbnails", "many"], "not a whole number"),
+    ];
+    for (flags, says) in cases {
+        let mut args = vec!["upload", good];
+        args.extend_from_slice(flags);
+        let out = producer(&env, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("-- -1"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{args:?} printed a job id");
+    }
+    assert_eq!(queued_jobs(&env).await, 0, "nothing published");
+}
+
+/// Plain `--wait` output (stderr not a terminal) gives the transcode's percent, and a
+/// rendition asked for but not made (720p of a 240p source) is named by `--wait` and by
+/// `status`, not only in the manifest.
+#[tokio::test]
+async fn upload_wait_prints_percent_and_names_a_dropped_rendition() {
+    let mut env = TestEnv::new().await;
+    // Long enough for the transcoder to report progress a few times (once a second).
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 40, 320, 240);
+    env.spawn_worker("transcoder", "transcoder", &[]);
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let out = producer(
+        &env,
+        &[
+            "upload",
+            clip.to_str().unwrap(),
+            "--renditions",
+            "720p,240p",
+            "--wait",
+            "--timeout",
+            "240",
+        ],
+    )
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}\n{}", env.logs());
+    let job_id = stdout(&out).trim().to_owned();
+    let percent_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("transcode: progress ") && l.contains("% (attempt 1"))
+        .collect();
+    assert!(!percent_lines.is_empty(), "no percent in: {err}");
+    assert!(
+        err.contains("transcode: completed") && err.contains("not made: 720p"),
+        "{err}"
+    );
+
+    let status = producer(&env, &["status", &job_id]).await;
+    assert!(
+        stdout(&status).contains("not made: 720p"),
+        "{}",
+        stdout(&status)
+    );
+    let status = json(&producer(&env, &["status", &job_id, "--json"]).await);
+    assert_eq!(
+        status["tasks"]["transcode"]["dropped_renditions"],
+        serde_json::json!(["720p"]),
+        "{status}"
     );
 }
 

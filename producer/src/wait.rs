@@ -46,6 +46,10 @@ pub struct TaskProgress {
     /// Why it failed or died.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Renditions asked for with `--renditions` but not made (they would upscale), from
+    /// the completed task's manifest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_renditions: Vec<String>,
     #[serde(skip)]
     terminal: bool,
 }
@@ -58,6 +62,7 @@ impl TaskProgress {
             percent: None,
             worker: None,
             reason: None,
+            dropped_renditions: Vec::new(),
             terminal: false,
         }
     }
@@ -128,6 +133,7 @@ impl Follower {
                 _ = expired => break,
             }
         }
+        view.read_dropped_renditions(storage).await;
         view.finish();
         let ids: Vec<String> = jobs.iter().map(|j| j.job_id.to_string()).collect();
         if let Some(e) = lost {
@@ -270,6 +276,22 @@ impl<'a> View<'a> {
         }
     }
 
+    /// Reads which requested renditions a completed transcode left out: they are named
+    /// only in its manifest, and nobody reads a manifest to learn that 720p is missing.
+    async fn read_dropped_renditions(&mut self, storage: &Storage) {
+        for ((job_id, task), (p, _)) in self.tasks.iter_mut() {
+            if p.state != "completed" {
+                continue;
+            }
+            let Ok(prefix) = StorageKey::new(format!("outputs/{job_id}/{task}/")) else {
+                continue;
+            };
+            if let Ok(Some(manifest)) = storage.manifest(&prefix).await {
+                p.dropped_renditions = crate::status::dropped_renditions(&manifest);
+            }
+        }
+    }
+
     /// Prints the outcome: reasons of dead tasks on stderr, JSON reports on stdout.
     fn finish(&self) {
         for (job_id, task) in self.tasks.keys() {
@@ -284,9 +306,10 @@ impl<'a> View<'a> {
                         p.attempt,
                         p.reason.as_deref().unwrap_or("(no reason given)")
                     ),
-                    "completed" => {
-                        eprintln!("job {job_id} {task}: completed (outputs/{job_id}/{task}/)")
-                    }
+                    "completed" => eprintln!(
+                        "job {job_id} {task}: completed (outputs/{job_id}/{task}/){}",
+                        crate::status::dropped_note(&p.dropped_renditions)
+                    ),
                     _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p)),
                 }
             }
@@ -307,7 +330,8 @@ impl<'a> View<'a> {
     }
 }
 
-/// `started (attempt 1, worker-a)`, `retrying: reason`, `dead: reason`, ….
+/// `started (attempt 1, worker-a)`, `progress 50% (attempt 1, worker-a)`,
+/// `retrying (attempt 1): reason`, `dead (attempt 3): reason`, ….
 fn describe(p: &TaskProgress) -> String {
     let worker = p.worker.as_deref().filter(|w| !w.is_empty());
     match p.state.as_str() {
@@ -318,9 +342,17 @@ fn describe(p: &TaskProgress) -> String {
             p.attempt,
             p.reason.as_deref().unwrap_or("no reason given")
         ),
-        state => match worker {
-            Some(w) => format!("{state} (attempt {}, {w})", p.attempt),
-            None => state.to_owned(),
-        },
+        state => {
+            // The percent is what a log reader follows; "completed 100%" says nothing more.
+            let percent = p
+                .percent
+                .filter(|_| state != "completed")
+                .map(|pc| format!(" {:.0}%", pc.clamp(0.0, 100.0).floor()))
+                .unwrap_or_default();
+            match worker {
+                Some(w) => format!("{state}{percent} (attempt {}, {w})", p.attempt),
+                None => format!("{state}{percent}"),
+            }
+        }
     }
 }
