@@ -562,6 +562,69 @@ async fn upload_wait_prints_percent_and_names_a_dropped_rendition() {
     );
 }
 
+/// Ctrl-C (SIGINT) or SIGTERM during `upload --wait` stops the following, not the jobs:
+/// the producer finishes its lines, says the jobs keep running and how to follow them,
+/// and exits 5; both jobs are still queued.
+#[tokio::test]
+async fn a_signal_during_upload_wait_stops_cleanly_and_the_jobs_keep_running() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    for (n, signal) in ["INT", "TERM"].into_iter().enumerate() {
+        // No worker runs, so the jobs stay queued and `--wait` waits.
+        let mut child = tokio::process::Command::new(bin("producer"))
+            .args(["upload", file.to_str().unwrap(), "--wait"])
+            .envs(env.env_vars())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut err = String::new();
+        while !err.contains("jobs published") {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("the upload to be published")
+                .unwrap()
+                .unwrap_or_else(|| panic!("producer ended early: {err}"));
+            err.push_str(&line);
+            err.push('\n');
+        }
+        // The producer listens for signals before it says the jobs are published.
+        let pid = child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("the producer to stop")
+            .unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            err.push_str(&line);
+            err.push('\n');
+        }
+        let job_id = stdout(&out).trim().to_owned();
+        assert_eq!(out.status.code(), Some(5), "SIG{signal}: {err}");
+        assert!(err.contains("keep running"), "SIG{signal}: {err}");
+        assert!(
+            err.contains(&format!("producer status {job_id}")),
+            "SIG{signal}: {err}"
+        );
+        assert!(
+            err.contains(&format!("job {job_id} transcode: not finished")),
+            "the progress lines are finished: {err}"
+        );
+        assert_eq!(
+            queued_jobs(&env).await,
+            2 * (n as u32 + 1),
+            "the jobs are still queued"
+        );
+    }
+}
+
 /// Several files upload concurrently, one job each, two messages per job.
 #[tokio::test]
 async fn several_files_make_one_job_each() {

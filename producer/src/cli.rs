@@ -19,7 +19,8 @@ environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f,
 VIDPIPE__STORAGE__ROOT=/srv/media, VIDPIPE__TOPOLOGY__PREFIX=staging.
 
 Exit codes: 0 done, 1 a task is dead (or the job is unknown), 2 usage error,
-3 broker or storage trouble, 4 --wait timed out. See docs/producer.md."
+3 broker or storage trouble, 4 --wait timed out, 5 --wait stopped by Ctrl-C or SIGTERM
+(the jobs keep running). See docs/producer.md."
 )]
 pub struct Cli {
     /// TOML settings file (else $VIDPIPE_CONFIG; VIDPIPE__* variables override both)
@@ -42,8 +43,9 @@ pub enum Command {
         "writes a poster, 10 thumbnails and a sprite sheet with WebVTT.\n\n",
         "Prints one job id per file on stdout (--json: one JSON object per line). With --wait, live\n",
         "progress goes to stderr and the exit code says how the tasks ended: 0 all completed,\n",
-        "1 a task is dead (its reason is printed), 4 --timeout ran out. 2 usage error, 3 broker or\n",
-        "storage trouble.",
+        "1 a task is dead (its reason is printed), 4 --timeout ran out, 5 stopped by Ctrl-C or\n",
+        "SIGTERM (the jobs keep running; follow them with `producer status JOB_ID`). 2 usage\n",
+        "error, 3 broker or storage trouble.",
     ))]
     Upload(UploadArgs),
     /// Show each task of a job: completed (with its outputs), dead (with the reason) or pending.

@@ -342,6 +342,9 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
             .collect()
             .await;
 
+    // From here on a Ctrl-C stops only the following: listen before the job ids are
+    // printed, so whoever saw them can interrupt cleanly.
+    let stop = follower.is_some().then(wait::interrupted);
     let mut published = Vec::new();
     let mut failed = 0;
     for (i, result) in results {
@@ -380,8 +383,8 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
         }
     }
 
-    let waited = match follower {
-        Some(follower) if !published.is_empty() => {
+    let waited = match (follower, stop) {
+        (Some(follower), Some(stop)) if !published.is_empty() => {
             let timeout = args.timeout.map(Duration::from_secs_f64);
             Some(
                 follower
@@ -392,6 +395,7 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
                         &multi,
                         args.json,
                         interactive,
+                        stop,
                     )
                     .await,
             )

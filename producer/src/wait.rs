@@ -7,6 +7,7 @@
 //! leaves `--wait` hanging.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -95,9 +96,11 @@ impl Follower {
         })
     }
 
-    /// Follows `jobs` until every task is completed or dead, or `timeout` passes.
-    /// Prints a report per job (JSON lines on stdout with `json`) and returns the
-    /// command's result: Ok if all completed.
+    /// Follows `jobs` until every task is completed or dead, `timeout` passes or `stop`
+    /// (e.g. [`interrupted`]) resolves with the name of what stopped it. Prints a report
+    /// per job (JSON lines on stdout with `json`) and returns the command's result: Ok if
+    /// all completed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn wait(
         mut self,
         jobs: &[TrackedJob],
@@ -106,7 +109,10 @@ impl Follower {
         multi: &MultiProgress,
         json: bool,
         interactive: bool,
+        stop: impl Future<Output = &'static str>,
     ) -> Result<(), Failure> {
+        let mut stop = std::pin::pin!(stop);
+        let mut stopped_by = None;
         let mut view = View::new(jobs, multi, json, interactive);
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut poll = tokio::time::interval(MANIFEST_POLL);
@@ -131,6 +137,7 @@ impl Follower {
                 },
                 _ = poll.tick() => view.check_manifests(storage).await,
                 _ = expired => break,
+                signal = &mut stop => { stopped_by = Some(signal); break; }
             }
         }
         view.read_dropped_renditions(storage).await;
@@ -141,6 +148,15 @@ impl Follower {
                 "lost the broker connection while waiting ({e}); the jobs are still queued: \
                  check them with `producer status {}`",
                 ids.join(" / ")
+            )));
+        }
+        if let Some(signal) = stopped_by {
+            let unfinished = view.count(|p| !p.terminal);
+            return Err(Failure::Interrupted(format!(
+                "stopped following at {signal} with {unfinished} task(s) not finished; the jobs \
+                 keep running on the workers (nothing was cancelled). Follow them with `producer \
+                 status {}`",
+                ids.join("` / `producer status ")
             )));
         }
         let dead = view.count(|p| p.state == "dead");
@@ -161,6 +177,28 @@ impl Follower {
             )));
         }
         Ok(())
+    }
+}
+
+/// Starts listening for SIGINT (Ctrl-C) and SIGTERM at once (so a signal that comes
+/// before the first poll is not lost) and resolves at the first with its name. Listening
+/// replaces the default "die on the spot", so `--wait` can finish its lines and say what
+/// to do next. Must be called inside the runtime.
+pub fn interrupted() -> impl Future<Output = &'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without handlers the signals keep their default action; wait for nothing.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "Ctrl-C (SIGINT)",
+            _ = term.recv() => "SIGTERM",
+        }
     }
 }
 
