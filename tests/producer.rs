@@ -625,6 +625,40 @@ async fn a_signal_during_upload_wait_stops_cleanly_and_the_jobs_keep_running() {
     }
 }
 
+/// A worker configured with another `storage.root` than the producer parks the job with a
+/// reason naming the root it searched (and the setting), which `status` shows.
+#[tokio::test]
+async fn a_worker_with_another_storage_root_names_the_root_it_searched() {
+    let mut env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    let elsewhere = env.data.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let elsewhere = elsewhere.canonicalize().unwrap();
+    env.spawn_worker(
+        "vidpipe-testworker",
+        "testworker",
+        &[("VIDPIPE__STORAGE__ROOT", elsewhere.to_str().unwrap())],
+    );
+    let out = producer(&env, &["upload", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_owned();
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the transcode job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+    let status = json(&producer(&env, &["status", &job_id, "--json"]).await);
+    let reason = status["tasks"]["transcode"]["reason"].as_str().unwrap();
+    assert!(reason.contains("does not exist"), "{reason}");
+    assert!(
+        reason.contains(&format!("storage root {}", elsewhere.display()))
+            && reason.contains("storage.root"),
+        "the root searched is not named: {reason}"
+    );
+}
+
 /// Several files upload concurrently, one job each, two messages per job.
 #[tokio::test]
 async fn several_files_make_one_job_each() {
