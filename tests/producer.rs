@@ -319,7 +319,7 @@ async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
     );
     let show = producer(&env, &["dead", "show", &id.to_string()]).await;
     assert!(
-        stdout(&show).contains("x-vidpipe-reason"),
+        stdout(&show).contains(parked[0]["reason"].as_str().unwrap()),
         "{}",
         stdout(&show)
     );
@@ -432,6 +432,172 @@ async fn dead_purge_refuses_without_yes_and_list_reads_broker_dead_letters() {
     assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
     assert!(stdout(&purged).contains("purged 1"), "{}", stdout(&purged));
     assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
+}
+
+/// Parks a message directly in the dead-letter queue, as a worker would have: reason,
+/// attempts, worker, time and task headers.
+async fn park(env: &TestEnv, task: &str, body: &[u8], reason: &str, failed_at: &str) {
+    use shared::runtime::{
+        ATTEMPTS_HEADER, FAILED_AT_HEADER, REASON_HEADER, TASK_HEADER, WORKER_HEADER,
+    };
+    let mut headers = FieldTable::default();
+    headers.insert(REASON_HEADER.into(), long(reason));
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(1));
+    headers.insert(WORKER_HEADER.into(), long("worker-x"));
+    headers.insert(FAILED_AT_HEADER.into(), long(failed_at));
+    headers.insert(TASK_HEADER.into(), long(task));
+    broker::publish_confirmed(
+        &env.channel,
+        &env.topology.dead(),
+        task,
+        body,
+        broker::persistent_json(headers),
+    )
+    .await
+    .unwrap();
+}
+
+/// `dead list` is a table a tired operator can read: columns aligned under their
+/// headers, oldest first, times to the second, long reasons cut with `…` (whole with
+/// `--wide`), the uploaded file named; every message has its own id, stable from one look
+/// to the next, by which one message (even a poison one naming no job) is shown readably,
+/// purged or replayed on its own.
+#[tokio::test]
+async fn dead_list_is_an_aligned_table_and_one_message_is_handled_by_its_id() {
+    let mut env = TestEnv::new().await;
+    // A real upload parked by a real worker (it looks in another storage root).
+    let file = env.data.path().join("holiday clip.mp4");
+    std::fs::write(&file, b"some bytes").unwrap();
+    let elsewhere = env.data.path().join("elsewhere");
+    env.spawn_worker(
+        "vidpipe-testworker",
+        "testworker",
+        &[("VIDPIPE__STORAGE__ROOT", elsewhere.to_str().unwrap())],
+    );
+    let out = producer(&env, &["upload", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_owned();
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the transcode job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+    // Two older ones: poison, and a thumbnail job with a long reason; their times have
+    // fractions of different widths.
+    park(
+        &env,
+        "thumbnail",
+        b"this is not JSON",
+        "poison: message is not valid JSON for a thumbnail job",
+        "2026-01-01T00:00:00.5Z",
+    )
+    .await;
+    let (id, source, prefix) = crate::support::job_keys("thumbnail");
+    let long_reason = format!("source missing: {} THE-END", "x".repeat(120));
+    park(
+        &env,
+        "thumbnail",
+        &test_job(
+            id,
+            &source,
+            &prefix,
+            serde_json::json!({"task": "thumbnail", "count": 3}),
+        ),
+        &long_reason,
+        "2026-01-01T00:00:01.123456789Z",
+    )
+    .await;
+
+    let list = producer(&env, &["dead", "list"]).await;
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    let text = stdout(&list);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines[0];
+    let rows = &lines[1..4];
+    for column in ["FAILED AT", "JOB", "TASK", "WORKER", "FILE", "REASON"] {
+        let at = header
+            .find(column)
+            .unwrap_or_else(|| panic!("{column}: {text}"));
+        for row in rows {
+            let chars: Vec<char> = row.chars().collect();
+            assert!(
+                chars[at - 1] == ' ' && chars[at] != ' ',
+                "{column} not aligned:\n{text}"
+            );
+        }
+    }
+    assert!(
+        rows[0].contains("2026-01-01 00:00:00  (not a job)"),
+        "{text}"
+    );
+    assert!(
+        rows[1].contains(&format!("2026-01-01 00:00:01  {id}")),
+        "{text}"
+    );
+    assert!(
+        rows[2].contains(&job_id) && rows[2].contains("holiday clip.mp4"),
+        "{text}"
+    );
+    assert!(!text.contains(".5") && !text.contains(".123"), "{text}");
+    assert!(
+        rows[1].ends_with('…') && !text.contains("THE-END"),
+        "{text}"
+    );
+    assert!(text.contains("--wide"), "{text}");
+    let wide = stdout(&producer(&env, &["dead", "list", "--wide"]).await);
+    assert!(wide.contains(&long_reason), "{wide}");
+
+    // Ids: the first column, the same in every look.
+    let parked = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    let ids: Vec<String> = parked
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    for (row, id) in rows.iter().zip(&ids) {
+        assert!(row.starts_with(id.as_str()), "{row} / {id}");
+    }
+    let again = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(again, parked, "ids and order are stable");
+    assert_eq!(parked[2]["file"], "holiday clip.mp4");
+
+    // A readable `dead show`: one field per line, the reason whole, the settings.
+    let show = stdout(&producer(&env, &["dead", "show", &ids[1]]).await);
+    assert!(show.starts_with(&format!("message {}", ids[1])), "{show}");
+    assert!(show.contains(&long_reason), "{show}");
+    assert!(show.contains("3 thumbnails"), "{show}");
+    let show = stdout(&producer(&env, &["dead", "show", &ids[2]]).await);
+    assert!(
+        show.contains("holiday clip.mp4") && show.contains("default ladder"),
+        "{show}"
+    );
+    let show = stdout(&producer(&env, &["dead", "show", &ids[0]]).await);
+    assert!(
+        show.contains("not a job") && show.contains("this is not JSON"),
+        "{show}"
+    );
+    let unknown = producer(&env, &["dead", "show", "000000000000"]).await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", stderr(&unknown));
+    let malformed = producer(&env, &["dead", "show", "nonsense"]).await;
+    assert_eq!(malformed.status.code(), Some(2), "{}", stderr(&malformed));
+
+    // The poison message alone is purged (with --yes), the long one alone replayed.
+    let refused = producer(&env, &["dead", "purge", &ids[0]]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert_eq!(env.queue_depth(&dead_queue).await, 3);
+    let purged = producer(&env, &["dead", "purge", &ids[0], "--yes"]).await;
+    assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
+    let replayed = producer(&env, &["dead", "replay", &ids[1]]).await;
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let left = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["id"], ids[2].as_str());
+    // No thumbnailer runs: the upload's own thumbnail job and the replayed one wait.
+    assert_eq!(
+        env.queue_depth(&env.topology.work_queue("thumbnail")).await,
+        2
+    );
 }
 
 /// Bad input (missing file, a directory, an empty file, an unknown rendition, a bad

@@ -61,7 +61,9 @@ pub enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  producer dead list\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  \
-            producer dead replay --all\n  producer dead purge --yes"
+            producer dead show 3f9a0c1b2d4e\n  producer dead replay --all\n  producer dead purge 3f9a0c1b2d4e --yes\n\n\
+            Each parked message has its own ID (12 hex digits, the first column of `dead list`):\n\
+            show, replay and purge take it, or a job id for every parked message of that job."
     )]
     Dead(DeadCommand),
 }
@@ -134,44 +136,67 @@ pub struct StatusArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
-    /// List every parked message: job, task, reason, attempts, worker, when.
-    #[command(after_help = "Example:\n  producer dead list --json\n\n\
-        Messages are looked at and put back (basic.get, then nack with requeue): nothing is taken out.")]
+    /// List every parked message, oldest first: id, when, job, task, attempts, worker,
+    /// uploaded file, reason.
+    #[command(
+        after_help = "Examples:\n  producer dead list\n  producer dead list --wide\n  producer dead list --json\n\n\
+        Times are UTC to the second. Reasons longer than 72 characters are cut with `…`; --wide\n\
+        (or `producer dead show ID`) shows them whole. Messages are looked at and put back\n\
+        (basic.get, then nack with requeue): nothing is taken out."
+    )]
     List {
         /// One JSON object per message on stdout
         #[arg(long)]
         json: bool,
+        /// Reasons and file names whole, however long
+        #[arg(long)]
+        wide: bool,
     },
-    /// Show every parked message of one job, with all its headers and its body.
-    #[command(after_help = "Example:\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e")]
+    /// Show a parked message (by its ID) or every parked message of a job: one field per
+    /// line, the reason whole, the job's settings summarised, the other headers.
+    #[command(after_help = "Examples:\n  producer dead show 3f9a0c1b2d4e\n  \
+        producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e --json")]
     Show {
-        job_id: String,
-        /// One JSON object per message on stdout
+        /// A message ID from `producer dead list`, or a job id
+        #[arg(value_name = "ID|JOB_ID")]
+        target: String,
+        /// One JSON object per message on stdout: what we make of it, its headers and body
         #[arg(long)]
         json: bool,
     },
     /// Send parked messages back to video_tasks with their original routing key and the
     /// attempt count reset to 1.
     #[command(
-        after_help = "Examples:\n  producer dead replay 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  producer dead replay --all\n\n\
+        after_help = "Examples:\n  producer dead replay 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  producer dead replay 3f9a0c1b2d4e\n  \
+        producer dead replay --all\n\n\
         Each message is republished with a publisher confirm before its parked copy is acked, so\n\
         nothing is lost (at worst, after a crash in between, a job is replayed twice). Reason\n\
         headers are dropped. Fix the cause first (e.g. deploy the fixed worker), or the job will\n\
         come straight back here."
     )]
     Replay {
-        /// The job to replay (all its parked tasks)
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        job_id: Option<String>,
+        /// The message (its ID from `producer dead list`) or the job (all its parked
+        /// tasks) to replay
+        #[arg(
+            value_name = "ID|JOB_ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        target: Option<String>,
         /// Replay every parked message
         #[arg(long)]
         all: bool,
     },
-    /// Delete every parked message, for good. Needs --yes.
-    #[command(after_help = "Example:\n  producer dead purge --yes\n\n\
-        Without --yes nothing is deleted and the exit code is 2. Consider `producer dead list --json`\n\
-        first to keep a record.")]
+    /// Delete parked messages for good: one (by its ID), a job's, or all. Needs --yes.
+    #[command(
+        after_help = "Examples:\n  producer dead purge 3f9a0c1b2d4e --yes\n  producer dead purge --yes\n\n\
+        Without an ID every parked message is deleted. Without --yes nothing is deleted and the\n\
+        exit code is 2. Consider `producer dead list --json` first to keep a record."
+    )]
     Purge {
+        /// The message (its ID from `producer dead list`) or the job to delete; all without
+        #[arg(value_name = "ID|JOB_ID")]
+        target: Option<String>,
         /// Confirm that the parked messages should be deleted
         #[arg(long)]
         yes: bool,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
     self, ImageFormat, JobMessage, OutputFormat, Rendition, SpriteSpec, ThumbnailJob, TranscodeJob,
@@ -35,6 +35,32 @@ pub const PRESETS: [(&str, u32, u32, u32); 5] = [
     ("360p", 360, 800, 96),
     ("240p", 240, 400, 64),
 ];
+
+/// Header with the uploaded file's name (display only: `producer dead list` and
+/// `dead show` name the file). A header, not a job field, so the workers' message
+/// contract is untouched; bounded and without control characters ([`source_name`]).
+pub const SOURCE_NAME_HEADER: &str = "x-vidpipe-source-name";
+
+/// Longest file name carried, in bytes (a Linux file name's own limit).
+const SOURCE_NAME_MAX: usize = 255;
+
+/// The file's own name (not its directory: that may say more than the operator should
+/// see), control characters as `?`, cut to [`SOURCE_NAME_MAX`] bytes on a character
+/// boundary.
+pub fn source_name(file: &Path) -> String {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut out = String::new();
+    for c in name.chars().map(|c| if c.is_control() { '?' } else { c }) {
+        if out.len() + c.len_utf8() > SOURCE_NAME_MAX {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// Files uploading at once.
 const CONCURRENT_UPLOADS: usize = 4;
@@ -195,6 +221,8 @@ pub fn extension(path: &Path) -> String {
 pub struct JobPlan {
     pub job_id: Uuid,
     pub source: StorageKey,
+    /// The uploaded file's name ([`source_name`]); empty: none sent.
+    pub source_name: String,
     pub transcode: TranscodeJob,
     pub thumbnail: ThumbnailJob,
 }
@@ -232,7 +260,14 @@ impl JobPlan {
                 }),
             },
             source,
+            source_name: String::new(),
         }
+    }
+
+    /// The same plan, its messages carrying the uploaded file's name.
+    pub fn named(mut self, file: &Path) -> Self {
+        self.source_name = source_name(file);
+        self
     }
 
     /// Task names, in publishing order.
@@ -242,11 +277,18 @@ impl JobPlan {
 
     /// One persistent message per task, routed by task name to `video_tasks`.
     pub fn messages(&self, topology: &Topology) -> Vec<Outgoing> {
+        let mut headers = FieldTable::default();
+        if !self.source_name.is_empty() {
+            headers.insert(
+                SOURCE_NAME_HEADER.into(),
+                AMQPValue::LongString(self.source_name.as_bytes().to_vec().into()),
+            );
+        }
         let message = |task: &str, body: Vec<u8>| Outgoing {
             exchange: topology.tasks_exchange(),
             routing_key: task.to_owned(),
             body,
-            properties: persistent_json(FieldTable::default()),
+            properties: persistent_json(headers.clone()),
         };
         vec![
             message(TranscodeJob::TASK, messages::to_body(&self.transcode)),
@@ -298,7 +340,7 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
     let plans: Vec<JobPlan> = args
         .files
         .iter()
-        .map(|f| JobPlan::new(Uuid::new_v4(), &extension(f), &options))
+        .map(|f| JobPlan::new(Uuid::new_v4(), &extension(f), &options).named(f))
         .collect();
 
     // Bind the event queue before publishing, so no event can be missed.
@@ -479,6 +521,15 @@ mod tests {
                 _ => drop(messages::parse::<ThumbnailJob>(&m.body).unwrap()),
             }
         }
+    }
+
+    #[test]
+    fn the_file_name_sent_is_bounded_and_printable() {
+        assert_eq!(source_name(Path::new("/home/a/holiday.mp4")), "holiday.mp4");
+        assert_eq!(source_name(Path::new("a\nb.mp4")), "a?b.mp4");
+        let long = "é".repeat(200);
+        let sent = source_name(Path::new(&long));
+        assert!(sent.len() <= SOURCE_NAME_MAX && sent.chars().all(|c| c == 'é'));
     }
 
     #[test]
