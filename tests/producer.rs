@@ -684,9 +684,17 @@ async fn empty_renditions_and_negative_thumbnails_are_usage_errors() {
 #[tokio::test]
 async fn upload_wait_prints_percent_and_names_a_dropped_rendition() {
     let mut env = TestEnv::new().await;
-    // Long enough for the transcoder to report progress a few times (once a second).
+    // The transcoder reports progress once a second: a long clip, encoded slowly on one
+    // thread, keeps it busy for several seconds even on a fast machine.
     let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 40, 320, 240);
-    env.spawn_worker("transcoder", "transcoder", &[]);
+    env.spawn_worker(
+        "transcoder",
+        "transcoder",
+        &[
+            ("VIDPIPE__TRANSCODER__PRESET", "veryslow"),
+            ("VIDPIPE__TRANSCODER__THREADS", "1"),
+        ],
+    );
     env.spawn_worker("thumbnailer", "thumbnailer", &[]);
     let out = producer(
         &env,
