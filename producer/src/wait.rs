@@ -269,7 +269,8 @@ impl<'a> View<'a> {
             progress.reason = event.detail.clone();
         }
         let percent = progress.percent.unwrap_or(0.0);
-        let message = describe(progress);
+        // A bar shows its percent itself; a plain line must say it.
+        let message = describe(progress, plain);
         if let Some(bar) = bar {
             bar.set_position(percent.clamp(0.0, 100.0) as u64);
             match event.state {
@@ -335,7 +336,7 @@ impl<'a> View<'a> {
         for (job_id, task) in self.tasks.keys() {
             let (p, bar) = &self.tasks[&(*job_id, task.clone())];
             if let Some(bar) = bar.as_ref().filter(|b| !b.is_finished()) {
-                bar.abandon_with_message(describe(p));
+                bar.abandon_with_message(describe(p, false));
             }
             if !self.json {
                 match p.state.as_str() {
@@ -348,7 +349,7 @@ impl<'a> View<'a> {
                         "job {job_id} {task}: completed (outputs/{job_id}/{task}/){}",
                         crate::status::dropped_note(&p.dropped_renditions)
                     ),
-                    _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p)),
+                    _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p, true)),
                 }
             }
         }
@@ -370,7 +371,7 @@ impl<'a> View<'a> {
 
 /// `started (attempt 1, worker-a)`, `progress 50% (attempt 1, worker-a)`,
 /// `retrying (attempt 1): reason`, `dead (attempt 3): reason`, ….
-fn describe(p: &TaskProgress) -> String {
+fn describe(p: &TaskProgress, with_percent: bool) -> String {
     let worker = p.worker.as_deref().filter(|w| !w.is_empty());
     match p.state.as_str() {
         "queued" => "queued".into(),
@@ -384,7 +385,7 @@ fn describe(p: &TaskProgress) -> String {
             // The percent is what a log reader follows; "completed 100%" says nothing more.
             let percent = p
                 .percent
-                .filter(|_| state != "completed")
+                .filter(|_| with_percent && state != "completed")
                 .map(|pc| format!(" {:.0}%", pc.clamp(0.0, 100.0).floor()))
                 .unwrap_or_default();
             match worker {
