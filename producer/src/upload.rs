@@ -92,11 +92,16 @@ impl JobOptions {
         // `--renditions ,,` or `--renditions ""` is a slip, not a request for the default
         // ladder: the default is asked for by leaving the flag out.
         if args.renditions.iter().any(|r| r.trim().is_empty()) {
+            let given = args.renditions.join(",");
+            let problem = if given.trim().is_empty() {
+                "the list is empty".to_owned()
+            } else {
+                format!("`{given}` has an empty entry")
+            };
             return Err(Failure::usage(format!(
-                "--renditions: `{}` has an empty entry; give preset names ({}) or \
+                "--renditions: {problem}; give preset names ({}) or \
                  name:height:video_kbps:audio_kbps separated by commas, or leave --renditions out \
                  for the default ladder derived from the source",
-                args.renditions.join(","),
                 PRESETS.map(|p| p.0).join(", ")
             )));
         }
