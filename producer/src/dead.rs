@@ -269,6 +269,16 @@ pub fn to_seconds(t: &str) -> String {
     }
 }
 
+/// [`to_seconds`] with ` UTC` when it is one of our times, for fields read on their own.
+pub fn shown_time(t: &str) -> String {
+    let short = to_seconds(t);
+    if short == t {
+        short
+    } else {
+        format!("{short} UTC")
+    }
+}
+
 /// Control characters (a file name or a reason may hold any) as `?`, so a row stays a row.
 fn printable(s: &str) -> String {
     s.chars()
@@ -567,14 +577,7 @@ fn show_text(delivery: &Delivery, info: &DeadInfo) -> String {
     field("file", or_unknown(info.file.clone()));
     field(
         "failed at",
-        or_unknown(info.failed_at.as_deref().map(|t| {
-            let short = to_seconds(t);
-            if short == t {
-                short
-            } else {
-                format!("{short} UTC")
-            }
-        })),
+        or_unknown(info.failed_at.as_deref().map(shown_time)),
     );
     field("attempts", or_unknown(info.attempts.map(|a| a.to_string())));
     field("worker", or_unknown(info.worker.clone()));

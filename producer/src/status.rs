@@ -165,8 +165,8 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
                     .map(|w| format!(" on {w}"))
                     .unwrap_or_default(),
                 d.failed_at
-                    .as_ref()
-                    .map(|t| format!(" at {t}"))
+                    .as_deref()
+                    .map(|t| format!(" at {}", dead::shown_time(t)))
                     .unwrap_or_default(),
                 d.reason
             ),
