@@ -105,6 +105,12 @@ async fn upload_wait_completes_both_tasks_and_exits_0() {
     assert_eq!(status.status.code(), Some(0), "{}", stderr(&status));
     let status = json(&status);
     assert_eq!(status["tasks"]["transcode"]["state"], "completed");
+    // The default ladder leaves out the rungs above 240p without calling them dropped:
+    // nobody asked for them.
+    assert!(
+        status["tasks"]["transcode"]["dropped_renditions"].is_null(),
+        "{status}"
+    );
     assert!(
         !status["tasks"]["thumbnail"]["outputs"]
             .as_array()
@@ -313,7 +319,7 @@ async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
     );
     let show = producer(&env, &["dead", "show", &id.to_string()]).await;
     assert!(
-        stdout(&show).contains("x-vidpipe-reason"),
+        stdout(&show).contains(parked[0]["reason"].as_str().unwrap()),
         "{}",
         stdout(&show)
     );
@@ -370,10 +376,10 @@ async fn dead_list_shows_a_truncated_body_and_replay_leaves_it_parked() {
         "{}",
         stderr(&replay)
     );
-    // The refused replay's unacked copy is back once the broker has closed its channel.
+    // The look returned it with a nack: a quorum queue counts it ready again a moment later.
     eventually(
         Duration::from_secs(10),
-        "the refused message to be still parked",
+        "it to be still parked",
         async || env.queue_depth(&dead_queue).await == 1,
     )
     .await;
@@ -434,6 +440,172 @@ async fn dead_purge_refuses_without_yes_and_list_reads_broker_dead_letters() {
     assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
 }
 
+/// Parks a message directly in the dead-letter queue, as a worker would have: reason,
+/// attempts, worker, time and task headers.
+async fn park(env: &TestEnv, task: &str, body: &[u8], reason: &str, failed_at: &str) {
+    use shared::runtime::{
+        ATTEMPTS_HEADER, FAILED_AT_HEADER, REASON_HEADER, TASK_HEADER, WORKER_HEADER,
+    };
+    let mut headers = FieldTable::default();
+    headers.insert(REASON_HEADER.into(), long(reason));
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(1));
+    headers.insert(WORKER_HEADER.into(), long("worker-x"));
+    headers.insert(FAILED_AT_HEADER.into(), long(failed_at));
+    headers.insert(TASK_HEADER.into(), long(task));
+    broker::publish_confirmed(
+        &env.channel,
+        &env.topology.dead(),
+        task,
+        body,
+        broker::persistent_json(headers),
+    )
+    .await
+    .unwrap();
+}
+
+/// `dead list` is a table a tired operator can read: columns aligned under their
+/// headers, oldest first, times to the second, long reasons cut with `…` (whole with
+/// `--wide`), the uploaded file named; every message has its own id, stable from one look
+/// to the next, by which one message (even a poison one naming no job) is shown readably,
+/// purged or replayed on its own.
+#[tokio::test]
+async fn dead_list_is_an_aligned_table_and_one_message_is_handled_by_its_id() {
+    let mut env = TestEnv::new().await;
+    // A real upload parked by a real worker (it looks in another storage root).
+    let file = env.data.path().join("holiday clip.mp4");
+    std::fs::write(&file, b"some bytes").unwrap();
+    let elsewhere = env.data.path().join("elsewhere");
+    env.spawn_worker(
+        "vidpipe-testworker",
+        "testworker",
+        &[("VIDPIPE__STORAGE__ROOT", elsewhere.to_str().unwrap())],
+    );
+    let out = producer(&env, &["upload", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_owned();
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the transcode job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+    // Two older ones: poison, and a thumbnail job with a long reason; their times have
+    // fractions of different widths.
+    park(
+        &env,
+        "thumbnail",
+        b"this is not JSON",
+        "poison: message is not valid JSON for a thumbnail job",
+        "2026-01-01T00:00:00.5Z",
+    )
+    .await;
+    let (id, source, prefix) = crate::support::job_keys("thumbnail");
+    let long_reason = format!("source missing: {} THE-END", "x".repeat(120));
+    park(
+        &env,
+        "thumbnail",
+        &test_job(
+            id,
+            &source,
+            &prefix,
+            serde_json::json!({"task": "thumbnail", "count": 3}),
+        ),
+        &long_reason,
+        "2026-01-01T00:00:01.123456789Z",
+    )
+    .await;
+
+    let list = producer(&env, &["dead", "list"]).await;
+    assert_eq!(list.status.code(), Some(0), "{}", stderr(&list));
+    let text = stdout(&list);
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines[0];
+    let rows = &lines[1..4];
+    for column in ["FAILED AT", "JOB", "TASK", "WORKER", "FILE", "REASON"] {
+        let at = header
+            .find(column)
+            .unwrap_or_else(|| panic!("{column}: {text}"));
+        for row in rows {
+            let chars: Vec<char> = row.chars().collect();
+            assert!(
+                chars[at - 1] == ' ' && chars[at] != ' ',
+                "{column} not aligned:\n{text}"
+            );
+        }
+    }
+    assert!(
+        rows[0].contains("2026-01-01 00:00:00  (not a job)"),
+        "{text}"
+    );
+    assert!(
+        rows[1].contains(&format!("2026-01-01 00:00:01  {id}")),
+        "{text}"
+    );
+    assert!(
+        rows[2].contains(&job_id) && rows[2].contains("holiday clip.mp4"),
+        "{text}"
+    );
+    assert!(!text.contains(".5") && !text.contains(".123"), "{text}");
+    assert!(
+        rows[1].ends_with('…') && !text.contains("THE-END"),
+        "{text}"
+    );
+    assert!(text.contains("--wide"), "{text}");
+    let wide = stdout(&producer(&env, &["dead", "list", "--wide"]).await);
+    assert!(wide.contains(&long_reason), "{wide}");
+
+    // Ids: the first column, the same in every look.
+    let parked = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    let ids: Vec<String> = parked
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    for (row, id) in rows.iter().zip(&ids) {
+        assert!(row.starts_with(id.as_str()), "{row} / {id}");
+    }
+    let again = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(again, parked, "ids and order are stable");
+    assert_eq!(parked[2]["file"], "holiday clip.mp4");
+
+    // A readable `dead show`: one field per line, the reason whole, the settings.
+    let show = stdout(&producer(&env, &["dead", "show", &ids[1]]).await);
+    assert!(show.starts_with(&format!("message {}", ids[1])), "{show}");
+    assert!(show.contains(&long_reason), "{show}");
+    assert!(show.contains("3 thumbnails"), "{show}");
+    let show = stdout(&producer(&env, &["dead", "show", &ids[2]]).await);
+    assert!(
+        show.contains("holiday clip.mp4") && show.contains("default ladder"),
+        "{show}"
+    );
+    let show = stdout(&producer(&env, &["dead", "show", &ids[0]]).await);
+    assert!(
+        show.contains("not a job") && show.contains("this is not JSON"),
+        "{show}"
+    );
+    let unknown = producer(&env, &["dead", "show", "000000000000"]).await;
+    assert_eq!(unknown.status.code(), Some(1), "{}", stderr(&unknown));
+    let malformed = producer(&env, &["dead", "show", "nonsense"]).await;
+    assert_eq!(malformed.status.code(), Some(2), "{}", stderr(&malformed));
+
+    // The poison message alone is purged (with --yes), the long one alone replayed.
+    let refused = producer(&env, &["dead", "purge", &ids[0]]).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert_eq!(env.queue_depth(&dead_queue).await, 3);
+    let purged = producer(&env, &["dead", "purge", &ids[0], "--yes"]).await;
+    assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
+    let replayed = producer(&env, &["dead", "replay", &ids[1]]).await;
+    assert_eq!(replayed.status.code(), Some(0), "{}", stderr(&replayed));
+    let left = json_lines(&producer(&env, &["dead", "list", "--json"]).await);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["id"], ids[2].as_str());
+    // No thumbnailer runs: the upload's own thumbnail job and the replayed one wait.
+    assert_eq!(
+        env.queue_depth(&env.topology.work_queue("thumbnail")).await,
+        2
+    );
+}
+
 /// Bad input (missing file, a directory, an empty file, an unknown rendition, a bad
 /// format) is a clear error naming the culprit, exit code 2, and nothing is stored or
 /// published, even for the good files given alongside.
@@ -478,6 +650,192 @@ async fn bad_input_is_refused_before_anything_is_published() {
     assert!(
         env.storage.list(&uploads).await.unwrap().is_empty(),
         "nothing stored"
+    );
+}
+
+/// A slip in the options is a usage error that says what is accepted: an empty entry in
+/// `--renditions` (not silently the default ladder) and a negative `--thumbnails` (not
+/// clap's hint to write `-- -1`). Nothing is published.
+#[tokio::test]
+async fn empty_renditions_and_negative_thumbnails_are_usage_errors() {
+    let env = TestEnv::new().await;
+    let good = env.data.path().join("good.mp4");
+    std::fs::write(&good, b"bytes").unwrap();
+    let good = good.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--renditions", ",,"], "empty entry"),
+        (&["--renditions", "720p,,360p"], "empty entry"),
+        (&["--thumbnails", "-1"], "must be 0 or more"),
+        (&["--thumbnails", "many"], "not a whole number"),
+    ];
+    for (flags, says) in cases {
+        let mut args = vec!["upload", good];
+        args.extend_from_slice(flags);
+        let out = producer(&env, &args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+        assert!(
+            !stderr(&out).contains("-- -1"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(stdout(&out).is_empty(), "{args:?} printed a job id");
+    }
+    assert_eq!(queued_jobs(&env).await, 0, "nothing published");
+}
+
+/// Plain `--wait` output (stderr not a terminal) gives the transcode's percent, and a
+/// rendition asked for but not made (720p of a 240p source) is named by `--wait` and by
+/// `status`, not only in the manifest.
+#[tokio::test]
+async fn upload_wait_prints_percent_and_names_a_dropped_rendition() {
+    let mut env = TestEnv::new().await;
+    // The transcoder reports progress once a second: a long clip, encoded slowly on one
+    // thread, keeps it busy for several seconds even on a fast machine.
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 40, 320, 240);
+    env.spawn_worker(
+        "transcoder",
+        "transcoder",
+        &[
+            ("VIDPIPE__TRANSCODER__PRESET", "veryslow"),
+            ("VIDPIPE__TRANSCODER__THREADS", "1"),
+        ],
+    );
+    env.spawn_worker("thumbnailer", "thumbnailer", &[]);
+    let out = producer(
+        &env,
+        &[
+            "upload",
+            clip.to_str().unwrap(),
+            "--renditions",
+            "720p,240p",
+            "--wait",
+            "--timeout",
+            "240",
+        ],
+    )
+    .await;
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}\n{}", env.logs());
+    let job_id = stdout(&out).trim().to_owned();
+    let percent_lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("transcode: progress ") && l.contains("% (attempt 1"))
+        .collect();
+    assert!(!percent_lines.is_empty(), "no percent in: {err}");
+    assert!(
+        err.contains("transcode: completed") && err.contains("not made: 720p"),
+        "{err}"
+    );
+
+    let status = producer(&env, &["status", &job_id]).await;
+    assert!(
+        stdout(&status).contains("not made: 720p"),
+        "{}",
+        stdout(&status)
+    );
+    let status = json(&producer(&env, &["status", &job_id, "--json"]).await);
+    assert_eq!(
+        status["tasks"]["transcode"]["dropped_renditions"],
+        serde_json::json!(["720p"]),
+        "{status}"
+    );
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM during `upload --wait` stops the following, not the jobs:
+/// the producer finishes its lines, says the jobs keep running and how to follow them,
+/// and exits 5; both jobs are still queued.
+#[tokio::test]
+async fn a_signal_during_upload_wait_stops_cleanly_and_the_jobs_keep_running() {
+    use tokio::io::AsyncBufReadExt;
+    let env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    for (n, signal) in ["INT", "TERM"].into_iter().enumerate() {
+        // No worker runs, so the jobs stay queued and `--wait` waits.
+        let mut child = tokio::process::Command::new(bin("producer"))
+            .args(["upload", file.to_str().unwrap(), "--wait"])
+            .envs(env.env_vars())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut err = String::new();
+        while !err.contains("jobs published") {
+            let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+                .await
+                .expect("the upload to be published")
+                .unwrap()
+                .unwrap_or_else(|| panic!("producer ended early: {err}"));
+            err.push_str(&line);
+            err.push('\n');
+        }
+        // The producer listens for signals before it says the jobs are published.
+        let pid = child.id().unwrap().to_string();
+        let killed = std::process::Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+            .await
+            .expect("the producer to stop")
+            .unwrap();
+        while let Ok(Some(line)) = lines.next_line().await {
+            err.push_str(&line);
+            err.push('\n');
+        }
+        let job_id = stdout(&out).trim().to_owned();
+        assert_eq!(out.status.code(), Some(5), "SIG{signal}: {err}");
+        assert!(err.contains("keep running"), "SIG{signal}: {err}");
+        assert!(
+            err.contains(&format!("producer status {job_id}")),
+            "SIG{signal}: {err}"
+        );
+        assert!(
+            err.contains(&format!("job {job_id} transcode: not finished")),
+            "the progress lines are finished: {err}"
+        );
+        assert_eq!(
+            queued_jobs(&env).await,
+            2 * (n as u32 + 1),
+            "the jobs are still queued"
+        );
+    }
+}
+
+/// A worker configured with another `storage.root` than the producer parks the job with a
+/// reason naming the root it searched (and the setting), which `status` shows.
+#[tokio::test]
+async fn a_worker_with_another_storage_root_names_the_root_it_searched() {
+    let mut env = TestEnv::new().await;
+    let file = not_a_video(&env);
+    let elsewhere = env.data.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let elsewhere = elsewhere.canonicalize().unwrap();
+    env.spawn_worker(
+        "vidpipe-testworker",
+        "testworker",
+        &[("VIDPIPE__STORAGE__ROOT", elsewhere.to_str().unwrap())],
+    );
+    let out = producer(&env, &["upload", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let job_id = stdout(&out).trim().to_owned();
+    let dead_queue = env.topology.dead();
+    eventually(
+        Duration::from_secs(30),
+        "the transcode job to be parked",
+        async || env.queue_depth(&dead_queue).await == 1,
+    )
+    .await;
+    let status = json(&producer(&env, &["status", &job_id, "--json"]).await);
+    let reason = status["tasks"]["transcode"]["reason"].as_str().unwrap();
+    assert!(reason.contains("does not exist"), "{reason}");
+    assert!(
+        reason.contains(&format!("storage root {}", elsewhere.display()))
+            && reason.contains("storage.root"),
+        "the root searched is not named: {reason}"
     );
 }
 

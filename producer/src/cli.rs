@@ -19,7 +19,8 @@ environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f,
 VIDPIPE__STORAGE__ROOT=/srv/media, VIDPIPE__TOPOLOGY__PREFIX=staging.
 
 Exit codes: 0 done, 1 a task is dead (or the job is unknown), 2 usage error,
-3 broker or storage trouble, 4 --wait timed out. See docs/producer.md."
+3 broker or storage trouble, 4 --wait timed out, 5 --wait stopped by Ctrl-C or SIGTERM
+(the jobs keep running). See docs/producer.md."
 )]
 pub struct Cli {
     /// TOML settings file (else $VIDPIPE_CONFIG; VIDPIPE__* variables override both)
@@ -42,8 +43,9 @@ pub enum Command {
         "writes a poster, 10 thumbnails and a sprite sheet with WebVTT.\n\n",
         "Prints one job id per file on stdout (--json: one JSON object per line). With --wait, live\n",
         "progress goes to stderr and the exit code says how the tasks ended: 0 all completed,\n",
-        "1 a task is dead (its reason is printed), 4 --timeout ran out. 2 usage error, 3 broker or\n",
-        "storage trouble.",
+        "1 a task is dead (its reason is printed), 4 --timeout ran out, 5 stopped by Ctrl-C or\n",
+        "SIGTERM (the jobs keep running; follow them with `producer status JOB_ID`). 2 usage\n",
+        "error, 3 broker or storage trouble.",
     ))]
     Upload(UploadArgs),
     /// Show each task of a job: completed (with its outputs), dead (with the reason) or pending.
@@ -59,7 +61,9 @@ pub enum Command {
     #[command(
         subcommand,
         after_help = "Examples:\n  producer dead list\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  \
-            producer dead replay --all\n  producer dead purge --yes"
+            producer dead show 3f9a0c1b2d4e\n  producer dead replay --all\n  producer dead purge 3f9a0c1b2d4e --yes\n\n\
+            Each parked message has its own ID (12 hex digits, the first column of `dead list`):\n\
+            show, replay and purge take it, or a job id for every parked message of that job."
     )]
     Dead(DeadCommand),
 }
@@ -81,8 +85,14 @@ pub struct UploadArgs {
         default_value = "mp4,hls"
     )]
     pub formats: Vec<String>,
-    /// Number of evenly spaced thumbnails (besides the poster)
-    #[arg(long, value_name = "N", default_value_t = 10)]
+    /// Number of evenly spaced thumbnails (besides the poster), 0 to 1000
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 10,
+        allow_negative_numbers = true,
+        value_parser = thumbnail_count
+    )]
     pub thumbnails: u32,
     /// Make a sprite sheet with a WebVTT track (the default)
     #[arg(long, overrides_with = "no_sprite")]
@@ -101,6 +111,20 @@ pub struct UploadArgs {
     pub json: bool,
 }
 
+/// `--thumbnails N`: negative numbers reach this parser (instead of clap's "did you mean
+/// `-- -1`"), so the error says what a count may be.
+fn thumbnail_count(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n < 0 => Err(format!(
+            "the thumbnail count must be 0 or more (0: only the poster), not {n}"
+        )),
+        Ok(n) => u32::try_from(n).map_err(|_| format!("{n} thumbnails is over the limit of 1000")),
+        Err(_) => Err(format!(
+            "`{s}` is not a whole number: give how many thumbnails, 0 or more"
+        )),
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The job id printed by `producer upload`
@@ -112,44 +136,67 @@ pub struct StatusArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadCommand {
-    /// List every parked message: job, task, reason, attempts, worker, when.
-    #[command(after_help = "Example:\n  producer dead list --json\n\n\
-        Messages are looked at and put back (basic.get, then nack with requeue): nothing is taken out.")]
+    /// List every parked message, oldest first: id, when, job, task, attempts, worker,
+    /// uploaded file, reason.
+    #[command(
+        after_help = "Examples:\n  producer dead list\n  producer dead list --wide\n  producer dead list --json\n\n\
+        Times are UTC to the second. Reasons longer than 72 characters are cut with `…`; --wide\n\
+        (or `producer dead show ID`) shows them whole. Messages are looked at and put back\n\
+        (basic.get, then nack with requeue): nothing is taken out."
+    )]
     List {
         /// One JSON object per message on stdout
         #[arg(long)]
         json: bool,
+        /// Reasons and file names whole, however long
+        #[arg(long)]
+        wide: bool,
     },
-    /// Show every parked message of one job, with all its headers and its body.
-    #[command(after_help = "Example:\n  producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e")]
+    /// Show a parked message (by its ID) or every parked message of a job: one field per
+    /// line, the reason whole, the job's settings summarised, the other headers.
+    #[command(after_help = "Examples:\n  producer dead show 3f9a0c1b2d4e\n  \
+        producer dead show 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e --json")]
     Show {
-        job_id: String,
-        /// One JSON object per message on stdout
+        /// A message ID from `producer dead list`, or a job id
+        #[arg(value_name = "ID|JOB_ID")]
+        target: String,
+        /// One JSON object per message on stdout: what we make of it, its headers and body
         #[arg(long)]
         json: bool,
     },
     /// Send parked messages back to video_tasks with their original routing key and the
     /// attempt count reset to 1.
     #[command(
-        after_help = "Examples:\n  producer dead replay 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  producer dead replay --all\n\n\
+        after_help = "Examples:\n  producer dead replay 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n  producer dead replay 3f9a0c1b2d4e\n  \
+        producer dead replay --all\n\n\
         Each message is republished with a publisher confirm before its parked copy is acked, so\n\
         nothing is lost (at worst, after a crash in between, a job is replayed twice). Reason\n\
         headers are dropped. Fix the cause first (e.g. deploy the fixed worker), or the job will\n\
         come straight back here."
     )]
     Replay {
-        /// The job to replay (all its parked tasks)
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        job_id: Option<String>,
+        /// The message (its ID from `producer dead list`) or the job (all its parked
+        /// tasks) to replay
+        #[arg(
+            value_name = "ID|JOB_ID",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
+        target: Option<String>,
         /// Replay every parked message
         #[arg(long)]
         all: bool,
     },
-    /// Delete every parked message, for good. Needs --yes.
-    #[command(after_help = "Example:\n  producer dead purge --yes\n\n\
-        Without --yes nothing is deleted and the exit code is 2. Consider `producer dead list --json`\n\
-        first to keep a record.")]
+    /// Delete parked messages for good: one (by its ID), a job's, or all. Needs --yes.
+    #[command(
+        after_help = "Examples:\n  producer dead purge 3f9a0c1b2d4e --yes\n  producer dead purge --yes\n\n\
+        Without an ID every parked message is deleted. Without --yes nothing is deleted and the\n\
+        exit code is 2. Consider `producer dead list --json` first to keep a record."
+    )]
     Purge {
+        /// The message (its ID from `producer dead list`) or the job to delete; all without
+        #[arg(value_name = "ID|JOB_ID")]
+        target: Option<String>,
         /// Confirm that the parked messages should be deleted
         #[arg(long)]
         yes: bool,

@@ -7,6 +7,7 @@
 //! | 2 | usage error: bad flag, bad file, bad setting, missing confirmation |
 //! | 3 | broker or storage trouble |
 //! | 4 | `--wait --timeout` ran out before every task finished |
+//! | 5 | `--wait` stopped by Ctrl-C (SIGINT) or SIGTERM; the jobs keep running |
 
 use std::process::ExitCode;
 
@@ -25,6 +26,10 @@ pub enum Failure {
     /// `--timeout` ran out.
     #[error("{0}")]
     Timeout(String),
+    /// `--wait` was stopped by SIGINT or SIGTERM: only the following stopped, the jobs did
+    /// not, so this is neither a failure of theirs nor a shell's "killed by a signal".
+    #[error("{0}")]
+    Interrupted(String),
 }
 
 impl Failure {
@@ -38,6 +43,7 @@ impl Failure {
             Failure::Usage(_) => 2,
             Failure::Infra(_) => 3,
             Failure::Timeout(_) => 4,
+            Failure::Interrupted(_) => 5,
         }
     }
 }

@@ -22,9 +22,38 @@ pub enum TaskStatus {
     Completed {
         manifest: String,
         outputs: Vec<serde_json::Value>,
+        /// Renditions asked for but not made because they would upscale the source.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        dropped_renditions: Vec<String>,
     },
     Dead(DeadInfo),
     Pending,
+}
+
+/// The renditions a transcode manifest lists as asked for but not made (the transcoder
+/// never upscales); empty for any other manifest.
+pub fn dropped_renditions(manifest: &serde_json::Value) -> Vec<String> {
+    manifest
+        .pointer("/summary/dropped_renditions")
+        .and_then(|d| d.as_array())
+        .map(|names| {
+            names
+                .iter()
+                .filter_map(|n| n.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `; not made: 720p (larger than the source; the ladder never upscales)`, or nothing.
+pub fn dropped_note(dropped: &[String]) -> String {
+    if dropped.is_empty() {
+        return String::new();
+    }
+    format!(
+        "; not made: {} (larger than the source; the ladder never upscales)",
+        dropped.join(", ")
+    )
 }
 
 /// Every task of a job.
@@ -48,6 +77,7 @@ pub async fn job_status(
                 TaskStatus::Completed {
                     manifest: Storage::manifest_key(&prefix).to_string(),
                     outputs,
+                    dropped_renditions: dropped_renditions(&manifest),
                 },
             ));
             continue;
@@ -109,10 +139,15 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
     }
     for (task, status) in &tasks {
         match status {
-            TaskStatus::Completed { manifest, outputs } => {
+            TaskStatus::Completed {
+                manifest,
+                outputs,
+                dropped_renditions,
+            } => {
                 crate::say!(
-                    "  {task:<10} completed ({} outputs, {manifest})",
-                    outputs.len()
+                    "  {task:<10} completed ({} outputs, {manifest}){}",
+                    outputs.len(),
+                    dropped_note(dropped_renditions)
                 );
                 for o in outputs {
                     let key = o.get("key").and_then(|k| k.as_str()).unwrap_or("?");
@@ -130,8 +165,8 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
                     .map(|w| format!(" on {w}"))
                     .unwrap_or_default(),
                 d.failed_at
-                    .as_ref()
-                    .map(|t| format!(" at {t}"))
+                    .as_deref()
+                    .map(|t| format!(" at {}", dead::shown_time(t)))
                     .unwrap_or_default(),
                 d.reason
             ),

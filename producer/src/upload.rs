@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
     self, ImageFormat, JobMessage, OutputFormat, Rendition, SpriteSpec, ThumbnailJob, TranscodeJob,
@@ -35,6 +35,32 @@ pub const PRESETS: [(&str, u32, u32, u32); 5] = [
     ("360p", 360, 800, 96),
     ("240p", 240, 400, 64),
 ];
+
+/// Header with the uploaded file's name (display only: `producer dead list` and
+/// `dead show` name the file). A header, not a job field, so the workers' message
+/// contract is untouched; bounded and without control characters ([`source_name`]).
+pub const SOURCE_NAME_HEADER: &str = "x-vidpipe-source-name";
+
+/// Longest file name carried, in bytes (a Linux file name's own limit).
+const SOURCE_NAME_MAX: usize = 255;
+
+/// The file's own name (not its directory: that may say more than the operator should
+/// see), control characters as `?`, cut to [`SOURCE_NAME_MAX`] bytes on a character
+/// boundary.
+pub fn source_name(file: &Path) -> String {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut out = String::new();
+    for c in name.chars().map(|c| if c.is_control() { '?' } else { c }) {
+        if out.len() + c.len_utf8() > SOURCE_NAME_MAX {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// Files uploading at once.
 const CONCURRENT_UPLOADS: usize = 4;
@@ -63,10 +89,25 @@ impl Default for JobOptions {
 impl JobOptions {
     /// From the command line; every problem is a usage error saying what is accepted.
     pub fn from_args(args: &UploadArgs) -> Result<Self, Failure> {
+        // `--renditions ,,` or `--renditions ""` is a slip, not a request for the default
+        // ladder: the default is asked for by leaving the flag out.
+        if args.renditions.iter().any(|r| r.trim().is_empty()) {
+            let given = args.renditions.join(",");
+            let problem = if given.trim().is_empty() {
+                "the list is empty".to_owned()
+            } else {
+                format!("`{given}` has an empty entry")
+            };
+            return Err(Failure::usage(format!(
+                "--renditions: {problem}; give preset names ({}) or \
+                 name:height:video_kbps:audio_kbps separated by commas, or leave --renditions out \
+                 for the default ladder derived from the source",
+                PRESETS.map(|p| p.0).join(", ")
+            )));
+        }
         let renditions = args
             .renditions
             .iter()
-            .filter(|r| !r.trim().is_empty())
             .map(|r| parse_rendition(r.trim()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| Failure::usage(format!("--renditions: {e}")))?;
@@ -185,6 +226,8 @@ pub fn extension(path: &Path) -> String {
 pub struct JobPlan {
     pub job_id: Uuid,
     pub source: StorageKey,
+    /// The uploaded file's name ([`source_name`]); empty: none sent.
+    pub source_name: String,
     pub transcode: TranscodeJob,
     pub thumbnail: ThumbnailJob,
 }
@@ -222,7 +265,14 @@ impl JobPlan {
                 }),
             },
             source,
+            source_name: String::new(),
         }
+    }
+
+    /// The same plan, its messages carrying the uploaded file's name.
+    pub fn named(mut self, file: &Path) -> Self {
+        self.source_name = source_name(file);
+        self
     }
 
     /// Task names, in publishing order.
@@ -232,11 +282,18 @@ impl JobPlan {
 
     /// One persistent message per task, routed by task name to `video_tasks`.
     pub fn messages(&self, topology: &Topology) -> Vec<Outgoing> {
+        let mut headers = FieldTable::default();
+        if !self.source_name.is_empty() {
+            headers.insert(
+                SOURCE_NAME_HEADER.into(),
+                AMQPValue::LongString(self.source_name.as_bytes().to_vec().into()),
+            );
+        }
         let message = |task: &str, body: Vec<u8>| Outgoing {
             exchange: topology.tasks_exchange(),
             routing_key: task.to_owned(),
             body,
-            properties: persistent_json(FieldTable::default()),
+            properties: persistent_json(headers.clone()),
         };
         vec![
             message(TranscodeJob::TASK, messages::to_body(&self.transcode)),
@@ -288,7 +345,7 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
     let plans: Vec<JobPlan> = args
         .files
         .iter()
-        .map(|f| JobPlan::new(Uuid::new_v4(), &extension(f), &options))
+        .map(|f| JobPlan::new(Uuid::new_v4(), &extension(f), &options).named(f))
         .collect();
 
     // Bind the event queue before publishing, so no event can be missed.
@@ -332,6 +389,9 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
             .collect()
             .await;
 
+    // From here on a Ctrl-C stops only the following: listen before the job ids are
+    // printed, so whoever saw them can interrupt cleanly.
+    let stop = follower.is_some().then(wait::interrupted);
     let mut published = Vec::new();
     let mut failed = 0;
     for (i, result) in results {
@@ -370,8 +430,8 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
         }
     }
 
-    let waited = match follower {
-        Some(follower) if !published.is_empty() => {
+    let waited = match (follower, stop) {
+        (Some(follower), Some(stop)) if !published.is_empty() => {
             let timeout = args.timeout.map(Duration::from_secs_f64);
             Some(
                 follower
@@ -382,6 +442,7 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
                         &multi,
                         args.json,
                         interactive,
+                        stop,
                     )
                     .await,
             )
@@ -465,6 +526,15 @@ mod tests {
                 _ => drop(messages::parse::<ThumbnailJob>(&m.body).unwrap()),
             }
         }
+    }
+
+    #[test]
+    fn the_file_name_sent_is_bounded_and_printable() {
+        assert_eq!(source_name(Path::new("/home/a/holiday.mp4")), "holiday.mp4");
+        assert_eq!(source_name(Path::new("a\nb.mp4")), "a?b.mp4");
+        let long = "é".repeat(200);
+        let sent = source_name(Path::new(&long));
+        assert!(sent.len() <= SOURCE_NAME_MAX && sent.chars().all(|c| c == 'é'));
     }
 
     #[test]

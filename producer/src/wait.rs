@@ -7,6 +7,7 @@
 //! leaves `--wait` hanging.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,6 +47,10 @@ pub struct TaskProgress {
     /// Why it failed or died.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Renditions asked for with `--renditions` but not made (they would upscale), from
+    /// the completed task's manifest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dropped_renditions: Vec<String>,
     #[serde(skip)]
     terminal: bool,
 }
@@ -58,6 +63,7 @@ impl TaskProgress {
             percent: None,
             worker: None,
             reason: None,
+            dropped_renditions: Vec::new(),
             terminal: false,
         }
     }
@@ -90,9 +96,11 @@ impl Follower {
         })
     }
 
-    /// Follows `jobs` until every task is completed or dead, or `timeout` passes.
-    /// Prints a report per job (JSON lines on stdout with `json`) and returns the
-    /// command's result: Ok if all completed.
+    /// Follows `jobs` until every task is completed or dead, `timeout` passes or `stop`
+    /// (e.g. [`interrupted`]) resolves with the name of what stopped it. Prints a report
+    /// per job (JSON lines on stdout with `json`) and returns the command's result: Ok if
+    /// all completed.
+    #[allow(clippy::too_many_arguments)]
     pub async fn wait(
         mut self,
         jobs: &[TrackedJob],
@@ -101,7 +109,10 @@ impl Follower {
         multi: &MultiProgress,
         json: bool,
         interactive: bool,
+        stop: impl Future<Output = &'static str>,
     ) -> Result<(), Failure> {
+        let mut stop = std::pin::pin!(stop);
+        let mut stopped_by = None;
         let mut view = View::new(jobs, multi, json, interactive);
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut poll = tokio::time::interval(MANIFEST_POLL);
@@ -126,8 +137,10 @@ impl Follower {
                 },
                 _ = poll.tick() => view.check_manifests(storage).await,
                 _ = expired => break,
+                signal = &mut stop => { stopped_by = Some(signal); break; }
             }
         }
+        view.read_dropped_renditions(storage).await;
         view.finish();
         let ids: Vec<String> = jobs.iter().map(|j| j.job_id.to_string()).collect();
         if let Some(e) = lost {
@@ -135,6 +148,15 @@ impl Follower {
                 "lost the broker connection while waiting ({e}); the jobs are still queued: \
                  check them with `producer status {}`",
                 ids.join(" / ")
+            )));
+        }
+        if let Some(signal) = stopped_by {
+            let unfinished = view.count(|p| !p.terminal);
+            return Err(Failure::Interrupted(format!(
+                "stopped following at {signal} with {unfinished} task(s) not finished; the jobs \
+                 keep running on the workers (nothing was cancelled). Follow them with `producer \
+                 status {}`",
+                ids.join("` / `producer status ")
             )));
         }
         let dead = view.count(|p| p.state == "dead");
@@ -155,6 +177,28 @@ impl Follower {
             )));
         }
         Ok(())
+    }
+}
+
+/// Starts listening for SIGINT (Ctrl-C) and SIGTERM at once (so a signal that comes
+/// before the first poll is not lost) and resolves at the first with its name. Listening
+/// replaces the default "die on the spot", so `--wait` can finish its lines and say what
+/// to do next. Must be called inside the runtime.
+pub fn interrupted() -> impl Future<Output = &'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let handlers = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    );
+    async move {
+        let (Ok(mut int), Ok(mut term)) = handlers else {
+            // Without handlers the signals keep their default action; wait for nothing.
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => "Ctrl-C (SIGINT)",
+            _ = term.recv() => "SIGTERM",
+        }
     }
 }
 
@@ -225,7 +269,8 @@ impl<'a> View<'a> {
             progress.reason = event.detail.clone();
         }
         let percent = progress.percent.unwrap_or(0.0);
-        let message = describe(progress);
+        // A bar shows its percent itself; a plain line must say it.
+        let message = describe(progress, plain);
         if let Some(bar) = bar {
             bar.set_position(percent.clamp(0.0, 100.0) as u64);
             match event.state {
@@ -270,12 +315,28 @@ impl<'a> View<'a> {
         }
     }
 
+    /// Reads which requested renditions a completed transcode left out: they are named
+    /// only in its manifest, and nobody reads a manifest to learn that 720p is missing.
+    async fn read_dropped_renditions(&mut self, storage: &Storage) {
+        for ((job_id, task), (p, _)) in self.tasks.iter_mut() {
+            if p.state != "completed" {
+                continue;
+            }
+            let Ok(prefix) = StorageKey::new(format!("outputs/{job_id}/{task}/")) else {
+                continue;
+            };
+            if let Ok(Some(manifest)) = storage.manifest(&prefix).await {
+                p.dropped_renditions = crate::status::dropped_renditions(&manifest);
+            }
+        }
+    }
+
     /// Prints the outcome: reasons of dead tasks on stderr, JSON reports on stdout.
     fn finish(&self) {
         for (job_id, task) in self.tasks.keys() {
             let (p, bar) = &self.tasks[&(*job_id, task.clone())];
             if let Some(bar) = bar.as_ref().filter(|b| !b.is_finished()) {
-                bar.abandon_with_message(describe(p));
+                bar.abandon_with_message(describe(p, false));
             }
             if !self.json {
                 match p.state.as_str() {
@@ -284,10 +345,11 @@ impl<'a> View<'a> {
                         p.attempt,
                         p.reason.as_deref().unwrap_or("(no reason given)")
                     ),
-                    "completed" => {
-                        eprintln!("job {job_id} {task}: completed (outputs/{job_id}/{task}/)")
-                    }
-                    _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p)),
+                    "completed" => eprintln!(
+                        "job {job_id} {task}: completed (outputs/{job_id}/{task}/){}",
+                        crate::status::dropped_note(&p.dropped_renditions)
+                    ),
+                    _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p, true)),
                 }
             }
         }
@@ -307,8 +369,9 @@ impl<'a> View<'a> {
     }
 }
 
-/// `started (attempt 1, worker-a)`, `retrying: reason`, `dead: reason`, ….
-fn describe(p: &TaskProgress) -> String {
+/// `started (attempt 1, worker-a)`, `progress 50% (attempt 1, worker-a)`,
+/// `retrying (attempt 1): reason`, `dead (attempt 3): reason`, ….
+fn describe(p: &TaskProgress, with_percent: bool) -> String {
     let worker = p.worker.as_deref().filter(|w| !w.is_empty());
     match p.state.as_str() {
         "queued" => "queued".into(),
@@ -318,9 +381,17 @@ fn describe(p: &TaskProgress) -> String {
             p.attempt,
             p.reason.as_deref().unwrap_or("no reason given")
         ),
-        state => match worker {
-            Some(w) => format!("{state} (attempt {}, {w})", p.attempt),
-            None => state.to_owned(),
-        },
+        state => {
+            // The percent is what a log reader follows; "completed 100%" says nothing more.
+            let percent = p
+                .percent
+                .filter(|_| with_percent && state != "completed")
+                .map(|pc| format!(" {:.0}%", pc.clamp(0.0, 100.0).floor()))
+                .unwrap_or_default();
+            match worker {
+                Some(w) => format!("{state}{percent} (attempt {}, {w})", p.attempt),
+                None => format!("{state}{percent}"),
+            }
+        }
     }
 }

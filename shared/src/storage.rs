@@ -68,6 +68,10 @@ pub struct Storage {
     local: Option<Arc<LocalFileSystem>>,
     /// Canonical root of the filesystem backend (empty for S3).
     root: PathBuf,
+    /// Where objects are looked for, for "does not exist" errors: a producer and a worker
+    /// configured with different roots or buckets see each other's keys as missing, and
+    /// only the place searched tells them apart.
+    place: String,
     /// In-memory buffer of a streamed upload; multipart above it.
     upload_buffer: usize,
 }
@@ -108,6 +112,7 @@ impl Storage {
         Ok(Self {
             store: local.clone(),
             local: Some(local),
+            place: format!("storage root {} (setting `storage.root`)", root.display()),
             root,
             upload_buffer: settings.upload_buffer_bytes,
         })
@@ -156,6 +161,7 @@ impl Storage {
             store: Arc::new(store),
             local: None,
             root: PathBuf::new(),
+            place: format!("S3 bucket `{}` (setting `storage.s3.bucket`)", s3.bucket),
             upload_buffer: settings.upload_buffer_bytes,
         })
     }
@@ -286,11 +292,16 @@ impl Storage {
         let what = format!("source `{key}`");
         self.confine(key)
             .map_err(|e| JobError::Permanent(format!("{what}: {e}")))?;
-        let meta = self
-            .store
-            .head(&location)
-            .await
-            .map_err(|e| classify(&what, e))?;
+        let meta = self.store.head(&location).await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } if !e.to_string().contains("NoSuchBucket") => {
+                JobError::Permanent(format!(
+                    "{what} does not exist in {}; the producer must store uploads in the same \
+                     place",
+                    self.place
+                ))
+            }
+            e => classify(&what, e),
+        })?;
         if let Some(local) = &self.local {
             let path = local
                 .path_to_filesystem(&location)

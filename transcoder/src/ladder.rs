@@ -29,7 +29,9 @@ pub struct Planned {
 
 /// What to encode for a source shown at `display_w`x`display_h`. `requested` empty means
 /// the default ladder. Returns the plan and the names of requested renditions that were
-/// dropped because they would upscale.
+/// dropped because they would upscale. Default rungs above the source are left out
+/// without being named: nobody asked for them, so reporting them as "dropped" would
+/// only alarm the reader.
 pub fn plan(
     requested: &[Rendition],
     display_w: u32,
@@ -50,7 +52,11 @@ pub fn plan(
         requested.to_vec()
     };
     let (fit, too_big): (Vec<_>, Vec<_>) = rungs.into_iter().partition(|r| r.height <= short);
-    let mut dropped: Vec<String> = too_big.iter().map(|r| r.name.clone()).collect();
+    let mut dropped: Vec<String> = if requested.is_empty() {
+        Vec::new()
+    } else {
+        too_big.iter().map(|r| r.name.clone()).collect()
+    };
     let chosen = if fit.is_empty() {
         // Nothing fits: one rendition at the source's own size, with the smallest rung's
         // bitrates (requested or default).
@@ -145,8 +151,9 @@ mod tests {
 
     #[test]
     fn default_ladder_never_upscales() {
-        let (p, _) = plan(&[], 854, 480);
+        let (p, dropped) = plan(&[], 854, 480);
         assert_eq!(names(&p), ["480p", "360p"]);
+        assert!(dropped.is_empty(), "unrequested rungs named: {dropped:?}");
     }
 
     #[test]
