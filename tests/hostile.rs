@@ -357,28 +357,17 @@ async fn decoded_pictures_and_times_are_held_to_the_limits() {
     let mut env = TestEnv::new().await;
     let dir = env.data.path().join("decoded");
     std::fs::create_dir_all(&dir).unwrap();
-    let x264 = |name: &str, size: &str, seconds: &str, extra: &[&str]| {
-        let src = format!("testsrc2=size={size}:rate=25:duration={seconds}");
-        let mut args = vec!["-f", "lavfi", "-i", &src];
-        args.extend_from_slice(extra);
-        args.extend([
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-        ]);
-        fixtures::ffmpeg(&dir, name, &args)
+    let x264 = |name: &str, size: &str, seconds: u32, extra: &[&str]| {
+        fixtures::x264_clip(&dir, name, size, seconds, extra)
     };
-    let tall = x264("par-1-100.mp4", "160x120", "1", &["-vf", "setsar=1/100"]);
-    let wide = x264("par-100-1.mp4", "160x120", "1", &["-vf", "setsar=100/1"]);
+    let tall = x264("par-1-100.mp4", "160x120", 1, &["-vf", "setsar=1/100"]);
+    let wide = x264("par-100-1.mp4", "160x120", 1, &["-vf", "setsar=100/1"]);
     // MPEG-TS carries each part's parameter sets in-band: `cat` gives one stream whose
     // picture size changes where the second part starts.
-    let small = x264("small.ts", "160x120", "1", &[]);
+    let small = x264("small.ts", "160x120", 1, &[]);
     let later = ["-output_ts_offset", "1"];
-    let medium = x264("medium.ts", "320x240", "1", &later);
-    let large = x264("large.ts", "1280x720", "1", &later);
+    let medium = x264("medium.ts", "320x240", 1, &later);
+    let large = x264("large.ts", "1280x720", 1, &later);
     let cat = |name: &str, parts: &[&PathBuf]| {
         let bytes: Vec<u8> = parts
             .iter()
@@ -390,8 +379,8 @@ async fn decoded_pictures_and_times_are_held_to_the_limits() {
     };
     let grows = cat("grows.ts", &[&small, &medium]);
     let explodes = cat("explodes.ts", &[&small, &large]);
-    let raw = x264("long.h264", "160x120", "5", &["-f", "h264"]);
-    let sliver = x264("sliver.mp4", "16x480", "1", &[]);
+    let raw = x264("long.h264", "160x120", 5, &["-f", "h264"]);
+    let sliver = x264("sliver.mp4", "16x480", 1, &[]);
     let both: &[&'static str] = &["transcode", "thumbnail"];
     // The thumbnailer of a raw stream with no duration only looks at its start: the
     // duration limit is the transcoder's to find (it decodes everything). A 16-pixel-wide

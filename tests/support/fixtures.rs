@@ -17,33 +17,34 @@ pub fn ffmpeg(dir: &Path, name: &str, args: &[&str]) -> PathBuf {
     out
 }
 
+/// The fixtures' H.264 encoder settings: fast, and 4:2:0 as players expect.
+const X264: [&str; 6] = [
+    "-c:v",
+    "libx264",
+    "-preset",
+    "ultrafast",
+    "-pix_fmt",
+    "yuv420p",
+];
+
 /// A small H.264/AAC MP4: `seconds` long, `w`x`h`, 25 fps, with a tone.
 pub fn sample_mp4(dir: &Path, name: &str, seconds: u32, w: u32, h: u32) -> PathBuf {
     let video = format!("testsrc2=size={w}x{h}:rate=25:duration={seconds}");
     let audio = format!("sine=frequency=440:duration={seconds}");
-    ffmpeg(
-        dir,
-        name,
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            &video,
-            "-f",
-            "lavfi",
-            "-i",
-            &audio,
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ],
-    )
+    let mut args = vec!["-f", "lavfi", "-i", &video, "-f", "lavfi", "-i", &audio];
+    args.extend(X264);
+    args.extend(["-c:a", "aac", "-shortest"]);
+    ffmpeg(dir, name, &args)
+}
+
+/// A video-only H.264 clip of `testsrc2` at `size` (`WxH`), 25 fps, `seconds` long, with
+/// `extra` output options (`-vf setsar=1/100`, `-f h264`, …); the container follows `name`.
+pub fn x264_clip(dir: &Path, name: &str, size: &str, seconds: u32, extra: &[&str]) -> PathBuf {
+    let src = format!("testsrc2=size={size}:rate=25:duration={seconds}");
+    let mut args = vec!["-f", "lavfi", "-i", &src];
+    args.extend_from_slice(extra);
+    args.extend(X264);
+    ffmpeg(dir, name, &args)
 }
 
 /// `ffprobe -show_format -show_streams` as JSON.
