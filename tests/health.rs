@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use shared::events::JobState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -119,6 +120,57 @@ async fn readiness_follows_broker_reachability() {
         async || get(health_port, "/readyz").await.map(|r| r.0) == Some(200),
     )
     .await;
+}
+
+/// After SIGTERM, while a job still runs within the grace period, the worker is alive
+/// (/healthz 200) but not ready (/readyz 503); the endpoint goes away when it exits.
+#[tokio::test]
+async fn draining_worker_is_alive_but_not_ready() {
+    let mut env = TestEnv::new().await;
+    let port = free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    let w = env.spawn_worker(
+        WORKER,
+        "draining",
+        &[
+            ("VIDPIPE__HEALTH__ADDR", &addr),
+            ("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "30"),
+        ],
+    );
+    eventually(PATIENCE, "the worker to be ready", async || {
+        get(port, "/readyz").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 5000 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    eventually(PATIENCE, "readiness to drop at SIGTERM", async || {
+        get(port, "/readyz").await.map(|r| r.0) == Some(503)
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").await.map(|r| r.0), Some(200));
+    let log = env.worker(w).log_text();
+    assert!(
+        env.worker(w).is_running() && !log.contains("job completed"),
+        "the answers above should come while the job drains:\n{log}"
+    );
+    let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
+    assert!(status.success(), "{}", env.logs());
+    assert!(env.storage.manifest(&prefix).await.unwrap().is_some());
+    assert_eq!(
+        get(port, "/healthz").await,
+        None,
+        "nothing answers after exit"
+    );
 }
 
 /// Metrics counters move with completed, retried and dead jobs.

@@ -5,6 +5,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::handler::Handler;
 use crate::health::Health;
 use crate::runtime::{self, WorkerOptions};
@@ -83,11 +85,11 @@ pub fn worker_main<H: Handler>(
         let storage = Storage::from_settings(&s.storage)?;
         let health = Health::new();
         let shutdown = shutdown::on_signals();
+        // Not the shutdown token: while in-flight jobs drain after SIGTERM the process is
+        // alive (/healthz 200) but not ready (/readyz 503); the endpoint goes with it.
+        let stop_health = CancellationToken::new();
         if s.health.enabled {
-            health
-                .clone()
-                .serve(&s.health, shutdown.child_token())
-                .await?;
+            health.clone().serve(&s.health, stop_health.clone()).await?;
         }
         let options = WorkerOptions {
             concurrency: s.worker.concurrency.unwrap_or(info.default_concurrency),
@@ -95,7 +97,9 @@ pub fn worker_main<H: Handler>(
             storage,
             health,
         };
-        runtime::run(handler, options, shutdown).await
+        let result = runtime::run(handler, options, shutdown).await;
+        stop_health.cancel();
+        result
     });
     // Don't wait for a codec thread that ignores cancellation: exit now.
     runtime.shutdown_background();
