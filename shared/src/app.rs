@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::handler::Handler;
 use crate::health::Health;
+use crate::messages::JobMessage;
 use crate::runtime::{self, WorkerOptions};
 use crate::settings::{self, Loaded};
 use crate::storage::Storage;
@@ -84,6 +85,8 @@ pub fn worker_main<H: Handler>(
         let s = &loaded.settings;
         let storage = Storage::from_settings(&s.storage)?;
         let health = Health::new();
+        // Before the endpoint opens, so the first scrape already lists every series.
+        health.track_task(<H::Job as JobMessage>::TASK);
         let shutdown = shutdown::on_signals();
         // Not the shutdown token: while in-flight jobs drain after SIGTERM the process is
         // alive (/healthz 200) but not ready (/readyz 503); the endpoint goes with it.

@@ -113,6 +113,7 @@ pub async fn run<H: Handler>(
         health: options.health,
         settings,
     });
+    worker.health.track_task(H::Job::TASK);
     tokio::fs::create_dir_all(&worker.settings.worker.scratch_dir)
         .await
         .map_err(|e| {
