@@ -3,7 +3,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use openmetrics_parser::openmetrics::parse_openmetrics;
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{
+    MetricsExposition, OpenMetricsType, OpenMetricsValue, PrometheusType, PrometheusValue,
+};
 use serde_json::json;
+use shared::events::JobState;
+use shared::health::OUTCOMES;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -37,6 +44,87 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Some((status, body))
+}
+
+/// `GET /metrics` with this `Accept` header (none for None): (content type, body).
+async fn scrape(port: u16, accept: Option<&str>) -> (String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connecting to the metrics endpoint");
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    stream
+        .write_all(format!("GET /metrics HTTP/1.0\r\n{accept}\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (content_type, body.to_owned())
+}
+
+/// Values of a counter family parsed from classic text, by the value of `label`.
+fn classic_counter(
+    exposition: &MetricsExposition<PrometheusType, PrometheusValue>,
+    family: &str,
+    label: &str,
+) -> Vec<(String, f64)> {
+    let family = exposition
+        .families
+        .get(family)
+        .unwrap_or_else(|| panic!("no family {family}"));
+    assert_eq!(family.family_type, PrometheusType::Counter, "{family:?}");
+    family
+        .iter_samples()
+        .map(|s| {
+            let labels = s.get_labelset().unwrap();
+            let PrometheusValue::Counter(c) = &s.value else {
+                panic!("not a counter value: {s:?}")
+            };
+            let key = labels.get_label_value(label).unwrap_or_default().to_owned();
+            (key, c.value.as_f64())
+        })
+        .collect()
+}
+
+/// Values of a counter family parsed from OpenMetrics, by the value of `label`.
+fn openmetrics_counter(
+    exposition: &MetricsExposition<OpenMetricsType, OpenMetricsValue>,
+    family: &str,
+    label: &str,
+) -> Vec<(String, f64)> {
+    let family = exposition
+        .families
+        .get(family)
+        .unwrap_or_else(|| panic!("no family {family}"));
+    assert_eq!(family.family_type, OpenMetricsType::Counter, "{family:?}");
+    family
+        .iter_samples()
+        .map(|s| {
+            let labels = s.get_labelset().unwrap();
+            let OpenMetricsValue::Counter(c) = &s.value else {
+                panic!("not a counter value: {s:?}")
+            };
+            let key = labels.get_label_value(label).unwrap_or_default().to_owned();
+            (key, c.value.as_f64())
+        })
+        .collect()
+}
+
+/// Every outcome of `transcode` at zero, sorted like [`OUTCOMES`] sorted.
+fn every_outcome_at_zero() -> Vec<(String, f64)> {
+    let mut all: Vec<(String, f64)> = OUTCOMES.iter().map(|o| (o.to_string(), 0.0)).collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
 }
 
 /// The address worker `index` logged for its health endpoint (it runs with JSON logs).
@@ -121,6 +209,145 @@ async fn readiness_follows_broker_reachability() {
     .await;
 }
 
+/// After SIGTERM, while a job still runs within the grace period, the worker is alive
+/// (/healthz 200) but not ready (/readyz 503); the endpoint goes away when it exits.
+#[tokio::test]
+async fn draining_worker_is_alive_but_not_ready() {
+    let mut env = TestEnv::new().await;
+    let port = free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    let w = env.spawn_worker(
+        WORKER,
+        "draining",
+        &[
+            ("VIDPIPE__HEALTH__ADDR", &addr),
+            ("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "30"),
+        ],
+    );
+    eventually(PATIENCE, "the worker to be ready", async || {
+        get(port, "/readyz").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(id, &source, &prefix, json!({ "work_ms": 5000 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    eventually(PATIENCE, "readiness to drop at SIGTERM", async || {
+        get(port, "/readyz").await.map(|r| r.0) == Some(503)
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").await.map(|r| r.0), Some(200));
+    let log = env.worker(w).log_text();
+    assert!(
+        env.worker(w).is_running() && !log.contains("job completed"),
+        "the answers above should come while the job drains:\n{log}"
+    );
+    let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
+    assert!(status.success(), "{}", env.logs());
+    assert!(env.storage.manifest(&prefix).await.unwrap().is_some());
+    assert_eq!(
+        get(port, "/healthz").await,
+        None,
+        "nothing answers after exit"
+    );
+}
+
+/// What Prometheus 2.x sends when it scrapes: OpenMetrics first, classic text after.
+const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+    application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `/metrics` answers in the format the scraper asks for, labelled with its content
+/// type, and both parse with a real parser: OpenMetrics for Prometheus, classic text for
+/// curl and older scrapers. Before any job, every series is there at zero.
+#[tokio::test]
+async fn metrics_parse_in_both_formats_with_every_series_at_zero() {
+    let mut env = TestEnv::new().await;
+    let port = free_port().await;
+    let addr = format!("127.0.0.1:{port}");
+    env.spawn_worker(WORKER, "formats", &[("VIDPIPE__HEALTH__ADDR", &addr)]);
+    eventually(PATIENCE, "the metrics endpoint to answer", async || {
+        get(port, "/metrics").await.is_some()
+    })
+    .await;
+
+    let (content_type, body) = scrape(port, Some(PROMETHEUS_ACCEPT)).await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    let parsed = parse_openmetrics(&body).unwrap_or_else(|e| panic!("{e:?}:\n{body}"));
+    let mut outcomes = openmetrics_counter(&parsed, "vidpipe_jobs", "outcome");
+    outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(outcomes, every_outcome_at_zero(), "{body}");
+    for family in ["vidpipe_retries", "vidpipe_dead_letters"] {
+        let samples = openmetrics_counter(&parsed, family, "task");
+        assert_eq!(samples, [("transcode".to_owned(), 0.0)], "{family}");
+    }
+    for family in ["vidpipe_source_read_bytes", "vidpipe_output_written_bytes"] {
+        assert_eq!(parsed.families[family].unit, "bytes", "{family}");
+        assert_eq!(
+            openmetrics_counter(&parsed, family, "task"),
+            [(String::new(), 0.0)]
+        );
+    }
+    let duration = &parsed.families["vidpipe_job_duration_seconds"];
+    assert_eq!(duration.family_type, OpenMetricsType::Histogram);
+    assert_eq!(
+        duration.iter_samples().count(),
+        1,
+        "one series, for transcode"
+    );
+    // The mismatch this endpoint once had: this body read as classic text does not
+    // give a counter named like its samples.
+    let misread = parse_prometheus(&body);
+    assert!(
+        misread
+            .as_ref()
+            .map_or(true, |m| !m.families.contains_key("vidpipe_jobs_total")),
+        "{misread:?}"
+    );
+
+    for accept in [None, Some("*/*"), Some("text/plain;version=0.0.4")] {
+        let (content_type, body) = scrape(port, accept).await;
+        assert_eq!(
+            content_type, "text/plain; version=0.0.4; charset=utf-8",
+            "Accept: {accept:?}"
+        );
+        let parsed = parse_prometheus(&body).unwrap_or_else(|e| panic!("{e:?}:\n{body}"));
+        let mut outcomes = classic_counter(&parsed, "vidpipe_jobs_total", "outcome");
+        outcomes.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(outcomes, every_outcome_at_zero(), "{body}");
+        for family in [
+            "vidpipe_retries_total",
+            "vidpipe_dead_letters_total",
+            "vidpipe_source_read_bytes_total",
+            "vidpipe_output_written_bytes_total",
+        ] {
+            let samples = classic_counter(&parsed, family, "task");
+            assert!(
+                samples.iter().all(|(_, v)| *v == 0.0),
+                "{family}: {samples:?}"
+            );
+        }
+        assert!(
+            !parsed.families.contains_key("vidpipe_jobs"),
+            "no empty family beside the counter:\n{body}"
+        );
+        assert_eq!(
+            parsed.families["vidpipe_job_duration_seconds"].family_type,
+            PrometheusType::Histogram
+        );
+    }
+}
+
 /// Metrics counters move with completed, retried and dead jobs.
 #[tokio::test]
 async fn metrics_count_completed_retried_and_dead_jobs() {
@@ -157,6 +384,18 @@ async fn metrics_count_completed_retried_and_dead_jobs() {
         "{last}"
     );
     assert!(last.contains("vidpipe_jobs_in_flight 0"), "{last}");
+    // Bytes of the sources read (every attempt fetches) and of the outputs committed.
+    let parsed = parse_prometheus(&last).unwrap_or_else(|e| panic!("{e:?}:\n{last}"));
+    for family in [
+        "vidpipe_source_read_bytes_total",
+        "vidpipe_output_written_bytes_total",
+    ] {
+        let samples = classic_counter(&parsed, family, "task");
+        assert!(
+            samples.iter().all(|(_, v)| *v > 0.0),
+            "{family}: {samples:?}"
+        );
+    }
 }
 
 /// With default health settings, two transcoders and a thumbnailer start side by side on

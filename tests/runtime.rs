@@ -8,7 +8,7 @@ use shared::events::JobState;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
-use crate::support::{TestEnv, eventually, job_keys, test_job};
+use crate::support::{TestEnv, eventually, job_keys, stays, test_job};
 
 const WORKER: &str = "vidpipe-testworker";
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -265,11 +265,18 @@ async fn sigterm_mid_job_requeues_and_exits_zero() {
     })
     .await;
     assert!(env.storage.manifest(&prefix).await.unwrap().is_none());
+    let log = env.worker(w).log_text();
+    assert!(
+        log.contains("returning it to the queue"),
+        "the cancelled job should be nacked with requeue, not left to the channel's close:\n{log}"
+    );
+    assert_no_error_lines(&log);
 }
 
-/// SIGTERM while idle-ish but with a short job: the job finishes within the grace period.
+/// SIGTERM with a job that finishes within the grace period: its ack reaches the broker
+/// (nothing is redelivered), and the shutdown is clean (no ERROR line in the log).
 #[tokio::test]
-async fn sigterm_lets_a_short_job_finish() {
+async fn sigterm_lets_a_short_job_finish_and_acks_it() {
     let mut env = TestEnv::new().await;
     let w = env.spawn_worker(
         WORKER,
@@ -289,10 +296,86 @@ async fn sigterm_lets_a_short_job_finish() {
         .await;
     env.worker(w).signal("TERM");
     let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
-    assert!(status.success());
+    let log = env.worker(w).log_text();
+    assert!(status.success(), "exit status {status:?}; log:\n{log}");
     assert!(
         env.storage.manifest(&prefix).await.unwrap().is_some(),
         "the job should have finished before exit"
+    );
+    assert!(
+        log.contains("waiting for in-flight jobs to finish") && log.contains("job completed"),
+        "the job should have finished during the drain:\n{log}"
+    );
+    // Its last event went out before the connection closed (`--wait` sees it end).
+    events
+        .wait_for("transcode", JobState::Completed, PATIENCE)
+        .await;
+    // Had the ack been lost, the broker would put the message back when the worker's
+    // connection closed: watch the queue for a while to be sure it stays empty.
+    let queue = env.topology.work_queue("transcode");
+    let what = format!("the finished job to stay acked; worker log:\n{log}");
+    stays(Duration::from_secs(2), &what, async || {
+        env.queue_depth(&queue).await == 0
+    })
+    .await;
+    assert_no_error_lines(&log);
+}
+
+/// While a worker drains after SIGTERM it takes no new job: one published meanwhile stays
+/// in the queue for another worker, even though the draining one has a free slot.
+#[tokio::test]
+async fn draining_worker_takes_no_new_jobs() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(
+        WORKER,
+        "drainer",
+        &[
+            ("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "20"),
+            ("VIDPIPE__WORKER__CONCURRENCY", "2"),
+        ],
+    );
+    let (first, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let mut events = env.follow_events(first).await;
+    env.publish_raw(
+        "transcode",
+        &test_job(first, &source, &prefix, json!({ "work_ms": 3000 })),
+    )
+    .await;
+    events
+        .wait_for("transcode", JobState::Started, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    eventually(PATIENCE, "the worker to start draining", async || {
+        env.worker(w)
+            .log_text()
+            .contains("waiting for in-flight jobs")
+    })
+    .await;
+    let (late, late_prefix) = submit(&env, json!({})).await;
+    let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
+    let log = env.worker(w).log_text();
+    assert!(status.success(), "exit status {status:?}; log:\n{log}");
+    assert!(env.storage.manifest(&prefix).await.unwrap().is_some());
+    assert!(
+        env.storage.manifest(&late_prefix).await.unwrap().is_none()
+            && !log.contains(&late.to_string()),
+        "the draining worker took the late job:\n{log}"
+    );
+    let queue = env.topology.work_queue("transcode");
+    eventually(PATIENCE, "the late job to wait in its queue", async || {
+        env.queue_depth(&queue).await == 1
+    })
+    .await;
+}
+
+/// A worker log from a clean run holds no ERROR line (lapin's included).
+fn assert_no_error_lines(log: &str) {
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.is_empty(),
+        "ERROR lines in the log:\n{}",
+        errors.join("\n")
     );
 }
 

@@ -5,8 +5,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::handler::Handler;
 use crate::health::Health;
+use crate::messages::JobMessage;
 use crate::runtime::{self, WorkerOptions};
 use crate::settings::{self, Loaded};
 use crate::storage::Storage;
@@ -82,12 +85,14 @@ pub fn worker_main<H: Handler>(
         let s = &loaded.settings;
         let storage = Storage::from_settings(&s.storage)?;
         let health = Health::new();
+        // Before the endpoint opens, so the first scrape already lists every series.
+        health.track_task(<H::Job as JobMessage>::TASK);
         let shutdown = shutdown::on_signals();
+        // Not the shutdown token: while in-flight jobs drain after SIGTERM the process is
+        // alive (/healthz 200) but not ready (/readyz 503); the endpoint goes with it.
+        let stop_health = CancellationToken::new();
         if s.health.enabled {
-            health
-                .clone()
-                .serve(&s.health, shutdown.child_token())
-                .await?;
+            health.clone().serve(&s.health, stop_health.clone()).await?;
         }
         let options = WorkerOptions {
             concurrency: s.worker.concurrency.unwrap_or(info.default_concurrency),
@@ -95,7 +100,9 @@ pub fn worker_main<H: Handler>(
             storage,
             health,
         };
-        runtime::run(handler, options, shutdown).await
+        let result = runtime::run(handler, options, shutdown).await;
+        stop_health.cancel();
+        result
     });
     // Don't wait for a codec thread that ignores cancellation: exit now.
     runtime.shutdown_background();

@@ -4,6 +4,9 @@
 //! confirmed, and losing one never loses a job — the manifests and the dead-letter queue
 //! are the record of truth.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use anyhow::Context;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
@@ -11,6 +14,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
 use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 /// Where a task is in its life.
@@ -79,13 +83,16 @@ pub fn now_rfc3339() -> String {
 pub struct EventPublisher {
     queue: tokio::sync::mpsc::UnboundedSender<(String, Vec<u8>)>,
     worker: String,
+    /// The sending task, for [`EventPublisher::finish`] to wait on.
+    sender: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl EventPublisher {
-    /// Starts the sending task; it ends when the last clone of the publisher is dropped.
+    /// Starts the sending task; it ends when the last clone of the publisher is dropped,
+    /// after sending what was queued, and then closes its channel.
     pub fn new(channel: Channel, exchange: String, worker: String) -> Self {
         let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
-        tokio::spawn(async move {
+        let sender = tokio::spawn(async move {
             while let Some((routing_key, body)) = rx.recv().await {
                 let sent = channel
                     .basic_publish(
@@ -100,8 +107,26 @@ impl EventPublisher {
                     tracing::debug!(error = %e, "could not send a job event");
                 }
             }
+            let _ = channel.close(200, "events done".into()).await;
         });
-        Self { queue, worker }
+        Self {
+            queue,
+            worker,
+            sender: Arc::new(Mutex::new(Some(sender))),
+        }
+    }
+
+    /// Sends every event queued so far and closes the channel, waiting at most `limit`
+    /// (the sending task only ends once every clone is gone). For a clean shutdown: the
+    /// last `completed` of a job finished during the drain still reaches `--wait`.
+    pub async fn finish(self, limit: Duration) {
+        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(self);
+        if let Some(sender) = sender
+            && tokio::time::timeout(limit, sender).await.is_err()
+        {
+            tracing::debug!("job events still queued at shutdown were not sent");
+        }
     }
 
     /// Queues one event for sending.

@@ -1,7 +1,15 @@
-//! Health and metrics over plain HTTP: `/healthz` (alive), `/readyz` (connected and
-//! consuming; 503 while the broker is unreachable or during shutdown) and `/metrics`
-//! (Prometheus text format). One tiny endpoint per worker at `health.addr`, served by
-//! hyper's HTTP/1 server.
+//! Health and metrics over plain HTTP: `/healthz` (alive, until the process exits),
+//! `/readyz` (connected and consuming; 503 while the broker is unreachable and from
+//! SIGTERM on, while jobs drain) and `/metrics`. One tiny endpoint per worker at
+//! `health.addr`, served by hyper's HTTP/1 server.
+//!
+//! `/metrics` speaks both exposition formats, chosen by the scraper's `Accept`:
+//! OpenMetrics 1.0 (what prometheus-client encodes, and what Prometheus asks for first)
+//! when it is named there, else the classic Prometheus text format 0.0.4 (curl, older
+//! scrapers). Each answer carries the content type of its body: a scraper that parses
+//! an OpenMetrics body as classic text splits every counter into an empty family and an
+//! untyped `_total` series. Every series a worker will ever have is there from the
+//! start at zero ([`Health::track_task`]), so `rate()` sees the first job too.
 //!
 //! By default it listens on loopback on a port the OS picks (logged at start), so any
 //! number of workers of any kind can run side by side on one machine and nothing is
@@ -9,6 +17,7 @@
 //! reach it gets a bounded share: a fixed number of connections, one request each, and a
 //! deadline for every exchange.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,7 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue, VARY};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -29,7 +38,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -41,19 +50,86 @@ const MAX_REQUEST_BYTES: usize = 8192;
 
 type Labels = Vec<(String, String)>;
 
+/// Every `outcome` label of `vidpipe_jobs_total`: how a delivery was settled.
+pub const OUTCOMES: [&str; 4] = ["completed", "retried", "dead", "requeued"];
+
+/// The two exposition formats `/metrics` serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsFormat {
+    /// OpenMetrics 1.0 text: counter families named without `_total`, `# UNIT`, `# EOF`.
+    OpenMetrics,
+    /// The classic Prometheus text format 0.0.4: counter families named with `_total`.
+    Classic,
+}
+
+impl MetricsFormat {
+    /// The content type that says which format the body is in.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            MetricsFormat::OpenMetrics => {
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+            }
+            MetricsFormat::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+
+    /// The format for a request's `Accept` header: OpenMetrics when the client names
+    /// `application/openmetrics-text` with a quality at least that of plain text (as
+    /// Prometheus does), else classic text (no header, `*/*`, `text/plain`).
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return MetricsFormat::Classic;
+        };
+        let mut openmetrics: Option<f32> = None;
+        // The most specific range that covers text/plain decides its quality.
+        let mut text: Option<(u8, f32)> = None;
+        for range in accept.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let quality = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            let specificity = match media.as_str() {
+                "application/openmetrics-text" => {
+                    openmetrics = Some(openmetrics.map_or(quality, |q| q.max(quality)));
+                    continue;
+                }
+                "text/plain" => 3,
+                "text/*" => 2,
+                "*/*" => 1,
+                _ => continue,
+            };
+            text = match text {
+                Some((s, q)) if s > specificity => Some((s, q)),
+                Some((s, q)) if s == specificity => Some((s, q.max(quality))),
+                _ => Some((specificity, quality)),
+            };
+        }
+        let text = text.map_or(0.0, |(_, q)| q);
+        match openmetrics {
+            Some(q) if q > 0.0 && q >= text => MetricsFormat::OpenMetrics,
+            _ => MetricsFormat::Classic,
+        }
+    }
+}
+
 /// Readiness flag and every metric a worker exports. Cheap to clone.
 #[derive(Clone)]
 pub struct Health {
     ready: Arc<AtomicBool>,
     registry: Arc<Registry>,
-    /// Finished deliveries by task and outcome (`completed`, `retried`, `dead`, `requeued`, `skipped`).
+    /// Finished deliveries by task and outcome (one of [`OUTCOMES`]; a redelivered job
+    /// skipped because its outputs exist counts as `completed`).
     pub jobs: Family<Labels, Counter>,
     /// Wall time of handler runs, by task.
     pub job_seconds: Family<Labels, Histogram>,
     pub in_flight: Gauge,
     pub retries: Family<Labels, Counter>,
     pub dead_letters: Family<Labels, Counter>,
+    /// Bytes of source media fetched (`vidpipe_source_read_bytes_total`).
     pub bytes_read: Counter,
+    /// Bytes of outputs committed (`vidpipe_output_written_bytes_total`).
     pub bytes_written: Counter,
 }
 
@@ -88,6 +164,9 @@ impl Health {
             "Finished deliveries by task and outcome",
             jobs.clone(),
         );
+        // The unit is in the name but without a `# UNIT` line: OpenMetrics allows one on
+        // a histogram, yet some of its parsers (the openmetrics-parser crate, which the
+        // tests use) refuse it, and Prometheus takes the unit from the name anyway.
         registry.register(
             "job_duration_seconds",
             "Handler wall time by task",
@@ -100,14 +179,16 @@ impl Health {
             "Jobs sent to the parking lot",
             dead_letters.clone(),
         );
-        registry.register(
-            "source_bytes_read",
+        registry.register_with_unit(
+            "source_read",
             "Bytes of source media read",
+            Unit::Bytes,
             bytes_read.clone(),
         );
-        registry.register(
-            "output_bytes_written",
+        registry.register_with_unit(
+            "output_written",
             "Bytes of output committed to storage",
+            Unit::Bytes,
             bytes_written.clone(),
         );
         Self {
@@ -142,15 +223,32 @@ impl Health {
         vec![("task".into(), task.into())]
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+    /// Creates every labelled series of `task` at zero (each outcome, retries, dead
+    /// letters, the duration histogram), so a scrape before its first job already shows
+    /// them: a series born at its first increment hides that increment from `rate()`.
+    pub fn track_task(&self, task: &str) {
+        // `get_or_create` creates the series; the guard it returns is not needed.
+        for outcome in OUTCOMES {
+            let _ = self.jobs.get_or_create(&Self::labels(task, outcome));
+        }
+        let task = Self::task(task);
+        let _ = self.job_seconds.get_or_create(&task);
+        let _ = self.retries.get_or_create(&task);
+        let _ = self.dead_letters.get_or_create(&task);
     }
 
-    /// The answer to `GET path`: status, content type, body.
-    fn answer(&self, path: &str) -> (StatusCode, &'static str, String) {
+    /// The metrics exposition in `format`.
+    pub fn render(&self, format: MetricsFormat) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        match format {
+            MetricsFormat::OpenMetrics => out,
+            MetricsFormat::Classic => openmetrics_to_classic(&out),
+        }
+    }
+
+    /// The answer to `GET path` with this `Accept`: status, content type, body.
+    fn answer(&self, path: &str, accept: Option<&str>) -> (StatusCode, &'static str, String) {
         match path {
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
             "/readyz" if self.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
@@ -159,7 +257,10 @@ impl Health {
                 "text/plain",
                 "not ready\n".to_owned(),
             ),
-            "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", self.render()),
+            "/metrics" => {
+                let format = MetricsFormat::negotiate(accept);
+                (StatusCode::OK, format.content_type(), self.render(format))
+            }
             _ => (
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -169,8 +270,9 @@ impl Health {
     }
 
     fn respond(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
         let (status, content_type, body) = match *request.method() {
-            Method::GET | Method::HEAD => self.answer(request.uri().path()),
+            Method::GET | Method::HEAD => self.answer(request.uri().path(), accept),
             _ => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
@@ -179,9 +281,10 @@ impl Health {
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = status;
-        response
-            .headers_mut()
-            .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+        // The body of /metrics depends on Accept: caches must not mix the two.
+        headers.insert(VARY, HeaderValue::from_static("accept"));
         response
     }
 
@@ -245,5 +348,148 @@ impl Health {
             }
         });
         Ok(bound)
+    }
+}
+
+/// The classic text format (0.0.4) of prometheus-client's OpenMetrics text, which is all
+/// that crate encodes. For what this registry holds (counters, gauges, histograms, no
+/// exemplars) the two differ only in descriptors: OpenMetrics names a counter's family
+/// without `_total` and its samples with it, the classic format names both with it
+/// (its parser would otherwise see an empty family and an untyped `_total` series), and
+/// `# UNIT` and `# EOF` exist only in OpenMetrics. Sample lines are the same.
+fn openmetrics_to_classic(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|kind| Some((kind, line.strip_prefix(kind)?)));
+        match descriptor {
+            Some((kind, rest)) => {
+                let name = rest.split(' ').next().unwrap_or_default();
+                let tail = &rest[name.len()..];
+                let tail = if kind == "# TYPE " && tail == " unknown" {
+                    " untyped"
+                } else {
+                    tail
+                };
+                let total = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{kind}{name}{total}{tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What Prometheus 2.x sends by default.
+    const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,\
+        application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+    #[test]
+    fn the_format_follows_the_accept_header() {
+        use MetricsFormat::{Classic, OpenMetrics};
+        let cases = [
+            (None, Classic),
+            (Some("*/*"), Classic),
+            (Some("text/plain"), Classic),
+            (Some("text/plain;version=0.0.4"), Classic),
+            (Some(PROMETHEUS_ACCEPT), OpenMetrics),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (
+                Some("Application/OpenMetrics-Text; version=1.0.0"),
+                OpenMetrics,
+            ),
+            (
+                Some("application/openmetrics-text;q=0.2,text/plain;q=0.9"),
+                Classic,
+            ),
+            (Some("application/openmetrics-text;q=0,*/*"), Classic),
+            (
+                Some("text/plain;q=0.3,application/openmetrics-text;q=0.3"),
+                OpenMetrics,
+            ),
+            (Some("application/json"), Classic),
+        ];
+        for (accept, expected) in cases {
+            assert_eq!(MetricsFormat::negotiate(accept), expected, "{accept:?}");
+        }
+    }
+
+    #[test]
+    fn every_series_is_exposed_at_zero_once_its_task_is_tracked() {
+        let health = Health::new();
+        health.track_task("thumbnail");
+        let text = health.render(MetricsFormat::OpenMetrics);
+        for outcome in OUTCOMES {
+            let line =
+                format!("vidpipe_jobs_total{{task=\"thumbnail\",outcome=\"{outcome}\"}} 0\n");
+            assert!(text.contains(&line), "{line} missing from:\n{text}");
+        }
+        for line in [
+            "vidpipe_retries_total{task=\"thumbnail\"} 0\n",
+            "vidpipe_dead_letters_total{task=\"thumbnail\"} 0\n",
+            "vidpipe_job_duration_seconds_count{task=\"thumbnail\"} 0\n",
+            "vidpipe_source_read_bytes_total 0\n",
+            "vidpipe_output_written_bytes_total 0\n",
+            "vidpipe_jobs_in_flight 0\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn classic_text_names_counter_families_with_total_and_drops_openmetrics_lines() {
+        let health = Health::new();
+        health.track_task("transcode");
+        health.bytes_read.inc_by(42);
+        let openmetrics = health.render(MetricsFormat::OpenMetrics);
+        assert!(
+            openmetrics.contains("# TYPE vidpipe_jobs counter\n"),
+            "{openmetrics}"
+        );
+        assert!(openmetrics.contains("# UNIT vidpipe_source_read_bytes bytes\n"));
+        assert!(openmetrics.ends_with("# EOF\n"));
+
+        let classic = health.render(MetricsFormat::Classic);
+        for line in [
+            "# HELP vidpipe_jobs_total Finished deliveries by task and outcome.\n",
+            "# TYPE vidpipe_jobs_total counter\n",
+            "# TYPE vidpipe_source_read_bytes_total counter\n",
+            "vidpipe_source_read_bytes_total 42\n",
+            "# TYPE vidpipe_job_duration_seconds histogram\n",
+            "# TYPE vidpipe_jobs_in_flight gauge\n",
+        ] {
+            assert!(classic.contains(line), "{line} missing from:\n{classic}");
+        }
+        assert!(
+            !classic.contains("# UNIT") && !classic.contains("# EOF"),
+            "{classic}"
+        );
+        // Samples are untouched: only descriptor lines differ.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&openmetrics), samples(&classic));
     }
 }

@@ -8,8 +8,11 @@
 //!
 //! Broker loss: in-flight jobs are cancelled (their deliveries return to the queue when
 //! the channel dies, so finishing them would only be wasted work), then the worker
-//! reconnects with backoff and resumes. Shutdown: stop consuming, let in-flight jobs
-//! finish within the grace period, cancel and requeue the rest, return.
+//! reconnects with backoff and resumes. Shutdown: stop consuming (`basic.cancel`; what
+//! was prefetched but not started goes back at once), let in-flight jobs finish within
+//! the grace period, cancel and requeue the rest, and only then close the channels and
+//! the connection: a delivery can only be acked on the channel it came on, so that
+//! channel must outlive every job of the session.
 //!
 //! Reconnection is done here, not by lapin's auto-recovery: a recovered channel cannot
 //! ack the deliveries of the old one anyway, and a fresh connection re-declares the
@@ -82,7 +85,7 @@ struct Worker<H: Handler> {
 
 /// Why a consume session ended.
 enum SessionEnd {
-    /// Shutdown requested; the connection stays open for in-flight acks.
+    /// Shutdown requested; in-flight jobs are settled and the channels closed.
     Shutdown,
     /// The connection or channel failed; reconnect.
     Lost(anyhow::Error),
@@ -110,6 +113,7 @@ pub async fn run<H: Handler>(
         health: options.health,
         settings,
     });
+    worker.health.track_task(H::Job::TASK);
     tokio::fs::create_dir_all(&worker.settings.worker.scratch_dir)
         .await
         .map_err(|e| {
@@ -143,8 +147,9 @@ pub async fn run<H: Handler>(
         jobs.close();
         match end {
             SessionEnd::Shutdown => {
-                drain(&worker, &jobs, &cancel_jobs).await;
-                let _ = conn.close(200, "worker shutting down".into()).await;
+                if let Err(e) = conn.close(200, "worker shutting down".into()).await {
+                    tracing::warn!(error = %e, "closing the broker connection failed");
+                }
                 break;
             }
             SessionEnd::Lost(err) => {
@@ -258,12 +263,7 @@ async fn consume<H: Handler>(
     tracing::info!(queue = %worker.topology.work_queue(H::Job::TASK), prefetch = worker.concurrency, "consuming");
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => {
-                // Stop new deliveries; unacked ones still buffered return to the queue
-                // when the channel closes.
-                let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
-                return SessionEnd::Shutdown;
-            }
+            _ = shutdown.cancelled() => break,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let worker = worker.clone();
@@ -274,6 +274,49 @@ async fn consume<H: Handler>(
                 None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled our consumer")),
             },
         }
+    }
+    // Shutdown. Every channel of the session stays open until its jobs are settled:
+    // dropping `channel` (or `consumer`) would close it, and the acks of jobs that
+    // finish within the grace period would be lost, their messages redelivered.
+    worker.health.set_ready(false);
+    stop_consuming(&channel, consumer).await;
+    jobs.close();
+    drain(worker, jobs, cancel_jobs).await;
+    events.finish(Duration::from_secs(5)).await;
+    for ch in [&publisher, &channel] {
+        if let Err(e) = ch.close(200, "worker shutting down".into()).await {
+            tracing::warn!(error = %e, "closing a channel failed");
+        }
+    }
+    SessionEnd::Shutdown
+}
+
+/// Stops deliveries (`basic.cancel`) and returns at once the ones already prefetched
+/// but not started, so other workers can take them during the grace period instead of
+/// after it. After the cancel-ok the consumer yields what it buffered, then ends.
+async fn stop_consuming(channel: &Channel, mut consumer: lapin::Consumer) {
+    if let Err(e) = channel
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+        .await
+    {
+        tracing::warn!(error = %e, "cancelling the consumer failed");
+        return;
+    }
+    let returned = async {
+        let mut count = 0;
+        while let Some(Ok(delivery)) = consumer.next().await {
+            nack_requeue(&delivery).await;
+            count += 1;
+        }
+        if count > 0 {
+            tracing::info!(count, "returned prefetched jobs to the queue unstarted");
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), returned)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the consumer did not end after its cancel");
     }
 }
 

@@ -560,6 +560,16 @@ pub async fn eventually(timeout: Duration, what: &str, mut check: impl AsyncFnMu
     }
 }
 
+/// Polls `check` for all of `period` and fails as soon as it returns false: for things
+/// that must *not* happen (a message coming back, a port going away).
+pub async fn stays(period: Duration, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + period;
+    while Instant::now() < deadline {
+        assert!(check().await, "{what}: no longer true");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A fresh job id and its storage keys (`uploads/<id>/source.bin`, `outputs/<id>/<task>/`).
 pub fn job_keys(task: &str) -> (Uuid, String, StorageKey) {
     let id = Uuid::new_v4();
