@@ -12,6 +12,7 @@ mod producer;
 mod runtime;
 mod s3;
 mod security;
+mod settings;
 mod thumbnailer;
 mod tls;
 mod transcoder;
