@@ -5,6 +5,7 @@
 
 mod support;
 
+mod broker_refusal;
 mod chaos;
 mod health;
 mod hostile;
