@@ -43,7 +43,7 @@ pub async fn connect(
             }
             Err(e) => match refusal(url, &e.to_string()) {
                 Some(why) => {
-                    tracing::warn!(broker = %redact_url(url), retry_in = ?delay, "{why}; trying again (the password may be being rotated)");
+                    tracing::warn!(broker = %redact_url(url), retry_in = ?delay, "{why}; trying again, in case the password is being changed");
                 }
                 None => {
                     tracing::warn!(broker = %redact_url(url), error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
