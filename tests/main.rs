@@ -5,6 +5,7 @@
 
 mod support;
 
+mod broker_refusal;
 mod chaos;
 mod health;
 mod hostile;
@@ -12,6 +13,7 @@ mod producer;
 mod runtime;
 mod s3;
 mod security;
+mod settings;
 mod thumbnailer;
 mod tls;
 mod transcoder;

@@ -104,11 +104,19 @@ impl Broker {
             idle: Mutex::new(Vec::new()),
         };
         let channel = broker.channel().await.map_err(|e| {
-            Failure::Infra(anyhow::anyhow!(
-                "cannot reach RabbitMQ at {} ({e:#}); is it running? The address is the setting \
-                 `amqp.url` (environment VIDPIPE__AMQP__URL)",
-                redact_url(url)
-            ))
+            // A refused login is not an absent broker: say who was refused where.
+            Failure::Infra(match broker::refusal(url, &format!("{e:#}")) {
+                Some(why) => anyhow::anyhow!(
+                    "{why}. The user, password and vhost are the setting `amqp.url` \
+                     (environment VIDPIPE__AMQP__URL), now {}",
+                    redact_url(url)
+                ),
+                None => anyhow::anyhow!(
+                    "cannot reach RabbitMQ at {} ({e:#}); is it running? The address is the \
+                     setting `amqp.url` (environment VIDPIPE__AMQP__URL)",
+                    redact_url(url)
+                ),
+            })
         })?;
         broker
             .topology

@@ -145,7 +145,10 @@ fn declare_topology(settings: &crate::settings::Settings) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!(error = %e, "could not declare the topology");
+            match crate::broker::refusal(settings.amqp.url.expose(), &e.to_string()) {
+                Some(why) => tracing::error!("{why}; could not declare the topology"),
+                None => tracing::error!(error = %e, "could not declare the topology"),
+            }
             ExitCode::FAILURE
         }
     }

@@ -4,6 +4,11 @@
 //! instead of crashing, so a worker started before its broker, or cut off from it, comes
 //! back by itself.
 //!
+//! A broker that refuses the login (wrong password, no permission on the vhost, no such
+//! vhost) is told apart from one that cannot be reached ([`refusal`]): the log names the
+//! user and the vhost, never the password. A worker keeps trying anyway, once per backoff
+//! step, since a password may be in the middle of being rotated.
+//!
 //! `amqps://` URLs connect over TLS (rustls with ring). The server is verified against the
 //! system's native roots plus, when set, `amqp.tls_ca_file`; `amqp.tls_client_cert_file`
 //! and `amqp.tls_client_key_file` give a client certificate for brokers that ask for one.
@@ -36,9 +41,14 @@ pub async fn connect(
                 tracing::info!(broker = %redact_url(url), tls = is_tls(url), "connected to the broker");
                 return Some(conn);
             }
-            Err(e) => {
-                tracing::warn!(broker = %redact_url(url), error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
-            }
+            Err(e) => match refusal(url, &e.to_string()) {
+                Some(why) => {
+                    tracing::warn!(broker = %redact_url(url), retry_in = ?delay, "{why}; trying again, in case the password is being changed");
+                }
+                None => {
+                    tracing::warn!(broker = %redact_url(url), error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
+                }
+            },
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -46,6 +56,39 @@ pub async fn connect(
         }
         delay = (delay * 2).min(max);
     }
+}
+
+/// Whether an error's text is the broker refusing a login: a wrong user or password
+/// (`ACCESS_REFUSED - Login was refused`), no permission on the vhost or no such vhost
+/// (`NOT_ALLOWED - access to vhost …`, `NOT_ALLOWED - vhost … not found`). Text, not
+/// types, because the producer's pool hands errors over as text; these are RabbitMQ's
+/// own reply texts.
+pub fn is_refusal(error: &str) -> bool {
+    error.contains("ACCESS_REFUSED - Login was refused")
+        || error.contains("NOT_ALLOWED - access to vhost")
+        || (error.contains("NOT_ALLOWED - vhost") && error.contains("not found"))
+}
+
+/// The operator's sentence for a refused connection attempt (see [`is_refusal`]), naming
+/// the user and the vhost of `url` and never its password; `None` when `error` is not a
+/// refusal (the broker is unreachable, say).
+pub fn refusal(url: &str, error: &str) -> Option<String> {
+    if !is_refusal(error) {
+        return None;
+    }
+    let (user, vhost) = match url.parse::<lapin::uri::AMQPUri>() {
+        Ok(uri) => (uri.authority.userinfo.username, uri.vhost),
+        Err(_) => ("?".to_owned(), "?".to_owned()),
+    };
+    Some(
+        if error.contains("not found") && !error.contains("Login was refused") {
+            format!("the broker refused user `{user}`: vhost `{vhost}` does not exist")
+        } else {
+            format!(
+                "the broker refused user `{user}`: wrong password or no permission on vhost `{vhost}`"
+            )
+        },
+    )
 }
 
 /// What [`try_connect`] connects to: a bare URL (an `amqps://` one is verified against
@@ -198,5 +241,54 @@ pub async fn publish_confirmed(
             )
         }
         other => anyhow::bail!("the broker refused a message to `{exchange}`: {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RabbitMQ's reply texts as lapin renders them, through the producer's pool.
+    const WRONG_PASSWORD: &str = "connecting to RabbitMQ: Error occurred while creating a new object: \
+        protocol error: AMQP soft error: ACCESS-REFUSED: ACCESS_REFUSED - Login was refused \
+        using authentication mechanism PLAIN. For details see the broker logfile.";
+    const NO_PERMISSION: &str = "protocol error: AMQP hard error: NOT-ALLOWED: NOT_ALLOWED - \
+        access to vhost '/' refused for user 'app'";
+    const NO_VHOST: &str =
+        "protocol error: AMQP hard error: NOT-ALLOWED: NOT_ALLOWED - vhost media not found";
+
+    #[test]
+    fn a_refused_login_names_the_user_and_vhost_but_never_the_password() {
+        let url = "amqp://app:hunter2@broker:5672/%2f";
+        for error in [WRONG_PASSWORD, NO_PERMISSION] {
+            let said = refusal(url, error).expect("a refusal");
+            assert_eq!(
+                said,
+                "the broker refused user `app`: wrong password or no permission on vhost `/`"
+            );
+        }
+        let said = refusal("amqp://app:hunter2@broker/media", NO_VHOST).unwrap();
+        assert_eq!(
+            said,
+            "the broker refused user `app`: vhost `media` does not exist"
+        );
+        assert!(!said.contains("hunter2"));
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_not_a_refusal() {
+        let url = "amqp://app:hunter2@broker:5672/%2f";
+        assert_eq!(
+            refusal(url, "IO error: Connection refused (os error 111)"),
+            None
+        );
+        // A refused publish is a permission problem of one operation, not of the login.
+        assert_eq!(
+            refusal(
+                url,
+                "ACCESS_REFUSED - access to exchange 'video_tasks' in vhost '/' refused"
+            ),
+            None
+        );
     }
 }

@@ -2,12 +2,19 @@
 //! variables prefixed `VIDPIPE__` with `__` for nesting (`VIDPIPE__AMQP__URL`,
 //! `VIDPIPE__WORKER__CONCURRENCY`). Every default works against a local RabbitMQ and
 //! `./data`. A bad value is an error naming the key; the AMQP URL never prints its password.
+//!
+//! An unknown key is an error too, naming the key, where it came from and the nearest
+//! valid one (`worker.concurency` → `worker.concurrency`): a typo must not run with the
+//! default. The producer and both workers read the same file, so the valid keys are those
+//! of every binary ([`KNOWN_KEYS`]): a worker does not object to another one's section.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::Deserialize;
+#[cfg(test)]
+use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::outcome::RetryPolicy;
@@ -19,6 +26,7 @@ pub const CONFIG_FILE_ENV: &str = "VIDPIPE_CONFIG";
 
 /// All settings shared by the three binaries.
 #[derive(Debug, Clone, Deserialize, Default)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct Settings {
     pub amqp: AmqpSettings,
@@ -32,6 +40,7 @@ pub struct Settings {
 
 /// A value that must never appear in logs (`Debug` shows it redacted).
 #[derive(Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -66,6 +75,7 @@ pub fn redact_url(url: &str) -> String {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct AmqpSettings {
     /// Broker URL, `amqp://` or `amqps://`.
@@ -156,6 +166,7 @@ impl AmqpSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct TopologySettings {
     /// Prepended to every exchange and queue name (tests use a unique one). Empty by
@@ -177,6 +188,7 @@ impl Default for TopologySettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct RetrySettings {
     /// Attempts in all, the first included.
@@ -264,6 +276,7 @@ impl RetrySettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct WorkerSettings {
     /// Jobs run at once, and the prefetch count. Unset: the worker's own default
@@ -305,6 +318,7 @@ impl WorkerSettings {
 
 /// Which object store holds the media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum StorageBackend {
     /// A directory (`storage.root`), shared by volume between containers on one host.
@@ -315,6 +329,7 @@ pub enum StorageBackend {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct StorageSettings {
     pub backend: StorageBackend,
@@ -340,6 +355,7 @@ impl Default for StorageSettings {
 /// S3-compatible storage. Unset credentials and region fall back to the standard
 /// `AWS_*` environment variables.
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct S3Settings {
     pub bucket: String,
@@ -375,6 +391,7 @@ impl Default for S3Settings {
 
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -383,6 +400,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -401,6 +419,7 @@ impl Default for LogSettings {
 
 /// The health and metrics endpoint (`/healthz`, `/readyz`, `/metrics`).
 #[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct HealthSettings {
     /// Whether to serve the endpoint at all.
@@ -417,8 +436,10 @@ pub struct HealthSettings {
     /// deployment that sets them gets an error saying what to write instead of a
     /// silently different address.
     #[serde(rename = "port")]
+    #[cfg_attr(test, serde(skip_serializing))]
     retired_port: Option<serde::de::IgnoredAny>,
     #[serde(rename = "bind")]
+    #[cfg_attr(test, serde(skip_serializing))]
     retired_bind: Option<serde::de::IgnoredAny>,
 }
 
@@ -490,6 +511,190 @@ impl Loaded {
     }
 }
 
+/// Every valid setting of every vidpipe binary, as dotted keys. The producer and the
+/// workers load the same file and environment, so each accepts the others' sections
+/// (`thumbnailer.*` in the transcoder, `media.*` in the producer). Unit tests hold this
+/// list to the settings structs: the shared ones here, `transcoder.*` and
+/// `thumbnailer.*` in their crates, `media.*` in `media::probe`.
+pub const KNOWN_KEYS: &[&str] = &[
+    "amqp.url",
+    "amqp.max_backoff_secs",
+    "amqp.tls_ca_file",
+    "amqp.tls_client_cert_file",
+    "amqp.tls_client_key_file",
+    "topology.prefix",
+    "topology.declare",
+    "retry.max_attempts",
+    "retry.delays_secs",
+    "retry.delivery_limit",
+    "worker.concurrency",
+    "worker.job_timeout_secs",
+    "worker.shutdown_grace_secs",
+    "worker.name",
+    "worker.scratch_dir",
+    "storage.backend",
+    "storage.root",
+    "storage.upload_buffer_bytes",
+    "storage.s3.bucket",
+    "storage.s3.endpoint",
+    "storage.s3.region",
+    "storage.s3.path_style",
+    "storage.s3.allow_http",
+    "storage.s3.access_key_id",
+    "storage.s3.secret_access_key",
+    "storage.s3.max_retries",
+    "storage.s3.retry_timeout_secs",
+    "log.format",
+    "log.level",
+    "health.enabled",
+    "health.addr",
+    "health.max_connections",
+    "health.timeout_secs",
+    // Retired: still recognised, so that validation says what replaced them.
+    "health.port",
+    "health.bind",
+    // The workers' media limits (`shared::media::MediaLimits`).
+    "media.max_duration_s",
+    "media.max_width",
+    "media.max_height",
+    "media.max_file_bytes",
+    "media.max_streams",
+    "media.max_pixel_aspect",
+    // The transcoder's own section (`transcoder::TranscoderSettings`).
+    "transcoder.preset",
+    "transcoder.crf",
+    "transcoder.keyframe_interval_s",
+    "transcoder.hls_segment_s",
+    "transcoder.threads",
+    "transcoder.audio_sample_rate",
+    // The thumbnailer's own section (`thumbnailer::ThumbnailerSettings`).
+    "thumbnailer.threads",
+    "thumbnailer.max_sheet_height",
+    "thumbnailer.poster_candidates",
+];
+
+/// The dotted keys of every value in a settings tree (tables are walked, not listed),
+/// each with where it came from (`config`'s origin: a file path or "the environment").
+fn leaf_keys(
+    prefix: &str,
+    table: &config::Map<String, config::Value>,
+    out: &mut Vec<(String, Option<String>)>,
+) {
+    for (name, value) in table {
+        let key = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        match &value.kind {
+            config::ValueKind::Table(inner) => leaf_keys(&key, inner, out),
+            _ => out.push((key, value.origin().map(str::to_owned))),
+        }
+    }
+}
+
+/// The setting a `VIDPIPE__…` variable sets, as `config`'s environment source maps it
+/// (lower case, prefix dropped, `__` → `.`); `None` for other variables, such as the
+/// compose file's `VIDPIPE_MEDIA` (one underscore: not a setting).
+fn env_var_key(var: &str) -> Option<String> {
+    let lower = var.to_lowercase();
+    let rest = lower.strip_prefix(&format!("{}__", ENV_PREFIX.to_lowercase()))?;
+    Some(rest.replace("__", "."))
+}
+
+/// Edit distance with adjacent transpositions counted as one edit (`wroker` is one
+/// edit from `worker`).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
+            }
+        }
+    }
+    d[a.len()][b.len()]
+}
+
+/// The valid key an unknown one most likely meant: one with the same last part in
+/// another section (`worker.prefix` → `topology.prefix`, `wroker.concurrency` →
+/// `worker.concurrency`), else the closest by spelling (a few edits at most).
+fn nearest_key(unknown: &str) -> Option<&'static str> {
+    let last = unknown.rsplit('.').next().unwrap_or(unknown);
+    let same_last_part = KNOWN_KEYS
+        .iter()
+        .filter(|k| k.rsplit('.').next() == Some(last))
+        .min_by_key(|k| edit_distance(unknown, k));
+    let limit = (unknown.len() / 4).max(2);
+    let by_spelling = || {
+        KNOWN_KEYS
+            .iter()
+            .map(|k| (edit_distance(unknown, k), k))
+            .filter(|(d, _)| *d <= limit)
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, k)| k)
+    };
+    same_last_part.or_else(by_spelling).copied()
+}
+
+/// Every key in `raw` that no binary reads, as one error naming each key, where it was
+/// set and the nearest valid key. `file` and `env` are what `raw` was read from (`env`
+/// `None`: the process's own environment), to name the file or variable behind a key.
+fn check_unknown_keys(
+    raw: &config::Config,
+    file: Option<&Path>,
+    env: Option<&config::Map<String, String>>,
+) -> anyhow::Result<()> {
+    let table = config::Source::collect(raw).context("reading settings")?;
+    let mut leaves = Vec::new();
+    leaf_keys("", &table, &mut leaves);
+    let var_for = |key: &str| -> Option<String> {
+        let matches = |var: &str| env_var_key(var).as_deref() == Some(key);
+        match env {
+            Some(map) => map.keys().find(|v| matches(v)).cloned(),
+            None => std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .find(|v| matches(v)),
+        }
+    };
+    let mut problems = Vec::new();
+    for (key, origin) in leaves {
+        // A section given a plain value (`VIDPIPE__STORAGE__S3=x`) is not a typo:
+        // deserialising says what is wrong with it.
+        let is_section = KNOWN_KEYS.iter().any(|k| {
+            k.strip_prefix(key.as_str())
+                .is_some_and(|r| r.starts_with('.'))
+        });
+        if KNOWN_KEYS.contains(&key.as_str()) || is_section {
+            continue;
+        }
+        let from = match origin.as_deref() {
+            Some("the environment") => var_for(&key).unwrap_or_else(|| "the environment".into()),
+            // `config` records the path relative to the working directory; say it as given.
+            _ => file.map_or_else(|| "the settings".into(), |f| f.display().to_string()),
+        };
+        let mut problem = format!("unknown setting `{key}` (from {from})");
+        if let Some(near) = nearest_key(&key) {
+            problem.push_str(&format!("; did you mean `{near}`?"));
+        }
+        problems.push(problem);
+    }
+    problems.sort();
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+    Ok(())
+}
+
 /// Loads settings: defaults, then `file` (or `$VIDPIPE_CONFIG`) if given, then the
 /// environment.
 pub fn load(file: Option<&Path>) -> anyhow::Result<Loaded> {
@@ -522,9 +727,10 @@ fn load_with_env(
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("retry.delays_secs")
-            .source(env),
+            .source(env.clone()),
     );
     let raw = builder.build().context("reading settings")?;
+    check_unknown_keys(&raw, file.as_deref(), env.as_ref())?;
     let settings: Settings = raw
         .clone()
         .try_deserialize()
@@ -762,6 +968,121 @@ mod tests {
             let err = format!("{:#}", env(&[(key, value)]).unwrap_err());
             assert!(err.contains("health."), "{key}={value}: {err}");
         }
+    }
+
+    /// Dotted keys of every leaf of a serialised settings tree.
+    fn json_keys(prefix: &str, value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (name, inner) in map {
+                    let key = if prefix.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{prefix}.{name}")
+                    };
+                    json_keys(&key, inner, out);
+                }
+            }
+            _ => out.push(prefix.to_owned()),
+        }
+    }
+
+    #[test]
+    fn known_keys_are_exactly_the_shared_settings_plus_other_sections() {
+        let mut from_structs = Vec::new();
+        json_keys(
+            "",
+            &serde_json::to_value(Settings::default()).unwrap(),
+            &mut from_structs,
+        );
+        from_structs.extend(["health.port".into(), "health.bind".into()]);
+        from_structs.sort();
+        let other_sections = ["media.", "transcoder.", "thumbnailer."];
+        let mut listed: Vec<String> = KNOWN_KEYS
+            .iter()
+            .filter(|k| !other_sections.iter().any(|s| k.starts_with(s)))
+            .map(|k| (*k).to_owned())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, from_structs);
+    }
+
+    fn env_map(pairs: &[(&str, &str)]) -> config::Map<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn a_misspelled_environment_variable_is_an_error_naming_it_and_the_nearest_key() {
+        let err = load_with_env(None, Some(env_map(&[("VIDPIPE__WORKER__CONCURENCY", "4")])))
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "unknown setting `worker.concurency` (from VIDPIPE__WORKER__CONCURENCY); \
+             did you mean `worker.concurrency`?"
+        );
+        let err = load_with_env(None, Some(env_map(&[("VIDPIPE__WORKER__PREFIX", "x")])))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `topology.prefix`?"), "{err}");
+        let err = load_with_env(None, Some(env_map(&[("VIDPIPE__NONSENSE", "x")])))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "unknown setting `nonsense` (from VIDPIPE__NONSENSE)");
+    }
+
+    #[test]
+    fn a_misspelled_file_section_is_an_error_naming_the_file_and_the_nearest_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vidpipe.toml");
+        std::fs::write(&file, "[wroker]\nconcurrency = 4\n").unwrap();
+        let err = format!(
+            "{:#}",
+            load_with_env(Some(&file), Some(env_map(&[]))).unwrap_err()
+        );
+        assert_eq!(
+            err,
+            format!(
+                "unknown setting `wroker.concurrency` (from {}); did you mean `worker.concurrency`?",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn other_binaries_sections_and_compose_variables_are_not_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vidpipe.toml");
+        std::fs::write(
+            &file,
+            "[transcoder]\npreset = \"fast\"\n[thumbnailer]\nmax_sheet_height = 2048\n\
+             [media]\nmax_width = 1920\n[storage.s3]\nregion = \"x\"\n",
+        )
+        .unwrap();
+        let env = env_map(&[
+            ("VIDPIPE_MEDIA", "./media"),
+            ("VIDPIPE_TRANSCODER_CONCURRENCY", "2"),
+            ("VIDPIPE_CONFIG", "/elsewhere.toml"),
+            ("VIDPIPE__THUMBNAILER__POSTER_CANDIDATES", "3"),
+            ("VIDPIPE__WORKER__CONCURRENCY", "2"),
+        ]);
+        let loaded = load_with_env(Some(&file), Some(env)).unwrap();
+        assert_eq!(loaded.settings.worker.concurrency, Some(2));
+    }
+
+    #[test]
+    fn nearest_key_is_close_in_spelling_or_shares_the_last_part() {
+        assert_eq!(
+            nearest_key("wroker.concurrency"),
+            Some("worker.concurrency")
+        );
+        assert_eq!(nearest_key("amqp.uri"), Some("amqp.url"));
+        assert_eq!(nearest_key("log.formt"), Some("log.format"));
+        assert_eq!(nearest_key("storage.bucket"), Some("storage.s3.bucket"));
+        assert_eq!(nearest_key("completely.different"), None);
+        assert_eq!(edit_distance("wroker", "worker"), 1);
     }
 
     #[test]

@@ -39,3 +39,29 @@ impl ThumbnailerSettings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every binary checks settings against `KNOWN_KEYS`: it must hold exactly the
+    /// thumbnailer's keys, or a valid one would stop a process.
+    #[test]
+    fn known_keys_list_the_thumbnailer_section() {
+        let value = serde_json::to_value(ThumbnailerSettings::default()).unwrap();
+        let mut from_struct: Vec<String> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| format!("thumbnailer.{k}"))
+            .collect();
+        from_struct.sort();
+        let mut listed: Vec<String> = shared::settings::KNOWN_KEYS
+            .iter()
+            .filter(|k| k.starts_with("thumbnailer."))
+            .map(|k| (*k).to_owned())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, from_struct);
+    }
+}

@@ -75,3 +75,45 @@ impl TranscoderSettings {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys of a section's defaults, as `section.field`.
+    fn keys_of(section: &str, defaults: impl Serialize) -> Vec<String> {
+        let value = serde_json::to_value(defaults).unwrap();
+        let mut keys: Vec<String> = value
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| format!("{section}.{k}"))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    fn listed(section: &str) -> Vec<String> {
+        let mut keys: Vec<String> = shared::settings::KNOWN_KEYS
+            .iter()
+            .filter(|k| k.starts_with(&format!("{section}.")))
+            .map(|k| (*k).to_owned())
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    /// Every binary checks settings against `KNOWN_KEYS`: it must hold exactly the
+    /// transcoder's and the media limits' keys, or a valid one would stop a process.
+    #[test]
+    fn known_keys_list_the_transcoder_and_media_sections() {
+        assert_eq!(
+            listed("transcoder"),
+            keys_of("transcoder", TranscoderSettings::default())
+        );
+        assert_eq!(
+            listed("media"),
+            keys_of("media", shared::media::MediaLimits::default())
+        );
+    }
+}
