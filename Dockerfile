@@ -46,13 +46,14 @@ COPY docker/secrets.sh /usr/local/bin/vidpipe-secrets
 
 # Media store (local backend); a named volume mounted here starts out owned by vidpipe,
 # and so do the ones compose mounts on /scratch (job scratch), /run/vidpipe-secrets (a
-# role's secrets) and /secrets/* (all of them, for the `secrets` service).
+# role's secrets) and /secrets/* (all of them, for the `secrets` service). No VOLUME
+# declaration: it gave every container that does not mount /data (the one-shot
+# `secrets` and `topology` services) an anonymous volume, left behind on each re-create.
 # Health endpoint on every interface of the container's own network (the built-in default
 # is loopback on a free port): Prometheus on the container network scrapes :8080.
 ENV VIDPIPE__STORAGE__ROOT=/data \
     VIDPIPE__HEALTH__ADDR=0.0.0.0:8080 \
     TINI_SUBREAPER=1
-VOLUME /data
 WORKDIR /data
 EXPOSE 8080
 USER vidpipe
