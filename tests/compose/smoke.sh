@@ -197,6 +197,11 @@ running() {
   docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
     --filter "label=com.docker.compose.service=$1"
 }
+# Every container of a service, exited ones too (one-shot services).
+all_ids() {
+  docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
+    --filter "label=com.docker.compose.service=$1"
+}
 health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null; }
 # all_healthy SERVICE COUNT: COUNT containers of SERVICE, every one healthy.
 all_healthy() {
@@ -317,7 +322,8 @@ for svc in transcoder thumbnailer; do
   for c in $(running "$svc"); do contained_config "$c" && contained_live "$c" || contained=0; done
 done
 for svc in secrets topology; do
-  for c in $(ids "$svc"); do contained_config "$c" || contained=0; done
+  [ -n "$(all_ids "$svc")" ] || { echo "no $svc container" >&2; contained=0; }
+  for c in $(all_ids "$svc"); do contained_config "$c" || contained=0; done
 done
 # The one-off producer container, with the same settings (its entrypoint replaced by a probe).
 producer_probe=$(compose run --rm -T --no-deps --entrypoint sh producer -c \
@@ -444,11 +450,11 @@ if wait_until 180 all_healthy rabbitmq 1 && wait_until 120 all_healthy transcode
 else
   fail "second up -d: services not healthy within the time limit"
 fi
-topology_exit=$(docker inspect -f '{{.State.ExitCode}}' "$(ids topology | head -n 1)")
+topology_exit=$(docker inspect -f '{{.State.ExitCode}}' $(all_ids topology) 2>&1 | sort -u | tr '\n' ' ' || true)
 if secrets_digests >"$work/secrets.2" 2>"$work/secrets.err"; then
   want_ops=$(printf '%s' "$ops_password" | sha256sum | cut -c1-64)
   unchanged=$(grep -vE '^(ops/amqp-password|rabbitmq/definitions.json) ' "$work/secrets.1" | diff - <(grep -vE '^(ops/amqp-password|rabbitmq/definitions.json) ' "$work/secrets.2") || true)
-  if [ -z "$unchanged" ] && grep -q "^ops/amqp-password 600 10001 $want_ops\$" "$work/secrets.2" && [ "$topology_exit" = 0 ]; then
+  if [ -z "$unchanged" ] && grep -q "^ops/amqp-password 600 10001 $want_ops\$" "$work/secrets.2" && [ "$topology_exit" = "0 " ]; then
     pass "second up -d: passwords kept, ops' taken from VIDPIPE_OPS_PASSWORD (topology as vidpipe-ops exited 0)"
   else
     echo "changed: $unchanged; topology exit $topology_exit" >&2
