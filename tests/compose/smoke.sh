@@ -12,12 +12,18 @@
 #      runtime image from them (docker/Dockerfile.prebuilt), and the RabbitMQ image of
 #      docker/rabbitmq/ unless $VIDPIPE_RABBITMQ_IMAGE names one that exists locally
 #      (rabbitmq:4-management is used when it is already there);
-#   4. with a private compose project: `up -d` until healthy; `--scale transcoder=3` and
-#      three consumers on video_tasks.transcode; `run --rm producer upload … --wait` of a
-#      generated clip and its outputs on the media volume; `docker stop` of the transcoder
-#      busy with a longer job (short shutdown grace, so the job is cancelled and requeued)
-#      and that job completing on the other transcoders, nothing dead; `stop` of the
-#      whole project with every worker exiting 0;
+#   4. with a private compose project: no fixed password in the repository; `up -d`
+#      until healthy; the generated secrets (one volume per role, modes, definitions with
+#      hashes only); every vidpipe container contained (uid 10001, read-only root
+#      filesystem, no capabilities, no-new-privileges) and the broker not root;
+#      `--scale transcoder=3` and three consumers on video_tasks.transcode;
+#      `run --rm producer upload … --wait` of a generated clip and its outputs on the
+#      media volume; `docker stop` of the transcoder busy with a longer job (short
+#      shutdown grace, so the job is cancelled and requeued) and that job completing on
+#      the other transcoders, nothing dead; `stop` of the whole project with every worker
+#      exiting 0; a second `up -d` (broker restarted, VIDPIPE_OPS_PASSWORD now given):
+#      the other passwords unchanged, ops' from the environment, everyone still gets in
+#      (topology, workers, an upload);
 #   5. `down -v` on exit, whatever happened.
 #
 # Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), IMAGE (a local vidpipe
@@ -121,6 +127,7 @@ else
   say "building $image from $bin_dir (docker/Dockerfile.prebuilt)"
   mkdir -p "$work/context/bin"
   cp "${bins[@]/#/$bin_dir/}" "$work/context/bin/"
+  cp docker/entrypoint.sh docker/secrets.sh "$work/context/"
   docker build -q -f docker/Dockerfile.prebuilt -t "$image" "$work/context" >"$work/build.log" 2>&1 \
     || { cat "$work/build.log" >&2; exit 1; }
 fi
@@ -190,6 +197,11 @@ running() {
   docker ps -q --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
     --filter "label=com.docker.compose.service=$1"
 }
+# Every container of a service, exited ones too (one-shot services).
+all_ids() {
+  docker ps -aq --filter "label=com.docker.compose.project=$COMPOSE_PROJECT_NAME" \
+    --filter "label=com.docker.compose.service=$1"
+}
 health() { docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$1" 2>/dev/null; }
 # all_healthy SERVICE COUNT: COUNT containers of SERVICE, every one healthy.
 all_healthy() {
@@ -230,12 +242,102 @@ outputs_ok() {
 dead_count() { rabbitmqctl list_queues name messages | awk '$1 == "video_tasks.dead" {print $2}'; }
 
 say "project $COMPOSE_PROJECT_NAME, images $image + $rabbit_image, compose: ${compose_cmd[*]}"
+# No fixed password left in the repository (the old ones were <role>-dev-… and vidpipe-dev-…).
+fixed=$(grep -rnE --exclude-dir=.git --exclude-dir=target 'dev-(password|secret)' "$root" || true)
+if [ -z "$fixed" ]; then
+  pass "no fixed password in the repository"
+else
+  echo "$fixed" >&2
+  fail "fixed passwords still in the repository"
+fi
 t_up=$(date +%s)
 compose up -d --no-build >"$work/up.log" 2>&1 || { cat "$work/up.log" >&2; die "compose up -d"; }
 if wait_until 180 all_healthy rabbitmq 1 && wait_until 120 all_healthy transcoder 1 && wait_until 120 all_healthy thumbnailer 1; then
   pass "up -d: rabbitmq, transcoder, thumbnailer healthy ($(($(date +%s) - t_up)) s)"
 else
   die "up -d: services not healthy within the time limit"
+fi
+
+# --- secrets: generated on the first start, one volume per role, no password in clear ---
+# Prints "<dir>/<file> <mode> <uid> <sha256>" per file (digests, never the passwords).
+secrets_digests() {
+  compose run --rm -T --no-deps --entrypoint bash secrets -c \
+    'cd /secrets && for f in */*; do printf "%s %s %s\n" "$f" "$(stat -c "%a %u" "$f")" "$(sha256sum <"$f" | cut -c1-64)"; done'
+}
+secrets_ok() { # digests file
+  local role bad=""
+  for role in producer transcoder thumbnailer ops; do
+    grep -Eq "^$role/amqp-password 600 10001 [0-9a-f]{64}\$" "$1" || bad="$bad $role/amqp-password"
+    grep -Eq "^$role/amqp-user 600 10001 " "$1" || bad="$bad $role/amqp-user"
+  done
+  grep -Eq "^minio/s3-secret-access-key 600 10001 " "$1" || bad="$bad minio/s3-secret-access-key"
+  grep -Eq "^rabbitmq/definitions.json 644 10001 " "$1" || bad="$bad rabbitmq/definitions.json"
+  # Four different passwords.
+  [ "$(grep -E '^[a-z]+/amqp-password ' "$1" | awk '{print $4}' | sort -u | wc -l)" = 4 ] || bad="$bad (passwords not distinct)"
+  [ -z "$bad" ] || { echo "secrets missing or with wrong mode/owner:$bad" >&2; cat "$1" >&2; return 1; }
+}
+definitions_ok() { # the broker's users: salted hashes only, no guest
+  compose exec -T rabbitmq cat /run/vidpipe-definitions/definitions.json | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+users = sorted(u["name"] for u in d["users"])
+assert users == ["vidpipe-ops", "vidpipe-producer", "vidpipe-thumbnailer", "vidpipe-transcoder"], users
+for u in d["users"]:
+    assert set(u) == {"name", "password_hash", "hashing_algorithm", "tags"}, u["name"]
+    assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256"
+' && [ "$(rabbitmqctl list_users | awk '{print $1}' | grep -c '^vidpipe-')" = 4 ] &&
+    ! rabbitmqctl list_users | awk '{print $1}' | grep -qx guest
+}
+if secrets_digests >"$work/secrets.1" 2>"$work/secrets.err" && secrets_ok "$work/secrets.1" && definitions_ok; then
+  pass "secrets generated: a password per role (0600, uid 10001, own volume), broker definitions with salted hashes only, 4 users, no guest"
+else
+  cat "$work/secrets.err" >&2
+  fail "generated secrets"
+fi
+
+# --- containment ------------------------------------------------------------------------------
+# contained_config CONTAINER: user 10001, read-only root fs, no capabilities, no-new-privileges.
+contained_config() {
+  local c=$1 conf
+  conf=$(docker inspect -f '{{.Config.User}}|{{.HostConfig.ReadonlyRootfs}}|{{.HostConfig.CapDrop}}|{{.HostConfig.SecurityOpt}}' "$c")
+  case "$conf" in
+    "10001:10001|true|[ALL]|[no-new-privileges:true]") return 0 ;;
+    *) echo "$(docker inspect -f '{{.Name}}' "$c"): $conf" >&2; return 1 ;;
+  esac
+}
+# contained_live CONTAINER: every process uid 10001; PID 1 without capabilities and with
+# no_new_privs; the root filesystem refuses a write; /data, /tmp writable.
+contained_live() {
+  local c=$1 out
+  [ -z "$(docker top "$c" -eo pid,uid | awk 'NR > 1 && $2 != 10001')" ] ||
+    { echo "$c: a process not running as 10001: $(docker top "$c" -eo pid,uid,comm | tail -n +2 | tr '\n' ';')" >&2; return 1; }
+  out=$(docker exec "$c" sh -c 'id -u; grep -E "^(CapEff|CapBnd|NoNewPrivs):" /proc/1/status | tr -d "\t"
+    touch /usr/local/bin/probe 2>/dev/null && echo rootfs-writable || echo rootfs-ro
+    for d in /data /tmp; do f=$d/.probe-$$; touch "$f" && rm -f "$f" && echo "$d-writable"; done' 2>&1)
+  [ "$(echo "$out" | tr '\n' ' ')" = "10001 CapEff:0000000000000000 CapBnd:0000000000000000 NoNewPrivs:1 rootfs-ro /data-writable /tmp-writable " ] ||
+    { echo "$c: $out" >&2; return 1; }
+}
+contained=1
+for svc in transcoder thumbnailer; do
+  for c in $(running "$svc"); do contained_config "$c" && contained_live "$c" || contained=0; done
+done
+for svc in secrets topology; do
+  [ -n "$(all_ids "$svc")" ] || { echo "no $svc container" >&2; contained=0; }
+  for c in $(all_ids "$svc"); do contained_config "$c" || contained=0; done
+done
+# The one-off producer container, with the same settings (its entrypoint replaced by a probe).
+producer_probe=$(compose run --rm -T --no-deps --entrypoint sh producer -c \
+  'id -u; grep -E "^(CapBnd|NoNewPrivs):" /proc/self/status | tr -d "\t"; touch /probe 2>/dev/null && echo rootfs-writable || echo rootfs-ro' 2>"$work/probe.err" | tr '\n' ' ')
+[ "$producer_probe" = "10001 CapBnd:0000000000000000 NoNewPrivs:1 rootfs-ro " ] ||
+  { echo "producer: $producer_probe" >&2; cat "$work/probe.err" >&2; contained=0; }
+# The broker's own processes (its image decides; neither runs it as root).
+rabbit=$(running rabbitmq | head -n 1)
+beam_uid=$(docker top "$rabbit" -eo pid,uid,comm | awk '$3 ~ /^beam/ {print $2; exit}')
+[ -n "$beam_uid" ] && [ "$beam_uid" != 0 ] || { echo "rabbitmq: beam runs as uid '${beam_uid:-?}'" >&2; contained=0; }
+if [ "$contained" = 1 ]; then
+  pass "contained: transcoder, thumbnailer, topology, secrets, producer as uid 10001 with a read-only root fs, no capabilities, no-new-privileges; broker as uid $beam_uid"
+else
+  fail "containment (see above)"
 fi
 
 compose up -d --no-build --scale transcoder=3 >"$work/scale.log" 2>&1 || { cat "$work/scale.log" >&2; die "up --scale transcoder=3"; }
@@ -334,4 +436,39 @@ if compose stop >"$work/stop.log" 2>&1; then
 else
   cat "$work/stop.log" >&2
   fail "compose stop"
+fi
+
+# A second `up`: the broker restarts and re-imports definitions made anew (new salts); the
+# passwords must be the same, or the workers would be locked out. ops' password is now
+# given in the environment (as from .env), which must win over the generated one.
+ops_password=$(head -c 12 /dev/urandom | base64 | tr -d '/+=')
+export VIDPIPE_OPS_PASSWORD="$ops_password"
+t_up=$(date +%s)
+compose up -d --no-build >"$work/up2.log" 2>&1 || { cat "$work/up2.log" >&2; die "second up -d"; }
+if wait_until 180 all_healthy rabbitmq 1 && wait_until 120 all_healthy transcoder 1 && wait_until 120 all_healthy thumbnailer 1; then
+  pass "second up -d: broker restarted, workers healthy again ($(($(date +%s) - t_up)) s)"
+else
+  fail "second up -d: services not healthy within the time limit"
+fi
+topology_exit=$(docker inspect -f '{{.State.ExitCode}}' $(all_ids topology) 2>&1 | sort -u | tr '\n' ' ' || true)
+if secrets_digests >"$work/secrets.2" 2>"$work/secrets.err"; then
+  want_ops=$(printf '%s' "$ops_password" | sha256sum | cut -c1-64)
+  unchanged=$(grep -vE '^(ops/amqp-password|rabbitmq/definitions.json) ' "$work/secrets.1" | diff - <(grep -vE '^(ops/amqp-password|rabbitmq/definitions.json) ' "$work/secrets.2") || true)
+  if [ -z "$unchanged" ] && grep -q "^ops/amqp-password 600 10001 $want_ops\$" "$work/secrets.2" && [ "$topology_exit" = "0 " ]; then
+    pass "second up -d: passwords kept, ops' taken from VIDPIPE_OPS_PASSWORD (topology as vidpipe-ops exited 0)"
+  else
+    echo "changed: $unchanged; topology exit $topology_exit" >&2
+    fail "second up -d: passwords not as expected"
+  fi
+else
+  cat "$work/secrets.err" >&2
+  fail "second up -d: reading the secrets"
+fi
+say "producer upload short.mp4 --wait, after the restart"
+if compose run --rm -T producer upload short.mp4 --wait --timeout 240 --json >"$work/upload2.json" 2>"$work/upload2.err" &&
+  compose run --rm -T ops dead list >"$work/dead2.txt" 2>&1; then
+  pass "after the restart: upload --wait completed, ops dead list answered"
+else
+  cat "$work/upload2.json" "$work/upload2.err" "$work/dead2.txt" >&2
+  fail "after the restart: upload or ops"
 fi

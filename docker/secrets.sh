@@ -1,0 +1,196 @@
+#!/bin/bash
+# vidpipe-secrets: the credentials of the docker-compose stack, made on its first start.
+# Installed in the vidpipe image as /usr/local/bin/vidpipe-secrets; the compose service
+# `secrets` runs `init` at every `up`, before the broker starts.
+#
+#   vidpipe-secrets init          make what is missing, apply the environment, write the
+#                                 broker's definitions
+#   vidpipe-secrets show ROLE     print ROLE's password (the only command that prints one)
+#   vidpipe-secrets rotate ROLE   a new random password for ROLE, and new definitions
+#
+# ROLE: producer, transcoder, thumbnailer, ops (RabbitMQ users vidpipe-ROLE) or minio
+# (the root secret of the `s3` profile's MinIO, also the workers' S3 secret key).
+#
+# A password comes from VIDPIPE_<ROLE>_PASSWORD (VIDPIPE_S3_SECRET_ACCESS_KEY for minio)
+# when that is set, else it is kept from an earlier start, else it is generated: 24 bytes
+# of /dev/urandom, base64url (32 characters). So a second `up` keeps the passwords.
+#
+# Layout under $VIDPIPE_SECRETS_ROOT (default /secrets); each directory is its own docker
+# volume, mounted read-only into only the containers that need it:
+#   <role>/amqp-user, <role>/amqp-password     role = producer transcoder thumbnailer ops
+#   <role>/s3-secret-access-key                for the workers with docker/compose.s3.yml
+#   minio/s3-access-key-id, minio/s3-secret-access-key, minio/mc-host (MC_HOST_ URL)
+#   rabbitmq/definitions.json                  users with salted SHA-256 password hashes
+#                                              (no password in clear), vhost, permissions
+# Secret files are mode 0600, owned by the uid this runs as (the image's vidpipe, 10001),
+# their directories 0700; definitions.json is 0644 (read by the broker's own user).
+set -euo pipefail
+umask 077
+root=${VIDPIPE_SECRETS_ROOT:-/secrets}
+amqp_roles=(producer transcoder thumbnailer ops)
+
+die() { echo "vidpipe-secrets: $*" >&2; exit 1; }
+say() { echo "vidpipe-secrets: $*"; }
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+
+# put FILE MODE VALUE: FILE holds exactly VALUE (no newline), replaced atomically.
+put() {
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX")
+  printf '%s' "$3" >"$tmp"
+  chmod "$2" "$tmp"
+  mv -f "$tmp" "$1"
+}
+
+new_password() { head -c 24 /dev/urandom | base64 -w0 | tr '+/' '-_'; }
+
+check_value() { # name value
+  [[ $2 != *[[:cntrl:]]* ]] || die "$1 contains a control character"
+}
+
+env_var() { # role → the variable that sets its password
+  if [ "$1" = minio ]; then echo VIDPIPE_S3_SECRET_ACCESS_KEY; else echo "VIDPIPE_${1^^}_PASSWORD"; fi
+}
+
+password_file() { # role
+  if [ "$1" = minio ]; then echo "$root/minio/s3-secret-access-key"; else echo "$root/$1/amqp-password"; fi
+}
+
+check_role() {
+  case "$1" in
+    producer | transcoder | thumbnailer | ops | minio) ;;
+    *) die "unknown role '$1' (producer, transcoder, thumbnailer, ops, minio)" ;;
+  esac
+}
+
+check_dirs() {
+  local d
+  for d in "${amqp_roles[@]}" minio rabbitmq; do
+    [ -d "$root/$d" ] && [ -w "$root/$d" ] ||
+      die "$root/$d is not a directory this user (uid $(id -u)) may write; mount the secrets volumes (see docker-compose.yml)"
+  done
+}
+
+# ensure ROLE: its password file holds the environment's value, or any earlier one, or a
+# new one.
+ensure() {
+  local var file value
+  var=$(env_var "$1")
+  file=$(password_file "$1")
+  value=${!var:-}
+  if [ -n "$value" ]; then
+    check_value "$var" "$value"
+    if [ ! -f "$file" ] || [ "$(<"$file")" != "$value" ]; then
+      put "$file" 600 "$value"
+      say "$1: password set from $var"
+    fi
+  elif [ ! -s "$file" ]; then
+    put "$file" 600 "$(new_password)"
+    say "$1: password generated"
+  fi
+}
+
+# Percent-encodes all but RFC 3986's unreserved characters.
+urlencode() {
+  local LC_ALL=C
+  local s=$1 out="" c i
+  for ((i = 0; i < ${#s}; i++)); do
+    c=${s:i:1}
+    case $c in
+      [A-Za-z0-9._~-]) out+=$c ;;
+      *) printf -v c '%%%02X' "'$c"; out+=$c ;;
+    esac
+  done
+  printf '%s' "$out"
+}
+
+hex2bin() { printf "$(printf '%s' "$1" | sed 's/../\\x&/g')"; }
+
+# RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password)), a
+# random 4-byte salt. The password goes through builtins only (never a command line).
+password_hash() {
+  local salt digest
+  salt=$(head -c 4 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  digest=$({ hex2bin "$salt"; printf '%s' "$1"; } | sha256sum | cut -c1-64)
+  { hex2bin "$salt"; hex2bin "$digest"; } | base64 -w0
+}
+
+# Users, vhost and permissions: those of scripts/rabbitmq-users.sh (no topology prefix).
+# No user may configure the work topology but vidpipe-ops, which declares it once (the
+# service `topology`); the producer may create only its own server-named event queues.
+write_definitions() {
+  local template json role h
+  IFS= read -r -d '' template <<'EOF' || true
+{
+  "users": [
+    {"name": "vidpipe-producer", "password_hash": "@producer@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
+    {"name": "vidpipe-transcoder", "password_hash": "@transcoder@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
+    {"name": "vidpipe-thumbnailer", "password_hash": "@thumbnailer@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
+    {"name": "vidpipe-ops", "password_hash": "@ops@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": "management"}
+  ],
+  "vhosts": [{"name": "/"}],
+  "permissions": [
+    {"user": "vidpipe-producer", "vhost": "/", "configure": "^amq\\.gen-.*$", "write": "^(video_tasks|amq\\.gen-.*)$", "read": "^(video_events|amq\\.gen-.*)$"},
+    {"user": "vidpipe-transcoder", "vhost": "/", "configure": "^$", "write": "^(video_tasks\\.retry\\..*|video_tasks\\.dead|video_events)$", "read": "^video_tasks\\.transcode$"},
+    {"user": "vidpipe-thumbnailer", "vhost": "/", "configure": "^$", "write": "^(video_tasks\\.retry\\..*|video_tasks\\.dead|video_events)$", "read": "^video_tasks\\.thumbnail$"},
+    {"user": "vidpipe-ops", "vhost": "/", "configure": "^(video_tasks.*|video_events|amq\\.gen-.*)$", "write": "^(video_tasks.*|video_events|amq\\.gen-.*)$", "read": "^(video_tasks.*|video_events|amq\\.gen-.*)$"}
+  ]
+}
+EOF
+  json=$template
+  for role in "${amqp_roles[@]}"; do
+    h=$(password_hash "$(<"$(password_file "$role")")")
+    json=${json//@$role@/$h}
+  done
+  put "$root/rabbitmq/definitions.json" 644 "$json"
+}
+
+init() {
+  local role s3_user s3_secret
+  check_dirs
+  chmod 700 "${amqp_roles[@]/#/$root/}" "$root/minio"
+  chmod 755 "$root/rabbitmq"
+  for role in "${amqp_roles[@]}"; do
+    ensure "$role"
+    [ "$(cat "$root/$role/amqp-user" 2>/dev/null)" = "vidpipe-$role" ] || put "$root/$role/amqp-user" 600 "vidpipe-$role"
+  done
+  ensure minio
+  s3_user=${VIDPIPE_S3_ACCESS_KEY_ID:-vidpipe}
+  check_value VIDPIPE_S3_ACCESS_KEY_ID "$s3_user"
+  s3_secret=$(<"$root/minio/s3-secret-access-key")
+  put "$root/minio/s3-access-key-id" 600 "$s3_user"
+  put "$root/minio/mc-host" 600 "http://$(urlencode "$s3_user"):$(urlencode "$s3_secret")@minio:9000"
+  for role in "${amqp_roles[@]}"; do
+    put "$root/$role/s3-secret-access-key" 600 "$s3_secret"
+  done
+  write_definitions
+  say "secrets ready (read one with: docker compose run --rm secrets show ROLE)"
+}
+
+cmd=${1:-init}
+case "$cmd" in
+  init)
+    [ $# -le 1 ] || die "init takes no argument"
+    init
+    ;;
+  show)
+    [ $# -eq 2 ] || die "usage: vidpipe-secrets show ROLE"
+    check_role "$2"
+    file=$(password_file "$2")
+    [ -s "$file" ] || die "no password for $2 yet (start the stack once: docker compose up -d)"
+    printf '%s\n' "$(<"$file")"
+    ;;
+  rotate)
+    [ $# -eq 2 ] || die "usage: vidpipe-secrets rotate ROLE"
+    check_role "$2"
+    var=$(env_var "$2")
+    [ -z "${!var:-}" ] || die "$var is set, so it decides $2's password: change it there instead"
+    check_dirs
+    put "$(password_file "$2")" 600 "$(new_password)"
+    say "$2: new password generated"
+    init
+    ;;
+  -h | --help | help) usage ;;
+  *) usage >&2; exit 2 ;;
+esac
