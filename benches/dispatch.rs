@@ -87,7 +87,7 @@ impl Bench {
             let job = TranscodeJob {
                 job_id: id,
                 source: StorageKey::new("uploads/src.bin").unwrap(),
-                output_prefix: StorageKey::new(format!("outputs/{id}/transcode/")).unwrap(),
+                output_prefix: StorageKey::output_prefix(id, "transcode").unwrap(),
                 renditions: vec![],
                 formats: vec![messages::OutputFormat::Mp4],
             };

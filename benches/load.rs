@@ -132,7 +132,7 @@ async fn main() {
         let job = ThumbnailJob {
             job_id: id,
             source: source.clone(),
-            output_prefix: StorageKey::new(format!("outputs/{id}/thumbnail/")).unwrap(),
+            output_prefix: StorageKey::output_prefix(id, "thumbnail").unwrap(),
             poster: false,
             count: 1,
             timestamps: vec![],
@@ -183,8 +183,8 @@ async fn main() {
     // Events are best effort; the manifests are the record of truth.
     let mut manifests = 0;
     for id in published.keys() {
-        let prefix = StorageKey::new(format!("outputs/{id}/thumbnail/")).unwrap();
-        if storage.manifest(&prefix).await.unwrap().is_some() {
+        let prefix = StorageKey::output_prefix(*id, "thumbnail").unwrap();
+        if storage.is_committed(&prefix).await.unwrap() {
             manifests += 1;
         }
     }

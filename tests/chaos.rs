@@ -136,7 +136,7 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
 
     // Settle: every job reaches a terminal state.
     let deadline = Instant::now() + Duration::from_secs(240);
-    let mut completed: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut completed: BTreeMap<String, shared::manifest::Manifest> = BTreeMap::new();
     let mut dead: Vec<crate::support::DeadLetter> = Vec::new();
     loop {
         for (name, (_, _, prefix)) in &expect_ok {
@@ -192,18 +192,14 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     // images decode.
     for (prefix, manifest) in &completed {
         let (id, task, _) = &expect_ok[prefix];
-        assert_eq!(manifest["job_id"], id.to_string());
-        for o in manifest["outputs"].as_array().unwrap() {
-            let path = env.storage_root().join(o["key"].as_str().unwrap());
+        assert_eq!(manifest.completion.job_id, *id);
+        for o in &manifest.outputs {
+            let path = env.storage_root().join(o.key.as_str());
             let size = std::fs::metadata(&path)
                 .unwrap_or_else(|e| panic!("{task} output {path:?}: {e}"))
                 .len();
-            assert_eq!(
-                size,
-                o["size_bytes"].as_u64().unwrap(),
-                "{path:?} half-written"
-            );
-            let name = o["name"].as_str().unwrap();
+            assert_eq!(size, o.size_bytes, "{path:?} half-written");
+            let name = o.name.as_str();
             if name.ends_with(".mp4") {
                 assert_eq!(
                     ffprobe(&path)["streams"][0]["codec_name"],

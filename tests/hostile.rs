@@ -104,8 +104,8 @@ async fn hostile_inputs_end_completed_or_dead_with_a_reason_and_workers_survive(
         let mut still = Vec::new();
         for (name, task, id, prefix) in pending {
             if let Some(m) = env.storage.manifest(&prefix).await.unwrap() {
-                for o in m["outputs"].as_array().unwrap() {
-                    let path = env.storage_root().join(o["key"].as_str().unwrap());
+                for o in &m.outputs {
+                    let path = env.storage_root().join(o.key.as_str());
                     assert!(path.is_file(), "{name}/{task}: listed output missing");
                 }
                 outcome.push((name, task, "completed".into()));

@@ -83,17 +83,16 @@ async fn upload_wait_completes_both_tasks_and_exits_0() {
     let job_id = report["job_id"].as_str().unwrap().to_owned();
     for task in ["transcode", "thumbnail"] {
         assert_eq!(report["tasks"][task]["state"], "completed", "{report}");
-        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/")).unwrap();
+        let prefix = StorageKey::output_prefix(job_id.parse().unwrap(), task).unwrap();
         let manifest = env
             .storage
             .manifest(&prefix)
             .await
             .unwrap()
             .expect("manifest");
-        let outputs = manifest["outputs"].as_array().expect("outputs listed");
-        assert!(!outputs.is_empty(), "{task}: {manifest}");
-        for o in outputs {
-            let key = StorageKey::new(o["key"].as_str().unwrap()).unwrap();
+        assert!(!manifest.outputs.is_empty(), "{task}: {manifest:?}");
+        for o in &manifest.outputs {
+            let key = o.key.clone();
             assert!(
                 env.storage.exists(&key).await.unwrap(),
                 "{key} listed but missing"
@@ -239,7 +238,7 @@ async fn status_reports_pending_completed_and_dead_tasks() {
     // thumbnailer refuses a text file.
     env.spawn_worker("vidpipe-testworker", "testworker", &[]);
     env.spawn_worker("thumbnailer", "thumbnailer", &[]);
-    let prefix = StorageKey::new(format!("outputs/{job_id}/transcode/")).unwrap();
+    let prefix = StorageKey::output_prefix(job_id.parse().unwrap(), "transcode").unwrap();
     env.wait_manifest(&prefix, Duration::from_secs(60)).await;
     let dead_queue = env.topology.dead();
     eventually(
@@ -330,8 +329,8 @@ async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
     assert_eq!(replay.status.code(), Some(0), "{}", stderr(&replay));
     let manifest = env.wait_manifest(&prefix, Duration::from_secs(30)).await;
     assert_eq!(
-        manifest["outputs"][0]["attempt"], 1,
-        "attempt count reset: {manifest}"
+        manifest.outputs[0].facts["attempt"], 1,
+        "attempt count reset: {manifest:?}"
     );
     assert_eq!(env.queue_depth(&dead_queue).await, 0);
 

@@ -29,11 +29,10 @@ async fn job_completes_with_outputs_and_manifest() {
     env.spawn_worker(WORKER, "w1", &[]);
     let (id, prefix) = submit(&env, json!({})).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    assert_eq!(manifest["job_id"], id.to_string());
-    assert_eq!(manifest["task"], "transcode");
-    assert_eq!(manifest["attempt"], 1);
-    let out = shared::storage_key::StorageKey::new(manifest["outputs"][0]["key"].as_str().unwrap())
-        .unwrap();
+    assert_eq!(manifest.completion.job_id, id);
+    assert_eq!(manifest.completion.task, "transcode");
+    assert_eq!(manifest.completion.attempt, 1);
+    let out = manifest.outputs[0].key.clone();
     assert!(
         out.as_str().starts_with(prefix.as_str()),
         "outputs live under the task's prefix"
@@ -45,7 +44,7 @@ async fn job_completes_with_outputs_and_manifest() {
         .unwrap()
         .expect("output exists");
     assert_eq!(bytes, id.as_bytes());
-    assert_eq!(manifest["outputs"][0]["size_bytes"], 16);
+    assert_eq!(manifest.outputs[0].size_bytes, 16);
     let queue = env.topology.work_queue("transcode");
     eventually(PATIENCE, "the work queue to drain", async || {
         env.queue_depth(&queue).await == 0
@@ -66,9 +65,7 @@ async fn two_workers_with_prefetch_one_share_slow_jobs() {
     let mut by_worker = std::collections::HashMap::<String, u32>::new();
     for p in &prefixes {
         let m = env.wait_manifest(p, PATIENCE).await;
-        *by_worker
-            .entry(m["worker"].as_str().unwrap().to_owned())
-            .or_default() += 1;
+        *by_worker.entry(m.completion.worker).or_default() += 1;
     }
     assert_eq!(
         by_worker.len(),
@@ -101,7 +98,7 @@ async fn transient_failure_is_retried_then_succeeds() {
     assert!(retrying.detail.unwrap().contains("failing attempt 1"));
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
     assert_eq!(
-        manifest["attempt"], 2,
+        manifest.completion.attempt, 2,
         "the second attempt should be the one that succeeded"
     );
 }
@@ -226,7 +223,7 @@ async fn sigkilled_worker_job_is_redelivered_and_completed() {
         .expect("killed");
     env.spawn_worker(WORKER, "rescuer", &[]);
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    assert_eq!(manifest["worker"], "rescuer");
+    assert_eq!(manifest.completion.worker, "rescuer");
 }
 
 /// SIGTERM mid-job: the job is requeued (not lost), the process exits 0.
@@ -399,7 +396,7 @@ async fn worker_recovers_after_broker_closes_its_connection() {
         .await;
     close_connections_named(&name);
     let manifest = env.wait_manifest(&prefix, Duration::from_secs(60)).await;
-    assert_eq!(manifest["worker"], name.as_str());
+    assert_eq!(manifest.completion.worker, name);
     assert!(env.logs().contains("reconnecting"), "{}", env.logs());
 }
 

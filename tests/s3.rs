@@ -7,6 +7,7 @@ use futures::future::join_all;
 use serde_json::json;
 use shared::events::JobState;
 use shared::handler::TaskOutput;
+use shared::manifest::Completion;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
@@ -50,7 +51,7 @@ async fn job_round_trips_through_s3() {
     env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
         .await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let key = StorageKey::new(manifest["outputs"][0]["key"].as_str().unwrap()).unwrap();
+    let key = manifest.outputs[0].key.clone();
     assert_eq!(
         env.storage.get_bytes(&key).await.unwrap().unwrap(),
         b"hello from s3"
@@ -90,7 +91,7 @@ async fn source_larger_than_the_upload_buffer_streams() {
 async fn racing_commits_leave_exactly_one_complete_result() {
     let s3 = S3Server::start("warmup").await;
     let env = s3_env(&s3).await;
-    let prefix = StorageKey::new(format!("outputs/{}/transcode/", Uuid::new_v4())).unwrap();
+    let prefix = StorageKey::output_prefix(Uuid::new_v4(), "transcode").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let racers = (0..8).map(|i| {
         let file = dir.path().join(format!("out-{i}.txt"));
@@ -99,23 +100,32 @@ async fn racing_commits_leave_exactly_one_complete_result() {
         output.push("out.txt", file, json!({ "racer": i }));
         let storage: Storage = env.storage.clone();
         let prefix = prefix.clone();
-        async move {
-            storage
-                .commit(&prefix, &output, json!({ "racer": i }))
-                .await
-                .unwrap()
-        }
+        let completion = Completion {
+            schema: 1,
+            job_id: Uuid::nil(),
+            task: "transcode".into(),
+            source: StorageKey::new("uploads/racer/source.mp4").unwrap(),
+            worker: format!("racer-{i}"),
+            attempt: 1,
+            completed_at: "2026-11-30T14:00:00Z".into(),
+            duration_s: 0.0,
+        };
+        async move { storage.commit(&prefix, &output, completion).await.unwrap() }
     });
     let results = join_all(racers).await;
     let winners: Vec<_> = results.iter().flatten().collect();
     assert_eq!(winners.len(), 1, "exactly one commit wins");
     let manifest = env.storage.manifest(&prefix).await.unwrap().unwrap();
     assert_eq!(&manifest, winners[0]);
-    let key = StorageKey::new(manifest["outputs"][0]["key"].as_str().unwrap()).unwrap();
-    let content = env.storage.get_bytes(&key).await.unwrap().unwrap();
+    let content = env
+        .storage
+        .get_bytes(&manifest.outputs[0].key)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         String::from_utf8(content).unwrap(),
-        format!("racer {}", manifest["racer"])
+        format!("racer {}", manifest.outputs[0].facts["racer"])
     );
     let listed = env.storage.list(&prefix).await.unwrap();
     assert_eq!(
@@ -197,7 +207,7 @@ async fn s3_outage_mid_job_is_retried_until_it_completes() {
     );
     s3.up().await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    assert!(manifest["attempt"].as_u64().unwrap() >= 2);
+    assert!(manifest.completion.attempt >= 2);
     eventually(PATIENCE, "scratch to be cleaned", async || {
         env.scratch_leftovers().is_empty()
     })
@@ -237,31 +247,26 @@ async fn media_round_trips_through_s3_with_the_real_workers() {
         ("transcode", "hls/master.m3u8"),
         ("thumbnail", "poster.jpg"),
     ] {
-        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/")).unwrap();
+        let prefix = StorageKey::output_prefix(job_id.parse().unwrap(), task).unwrap();
         let manifest = env
             .storage
             .manifest(&prefix)
             .await
             .unwrap()
             .expect("manifest");
-        let outputs = manifest["outputs"].as_array().unwrap();
         assert!(
-            outputs.iter().any(|o| o["name"] == must_have),
-            "{manifest:#}"
+            manifest.outputs.iter().any(|o| o.name == must_have),
+            "{manifest:#?}"
         );
-        for o in outputs {
-            let key = StorageKey::new(o["key"].as_str().unwrap()).unwrap();
+        for o in &manifest.outputs {
+            let key = o.key.clone();
             let bytes = env
                 .storage
                 .get_bytes(&key)
                 .await
                 .unwrap()
                 .expect("listed output exists");
-            assert_eq!(
-                bytes.len() as u64,
-                o["size_bytes"].as_u64().unwrap(),
-                "{key}"
-            );
+            assert_eq!(bytes.len() as u64, o.size_bytes, "{key}");
         }
     }
     eventually(PATIENCE, "scratch to be cleaned", async || {

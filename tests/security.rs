@@ -144,7 +144,7 @@ async fn least_privilege_worker_completes_retries_and_dead_letters() {
     }
     let manifest = env.wait_manifest(&prefixes[0], PATIENCE).await;
     assert_eq!(
-        manifest["attempt"], 2,
+        manifest.completion.attempt, 2,
         "retried through a retry tier, then completed"
     );
     let dead = env.wait_dead(1, PATIENCE).await;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use image::RgbImage;
 use serde_json::{Value, json};
+use shared::manifest::Manifest;
 use shared::storage_key::StorageKey;
 
 use crate::support::TestEnv;
@@ -19,16 +20,13 @@ async fn submit(env: &TestEnv, file: &Path, extra: Value) -> StorageKey {
     env.submit_file("thumbnail", file, extra).await.1
 }
 
-fn outputs(manifest: &Value) -> &Vec<Value> {
-    manifest["outputs"].as_array().unwrap()
-}
-
-fn path_of(env: &TestEnv, manifest: &Value, name: &str) -> PathBuf {
-    let o = outputs(manifest)
+fn path_of(env: &TestEnv, manifest: &Manifest, name: &str) -> PathBuf {
+    let o = manifest
+        .outputs
         .iter()
-        .find(|o| o["name"] == name)
-        .unwrap_or_else(|| panic!("no output {name} in {manifest:#}"));
-    env.storage_root().join(o["key"].as_str().unwrap())
+        .find(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no output {name} in {manifest:#?}"));
+    env.storage_root().join(o.key.as_str())
 }
 
 fn load(path: &Path) -> RgbImage {
@@ -66,10 +64,7 @@ async fn outputs_have_the_requested_count_width_and_format() {
     )
     .await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let names: Vec<&str> = outputs(&manifest)
-        .iter()
-        .map(|o| o["name"].as_str().unwrap())
-        .collect();
+    let names: Vec<&str> = manifest.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(
         names,
         [
@@ -156,13 +151,15 @@ async fn poster_is_not_the_black_intro() {
         .collect();
     let mean = lumas.iter().sum::<f64>() / lumas.len() as f64;
     assert!(mean > 40.0, "poster is dark (mean luma {mean})");
-    let poster_meta = outputs(&manifest)
+    let poster_meta = &manifest
+        .outputs
         .iter()
-        .find(|o| o["kind"] == "poster")
-        .unwrap();
+        .find(|o| o.facts["kind"] == "poster")
+        .unwrap()
+        .facts;
     assert!(
         poster_meta["time_s"].as_f64().unwrap() >= 3.0,
-        "{poster_meta}"
+        "{poster_meta:?}"
     );
 }
 

@@ -239,7 +239,7 @@ async fn amqps_works_only_with_a_trusted_server_and_a_client_certificate() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(
-        manifest["worker"], "tls-worker",
+        manifest.completion.worker, "tls-worker",
         "(a) the job should be done by the worker with the client certificate"
     );
     let listed = node.ctl(&["list_connections", "-q", "ssl", "client_properties"]);

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use shared::manifest::Manifest;
 use shared::storage_key::StorageKey;
 
 use crate::support::fixtures::{self, ffprobe};
@@ -19,17 +20,13 @@ async fn submit(env: &TestEnv, file: &Path, extra: Value) -> StorageKey {
 }
 
 /// Local path of the output named `name` in a manifest.
-fn output(env: &TestEnv, manifest: &Value, name: &str) -> PathBuf {
-    let key = manifest["outputs"]
-        .as_array()
-        .unwrap()
+fn output(env: &TestEnv, manifest: &Manifest, name: &str) -> PathBuf {
+    let o = manifest
+        .outputs
         .iter()
-        .find(|o| o["name"] == name)
-        .unwrap_or_else(|| panic!("no output {name} in {manifest:#}"))["key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    env.storage_root().join(key)
+        .find(|o| o.name == name)
+        .unwrap_or_else(|| panic!("no output {name} in {manifest:#?}"));
+    env.storage_root().join(o.key.as_str())
 }
 
 fn stream<'a>(probe: &'a Value, kind: &str) -> Option<&'a Value> {
@@ -190,21 +187,14 @@ async fn default_ladder_never_upscales_a_small_source() {
     env.spawn_worker(WORKER, "t1", &[]);
     let prefix = submit(&env, &clip, json!({})).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let names: Vec<&str> = manifest["outputs"]
-        .as_array()
-        .unwrap()
+    let names: Vec<&str> = manifest
+        .outputs
         .iter()
-        .filter(|o| o["format"] == "mp4")
-        .map(|o| o["name"].as_str().unwrap())
+        .filter(|o| o.facts["format"] == "mp4")
+        .map(|o| o.name.as_str())
         .collect();
     assert_eq!(names, ["240p.mp4"]);
-    assert!(
-        manifest["outputs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|o| o["name"] == "hls/master.m3u8")
-    );
+    assert!(manifest.outputs.iter().any(|o| o.name == "hls/master.m3u8"));
 }
 
 /// Sources the real world sends: each transcodes to a playable H.264 rendition of the
@@ -232,7 +222,7 @@ async fn transcodes_to_h264(name: &str, graph: &str, extra: &[&str], has_audio: 
     env.spawn_worker(WORKER, "t1", &[]);
     let prefix = submit(&env, &clip, json!({"formats": ["mp4"]})).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let out = manifest["outputs"][0]["key"].as_str().unwrap();
+    let out = manifest.outputs[0].key.as_str();
     let probe = ffprobe(&env.storage_root().join(out));
     let video = stream(&probe, "video").expect("video");
     assert_eq!(video["codec_name"], "h264", "{name}");
@@ -352,9 +342,7 @@ async fn audio_that_starts_late_stays_in_sync() {
     env.spawn_worker(WORKER, "t1", &[]);
     let prefix = submit(&env, &shifted, json!({"formats": ["mp4"]})).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let out = env
-        .storage_root()
-        .join(manifest["outputs"][0]["key"].as_str().unwrap());
+    let out = env.storage_root().join(manifest.outputs[0].key.as_str());
     let probe = ffprobe(&out);
     let gap = num(&stream(&probe, "audio").unwrap()["start_time"])
         - num(&stream(&probe, "video").unwrap()["start_time"]);

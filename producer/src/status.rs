@@ -4,6 +4,7 @@
 //! pending (queued, running or waiting for a retry).
 
 use serde::Serialize;
+use shared::manifest::{Manifest, ManifestOutput};
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
@@ -21,7 +22,7 @@ use crate::publisher::Broker;
 pub enum TaskStatus {
     Completed {
         manifest: String,
-        outputs: Vec<serde_json::Value>,
+        outputs: Vec<ManifestOutput>,
         /// Renditions asked for but not made because they would upscale the source.
         #[serde(skip_serializing_if = "Vec::is_empty")]
         dropped_renditions: Vec<String>,
@@ -32,9 +33,10 @@ pub enum TaskStatus {
 
 /// The renditions a transcode manifest lists as asked for but not made (the transcoder
 /// never upscales); empty for any other manifest.
-pub fn dropped_renditions(manifest: &serde_json::Value) -> Vec<String> {
+pub fn dropped_renditions(manifest: &Manifest) -> Vec<String> {
     manifest
-        .pointer("/summary/dropped_renditions")
+        .summary
+        .pointer("/dropped_renditions")
         .and_then(|d| d.as_array())
         .map(|names| {
             names
@@ -65,19 +67,14 @@ pub async fn job_status(
     let mut out = Vec::new();
     let mut parked: Option<Vec<DeadInfo>> = None;
     for task in TASKS {
-        let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/"))?;
+        let prefix = StorageKey::output_prefix(job_id, task)?;
         if let Some(manifest) = storage.manifest(&prefix).await? {
-            let outputs = manifest
-                .get("outputs")
-                .and_then(|o| o.as_array())
-                .cloned()
-                .unwrap_or_default();
             out.push((
                 task,
                 TaskStatus::Completed {
                     manifest: Storage::manifest_key(&prefix).to_string(),
-                    outputs,
                     dropped_renditions: dropped_renditions(&manifest),
+                    outputs: manifest.outputs,
                 },
             ));
             continue;
@@ -150,9 +147,7 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
                     dropped_note(dropped_renditions)
                 );
                 for o in outputs {
-                    let key = o.get("key").and_then(|k| k.as_str()).unwrap_or("?");
-                    let size = o.get("size_bytes").and_then(|s| s.as_u64()).unwrap_or(0);
-                    crate::say!("               {key}  {size} bytes");
+                    crate::say!("               {}  {} bytes", o.key, o.size_bytes);
                 }
             }
             TaskStatus::Dead(d) => crate::say!(

@@ -296,10 +296,11 @@ impl<'a> View<'a> {
             .map(|(k, _)| k.clone())
             .collect();
         for (job_id, task) in pending {
-            let Ok(prefix) = StorageKey::new(format!("outputs/{job_id}/{task}/")) else {
+            let Ok(prefix) = StorageKey::output_prefix(job_id, &task) else {
                 continue;
             };
-            if let Ok(Some(_)) = storage.manifest(&prefix).await {
+            // Existence is enough here: a metadata call, not a read of the manifest.
+            if let Ok(true) = storage.is_committed(&prefix).await {
                 let event = JobEvent {
                     job_id,
                     task: task.clone(),
@@ -322,7 +323,7 @@ impl<'a> View<'a> {
             if p.state != "completed" {
                 continue;
             }
-            let Ok(prefix) = StorageKey::new(format!("outputs/{job_id}/{task}/")) else {
+            let Ok(prefix) = StorageKey::output_prefix(*job_id, task) else {
                 continue;
             };
             if let Ok(Some(manifest)) = storage.manifest(&prefix).await {
@@ -346,7 +347,10 @@ impl<'a> View<'a> {
                         p.reason.as_deref().unwrap_or("(no reason given)")
                     ),
                     "completed" => eprintln!(
-                        "job {job_id} {task}: completed (outputs/{job_id}/{task}/){}",
+                        "job {job_id} {task}: completed ({}){}",
+                        StorageKey::output_prefix(*job_id, task)
+                            .map(|prefix| prefix.to_string())
+                            .unwrap_or_default(),
                         crate::status::dropped_note(&p.dropped_renditions)
                     ),
                     _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p, true)),

@@ -9,7 +9,8 @@
 //! - [`handler`]: the trait both workers implement.
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
 //! - [`events`]: job events on `video_events`.
-//! - [`storage`]: object storage with atomic commits and manifests.
+//! - [`storage`]: object storage with atomic commits.
+//! - [`manifest`]: the typed `manifest.json` that records a completed task.
 //! - [`sniff`]: uploads that are lists of other files (playlists, manifests), by their
 //!   first bytes, for the producer and the workers alike.
 //! - [`health`]: readiness, liveness and Prometheus metrics over HTTP.
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod events;
 pub mod handler;
 pub mod health;
+pub mod manifest;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod messages;

@@ -37,6 +37,7 @@ use crate::broker;
 use crate::events::{EventPublisher, JobState, now_rfc3339};
 use crate::handler::{Handler, JobContext};
 use crate::health::Health;
+use crate::manifest::{Completion, Manifest};
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
@@ -399,7 +400,7 @@ async fn run_in_scratch<H: Handler>(
     // Idempotence: a redelivered job whose manifest exists is already done. The source
     // lookup runs alongside; its answer matters only when there is work to do.
     let (existing, source) = tokio::join!(
-        worker.storage.manifest(job.output_prefix()),
+        worker.storage.existing_manifest(job.output_prefix()),
         worker.storage.fetch(job.source(), scratch)
     );
     // A permanent source problem (missing object, no such bucket) decides before an
@@ -484,27 +485,23 @@ async fn run_in_scratch<H: Handler>(
         Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
         Ok((_, Err(e))) => Outcome::Failed(e),
         Ok((job, Ok(output))) => {
-            let manifest = serde_json::json!({
-                "schema": messages::SCHEMA_VERSION,
-                "job_id": job_id,
-                "task": task,
-                "source": job.source().as_str(),
-                "worker": worker.name,
-                "attempt": attempt,
-                "completed_at": now_rfc3339(),
-                "duration_s": started.elapsed().as_secs_f64(),
-            });
+            let completion = Completion {
+                schema: messages::SCHEMA_VERSION,
+                job_id,
+                task: task.to_owned(),
+                source: job.source().clone(),
+                worker: worker.name.clone(),
+                attempt,
+                completed_at: now_rfc3339(),
+                duration_s: started.elapsed().as_secs_f64(),
+            };
             match worker
                 .storage
-                .commit(job.output_prefix(), &output, manifest)
+                .commit(job.output_prefix(), &output, completion)
                 .await
             {
                 Ok(Some(written)) => {
-                    let bytes: u64 = written["outputs"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|o| o["size_bytes"].as_u64()).sum())
-                        .unwrap_or(0);
-                    worker.health.bytes_written.inc_by(bytes);
+                    worker.health.bytes_written.inc_by(written.output_bytes());
                     Outcome::Completed
                 }
                 // Someone committed first: fine if it was another delivery of this job.
@@ -537,18 +534,15 @@ async fn run_in_scratch<H: Handler>(
 /// result: only if it names this job. A message that points its `output_prefix` at
 /// another job's outputs must not be "skipped" as done with that job's results (nor be
 /// reported complete when it lost the commit race to them): it is refused, permanently.
-fn claim_manifest(
-    manifest: &serde_json::Value,
-    job_id: Uuid,
-    prefix: &StorageKey,
-) -> Result<(), JobError> {
-    let owner = manifest.get("job_id").and_then(serde_json::Value::as_str);
-    if owner.and_then(|o| o.parse::<Uuid>().ok()) == Some(job_id) {
+///
+/// A `manifest.json` there that is not a manifest at all (no job recorded) never gets
+/// this far: reading it is an [`crate::manifest::UnreadableManifest`] error, permanent
+/// as well.
+fn claim_manifest(manifest: &Manifest, job_id: Uuid, prefix: &StorageKey) -> Result<(), JobError> {
+    let owner = manifest.completion.job_id;
+    if owner == job_id {
         return Ok(());
     }
-    let owner: String = owner
-        .map(|o| o.chars().take(64).collect())
-        .unwrap_or_else(|| "(none recorded)".into());
     Err(JobError::Permanent(format!(
         "output prefix `{prefix}` already holds the committed outputs of job {owner}, not of \
          this job {job_id}; a job may only write under its own output prefix"
@@ -852,7 +846,21 @@ mod tests {
     fn an_existing_manifest_counts_only_for_its_own_job() {
         let prefix = StorageKey::new("outputs/a/transcode/").unwrap();
         let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let manifest = serde_json::json!({ "job_id": mine, "task": "transcode" });
+        let manifest = Manifest {
+            completion: Completion {
+                schema: messages::SCHEMA_VERSION,
+                job_id: mine,
+                task: "transcode".into(),
+                source: StorageKey::new("uploads/a/source.mp4").unwrap(),
+                worker: "w".into(),
+                attempt: 1,
+                completed_at: now_rfc3339(),
+                duration_s: 1.0,
+            },
+            run: "run-0".into(),
+            outputs: Vec::new(),
+            summary: serde_json::Value::Null,
+        };
         assert!(claim_manifest(&manifest, mine, &prefix).is_ok());
 
         let Err(JobError::Permanent(reason)) = claim_manifest(&manifest, other, &prefix) else {
@@ -862,10 +870,15 @@ mod tests {
             reason.contains(&mine.to_string()) && reason.contains(&other.to_string()),
             "{reason}"
         );
-        let anonymous = serde_json::json!({ "task": "transcode" });
-        assert!(matches!(
-            claim_manifest(&anonymous, mine, &prefix),
-            Err(JobError::Permanent(_))
-        ));
+    }
+
+    /// A `manifest.json` naming no job cannot be claimed either: it does not read as a
+    /// manifest, and that is a permanent failure, not one to retry.
+    #[test]
+    fn an_anonymous_manifest_is_a_permanent_failure() {
+        let key = StorageKey::new("outputs/a/transcode/manifest.json").unwrap();
+        let err = Manifest::from_json(&key, br#"{"task": "transcode"}"#).unwrap_err();
+        let err = anyhow::Error::new(err).context("checking for an existing manifest");
+        assert!(matches!(storage::job_error(err), JobError::Permanent(_)));
     }
 }

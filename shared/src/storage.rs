@@ -26,6 +26,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::handler::TaskOutput;
+use crate::manifest::{
+    Completion, Manifest, ManifestOutput, RESERVED_OUTPUT_FIELDS, UnreadableManifest,
+};
 use crate::outcome::JobError;
 use crate::settings::{StorageBackend, StorageSettings};
 use crate::storage_key::StorageKey;
@@ -51,13 +54,16 @@ pub struct OutsideRoot {
     target: String,
 }
 
-/// A storage failure as a job failure: a path out of the root is permanent (no retry can
-/// help); anything else may be a hiccup and is transient.
+/// A storage failure as a job failure: a path out of the root or a manifest that is not
+/// one is permanent (no retry can help); anything else may be a hiccup and is transient.
 pub fn job_error(err: anyhow::Error) -> JobError {
-    match err.downcast_ref::<OutsideRoot>() {
-        Some(outside) => JobError::Permanent(outside.to_string()),
-        None => JobError::transient(err),
+    if let Some(outside) = err.downcast_ref::<OutsideRoot>() {
+        return JobError::Permanent(outside.to_string());
     }
+    if err.downcast_ref::<UnreadableManifest>().is_some() {
+        return JobError::Permanent(format!("{err:#}"));
+    }
+    JobError::transient(err)
 }
 
 /// The media store. Cheap to clone.
@@ -355,21 +361,21 @@ impl Storage {
     /// attempt), then the manifest at `prefix/manifest.json`, created only if absent. So
     /// two workers finishing the same task (a redelivery while the first still ran) can
     /// never mix their files: the manifest names exactly one run's keys, and the loser
-    /// deletes its own run. Returns the manifest written, or `Ok(None)` if another
-    /// worker committed first.
+    /// deletes its own run. Returns the manifest written (its sizes are what the runtime
+    /// counts, so nothing is read back), or `Ok(None)` if another worker committed first.
     pub async fn commit(
         &self,
         prefix: &StorageKey,
         output: &TaskOutput,
-        mut manifest: serde_json::Value,
-    ) -> Result<Option<serde_json::Value>, JobError> {
+        completion: Completion,
+    ) -> Result<Option<Manifest>, JobError> {
         self.confine(prefix)
             .map_err(|e| JobError::Permanent(e.to_string()))?;
         let run = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let run_prefix = prefix
             .join(&format!("{run}/"))
             .map_err(|e| JobError::Permanent(e.to_string()))?;
-        let mut listed = Vec::with_capacity(output.files.len());
+        let mut outputs = Vec::with_capacity(output.files.len());
         let mut written = Vec::with_capacity(output.files.len());
         for file in &output.files {
             let key = run_prefix
@@ -383,22 +389,19 @@ impl Storage {
                 }
             };
             written.push(key.clone());
-            let mut entry =
-                serde_json::json!({ "name": file.name, "key": key.as_str(), "size_bytes": size });
-            if let (Some(entry), serde_json::Value::Object(meta)) =
-                (entry.as_object_mut(), &file.meta)
-            {
-                entry.extend(meta.clone());
-            }
-            listed.push(entry);
+            outputs.push(ManifestOutput {
+                name: file.name.clone(),
+                key,
+                size_bytes: size,
+                facts: handler_facts(&file.meta),
+            });
         }
-        if let Some(m) = manifest.as_object_mut() {
-            m.insert("run".into(), run.clone().into());
-            m.insert("outputs".into(), serde_json::Value::Array(listed));
-            m.insert("summary".into(), output.summary.clone());
-        }
-        let body = serde_json::to_vec_pretty(&manifest)
-            .map_err(|e| JobError::transient(format!("serialising the manifest: {e}")))?;
+        let manifest = Manifest {
+            completion,
+            run,
+            outputs,
+            summary: output.summary.clone(),
+        };
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -410,7 +413,11 @@ impl Storage {
         }
         match self
             .store
-            .put_opts(&Self::path(&key), PutPayload::from(body), opts)
+            .put_opts(
+                &Self::path(&key),
+                PutPayload::from(manifest.to_json()),
+                opts,
+            )
             .await
         {
             Ok(_) => Ok(Some(manifest)),
@@ -453,15 +460,46 @@ impl Storage {
         }
     }
 
-    /// Reads a task's manifest, if the task has completed.
-    pub async fn manifest(&self, prefix: &StorageKey) -> anyhow::Result<Option<serde_json::Value>> {
-        match self.get_bytes(&Self::manifest_key(prefix)).await? {
-            Some(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes).context("parsing manifest.json")?,
-            )),
+    /// Reads a task's manifest, if the task has completed. A `manifest.json` that does
+    /// not parse is an [`UnreadableManifest`] error (permanent, see [`job_error`]).
+    pub async fn manifest(&self, prefix: &StorageKey) -> anyhow::Result<Option<Manifest>> {
+        let key = Self::manifest_key(prefix);
+        match self.get_bytes(&key).await? {
+            Some(bytes) => Ok(Some(Manifest::from_json(&key, &bytes)?)),
             None => Ok(None),
         }
     }
+
+    /// Whether a task has completed (its manifest exists), by a metadata call alone: a
+    /// `HEAD` on S3, a `stat` on the filesystem; the manifest itself is not read.
+    pub async fn is_committed(&self, prefix: &StorageKey) -> anyhow::Result<bool> {
+        self.exists(&Self::manifest_key(prefix)).await
+    }
+
+    /// The manifest of a task about to run, if there is one: a metadata call first, and
+    /// the manifest is read only when it exists. Nearly every job runs for the first time
+    /// and has none, so this costs one `HEAD`; only a redelivered, already committed job
+    /// (whose owner must be checked) reads the whole manifest.
+    pub async fn existing_manifest(&self, prefix: &StorageKey) -> anyhow::Result<Option<Manifest>> {
+        if !self.is_committed(prefix).await? {
+            return Ok(None);
+        }
+        self.manifest(prefix).await
+    }
+}
+
+/// A handler's facts about one file as manifest fields: its JSON object's fields, less
+/// the ones the runtime records itself ([`RESERVED_OUTPUT_FIELDS`]). Anything but an
+/// object carries no fields.
+fn handler_facts(meta: &serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+    let mut facts = match meta {
+        serde_json::Value::Object(fields) => fields.clone(),
+        _ => serde_json::Map::new(),
+    };
+    for reserved in RESERVED_OUTPUT_FIELDS {
+        facts.remove(reserved);
+    }
+    facts
 }
 
 /// Storage errors, named by what to do: a missing object or bucket and refused access
@@ -504,6 +542,20 @@ mod tests {
         let elsewhere = dir.join("elsewhere");
         std::fs::create_dir_all(&elsewhere).unwrap();
         (storage, elsewhere)
+    }
+
+    /// The runtime's facts for a test commit.
+    fn completion() -> Completion {
+        Completion {
+            schema: 1,
+            job_id: uuid::Uuid::nil(),
+            task: "transcode".into(),
+            source: key("uploads/j/source.mp4"),
+            worker: "test".into(),
+            attempt: 1,
+            completed_at: "2026-11-30T14:00:00Z".into(),
+            duration_s: 0.5,
+        }
     }
 
     fn link(storage: &Storage, at: &str, to: &FsPath) {
@@ -562,7 +614,7 @@ mod tests {
         let mut output = TaskOutput::default();
         output.push("out.txt", &file, serde_json::json!({}));
         let err = storage
-            .commit(&key("outputs/j/transcode/"), &output, serde_json::json!({}))
+            .commit(&key("outputs/j/transcode/"), &output, completion())
             .await
             .unwrap_err();
         let JobError::Permanent(reason) = err else {

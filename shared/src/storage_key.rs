@@ -8,6 +8,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use uuid::Uuid;
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
@@ -64,6 +65,13 @@ impl StorageKey {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Where a task of a job writes its outputs and manifest: `outputs/<job_id>/<task>/`.
+    /// The one place this layout is spelled; the producer puts it in each job message,
+    /// and status, wait, tests and benchmarks look there.
+    pub fn output_prefix(job_id: Uuid, task: &str) -> Result<Self, InvalidKey> {
+        Self::new(format!("outputs/{job_id}/{task}/"))
     }
 
     /// `self` + `name`, for a prefix key (ending in `/`) and a file name.
@@ -136,5 +144,15 @@ mod tests {
             "outputs/j/transcode/720p.mp4"
         );
         assert!(prefix.join("../x").is_err());
+    }
+
+    #[test]
+    fn output_prefix_is_outputs_job_task() {
+        let id = Uuid::nil();
+        assert_eq!(
+            StorageKey::output_prefix(id, "thumbnail").unwrap().as_str(),
+            "outputs/00000000-0000-0000-0000-000000000000/thumbnail/"
+        );
+        assert!(StorageKey::output_prefix(id, "../x").is_err());
     }
 }

@@ -17,6 +17,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use shared::broker;
 use shared::events::{JobEvent, JobState};
+use shared::manifest::Manifest;
 use shared::messages::{self, JobMessage};
 use shared::settings::StorageSettings;
 use shared::storage::Storage;
@@ -364,7 +365,7 @@ impl TestEnv {
     }
 
     /// Waits for the manifest under `prefix`.
-    pub async fn wait_manifest(&self, prefix: &StorageKey, timeout: Duration) -> serde_json::Value {
+    pub async fn wait_manifest(&self, prefix: &StorageKey, timeout: Duration) -> Manifest {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(m) = self
@@ -576,7 +577,7 @@ pub fn job_keys(task: &str) -> (Uuid, String, StorageKey) {
     (
         id,
         format!("uploads/{id}/source.bin"),
-        StorageKey::new(format!("outputs/{id}/{task}/")).expect("valid prefix"),
+        StorageKey::output_prefix(id, task).expect("valid prefix"),
     )
 }
 
