@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use shared::events::JobState;
+use shared::storage::Storage;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
@@ -675,6 +676,55 @@ async fn manifest_of_another_job_is_refused_not_skipped() {
         events.seen
     );
     assert_eq!(env.wait_manifest(&victim_prefix, PATIENCE).await, before);
+}
+
+/// A redelivered job whose task is already committed is skipped: reported completed
+/// without running the handler again (this delivery asks the test worker to fail
+/// permanently, so a rerun would be dead), and the committed manifest is left as it was.
+#[tokio::test]
+async fn redelivered_job_with_a_committed_manifest_is_skipped_not_rerun() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "skipper", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let before = env.wait_manifest(&prefix, PATIENCE).await;
+    let listed = env.storage.list(&prefix).await.unwrap();
+
+    let mut events = env.follow_events(id).await;
+    let again = test_job(id, &source, &prefix, json!({ "permanent": true }));
+    env.publish_raw("transcode", &again).await;
+    events
+        .wait_for("transcode", JobState::Completed, PATIENCE)
+        .await;
+    assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
+    assert_eq!(env.wait_manifest(&prefix, PATIENCE).await, before);
+    assert_eq!(env.storage.list(&prefix).await.unwrap(), listed);
+}
+
+/// A `manifest.json` under the job's prefix that is not a manifest (it names no job) is
+/// a permanent failure: dead after one attempt, never skipped as done nor retried.
+#[tokio::test]
+async fn unreadable_manifest_is_dead_at_once() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "reader", &[]);
+    let (id, source, prefix) = job_keys("transcode");
+    env.put_source(&source, b"x").await;
+    let manifest = Storage::manifest_key(&prefix);
+    env.storage
+        .put_bytes(&manifest, br#"{"task": "transcode"}"#.to_vec())
+        .await
+        .unwrap();
+    env.publish_raw("transcode", &test_job(id, &source, &prefix, json!({})))
+        .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains("not a readable manifest") && reason.contains(manifest.as_str()),
+        "{reason}"
+    );
+    assert_eq!(dead[0].attempts(), Some(1));
 }
 
 /// A symlink planted in the storage root (`outputs/<job>/transcode` -> a directory

@@ -643,6 +643,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn commit_returns_the_manifest_it_stored_with_the_output_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, _) = store_and_elsewhere(dir.path());
+        let prefix = key("outputs/j/transcode/");
+        assert!(storage.existing_manifest(&prefix).await.unwrap().is_none());
+        assert!(!storage.is_committed(&prefix).await.unwrap());
+
+        let mut output = TaskOutput::default();
+        for (name, body) in [("a.txt", "12345"), ("b.txt", "123")] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, body).unwrap();
+            output.push(
+                name,
+                &file,
+                serde_json::json!({ "key": "forged", "lines": 1 }),
+            );
+        }
+        let written = storage
+            .commit(&prefix, &output, completion())
+            .await
+            .unwrap()
+            .expect("the first commit wins");
+        assert_eq!(written.output_bytes(), 8);
+        // The runtime's key wins over a handler fact of the same name.
+        assert!(
+            written.outputs[0]
+                .key
+                .as_str()
+                .starts_with("outputs/j/transcode/run-")
+        );
+        assert_eq!(written.outputs[0].facts["lines"], 1);
+
+        assert!(storage.is_committed(&prefix).await.unwrap());
+        let stored = storage.existing_manifest(&prefix).await.unwrap();
+        assert_eq!(stored.as_ref(), Some(&written));
+        assert!(
+            storage
+                .commit(&prefix, &output, completion())
+                .await
+                .unwrap()
+                .is_none(),
+            "the second commit of a task loses"
+        );
+    }
+
+    #[tokio::test]
     async fn a_symlink_that_stays_inside_the_root_is_followed() {
         let dir = tempfile::tempdir().unwrap();
         let (storage, _) = store_and_elsewhere(dir.path());
