@@ -8,7 +8,7 @@ use serde_json::json;
 use shared::events::JobState;
 use shared::handler::TaskOutput;
 use shared::manifest::Completion;
-use shared::storage::Storage;
+use shared::storage::{OWNER_METADATA, Storage};
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
@@ -132,6 +132,71 @@ async fn racing_commits_leave_exactly_one_complete_result() {
         listed.len(),
         2,
         "only the winner's file and the manifest remain: {listed:?}"
+    );
+}
+
+/// The owner check of a redelivered job is one `HEAD` on S3: a committed manifest
+/// carries its job id as object metadata, and the body is not read (below it is not even
+/// JSON). A manifest without that metadata (written before it existed) is read instead.
+#[tokio::test]
+async fn manifest_owner_is_answered_by_its_metadata() {
+    let s3 = S3Server::start("warmup").await;
+    let bucket = bucket();
+    s3.create_bucket(&bucket);
+    let storage = Storage::from_settings(&s3.settings(&bucket)).unwrap();
+
+    let (owner, prefix) = (Uuid::new_v4(), job_keys("transcode").2);
+    let manifest = Storage::manifest_key(&prefix);
+    s3.put_raw(
+        &bucket,
+        manifest.as_str(),
+        "not a manifest at all",
+        &[&format!("x-amz-meta-{OWNER_METADATA}: {owner}")],
+    );
+    assert_eq!(storage.manifest_owner(&prefix).await.unwrap(), Some(owner));
+
+    let (old, old_prefix) = (Uuid::new_v4(), job_keys("transcode").2);
+    let old_style = json!({
+        "schema": 1, "job_id": old, "task": "transcode",
+        "source": format!("uploads/{old}/source.mp4"), "worker": "w", "attempt": 1,
+        "completed_at": "2026-11-30T14:00:00Z", "duration_s": 1.0,
+        "run": "run-0123456789ab", "outputs": [], "summary": null,
+    });
+    storage
+        .put_bytes(
+            &Storage::manifest_key(&old_prefix),
+            old_style.to_string().into_bytes(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        storage.manifest_owner(&old_prefix).await.unwrap(),
+        Some(old)
+    );
+    let none = job_keys("transcode").2;
+    assert_eq!(storage.manifest_owner(&none).await.unwrap(), None);
+
+    // What commit writes carries the metadata.
+    let (id, source, committed) = job_keys("transcode");
+    let completion = Completion {
+        schema: 1,
+        job_id: id,
+        task: "transcode".into(),
+        source: StorageKey::new(source).unwrap(),
+        worker: "w".into(),
+        attempt: 1,
+        completed_at: "2026-11-30T14:00:00Z".into(),
+        duration_s: 0.0,
+    };
+    storage
+        .commit(&committed, &TaskOutput::default(), completion)
+        .await
+        .unwrap()
+        .expect("committed");
+    let headers = s3.head_raw(&bucket, Storage::manifest_key(&committed).as_str());
+    assert!(
+        headers.contains(&format!("x-amz-meta-{OWNER_METADATA}: {id}")),
+        "{headers}"
     );
 }
 

@@ -37,7 +37,7 @@ use crate::broker;
 use crate::events::{EventPublisher, JobState, now_rfc3339};
 use crate::handler::{Handler, JobContext};
 use crate::health::Health;
-use crate::manifest::{Completion, Manifest};
+use crate::manifest::Completion;
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
@@ -400,14 +400,14 @@ async fn run_in_scratch<H: Handler>(
     // Idempotence: a redelivered job whose manifest exists is already done. The source
     // lookup runs alongside; its answer matters only when there is work to do.
     let (existing, source) = tokio::join!(
-        worker.storage.existing_manifest(job.output_prefix()),
+        worker.storage.manifest_owner(job.output_prefix()),
         worker.storage.fetch(job.source(), scratch)
     );
     // A permanent source problem (missing object, no such bucket) decides before an
     // unreadable manifest, which would only make the job retry in vain.
     let source = match (existing, source) {
-        (Ok(Some(manifest)), _) => {
-            return match claim_manifest(&manifest, job_id, job.output_prefix()) {
+        (Ok(Some(owner)), _) => {
+            return match claim_manifest(owner, job_id, job.output_prefix()) {
                 Ok(()) => {
                     tracing::info!("outputs already committed by an earlier delivery; skipping");
                     Outcome::Completed
@@ -505,18 +505,16 @@ async fn run_in_scratch<H: Handler>(
                     Outcome::Completed
                 }
                 // Someone committed first: fine if it was another delivery of this job.
-                Ok(None) => match worker.storage.manifest(job.output_prefix()).await {
-                    Ok(Some(manifest)) => {
-                        match claim_manifest(&manifest, job_id, job.output_prefix()) {
-                            Ok(()) => {
-                                tracing::info!(
-                                    "another delivery of this job committed first; keeping its result"
-                                );
-                                Outcome::Completed
-                            }
-                            Err(e) => Outcome::Failed(e),
+                Ok(None) => match worker.storage.manifest_owner(job.output_prefix()).await {
+                    Ok(Some(owner)) => match claim_manifest(owner, job_id, job.output_prefix()) {
+                        Ok(()) => {
+                            tracing::info!(
+                                "another delivery of this job committed first; keeping its result"
+                            );
+                            Outcome::Completed
                         }
-                    }
+                        Err(e) => Outcome::Failed(e),
+                    },
                     Ok(None) => Outcome::Failed(JobError::transient(
                         "the manifest that won the commit race has disappeared",
                     )),
@@ -530,16 +528,15 @@ async fn run_in_scratch<H: Handler>(
     }
 }
 
-/// Whether a manifest found under this job's output prefix may count as this job's
-/// result: only if it names this job. A message that points its `output_prefix` at
+/// Whether a manifest found under this job's output prefix, committed by job `owner`,
+/// may count as this job's result: only if it names this job. A message that points its `output_prefix` at
 /// another job's outputs must not be "skipped" as done with that job's results (nor be
 /// reported complete when it lost the commit race to them): it is refused, permanently.
 ///
 /// A `manifest.json` there that is not a manifest at all (no job recorded) never gets
 /// this far: reading it is an [`crate::manifest::UnreadableManifest`] error, permanent
 /// as well.
-fn claim_manifest(manifest: &Manifest, job_id: Uuid, prefix: &StorageKey) -> Result<(), JobError> {
-    let owner = manifest.completion.job_id;
+fn claim_manifest(owner: Uuid, job_id: Uuid, prefix: &StorageKey) -> Result<(), JobError> {
     if owner == job_id {
         return Ok(());
     }
@@ -846,24 +843,9 @@ mod tests {
     fn an_existing_manifest_counts_only_for_its_own_job() {
         let prefix = StorageKey::new("outputs/a/transcode/").unwrap();
         let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
-        let manifest = Manifest {
-            completion: Completion {
-                schema: messages::SCHEMA_VERSION,
-                job_id: mine,
-                task: "transcode".into(),
-                source: StorageKey::new("uploads/a/source.mp4").unwrap(),
-                worker: "w".into(),
-                attempt: 1,
-                completed_at: now_rfc3339(),
-                duration_s: 1.0,
-            },
-            run: "run-0".into(),
-            outputs: Vec::new(),
-            summary: serde_json::Value::Null,
-        };
-        assert!(claim_manifest(&manifest, mine, &prefix).is_ok());
+        assert!(claim_manifest(mine, mine, &prefix).is_ok());
 
-        let Err(JobError::Permanent(reason)) = claim_manifest(&manifest, other, &prefix) else {
+        let Err(JobError::Permanent(reason)) = claim_manifest(mine, other, &prefix) else {
             panic!("another job's manifest must be refused permanently");
         };
         assert!(
@@ -877,7 +859,8 @@ mod tests {
     #[test]
     fn an_anonymous_manifest_is_a_permanent_failure() {
         let key = StorageKey::new("outputs/a/transcode/manifest.json").unwrap();
-        let err = Manifest::from_json(&key, br#"{"task": "transcode"}"#).unwrap_err();
+        let err =
+            crate::manifest::Manifest::from_json(&key, br#"{"task": "transcode"}"#).unwrap_err();
         let err = anyhow::Error::new(err).context("checking for an existing manifest");
         assert!(matches!(storage::job_error(err), JobError::Permanent(_)));
     }

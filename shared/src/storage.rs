@@ -20,10 +20,12 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    Attribute, ClientOptions, GetOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig,
 };
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
 
 use crate::handler::TaskOutput;
 use crate::manifest::{
@@ -35,6 +37,10 @@ use crate::storage_key::StorageKey;
 
 /// Name of the per-task completion record under its output prefix.
 pub const MANIFEST: &str = "manifest.json";
+
+/// Object metadata on a manifest naming the job that committed it (on S3, the header
+/// `x-amz-meta-job-id`): lets the owner check of a redelivered job be a `HEAD`.
+pub const OWNER_METADATA: &str = "job-id";
 
 /// Copy buffer for streaming files in and out.
 const CHUNK: usize = 1 << 20;
@@ -371,7 +377,7 @@ impl Storage {
     ) -> Result<Option<Manifest>, JobError> {
         self.confine(prefix)
             .map_err(|e| JobError::Permanent(e.to_string()))?;
-        let run = format!("run-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
         let run_prefix = prefix
             .join(&format!("{run}/"))
             .map_err(|e| JobError::Permanent(e.to_string()))?;
@@ -402,10 +408,17 @@ impl Storage {
             outputs,
             summary: output.summary.clone(),
         };
-        let opts = PutOptions {
+        let mut opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
+        // The filesystem store keeps no object metadata (and refuses a put that has some).
+        if self.local.is_none() {
+            opts.attributes.insert(
+                Attribute::Metadata(OWNER_METADATA.into()),
+                manifest.completion.job_id.to_string().into(),
+            );
+        }
         let key = Self::manifest_key(prefix);
         if let Err(e) = self.confine(&key) {
             self.delete_all(&written).await;
@@ -476,15 +489,39 @@ impl Storage {
         self.exists(&Self::manifest_key(prefix)).await
     }
 
-    /// The manifest of a task about to run, if there is one: a metadata call first, and
-    /// the manifest is read only when it exists. Nearly every job runs for the first time
-    /// and has none, so this costs one `HEAD`; only a redelivered, already committed job
-    /// (whose owner must be checked) reads the whole manifest.
-    pub async fn existing_manifest(&self, prefix: &StorageKey) -> anyhow::Result<Option<Manifest>> {
-        if !self.is_committed(prefix).await? {
-            return Ok(None);
+    /// Which job a task's committed outputs belong to, if the task is committed: the
+    /// check of a redelivered job, which must not count another job's outputs as its
+    /// own. Answered by a metadata call wherever the backend can: on S3 a `HEAD`, whose
+    /// answer carries the owner ([`OWNER_METADATA`], set by [`Self::commit`]), so the
+    /// manifest itself is never downloaded; on the filesystem a `stat`, then (only when
+    /// there is a manifest) a read of it, since local files carry no metadata. A manifest
+    /// without the metadata (written before it existed, or by hand) is read as well.
+    pub async fn manifest_owner(&self, prefix: &StorageKey) -> anyhow::Result<Option<Uuid>> {
+        let key = Self::manifest_key(prefix);
+        self.confine(&key)?;
+        if self.local.is_some() {
+            if !self.exists(&key).await? {
+                return Ok(None);
+            }
+        } else {
+            let head = GetOptions {
+                head: true,
+                ..Default::default()
+            };
+            let found = match self.store.get_opts(&Self::path(&key), head).await {
+                Ok(found) => found,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(e).with_context(|| format!("checking `{key}` in storage")),
+            };
+            let owner = found
+                .attributes
+                .get(&Attribute::Metadata(OWNER_METADATA.into()))
+                .and_then(|v| v.parse::<Uuid>().ok());
+            if owner.is_some() {
+                return Ok(owner);
+            }
         }
-        self.manifest(prefix).await
+        Ok(self.manifest(prefix).await?.map(|m| m.completion.job_id))
     }
 }
 
@@ -548,7 +585,7 @@ mod tests {
     fn completion() -> Completion {
         Completion {
             schema: 1,
-            job_id: uuid::Uuid::nil(),
+            job_id: Uuid::new_v4(),
             task: "transcode".into(),
             source: key("uploads/j/source.mp4"),
             worker: "test".into(),
@@ -647,7 +684,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (storage, _) = store_and_elsewhere(dir.path());
         let prefix = key("outputs/j/transcode/");
-        assert!(storage.existing_manifest(&prefix).await.unwrap().is_none());
+        assert!(storage.manifest_owner(&prefix).await.unwrap().is_none());
         assert!(!storage.is_committed(&prefix).await.unwrap());
 
         let mut output = TaskOutput::default();
@@ -676,8 +713,12 @@ mod tests {
         assert_eq!(written.outputs[0].facts["lines"], 1);
 
         assert!(storage.is_committed(&prefix).await.unwrap());
-        let stored = storage.existing_manifest(&prefix).await.unwrap();
+        let stored = storage.manifest(&prefix).await.unwrap();
         assert_eq!(stored.as_ref(), Some(&written));
+        assert_eq!(
+            storage.manifest_owner(&prefix).await.unwrap(),
+            Some(written.completion.job_id)
+        );
         assert!(
             storage
                 .commit(&prefix, &output, completion())

@@ -136,6 +136,48 @@ impl S3Server {
         );
     }
 
+    /// Puts an object directly on moto, past the store's client: for objects that client
+    /// never writes (a body its metadata contradicts). `headers` are `Name: value`.
+    pub fn put_raw(&self, bucket: &str, key: &str, body: &str, headers: &[&str]) {
+        let mut curl = Command::new("curl");
+        curl.args(["-sf", "-o", "/dev/null", "-m", "5", "-X", "PUT"]);
+        for header in headers {
+            curl.args(["-H", header]);
+        }
+        let status = curl
+            .args(["--data-binary", body])
+            .arg(format!(
+                "http://127.0.0.1:{}/{bucket}/{key}",
+                self.moto_port
+            ))
+            .status()
+            .expect("curl");
+        assert!(status.success(), "putting {key} in {bucket}");
+    }
+
+    /// The response headers of a `HEAD` of `key` on moto, lower-cased. Signed with the
+    /// test credentials: moto refuses anonymous reads of what a signed client wrote.
+    pub fn head_raw(&self, bucket: &str, key: &str) -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sf",
+                "-m",
+                "5",
+                "-I",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+            ])
+            .args(["--user", "vidpipe-test:vidpipe-test-secret"])
+            .arg(format!(
+                "http://127.0.0.1:{}/{bucket}/{key}",
+                self.moto_port
+            ))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "HEAD of {key} in {bucket}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).to_lowercase()
+    }
+
     /// Cuts the store off: new connections are refused, open ones dropped.
     pub fn down(&self) {
         if let Some(token) = self.proxy.lock().unwrap().take() {
