@@ -139,6 +139,22 @@ mod tests {
         assert_eq!(written, stored, "same field names, same values");
     }
 
+    /// The example users read in `docs/manifest.md` is a manifest, field for field.
+    #[test]
+    fn the_documented_example_reads_and_writes_back_unchanged() {
+        let doc = include_str!("../../docs/manifest.md");
+        let example = doc
+            .split("```json\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("docs/manifest.md has a JSON example");
+        let manifest = Manifest::from_json(&key(), example.as_bytes()).unwrap();
+        assert_eq!(manifest.completion.task, "thumbnail");
+        let written: serde_json::Value = serde_json::from_slice(&manifest.to_json()).unwrap();
+        let documented: serde_json::Value = serde_json::from_str(example).unwrap();
+        assert_eq!(written, documented);
+    }
+
     #[test]
     fn a_file_without_the_common_fields_is_unreadable() {
         for body in [

@@ -1,4 +1,7 @@
-//! Getting the frame shown at a given time, cheaply, with one decoder for the whole job.
+//! Getting the frame shown at a given time, cheaply: one [`Grabber`] (an input and its
+//! decoder) serves one lane of a job, that is one time-ordered run of targets; a job runs
+//! a lane per core (see [`crate::pipeline`]), plus one keyframes-only pass for a fast
+//! sprite.
 //!
 //! The frame at `t` is the last one whose timestamp is at or before `t` (what a player
 //! shows at that moment). Requests come in ascending time. When the container has a

@@ -3,10 +3,12 @@
 //! with the `image` crate.
 //!
 //! - [`settings`]: `[thumbnailer]` settings.
-//! - [`grab`]: the frame shown at a time, with one decoder, seeking only when it pays.
+//! - [`grab`]: the frame shown at a time, with one decoder per lane, seeking only when it
+//!   pays.
 //! - [`images`]: scaling frames upright to RGB, blank-frame detection, image encoding.
 //! - [`sprite`]: sheet layout, sheet assembly and the WebVTT track.
-//! - [`pipeline`]: one time-ordered pass serving every output of a job.
+//! - [`pipeline`]: the job's targets shared out between lanes (one decoder per core), each
+//!   a time-ordered pass serving the poster, thumbnails and sprite tiles it holds.
 //!
 //! The consume / ack / retry loop is not here: [`ThumbnailHandler`] plugs into the shared
 //! worker runtime.
