@@ -30,8 +30,9 @@ pub struct OutputFile {
     pub name: String,
     /// Where the handler wrote it (inside its scratch directory).
     pub path: PathBuf,
-    /// Facts for the manifest (resolution, bitrate, time, …). The runtime adds the key
-    /// and the size.
+    /// Facts for the manifest (resolution, bitrate, time, …): the fields of a JSON object,
+    /// stored beside the name, key and size the runtime records (a fact with one of those
+    /// names is dropped). See [`crate::manifest::ManifestOutput`].
     pub meta: serde_json::Value,
 }
 
@@ -39,7 +40,7 @@ pub struct OutputFile {
 #[derive(Debug, Clone, Default)]
 pub struct TaskOutput {
     pub files: Vec<OutputFile>,
-    /// Task-level facts for the manifest (source probe, durations, …).
+    /// Task-level facts for the manifest's `summary` (source probe, durations, …).
     pub summary: serde_json::Value,
 }
 
