@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     };
     // Everything `open` accepted is used by the workers: touch the description too.
     let _ = format!("{:?}", source.info);
-    let Ok(mut decoder) = VideoDecoder::open(&source.input, &source.info.video, 1, &MediaLimits::default()) else {
+    let Ok(mut decoder) = source.decoder(1) else {
         return;
     };
 
@@ -59,11 +59,10 @@ fuzz_target!(|data: &[u8]| {
             break;
         }
         let mut packet = ffmpeg::Packet::empty();
-        match packet.read(&mut source.input) {
-            Ok(()) => {}
-            Err(ffmpeg::Error::Eof) => break,
-            // A damaged packet: the demuxer may resync on the next read.
-            Err(_) => continue,
+        // Damaged packets are skipped within the workers' read-error budget.
+        match source.packets().read(&mut packet) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => break,
         }
         if packet.stream() != decoder.stream_index {
             continue;

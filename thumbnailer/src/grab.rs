@@ -15,12 +15,13 @@
 //! In keyframes-only mode (fast sprites for long videos) only keyframe packets reach the
 //! decoder at all.
 
+use std::sync::Arc;
+
 use ffmpeg::codec::discard::Discard;
-use ffmpeg::format::context::Input;
 use ffmpeg::{Packet, frame};
 use ffmpeg_next as ffmpeg;
 use shared::JobError;
-use shared::media::{MediaLimits, SourceInfo, VideoDecoder, seconds};
+use shared::media::{Source, VideoDecoder, keyframe_before, seconds};
 
 /// Skip non-reference frames while more than this many seconds before the target.
 const SKIP_MARGIN_S: f64 = 0.2;
@@ -34,11 +35,8 @@ enum Want {
     From(f64),
 }
 
-/// Read errors in a row after which the source counts as corrupt.
-const MAX_READ_ERRORS: u32 = 16;
-
 pub struct Grabber<'a> {
-    input: &'a mut Input,
+    src: &'a mut Source,
     decoder: VideoDecoder,
     /// Stream start, subtracted so that time 0 is the start of the video.
     offset_s: f64,
@@ -51,8 +49,9 @@ pub struct Grabber<'a> {
     ahead_s: Option<f64>,
     /// Time of the newest decoded frame, for deciding whether to seek.
     position_s: Option<f64>,
-    /// Keyframe times from the container's index (empty without one).
-    keyframes: Vec<f64>,
+    /// Keyframe times from the container's index (empty without one), shared by every
+    /// grabber of the source.
+    keyframes: Arc<[f64]>,
     /// Last keyframe packet seen and the longest keyframe interval seen so far.
     last_key_s: Option<f64>,
     gop_s: f64,
@@ -62,27 +61,21 @@ pub struct Grabber<'a> {
 }
 
 impl<'a> Grabber<'a> {
+    /// A grabber on `src` whose decoder runs `threads` threads (0: one per core);
+    /// `keyframes_only` decodes keyframes alone.
     pub fn new(
-        input: &'a mut Input,
-        info: &SourceInfo,
+        src: &'a mut Source,
         threads: usize,
         keyframes_only: bool,
-        limits: &MediaLimits,
     ) -> Result<Self, JobError> {
-        let mut decoder = VideoDecoder::open(input, &info.video, threads, limits)?;
+        let mut decoder = src.decoder(threads)?;
         if keyframes_only {
             decoder.decoder.skip_frame(Discard::NonKey);
         }
-        let stream = input.stream(info.video.index).expect("probed video stream");
-        let start = stream.start_time();
-        let offset_s = if start == ffmpeg::ffi::AV_NOPTS_VALUE {
-            0.0
-        } else {
-            seconds(start, stream.time_base())
-        };
-        let keyframes = indexed_keyframes(input, info.video.index);
+        let offset_s = src.video_start_s();
+        let keyframes = src.keyframes();
         Ok(Self {
-            input,
+            src,
             decoder,
             offset_s,
             keyframes,
@@ -131,7 +124,7 @@ impl<'a> Grabber<'a> {
         // Until a keyframe interval is known, assume a short one: a wrong guess costs
         // at most one interval of decoding again.
         let interval = if self.gop_s > 0.0 { self.gop_s } else { 1.0 };
-        let keyframe = self.keyframe_before(t);
+        let keyframe = keyframe_before(&self.keyframes, t);
         let seek = match (self.held_s, self.position_s, keyframe) {
             (Some(h), _, _) if t < h && want == Want::ShownAt => true,
             // Seeking pays exactly when the keyframe before `t` is past what we decoded.
@@ -192,12 +185,6 @@ impl<'a> Grabber<'a> {
         Ok(self.held_s.map(|_| &self.held))
     }
 
-    /// The indexed keyframe at or before `t`, if the container has an index.
-    fn keyframe_before(&self, t: f64) -> Option<f64> {
-        let i = self.keyframes.partition_point(|k| *k <= t + 1e-6);
-        i.checked_sub(1).map(|i| self.keyframes[i])
-    }
-
     /// Time of the frame [`Self::frame_at`] returned last.
     pub fn held_seconds(&self) -> Option<f64> {
         self.held_s
@@ -206,8 +193,7 @@ impl<'a> Grabber<'a> {
     /// Seeks to the keyframe at or before `t`. A failed seek (unseekable input) leaves
     /// everything as it was: decoding on from here still reaches `t`.
     fn seek(&mut self, t: f64) {
-        let target = ((t + self.offset_s) * 1_000_000.0) as i64;
-        if self.input.seek(target, ..target + 1).is_ok() {
+        if self.src.seek(t + self.offset_s) {
             self.decoder.flush();
             self.held_s = None;
             self.ahead_s = None;
@@ -220,7 +206,7 @@ impl<'a> Grabber<'a> {
     /// nothing refers to are skipped while their time is before `skip_before`.
     fn next_frame(&mut self, frame: &mut frame::Video, skip_before: f64) -> Result<bool, JobError> {
         let mut packet = Packet::empty();
-        let mut read_errors = 0;
+        let mut packets = self.src.packets();
         loop {
             if self.decoder.receive(frame)? {
                 self.decoded += 1;
@@ -229,22 +215,10 @@ impl<'a> Grabber<'a> {
             if self.eof {
                 return Ok(false);
             }
-            match packet.read(self.input) {
-                Ok(()) => read_errors = 0,
-                Err(ffmpeg::Error::Eof) => {
-                    self.eof = true;
-                    self.decoder.send_eof();
-                    continue;
-                }
-                Err(e) => {
-                    read_errors += 1;
-                    if read_errors >= MAX_READ_ERRORS {
-                        return Err(JobError::Permanent(format!(
-                            "source is corrupt or truncated: {e}"
-                        )));
-                    }
-                    continue;
-                }
+            if !packets.read(&mut packet).map_err(|c| c.error(None))? {
+                self.eof = true;
+                self.decoder.send_eof();
+                continue;
             }
             if packet.stream() != self.decoder.stream_index {
                 continue;
@@ -288,47 +262,4 @@ impl Grabber<'_> {
     pub fn time_base(&self) -> ffmpeg::Rational {
         self.decoder.time_base
     }
-}
-
-/// Keyframe times (seconds from the start of the video) from the container's index;
-/// empty when the container has none. The safe ffmpeg-next API does not expose the index.
-#[allow(unsafe_code)]
-pub fn indexed_keyframes(input: &Input, index: usize) -> Vec<f64> {
-    let Some(stream) = input.stream(index) else {
-        return Vec::new();
-    };
-    let tb = stream.time_base();
-    let start = stream.start_time();
-    let offset_s = if start == ffmpeg::ffi::AV_NOPTS_VALUE {
-        0.0
-    } else {
-        seconds(start, tb)
-    };
-    // SAFETY: the pointer is the live AVStream of `input`, borrowed for this call. Each
-    // entry is copied out before any other FFmpeg call touches the stream, which is how
-    // long FFmpeg guarantees an entry pointer stays valid.
-    let mut raw: Vec<i64> = unsafe {
-        let st = stream.as_ptr() as *mut ffmpeg::ffi::AVStream;
-        let n = ffmpeg::ffi::avformat_index_get_entries_count(st);
-        (0..n)
-            .filter_map(|i| {
-                let e = ffmpeg::ffi::avformat_index_get_entry(st, i);
-                (!e.is_null() && (*e).flags() & ffmpeg::ffi::AVINDEX_KEYFRAME != 0)
-                    .then(|| (*e).timestamp)
-            })
-            .collect()
-    };
-    raw.sort_unstable();
-    // Some containers index decoding times (MP4: a keyframe's DTS is its PTS minus the
-    // B-frame reorder delay), others presentation times (Matroska). The first keyframe is
-    // shown at the stream's start, so the gap between the two is that delay: without
-    // this, a target just before a keyframe looks as if it came after it, and the grabber
-    // seeks back to decode a stretch it already decoded.
-    let delay = raw
-        .first()
-        .map_or(0.0, |first| offset_s - seconds(*first, tb))
-        .clamp(0.0, 1.0);
-    raw.into_iter()
-        .map(|ts| seconds(ts, tb) - offset_s + delay)
-        .collect()
 }

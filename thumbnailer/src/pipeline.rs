@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use image::RgbImage;
 use serde_json::json;
-use shared::media::{self, MediaLimits, SourceInfo};
+use shared::media::{self, MediaLimits, Reopen, Source, SourceInfo};
 use shared::messages::ThumbnailJob;
 use shared::{JobContext, JobError, TaskOutput};
 
@@ -74,7 +74,7 @@ pub fn thumbnail(
     );
     // Keyframe times from the container's index: where seeking lands, for placing sprite
     // tiles and for sharing the decoding fairly between lanes.
-    let keyframes = crate::grab::indexed_keyframes(&src.input, info.video.index);
+    let keyframes = src.keyframes();
     let sprite_dir = ctx.scratch_dir.join("sprite");
     let mut sheets = None;
     if let Some(spec) = &job.sprite {
@@ -117,7 +117,7 @@ pub fn thumbnail(
         job,
         info: &info,
         ctx,
-        limits,
+        source: src.reopener(),
         sheets: sheets.map(Mutex::new),
         done: AtomicUsize::new(0),
         total: targets.len().max(1),
@@ -184,15 +184,7 @@ pub fn thumbnail(
 
     if let (Some(mut sheets), Some(spec)) = (sheets, &job.sprite) {
         if spec.keyframes_only {
-            keyframe_tiles(
-                &mut src.input,
-                &info,
-                cfg,
-                &mut sheets,
-                spec.width,
-                ctx,
-                limits,
-            )?;
+            keyframe_tiles(&mut src, cfg, &mut sheets, spec.width, ctx)?;
         }
         sheets.flush()?;
         let layout = sheets.layout().clone();
@@ -253,16 +245,15 @@ fn sheet_height(
 
 /// Keyframes-only sprite: each tile is the last keyframe at or before its time.
 fn keyframe_tiles(
-    input: &mut ffmpeg_next::format::context::Input,
-    info: &SourceInfo,
+    src: &mut Source,
     cfg: &ThumbnailerSettings,
     sheets: &mut SheetWriter,
     width: u32,
     ctx: &JobContext,
-    limits: &MediaLimits,
 ) -> Result<(), JobError> {
-    let mut grabber = Grabber::new(input, info, cfg.threads, true, limits)?;
-    let mut scaler = Scaler::new(grabber.decoder(), grabber.time_base(), &info.video, width)?;
+    let video = src.info.video.clone();
+    let mut grabber = Grabber::new(src, cfg.threads, true)?;
+    let mut scaler = Scaler::new(grabber.decoder(), grabber.time_base(), &video, width)?;
     let layout = sheets.layout().clone();
     let cancelled = || ctx.check_cancelled();
     for k in 0..layout.tiles {
@@ -280,7 +271,8 @@ struct Shared<'a> {
     job: &'a ThumbnailJob,
     info: &'a SourceInfo,
     ctx: &'a JobContext,
-    limits: &'a MediaLimits,
+    /// Opens each lane's own input on the source, sharing its keyframe index.
+    source: Reopen,
     sheets: Option<Mutex<SheetWriter>>,
     done: AtomicUsize,
     total: usize,
@@ -299,12 +291,10 @@ struct Lane {
 
 /// Lanes for `targets` requests: one per core (at most 4), one when there are few.
 fn lanes(cfg: &ThumbnailerSettings, targets: usize) -> usize {
-    let cores = if cfg.threads > 0 {
-        cfg.threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    };
-    cores.clamp(1, 4).min(targets / 2).max(1)
+    media::cores(cfg.threads)
+        .clamp(1, 4)
+        .min(targets / 2)
+        .max(1)
 }
 
 /// Shares the sorted targets out between `lanes` lanes of about equal decoding work; each
@@ -329,7 +319,7 @@ fn balance(
     if keyframes.is_empty() || lanes < 2 {
         return stretches;
     }
-    let keyframe_before = |t: f64| keyframe_before(keyframes, t);
+    let keyframe_before = |t: f64| media::keyframe_before(keyframes, t).unwrap_or(0.0);
     // (first, end) target indices and cost of each segment. A segment's first target is
     // the first after its keyframe, so the targets' costs add up to the segment's.
     let mut segments: Vec<(usize, usize, f64)> = Vec::new();
@@ -402,12 +392,6 @@ fn balance(
     }
 }
 
-/// The keyframe at or before `t` (0 when unknown).
-fn keyframe_before(keyframes: &[f64], t: f64) -> f64 {
-    let i = keyframes.partition_point(|k| *k <= t + 1e-6);
-    i.checked_sub(1).map_or(0.0, |i| keyframes[i])
-}
-
 /// Decoding work of each of the sorted `targets` for one decoder visiting them in order,
 /// in seconds of video: from the later of the previous target and the target's keyframe
 /// (the whole gap when the keyframes are unknown), plus a little for the target itself.
@@ -416,7 +400,11 @@ fn target_costs(targets: &[(f64, Purpose)], keyframes: &[f64]) -> Vec<f64> {
     targets
         .iter()
         .map(|(t, _)| {
-            let cost = (t - keyframe_before(keyframes, *t).max(previous)).max(0.0) + 0.05;
+            let cost = (t - media::keyframe_before(keyframes, *t)
+                .unwrap_or(0.0)
+                .max(previous))
+            .max(0.0)
+                + 0.05;
             previous = *t;
             cost
         })
@@ -452,8 +440,8 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobErro
     let (job, ctx) = (s.job, s.ctx);
     let ext = job.format.extension();
     // Every lane opens the source the one admitted way, like the probe did.
-    let mut input = media::open_input(&ctx.source_path)?;
-    let mut grabber = Grabber::new(&mut input, s.info, s.decoder_threads, false, s.limits)?;
+    let mut src = s.source.open()?;
+    let mut grabber = Grabber::new(&mut src, s.decoder_threads, false)?;
     let tb = grabber.time_base();
     let mut thumb_scaler = Scaler::new(grabber.decoder(), tb, &s.info.video, job.width)?;
     let mut tile_scaler = match &job.sprite {

@@ -30,7 +30,7 @@ use ffmpeg::{Packet, Rational, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::decode::open_audio_decoder;
-use shared::media::{self, FrameGraph, MediaLimits, VideoDecoder, seconds, timestamp};
+use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
 use shared::messages::{OutputFormat, TranscodeJob};
 use shared::{JobContext, JobError, TaskOutput};
 
@@ -38,9 +38,6 @@ use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, Renditio
 use crate::hls;
 use crate::ladder;
 use crate::settings::TranscoderSettings;
-
-/// Read errors in a row after which the source counts as corrupt.
-const MAX_READ_ERRORS: u32 = 16;
 
 /// Frames queued per rendition thread: enough to ride out encoder hiccups, few enough
 /// that memory stays flat (each is a reference to a decoded picture).
@@ -68,17 +65,15 @@ pub fn transcode(
         info.video.display_width,
         info.video.display_height,
     );
-    let vstream = src
-        .input
+    let v_tb = src
+        .input()
         .stream(info.video.index)
-        .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?;
-    let frame_rate = usable_rate(vstream.avg_frame_rate())
-        .or_else(|| usable_rate(vstream.rate()))
-        .unwrap_or(Rational::new(30, 1));
-    let v_start = vstream.start_time();
-    let v_tb = vstream.time_base();
+        .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?
+        .time_base();
+    // An unknown rate only clocks frames without timestamps; 30 fps is a fair guess.
+    let frame_rate = src.frame_rate().unwrap_or(Rational::new(30, 1));
 
-    let mut vdec = VideoDecoder::open(&src.input, &info.video, cfg.threads, limits)?;
+    let mut vdec = src.decoder(cfg.threads)?;
     // Only rotated video goes through a filter graph here (to turn it upright once);
     // scaling happens in the rendition threads.
     let upright = match info.video.rotation {
@@ -92,54 +87,11 @@ pub fn transcode(
     };
 
     let mut audio = match &info.audio {
-        Some(a) => {
-            let astream = src.input.stream(a.index).expect("probed audio stream");
-            let (a_tb, a_start) = (astream.time_base(), astream.start_time());
-            let dec = open_audio_decoder(&src.input, a)?;
-            let chain = format!(
-                "aresample={},aformat=sample_fmts=fltp:channel_layouts=stereo",
-                cfg.audio_sample_rate
-            );
-            let graph = FrameGraph::audio(&dec, a_tb, &[chain], AAC_FRAME_SIZE)?;
-            // One AAC encoder per distinct bit rate; `route[i]` is rendition i's.
-            let mut encoders: Vec<AudioEncoder> = Vec::new();
-            let mut route = Vec::with_capacity(plan.len());
-            for p in &plan {
-                let at = match encoders.iter().position(|e| e.kbps == p.audio_kbps) {
-                    Some(at) => at,
-                    None => {
-                        encoders.push(AudioEncoder::open(p.audio_kbps, cfg.audio_sample_rate)?);
-                        encoders.len() - 1
-                    }
-                };
-                route.push(at);
-            }
-            Some(AudioPath {
-                index: a.index,
-                decoder: dec,
-                graph,
-                encoders,
-                route,
-                time_base: a_tb,
-                start: a_start,
-                offset: 0,
-            })
-        }
+        Some(a) => Some(AudioPath::open(&src, a, &plan, cfg)?),
         None => None,
     };
-
-    // Shift every stream by the earliest start so outputs begin at 0 with the gaps
-    // between streams (e.g. audio starting late) kept.
-    let start_s = [
-        Some((v_start, v_tb)),
-        audio.as_ref().map(|a| (a.start, a.time_base)),
-    ]
-    .into_iter()
-    .flatten()
-    .filter(|(ts, _)| *ts != ffmpeg::ffi::AV_NOPTS_VALUE)
-    .map(|(ts, tb)| seconds(ts, tb))
-    .fold(f64::INFINITY, f64::min);
-    let start_s = if start_s.is_finite() { start_s } else { 0.0 };
+    // Every stream is shifted by the earliest start: outputs begin at 0.
+    let start_s = src.start_s();
     if let Some(a) = audio.as_mut() {
         a.offset = timestamp(start_s, a.time_base);
     }
@@ -199,7 +151,7 @@ pub fn transcode(
             all: senders,
         };
         let fed = feed(
-            &mut src.input,
+            &mut src,
             &mut vdec,
             &mut video,
             audio.as_mut(),
@@ -256,20 +208,12 @@ pub fn transcode(
 /// frame threads (as "auto" would) only adds threads fighting over the same cores, and
 /// measured slower (and more memory) than sharing them out.
 fn encoder_threads(plan: &[ladder::Planned], threads: usize) -> Vec<usize> {
-    let cores = if threads > 0 {
-        threads
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    };
+    let cores = media::cores(threads);
     let pixels = |p: &ladder::Planned| f64::from(p.width) * f64::from(p.height);
     let total: f64 = plan.iter().map(pixels).sum::<f64>().max(1.0);
     plan.iter()
         .map(|p| ((1.5 * cores as f64 * pixels(p) / total).round() as usize).max(1))
         .collect()
-}
-
-fn usable_rate(r: Rational) -> Option<Rational> {
-    (r.numerator() > 0 && r.denominator() > 0 && f64::from(r) <= 240.0).then_some(r)
 }
 
 /// Where the decoding thread sends what it decodes.
@@ -282,7 +226,7 @@ struct Routes {
 
 /// Demuxes and decodes the whole source, handing every frame to the renditions.
 fn feed(
-    input: &mut ffmpeg::format::context::Input,
+    src: &mut Source,
     vdec: &mut VideoDecoder,
     video: &mut VideoPath,
     mut audio: Option<&mut AudioPath>,
@@ -290,22 +234,13 @@ fn feed(
     ctx: &JobContext,
 ) -> Result<(), JobError> {
     let mut packet = Packet::empty();
-    let mut read_errors = 0;
+    let mut packets = src.packets();
     loop {
         ctx.check_cancelled()?;
-        match packet.read(input) {
-            Ok(()) => read_errors = 0,
-            Err(ffmpeg::Error::Eof) => break,
-            Err(e) => {
-                read_errors += 1;
-                if read_errors >= MAX_READ_ERRORS {
-                    return Err(JobError::Permanent(format!(
-                        "source is corrupt or truncated after {:.2} s: {e}",
-                        video.last_s(vdec.time_base)
-                    )));
-                }
-                continue;
-            }
+        match packets.read(&mut packet) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(corrupt) => return Err(corrupt.error(Some(video.last_s(vdec.time_base)))),
         }
         if packet.stream() == vdec.stream_index {
             vdec.send(&packet)?;
@@ -502,11 +437,53 @@ struct AudioPath {
     /// Rendition i's encoder is `encoders[route[i]]`.
     route: Vec<usize>,
     time_base: Rational,
-    start: i64,
     offset: i64,
 }
 
 impl AudioPath {
+    /// The source's audio, decoded and resampled once, with one AAC encoder per distinct
+    /// bit rate of `plan`.
+    fn open(
+        src: &Source,
+        a: &media::AudioInfo,
+        plan: &[ladder::Planned],
+        cfg: &TranscoderSettings,
+    ) -> Result<Self, JobError> {
+        let a_tb = src
+            .input()
+            .stream(a.index)
+            .ok_or_else(|| JobError::Permanent("source audio stream vanished".into()))?
+            .time_base();
+        let dec = open_audio_decoder(src.input(), a)?;
+        let chain = format!(
+            "aresample={},aformat=sample_fmts=fltp:channel_layouts=stereo",
+            cfg.audio_sample_rate
+        );
+        let graph = FrameGraph::audio(&dec, a_tb, &[chain], AAC_FRAME_SIZE)?;
+        // One AAC encoder per distinct bit rate; `route[i]` is rendition i's.
+        let mut encoders: Vec<AudioEncoder> = Vec::new();
+        let mut route = Vec::with_capacity(plan.len());
+        for p in plan {
+            let at = match encoders.iter().position(|e| e.kbps == p.audio_kbps) {
+                Some(at) => at,
+                None => {
+                    encoders.push(AudioEncoder::open(p.audio_kbps, cfg.audio_sample_rate)?);
+                    encoders.len() - 1
+                }
+            };
+            route.push(at);
+        }
+        Ok(Self {
+            index: a.index,
+            decoder: dec,
+            graph,
+            encoders,
+            route,
+            time_base: a_tb,
+            offset: 0,
+        })
+    }
+
     fn send(&mut self, packet: &Packet) {
         // A damaged audio packet costs a few milliseconds of sound; the video decides
         // whether the source is corrupt.

@@ -17,7 +17,8 @@
 //!    `protocol_whitelist=file`, and an `io_open` callback that refuses every open but the
 //!    source's own: no demuxer can reach another file, whatever it tries.
 //!
-//! The FFI calls of this crate live here, each with what it relies on.
+//! The FFI calls of this crate live here, each with what it relies on (but the read of
+//! the keyframe index, in [`super::keyframes`]).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};

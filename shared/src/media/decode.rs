@@ -66,10 +66,7 @@ impl VideoDecoder {
                 video.codec
             ))
         })?;
-        let origin_s = match stream.start_time() {
-            ts if ts == ffmpeg::ffi::AV_NOPTS_VALUE => 0.0,
-            ts => seconds(ts, stream.time_base()),
-        };
+        let origin_s = super::source::stream_start_s(&stream).unwrap_or(0.0);
         Ok(Self {
             decoder,
             stream_index: video.index,

@@ -1,23 +1,35 @@
-//! Media helpers on the FFmpeg libraries (feature `media`), shared by both workers.
+//! Media helpers on the FFmpeg libraries (feature `media`), shared by both workers: the
+//! one layer between them and a source file. The workers read sources through
+//! [`Source`] and nothing else.
 //!
 //! - [`admit`]: the one way a source is opened: an allow-listed container decided from
 //!   its bytes, no other file reachable (playlists, manifests and concat lists refused).
-//! - [`probe`]: open a source, describe it ([`SourceInfo`]) and enforce the configured
-//!   [`MediaLimits`] before any work, with reasons a person can act on.
+//! - [`probe`]: open a source ([`open`]), describe it ([`SourceInfo`]) and enforce the
+//!   configured [`MediaLimits`] before any work, with reasons a person can act on.
+//! - [`source`]: the opened source: packets with the read-error budget
+//!   ([`Source::packets`]), where its streams start, its frame rate (one rule), its
+//!   keyframe index (read once), its video decoder, and [`Reopen`] for more inputs on the
+//!   same file; also the one core count ([`cores`]).
+//! - [`keyframes`]: the container's keyframe index, the one FFI read outside `admit`.
 //! - [`decode`]: the video decoder both workers use (threading on, decode errors mapped to
-//!   clear permanent failures, every decoded frame held to the limits) and the filter-graph plumbing that turns decoded frames into
-//!   upright, scaled frames.
+//!   clear permanent failures, every decoded frame held to the limits) and the
+//!   filter-graph plumbing that turns decoded frames into upright, scaled frames.
 //!
 //! Everything here returns [`JobError`]s: a source FFmpeg cannot read is the uploader's
 //! problem (permanent), never a reason to retry.
 
 pub mod admit;
 pub mod decode;
+pub mod keyframes;
 pub mod probe;
+pub mod source;
 
 pub use admit::open_input;
 pub use decode::{FrameGraph, VideoDecoder};
-pub use probe::{AudioInfo, MediaLimits, Source, SourceInfo, VideoInfo, open};
+pub use probe::{AudioInfo, MediaLimits, SourceInfo, VideoInfo, open};
+pub use source::{
+    Corrupt, MAX_READ_ERRORS, Packets, Reopen, Source, cores, frame_rate, keyframe_before,
+};
 
 use std::sync::Once;
 

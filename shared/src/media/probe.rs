@@ -13,6 +13,7 @@ use ffmpeg::media::Type as MediaType;
 use ffmpeg_next as ffmpeg;
 use serde::{Deserialize, Serialize};
 
+use super::source::Source;
 use super::{init, seconds};
 use crate::outcome::JobError;
 
@@ -114,7 +115,7 @@ pub struct VideoInfo {
     pub display_height: u32,
     /// Clockwise degrees the stored picture must turn to be upright: 0, 90, 180 or 270.
     pub rotation: u32,
-    /// Average frame rate; 0 when unknown.
+    /// Frame rate by the one rule ([`super::source::frame_rate`]); 0 when unknown.
     pub frame_rate: f64,
     pub pixel_format: String,
 }
@@ -126,12 +127,6 @@ pub struct AudioInfo {
     pub codec: String,
     pub sample_rate: u32,
     pub channels: u16,
-}
-
-/// An opened, probed and accepted source.
-pub struct Source {
-    pub input: Input,
-    pub info: SourceInfo,
 }
 
 /// Opens `path`, probes it and checks it against `limits`.
@@ -175,7 +170,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
         video,
         audio,
     };
-    Ok(Source { input, info })
+    Ok(Source::new(path, input, info, limits))
 }
 
 /// The main video stream: FFmpeg's best pick, ignoring cover art.
@@ -250,17 +245,7 @@ fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError
     } else {
         (shown_w, height)
     };
-    let rate = stream.avg_frame_rate();
-    let frame_rate = if rate.denominator() > 0 && rate.numerator() > 0 {
-        f64::from(rate)
-    } else {
-        let r = stream.rate();
-        if r.denominator() > 0 && r.numerator() > 0 {
-            f64::from(r)
-        } else {
-            0.0
-        }
-    };
+    let frame_rate = super::source::frame_rate(&stream).map_or(0.0, f64::from);
     Ok(VideoInfo {
         index: stream.index(),
         codec: id.name().to_owned(),
