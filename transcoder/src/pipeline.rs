@@ -96,23 +96,11 @@ pub fn transcode(
         a.offset = timestamp(start_s, a.time_base);
     }
 
-    let mut outputs = Vec::with_capacity(plan.len());
-    let threads = encoder_threads(&plan, cfg.threads);
-    for (i, p) in plan.iter().enumerate() {
-        let encoder = audio.as_ref().map(|a| &a.encoders[a.route[i]]);
-        outputs.push(RenditionOutput::open(
-            p.clone(),
-            cfg,
-            threads[i],
-            FrameClock {
-                rate: frame_rate,
-                time_base: v_tb,
-            },
-            encoder,
-            &job.formats,
-            &ctx.scratch_dir,
-        )?);
-    }
+    let clock = FrameClock {
+        rate: frame_rate,
+        time_base: v_tb,
+    };
+    let outputs = open_outputs(job, &plan, audio.as_ref(), clock, cfg, ctx)?;
 
     let mut video = VideoPath {
         offset: timestamp(start_s, v_tb),
@@ -122,9 +110,38 @@ pub fn transcode(
         duration_s: info.duration_s,
         upright,
     };
+    let finished = run(
+        &mut src,
+        &mut vdec,
+        &mut video,
+        audio.as_mut(),
+        &plan,
+        outputs,
+        ctx,
+    )?;
+    if video.frames == 0 {
+        return Err(JobError::Permanent(
+            "source video has no decodable frames".into(),
+        ));
+    }
+    ctx.progress(100.0);
+    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+}
+
+/// Runs the renditions, one thread each, while this thread demuxes and decodes the
+/// source into them; what each rendition finished, or the error that explains the failure.
+fn run(
+    src: &mut Source,
+    vdec: &mut VideoDecoder,
+    video: &mut VideoPath,
+    audio: Option<&mut AudioPath>,
+    plan: &[ladder::Planned],
+    outputs: Vec<RenditionOutput>,
+    ctx: &JobContext,
+) -> Result<Vec<Finished>, JobError> {
     let aborted = AtomicBool::new(false);
-    let sources = ladder::scale_sources(&plan);
-    let finished = std::thread::scope(|scope| {
+    let sources = ladder::scale_sources(plan);
+    std::thread::scope(|scope| {
         let (senders, receivers): (Vec<_>, Vec<_>) =
             plan.iter().map(|_| sync_channel(QUEUE)).unzip();
         // Decoded frames go to the renditions scaled from the source; every other one
@@ -150,14 +167,7 @@ pub fn transcode(
             video: roots,
             all: senders,
         };
-        let fed = feed(
-            &mut src,
-            &mut vdec,
-            &mut video,
-            audio.as_mut(),
-            &routes,
-            ctx,
-        );
+        let fed = feed(src, vdec, video, audio, &routes, ctx);
         if fed.is_err() {
             aborted.store(true, Ordering::Relaxed);
         }
@@ -170,35 +180,63 @@ pub fn transcode(
                 })
             })
             .collect();
-        // A rendition that failed closed its channel, and whoever fed it (the decoding
-        // side, or the larger rendition it is scaled from) only says it stopped early:
-        // report the failed rendition's own error then. Otherwise the decoding side's
-        // error (corrupt source, cancellation) explains why the renditions stopped.
-        let mut errors: Vec<JobError> = results
-            .iter()
-            .filter_map(|r| r.as_ref().err().cloned())
-            .collect();
-        errors.sort_by_key(|e| e.to_string() == STOPPED_EARLY);
-        if let Err(e) = fed {
-            if e.to_string() == STOPPED_EARLY
-                && let Some(own) = errors.into_iter().next()
-            {
-                return Err(own);
-            }
-            return Err(e);
-        }
-        if let Some(own) = errors.into_iter().next() {
+        first_error(fed, results)
+    })
+}
+
+/// The error that explains a failed run, else what every rendition finished. A rendition
+/// that failed closed its channel, and whoever fed it (the decoding side, or the larger
+/// rendition it is scaled from) only says it stopped early: report the failed
+/// rendition's own error then. Otherwise the decoding side's error (corrupt source,
+/// cancellation) explains why the renditions stopped.
+fn first_error(
+    fed: Result<(), JobError>,
+    results: Vec<Result<Finished, JobError>>,
+) -> Result<Vec<Finished>, JobError> {
+    let mut errors: Vec<JobError> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().cloned())
+        .collect();
+    errors.sort_by_key(|e| e.to_string() == STOPPED_EARLY);
+    if let Err(e) = fed {
+        if e.to_string() == STOPPED_EARLY
+            && let Some(own) = errors.into_iter().next()
+        {
             return Err(own);
         }
-        results.into_iter().collect::<Result<Vec<_>, _>>()
-    })?;
-    if video.frames == 0 {
-        return Err(JobError::Permanent(
-            "source video has no decodable frames".into(),
-        ));
+        return Err(e);
     }
-    ctx.progress(100.0);
-    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+    if let Some(own) = errors.into_iter().next() {
+        return Err(own);
+    }
+    results.into_iter().collect()
+}
+
+/// One [`RenditionOutput`] per planned rendition, each with its share of the encoder
+/// threads and the AAC encoder of its bit rate.
+fn open_outputs(
+    job: &TranscodeJob,
+    plan: &[ladder::Planned],
+    audio: Option<&AudioPath>,
+    clock: FrameClock,
+    cfg: &TranscoderSettings,
+    ctx: &JobContext,
+) -> Result<Vec<RenditionOutput>, JobError> {
+    let mut outputs = Vec::with_capacity(plan.len());
+    let threads = encoder_threads(plan, cfg.threads);
+    for (i, p) in plan.iter().enumerate() {
+        let encoder = audio.map(|a| &a.encoders[a.route[i]]);
+        outputs.push(RenditionOutput::open(
+            p.clone(),
+            cfg,
+            threads[i],
+            clock,
+            encoder,
+            &job.formats,
+            &ctx.scratch_dir,
+        )?);
+    }
+    Ok(outputs)
 }
 
 /// x264 threads per rendition: the cores (`threads`, 0 = all of them) shared out by
