@@ -8,6 +8,7 @@
 //! and the poster candidates, whatever the video's length. A keyframes-only sprite takes
 //! a second, much cheaper pass that decodes keyframes alone.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
@@ -15,7 +16,7 @@ use std::time::Instant;
 use image::RgbImage;
 use serde_json::json;
 use shared::media::{self, MediaLimits, Reopen, Source, SourceInfo};
-use shared::messages::ThumbnailJob;
+use shared::messages::{SpriteSpec, ThumbnailJob};
 use shared::{JobContext, JobError, TaskOutput};
 
 use crate::grab::Grabber;
@@ -40,73 +41,27 @@ pub fn thumbnail(
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
-    let duration = info.duration_s;
-    if duration > 0.0
-        && let Some(t) = job.timestamps.iter().find(|t| **t > duration)
-    {
-        return Err(JobError::Permanent(format!(
-            "thumbnail timestamp {t} s is past the end of the {duration:.2} s video"
-        )));
-    }
-    let (thumb_w, thumb_h) = images::scaled_size(&info.video, job.width);
-    limits.check_picture(
-        &format!("a {}-wide thumbnail of this video", job.width),
-        thumb_w,
-        thumb_h,
-    )?;
+    check_request(job, &info, limits)?;
     let ext = job.format.extension();
     let mut out = TaskOutput::default();
-
-    let mut targets = Vec::new();
-    if job.poster {
-        targets.extend(
-            poster_times(duration, cfg.poster_candidates)
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| (t, Purpose::Poster(i))),
-        );
-    }
-    targets.extend(
-        thumb_times(job, duration)
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| (t, Purpose::Thumb(i))),
-    );
+    let mut targets = frame_targets(job, cfg, info.duration_s);
     // Keyframe times from the container's index: where seeking lands, for placing sprite
     // tiles and for sharing the decoding fairly between lanes.
     let keyframes = src.keyframes();
     let sprite_dir = ctx.scratch_dir.join("sprite");
-    let mut sheets = None;
-    if let Some(spec) = &job.sprite {
-        let (tile_w, tile_h) = images::scaled_size(&info.video, spec.width);
-        let sheet_height = sheet_height(spec.columns, tile_w, tile_h, cfg, limits)?;
-        let layout = Layout::new(
-            if duration > 0.0 {
-                duration
-            } else {
-                spec.interval_s
-            },
-            spec.interval_s,
-            spec.columns,
-            tile_w,
-            tile_h,
-            sheet_height,
-        );
-        std::fs::create_dir_all(&sprite_dir)
-            .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
-        if !spec.keyframes_only {
-            targets.extend((0..layout.tiles).map(|k| {
-                let t = tile_time(&keyframes, layout.time(k), spec.interval_s);
-                (t, Purpose::Tile(k))
-            }));
-        }
-        sheets = Some(SheetWriter::new(
-            layout,
+    let sheets = match &job.sprite {
+        Some(spec) => Some(sprite_sheets(
+            job,
+            spec,
+            &info,
+            cfg,
+            limits,
+            &keyframes,
             &sprite_dir,
-            job.format,
-            job.quality,
-        ));
-    }
+            &mut targets,
+        )?),
+        None => None,
+    };
     targets.sort_by(|a, b| a.0.total_cmp(&b.0));
 
     // The (sorted) targets shared out between lanes, one grabber each, in parallel: every
@@ -124,11 +79,159 @@ pub fn thumbnail(
         failed: AtomicBool::new(false),
         decoder_threads: if lanes > 1 { 1 } else { cfg.threads },
     };
+    let results = run_lanes(&stretches, &shared)?;
+    let mut candidates = Vec::new();
+    let mut thumbs = Vec::new();
+    let mut decoded = 0;
+    for lane in results {
+        candidates.extend(lane.candidates);
+        thumbs.extend(lane.thumbs);
+        decoded += lane.decoded;
+    }
+    thumbs.sort_by_key(|t| t.0);
+    for (_, name, path, meta) in thumbs {
+        out.push(name, path, meta);
+    }
+    let sheets = shared.sheets.map(|m| m.into_inner().expect("sheet lock"));
+
+    if job.poster {
+        push_poster(&mut out, candidates, job, ctx)?;
+    }
+
+    if let (Some(sheets), Some(spec)) = (sheets, &job.sprite) {
+        push_sprite(&mut out, sheets, spec, &mut src, cfg, ctx, &sprite_dir, ext)?;
+    }
+    ctx.progress(100.0);
+    out.summary = json!({
+        "source": info,
+        "frames_decoded": decoded,
+        "elapsed_s": round3(started.elapsed().as_secs_f64()),
+    });
+    Ok(out)
+}
+
+/// Refuses a job this video cannot serve: a timestamp past its end, a thumbnail over the
+/// picture limits.
+fn check_request(
+    job: &ThumbnailJob,
+    info: &SourceInfo,
+    limits: &MediaLimits,
+) -> Result<(), JobError> {
+    let duration = info.duration_s;
+    if duration > 0.0
+        && let Some(t) = job.timestamps.iter().find(|t| **t > duration)
+    {
+        return Err(JobError::Permanent(format!(
+            "thumbnail timestamp {t} s is past the end of the {duration:.2} s video"
+        )));
+    }
+    let (thumb_w, thumb_h) = images::scaled_size(&info.video, job.width);
+    limits.check_picture(
+        &format!("a {}-wide thumbnail of this video", job.width),
+        thumb_w,
+        thumb_h,
+    )
+}
+
+/// The poster candidates' and the thumbnails' target times (sprite tiles come later).
+fn frame_targets(
+    job: &ThumbnailJob,
+    cfg: &ThumbnailerSettings,
+    duration: f64,
+) -> Vec<(f64, Purpose)> {
+    let mut targets = Vec::new();
+    if job.poster {
+        targets.extend(
+            poster_times(duration, cfg.poster_candidates)
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| (t, Purpose::Poster(i))),
+        );
+    }
+    targets.extend(
+        thumb_times(job, duration)
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, Purpose::Thumb(i))),
+    );
+    targets
+}
+
+/// Chooses the poster among the candidates, writes it and lists it in `out`.
+fn push_poster(
+    out: &mut TaskOutput,
+    candidates: Vec<(usize, f64, RgbImage)>,
+    job: &ThumbnailJob,
+    ctx: &JobContext,
+) -> Result<(), JobError> {
+    let ext = job.format.extension();
+    let (time, img) = choose_poster(candidates).ok_or_else(no_frames)?;
+    let name = format!("poster.{ext}");
+    let path = ctx.scratch_dir.join(&name);
+    images::write(&img, job.format, job.quality, &path)?;
+    out.push(
+        name,
+        path,
+        json!({"kind": "poster", "time_s": round3(time), "width": img.width(),
+               "height": img.height(), "format": ext}),
+    );
+    Ok(())
+}
+
+/// The sprite's sheet writer for `spec`, with a tile target for each tile a normal pass
+/// serves added to `targets` (a keyframes-only sprite takes its own pass instead).
+#[allow(clippy::too_many_arguments)]
+fn sprite_sheets(
+    job: &ThumbnailJob,
+    spec: &SpriteSpec,
+    info: &SourceInfo,
+    cfg: &ThumbnailerSettings,
+    limits: &MediaLimits,
+    keyframes: &[f64],
+    sprite_dir: &Path,
+    targets: &mut Vec<(f64, Purpose)>,
+) -> Result<SheetWriter, JobError> {
+    let duration = info.duration_s;
+    let (tile_w, tile_h) = images::scaled_size(&info.video, spec.width);
+    let sheet_height = sheet_height(spec.columns, tile_w, tile_h, cfg, limits)?;
+    let layout = Layout::new(
+        if duration > 0.0 {
+            duration
+        } else {
+            spec.interval_s
+        },
+        spec.interval_s,
+        spec.columns,
+        tile_w,
+        tile_h,
+        sheet_height,
+    );
+    std::fs::create_dir_all(sprite_dir)
+        .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
+    if !spec.keyframes_only {
+        targets.extend((0..layout.tiles).map(|k| {
+            let t = tile_time(keyframes, layout.time(k), spec.interval_s);
+            (t, Purpose::Tile(k))
+        }));
+    }
+    Ok(SheetWriter::new(
+        layout,
+        sprite_dir,
+        job.format,
+        job.quality,
+    ))
+}
+
+/// Runs one thread per stretch of targets; what every lane produced, or the error that
+/// explains the failure.
+fn run_lanes(
+    stretches: &[Vec<(f64, Purpose)>],
+    shared: &Shared<'_>,
+) -> Result<Vec<Lane>, JobError> {
     let results: Vec<Result<Lane, JobError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = stretches
             .iter()
             .map(|chunk| {
-                let shared = &shared;
                 scope.spawn(move || {
                     let r = grab_lane(chunk, shared);
                     if r.is_err() {
@@ -155,64 +258,45 @@ pub fn thumbnail(
     {
         return Err(e.clone());
     }
-    let mut candidates = Vec::new();
-    let mut thumbs = Vec::new();
-    let mut decoded = 0;
-    for lane in results.into_iter().flatten() {
-        candidates.extend(lane.candidates);
-        thumbs.extend(lane.thumbs);
-        decoded += lane.decoded;
-    }
-    thumbs.sort_by_key(|t| t.0);
-    for (_, name, path, meta) in thumbs {
-        out.push(name, path, meta);
-    }
-    let sheets = shared.sheets.map(|m| m.into_inner().expect("sheet lock"));
+    Ok(results.into_iter().flatten().collect())
+}
 
-    if job.poster {
-        let (time, img) = choose_poster(candidates).ok_or_else(no_frames)?;
-        let name = format!("poster.{ext}");
-        let path = ctx.scratch_dir.join(&name);
-        images::write(&img, job.format, job.quality, &path)?;
+/// Finishes the sprite (its keyframes-only pass first, when asked for) and lists its
+/// sheets and WebVTT track in `out`.
+#[allow(clippy::too_many_arguments)]
+fn push_sprite(
+    out: &mut TaskOutput,
+    mut sheets: SheetWriter,
+    spec: &SpriteSpec,
+    src: &mut Source,
+    cfg: &ThumbnailerSettings,
+    ctx: &JobContext,
+    sprite_dir: &Path,
+    ext: &str,
+) -> Result<(), JobError> {
+    if spec.keyframes_only {
+        keyframe_tiles(src, cfg, &mut sheets, spec.width, ctx)?;
+    }
+    sheets.flush()?;
+    let layout = sheets.layout().clone();
+    for (s, path, w, h) in &sheets.written {
         out.push(
-            name,
+            format!("sprite/{}", sheets.sheet_name(*s)),
             path,
-            json!({"kind": "poster", "time_s": round3(time), "width": img.width(),
-                   "height": img.height(), "format": ext}),
+            json!({"kind": "sprite", "sheet": s, "width": w, "height": h, "format": ext,
+                   "tile_width": layout.tile_w, "tile_height": layout.tile_h,
+                   "columns": layout.columns, "interval_s": layout.interval_s}),
         );
     }
-
-    if let (Some(mut sheets), Some(spec)) = (sheets, &job.sprite) {
-        if spec.keyframes_only {
-            keyframe_tiles(&mut src, cfg, &mut sheets, spec.width, ctx)?;
-        }
-        sheets.flush()?;
-        let layout = sheets.layout().clone();
-        for (s, path, w, h) in &sheets.written {
-            out.push(
-                format!("sprite/{}", sheets.sheet_name(*s)),
-                path,
-                json!({"kind": "sprite", "sheet": s, "width": w, "height": h, "format": ext,
-                       "tile_width": layout.tile_w, "tile_height": layout.tile_h,
-                       "columns": layout.columns, "interval_s": layout.interval_s}),
-            );
-        }
-        let vtt_path = sprite_dir.join("sprite.vtt");
-        std::fs::write(&vtt_path, layout.vtt(|s| sheets.sheet_name(s)))
-            .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
-        out.push(
-            "sprite/sprite.vtt",
-            vtt_path,
-            json!({"kind": "vtt", "cues": layout.tiles, "sheets": layout.sheets()}),
-        );
-    }
-    ctx.progress(100.0);
-    out.summary = json!({
-        "source": info,
-        "frames_decoded": decoded,
-        "elapsed_s": round3(started.elapsed().as_secs_f64()),
-    });
-    Ok(out)
+    let vtt_path = sprite_dir.join("sprite.vtt");
+    std::fs::write(&vtt_path, layout.vtt(|s| sheets.sheet_name(s)))
+        .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
+    out.push(
+        "sprite/sprite.vtt",
+        vtt_path,
+        json!({"kind": "vtt", "cues": layout.tiles, "sheets": layout.sheets()}),
+    );
+    Ok(())
 }
 
 /// The tallest sheet to lay tiles out in: the configured height, lowered so a whole
