@@ -1,16 +1,17 @@
-//! Getting the frame shown at a given time, cheaply: one [`Grabber`] (an input and its
-//! decoder) serves one lane of a job, that is one time-ordered run of targets; a job runs
-//! a lane per core (see [`crate::pipeline`]), plus one keyframes-only pass for a fast
-//! sprite.
+//! Getting the frame shown at a given time, cheaply: one [`Grabber`] (a
+//! [`shared::media::Source`] and its decoder) serves one lane of a job, that is one
+//! time-ordered run of targets; a job runs a lane per core (see [`crate::pipeline`]), plus
+//! one keyframes-only pass for a fast sprite.
 //!
 //! The frame at `t` is the last one whose timestamp is at or before `t` (what a player
 //! shows at that moment). Requests come in ascending time. When the container has a
-//! keyframe index (MP4, MKV, WebM, …) the grabber seeks exactly when the keyframe before
-//! `t` lies beyond what it has decoded, and otherwise decodes forward from where it is, so
-//! neighbouring thumbnails never decode the same stretch twice and nothing between them is
-//! decoded for nothing. Without an index (MPEG-TS) it learns the keyframe interval from
-//! the packets it reads and seeks when `t` is more than one interval ahead. While it is still far from `t` it tells the decoder to skip
-//! frames nothing refers to (B-frames), which are most of a typical H.264 stream.
+//! keyframe index (MP4, MKV, WebM, …; read once per job and shared by the lanes) the
+//! grabber seeks exactly when the keyframe before `t` lies beyond what it has decoded, and
+//! otherwise decodes forward from where it is, so neighbouring thumbnails never decode the
+//! same stretch twice and nothing between them is decoded for nothing. Without an index
+//! (MPEG-TS) it learns the keyframe interval from the packets it reads and seeks when `t`
+//! is more than one interval ahead. While it is still far from `t` it tells the decoder to
+//! skip frames nothing refers to (B-frames), which are most of a typical H.264 stream.
 //!
 //! In keyframes-only mode (fast sprites for long videos) only keyframe packets reach the
 //! decoder at all.

@@ -4,11 +4,13 @@
 //!
 //! - [`settings`]: `[thumbnailer]` settings.
 //! - [`grab`]: the frame shown at a time, with one decoder per lane, seeking only when it
-//!   pays.
+//!   pays; it reads the source through `shared::media::Source` (packets, keyframe index,
+//!   decoder), as everything here does.
 //! - [`images`]: scaling frames upright to RGB, blank-frame detection, image encoding.
 //! - [`sprite`]: sheet layout, sheet assembly and the WebVTT track.
-//! - [`pipeline`]: the job's targets shared out between lanes (one decoder per core), each
-//!   a time-ordered pass serving the poster, thumbnails and sprite tiles it holds.
+//! - [`pipeline`]: the job's targets shared out between lanes (one decoder per core, each
+//!   lane its own input reopened from the job's `Source`), each a time-ordered pass
+//!   serving the poster, thumbnails and sprite tiles it holds.
 //!
 //! The consume / ack / retry loop is not here: [`ThumbnailHandler`] plugs into the shared
 //! worker runtime.

@@ -4,7 +4,8 @@
 //!
 //! - [`settings`]: `[transcoder]` settings (preset, CRF, keyframe and segment lengths).
 //! - [`ladder`]: the default ladder and each rendition's size (never upscaling).
-//! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass.
+//! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass, reading the
+//!   source through `shared::media::Source` (packets, start offset, frame rate, decoder).
 //! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
 //!
