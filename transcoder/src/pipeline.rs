@@ -29,7 +29,6 @@ use std::time::Instant;
 use ffmpeg::{Packet, Rational, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
-use shared::media::decode::open_audio_decoder;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
 use shared::messages::{OutputFormat, TranscodeJob};
 use shared::{JobContext, JobError, TaskOutput};
@@ -65,11 +64,7 @@ pub fn transcode(
         info.video.display_width,
         info.video.display_height,
     );
-    let v_tb = src
-        .input()
-        .stream(info.video.index)
-        .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?
-        .time_base();
+    let v_tb = src.time_base(info.video.index)?;
     // An unknown rate only clocks frames without timestamps; 30 fps is a fair guess.
     let frame_rate = src.frame_rate().unwrap_or(Rational::new(30, 1));
 
@@ -487,12 +482,8 @@ impl AudioPath {
         plan: &[ladder::Planned],
         cfg: &TranscoderSettings,
     ) -> Result<Self, JobError> {
-        let a_tb = src
-            .input()
-            .stream(a.index)
-            .ok_or_else(|| JobError::Permanent("source audio stream vanished".into()))?
-            .time_base();
-        let dec = open_audio_decoder(src.input(), a)?;
+        let a_tb = src.time_base(a.index)?;
+        let dec = src.audio_decoder(a)?;
         let chain = format!(
             "aresample={},aformat=sample_fmts=fltp:channel_layouts=stereo",
             cfg.audio_sample_rate

@@ -16,7 +16,7 @@ use ffmpeg::{Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
 use super::decode::VideoDecoder;
-use super::probe::{MediaLimits, SourceInfo};
+use super::probe::{AudioInfo, MediaLimits, SourceInfo};
 use super::{keyframes, seconds};
 use crate::outcome::JobError;
 
@@ -49,9 +49,12 @@ impl Source {
         }
     }
 
-    /// The demuxer, for reading stream facts (time bases, codec parameters).
-    pub fn input(&self) -> &Input {
-        &self.input
+    /// The time base of stream `index`'s timestamps.
+    pub fn time_base(&self, index: usize) -> Result<Rational, JobError> {
+        self.input
+            .stream(index)
+            .map(|s| s.time_base())
+            .ok_or_else(|| JobError::Permanent(format!("source stream {index} vanished")))
     }
 
     /// The limits the source was accepted under (and its decoders hold frames to).
@@ -103,6 +106,11 @@ impl Source {
     /// the limits.
     pub fn decoder(&self, threads: usize) -> Result<VideoDecoder, JobError> {
         VideoDecoder::open(&self.input, &self.info.video, threads, &self.limits)
+    }
+
+    /// A decoder for the audio stream `audio` (from [`SourceInfo::audio`]).
+    pub fn audio_decoder(&self, audio: &AudioInfo) -> Result<ffmpeg::decoder::Audio, JobError> {
+        super::decode::open_audio_decoder(&self.input, audio)
     }
 
     /// Reads packets of every stream with the read-error budget; see [`Packets`].
