@@ -143,10 +143,9 @@ impl VideoDecoder {
         self.limits
             .check_pixel_aspect(&what, sar.numerator(), sar.denominator())?;
         if sar.numerator() > 0 && sar.denominator() > 0 {
-            let shown = (f64::from(w) * f64::from(sar.numerator()) / f64::from(sar.denominator()))
-                .round() as u32;
+            let shown = super::probe::shown_width(w, sar);
             self.limits
-                .check_picture(&format!("{what} as shown"), shown.max(1), h)?;
+                .check_picture(&format!("{what} as shown"), shown, h)?;
         }
         if elapsed > self.limits.max_duration_s {
             return Err(JobError::Permanent(format!(

@@ -232,14 +232,7 @@ fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError
     let rotation = rotation_of(&stream);
     let sar = decoder.aspect_ratio();
     limits.check_pixel_aspect("source", sar.numerator(), sar.denominator())?;
-    // Display width: stored width times the pixel aspect ratio (1 when unset/invalid).
-    let shown_w = if sar.numerator() > 0 && sar.denominator() > 0 {
-        (f64::from(width) * f64::from(sar.numerator()) / f64::from(sar.denominator())).round()
-            as u32
-    } else {
-        width
-    }
-    .max(1);
+    let shown_w = shown_width(width, sar);
     let (display_width, display_height) = if rotation % 180 == 90 {
         (height, shown_w)
     } else {
@@ -275,6 +268,18 @@ fn audio_info(input: &Input) -> Option<AudioInfo> {
         sample_rate: decoder.rate(),
         channels: decoder.channels(),
     })
+}
+
+/// Width as shown: the stored width times the pixel aspect ratio `sar` (square when unset
+/// or invalid), at least 1.
+pub fn shown_width(width: u32, sar: ffmpeg::Rational) -> u32 {
+    if sar.numerator() > 0 && sar.denominator() > 0 {
+        (f64::from(width) * f64::from(sar.numerator()) / f64::from(sar.denominator())).round()
+            as u32
+    } else {
+        width
+    }
+    .max(1)
 }
 
 /// Container duration, else the video stream's; 0 when neither is known.
