@@ -19,6 +19,7 @@ use shared::messages::{
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
+use shared::tasks::TaskKind;
 use shared::topology::Topology;
 use uuid::Uuid;
 
@@ -275,9 +276,19 @@ impl JobPlan {
         self
     }
 
+    /// Each task's kind and message body, in the registry's order. The one place the
+    /// producer maps its options onto the typed message of each kind; a test checks it
+    /// covers every builtin kind.
+    fn bodies(&self) -> Vec<(TaskKind, Vec<u8>)> {
+        vec![
+            (TranscodeJob::KIND, messages::to_body(&self.transcode)),
+            (ThumbnailJob::KIND, messages::to_body(&self.thumbnail)),
+        ]
+    }
+
     /// Task names, in publishing order.
-    pub fn tasks(&self) -> [&'static str; 2] {
-        [TranscodeJob::TASK, ThumbnailJob::TASK]
+    pub fn tasks(&self) -> Vec<&'static str> {
+        self.bodies().iter().map(|(kind, _)| kind.name).collect()
     }
 
     /// One persistent message per task, routed by task name to `video_tasks`.
@@ -289,16 +300,15 @@ impl JobPlan {
                 AMQPValue::LongString(self.source_name.as_bytes().to_vec().into()),
             );
         }
-        let message = |task: &str, body: Vec<u8>| Outgoing {
-            exchange: topology.tasks_exchange(),
-            routing_key: task.to_owned(),
-            body,
-            properties: persistent_json(headers.clone()),
-        };
-        vec![
-            message(TranscodeJob::TASK, messages::to_body(&self.transcode)),
-            message(ThumbnailJob::TASK, messages::to_body(&self.thumbnail)),
-        ]
+        self.bodies()
+            .into_iter()
+            .map(|(kind, body)| Outgoing {
+                exchange: topology.tasks_exchange(),
+                routing_key: kind.routing_key().to_owned(),
+                body,
+                properties: persistent_json(headers.clone()),
+            })
+            .collect()
     }
 }
 
@@ -526,6 +536,20 @@ mod tests {
                 _ => drop(messages::parse::<ThumbnailJob>(&m.body).unwrap()),
             }
         }
+    }
+
+    /// A kind added to the registry but not planned here would never be published.
+    #[test]
+    fn the_plan_has_one_message_per_builtin_kind_in_registry_order() {
+        let plan = JobPlan::new(Uuid::new_v4(), "mp4", &JobOptions::default());
+        let builtin: Vec<&str> = shared::tasks::BUILTIN.iter().map(|k| k.name).collect();
+        assert_eq!(plan.tasks(), builtin);
+        let keys: Vec<String> = plan
+            .messages(&Topology::new("", vec![], 20))
+            .into_iter()
+            .map(|m| m.routing_key)
+            .collect();
+        assert_eq!(keys, builtin);
     }
 
     #[test]

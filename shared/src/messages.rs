@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::storage_key::StorageKey;
+use crate::tasks::{self, TaskKind};
 
 /// The only message schema this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -38,8 +39,10 @@ pub enum PoisonError {
 
 /// What every job message has in common; the worker runtime is generic over it.
 pub trait JobMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The task name: routing key, queue suffix and `task` field.
-    const TASK: &'static str;
+    /// The task kind this message is for, from the [`tasks`](crate::tasks) registry.
+    const KIND: TaskKind;
+    /// The task name: routing key, queue suffix and `task` field (the kind's name).
+    const TASK: &'static str = Self::KIND.name;
     fn job_id(&self) -> Uuid;
     /// Storage key of the input video.
     fn source(&self) -> &StorageKey;
@@ -173,7 +176,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl JobMessage for TranscodeJob {
-    const TASK: &'static str = "transcode";
+    const KIND: TaskKind = tasks::TRANSCODE;
     fn job_id(&self) -> Uuid {
         self.job_id
     }
@@ -314,7 +317,7 @@ pub struct ThumbnailJob {
 }
 
 impl JobMessage for ThumbnailJob {
-    const TASK: &'static str = "thumbnail";
+    const KIND: TaskKind = tasks::THUMBNAIL;
     fn job_id(&self) -> Uuid {
         self.job_id
     }

@@ -1,0 +1,137 @@
+//! Integration tests: the task registry (`shared::tasks`). A kind outside the builtin
+//! registry (the tests' `copy`, registered only by the test worker's message type) gets
+//! its own queue, retries and dead letters; and what cannot be derived from the registry
+//! (compose services, images, the demo) agrees with it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use shared::events::JobState;
+use shared::storage_key::StorageKey;
+use shared::tasks::{self, Registry};
+use shared::topology::Topology;
+
+use crate::support::kind::COPY;
+use crate::support::{TestEnv, eventually, job_keys, test_job};
+use uuid::Uuid;
+
+const WORKER: &str = "vidpipe-testworker";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A test-worker job body of the `copy` kind, with `extra` fields.
+fn copy_job(id: Uuid, source: &str, prefix: &StorageKey, extra: serde_json::Value) -> Vec<u8> {
+    let mut fields = json!({ "task": COPY.name });
+    if let (Some(fields), Some(extra)) = (fields.as_object_mut(), extra.as_object()) {
+        fields.extend(extra.clone());
+    }
+    test_job(id, source, prefix, fields)
+}
+
+/// A third kind flows end to end through the same runtime: published to `video_tasks`
+/// with its routing key, consumed from its own queue, retried through the shared retry
+/// tiers back to that queue, committed under `outputs/<job>/copy/`, with events; a
+/// permanent failure is parked with the kind's name.
+#[tokio::test]
+async fn a_kind_outside_the_builtin_registry_flows_end_to_end() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "copier", &[("VIDPIPE_TESTWORKER_TASK", COPY.name)]);
+
+    let (id, source, prefix) = job_keys(COPY.name);
+    env.put_source(&source, b"not a video at all").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        COPY.routing_key(),
+        &copy_job(id, &source, &prefix, json!({ "fail_attempts": 1 })),
+    )
+    .await;
+    let retrying = events
+        .wait_for(COPY.name, JobState::Retrying, PATIENCE)
+        .await;
+    assert_eq!(retrying.attempt, 1);
+    events
+        .wait_for(COPY.name, JobState::Completed, PATIENCE)
+        .await;
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    assert_eq!(manifest["task"], COPY.name);
+    assert_eq!(manifest["attempt"], 2, "retried back into its own queue");
+    assert_eq!(manifest["outputs"][0]["size_bytes"], 18);
+
+    let (dead_id, dead_source, dead_prefix) = job_keys(COPY.name);
+    env.put_source(&dead_source, b"x").await;
+    env.publish_raw(
+        COPY.routing_key(),
+        &copy_job(
+            dead_id,
+            &dead_source,
+            &dead_prefix,
+            json!({ "permanent": true }),
+        ),
+    )
+    .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].header("x-vidpipe-task").as_deref(), Some(COPY.name));
+    assert!(dead[0].reason().contains("permanent failure requested"));
+
+    let queue = env.topology.work_queue(COPY.name);
+    assert_eq!(queue, format!("{}video_tasks.copy", env.prefix));
+    eventually(PATIENCE, "the copy queue to drain", async || {
+        env.queue_depth(&queue).await == 0
+    })
+    .await;
+}
+
+/// The test kind stays out of production: the builtin registry (what the producer, the
+/// broker users and `--declare-topology` of the real workers use) does not have it.
+#[test]
+fn the_test_kind_is_not_in_the_production_registry() {
+    assert!(Registry::builtin().get(COPY.name).is_none());
+    let production = Topology::new("", vec![Duration::from_secs(5)], 20);
+    assert!(!production.registry().names().any(|n| n == COPY.name));
+}
+
+fn read(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Compose services, secrets volumes, the images and the demo are written by hand (YAML
+/// and Dockerfiles cannot ask the registry): every builtin kind's role must be there.
+#[test]
+fn compose_images_and_demo_have_every_registered_role() {
+    let compose = read("docker-compose.yml");
+    let images = [read("Dockerfile"), read("docker/Dockerfile.prebuilt")];
+    let demo = read("scripts/demo.sh");
+    let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
+    for role in &roles {
+        let r = &role.role;
+        assert!(
+            compose.contains(&format!("\n  secrets-{r}:")),
+            "docker-compose.yml: no volume secrets-{r}"
+        );
+        for image in &images {
+            assert!(
+                image.contains(&format!("/secrets/{r} ")),
+                "a Dockerfile does not make /secrets/{r}"
+            );
+        }
+    }
+    for kind in tasks::BUILTIN {
+        let r = kind.role;
+        assert!(
+            compose.contains(&format!("\n  {r}:\n")),
+            "docker-compose.yml: no service `{r}` for task `{}`",
+            kind.name
+        );
+        assert!(
+            compose.contains(&format!("secrets-{r}:/run/vidpipe-secrets:ro")),
+            "docker-compose.yml: service `{r}` does not mount its secrets"
+        );
+        assert!(
+            images[0].contains(&format!("target/release/{r}"))
+                && images[1].contains(&format!("bin/{r}")),
+            "a Dockerfile does not install the `{r}` binary"
+        );
+        assert!(demo.contains(r), "scripts/demo.sh does not start `{r}`");
+    }
+}
