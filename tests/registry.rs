@@ -135,3 +135,85 @@ fn compose_images_and_demo_have_every_registered_role() {
         assert!(demo.contains(r), "scripts/demo.sh does not start `{r}`");
     }
 }
+
+/// `docker/secrets.sh` makes the broker's definitions from the registry (through the
+/// producer binary, as in the image): one user per role with a real hash, the
+/// registry's permissions.
+#[test]
+fn secrets_script_writes_the_registry_users_into_the_broker_definitions() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
+    for dir in roles
+        .iter()
+        .map(|r| r.role.as_str())
+        .chain(["minio", "rabbitmq"])
+    {
+        std::fs::create_dir(root.path().join(dir)).unwrap();
+    }
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/secrets.sh"))
+        .arg("init")
+        .env("VIDPIPE_SECRETS_ROOT", root.path())
+        .env("VIDPIPE_PRODUCER_BIN", crate::support::bin("producer"))
+        .output()
+        .expect("running docker/secrets.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let defs: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.path().join("rabbitmq/definitions.json")).unwrap(),
+    )
+    .unwrap();
+    let users: Vec<&str> = defs["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = roles.iter().map(|r| r.user.as_str()).collect();
+    assert_eq!(users, expected);
+    for user in defs["users"].as_array().unwrap() {
+        let hash = user["password_hash"].as_str().unwrap();
+        assert!(!hash.contains('@') && hash.len() == 48, "{hash}");
+    }
+    for (perm, role) in defs["permissions"].as_array().unwrap().iter().zip(&roles) {
+        assert_eq!(
+            (&perm["configure"], &perm["write"], &perm["read"]),
+            (
+                &json!(role.configure),
+                &json!(role.write),
+                &json!(role.read)
+            )
+        );
+    }
+}
+
+/// `producer tasks --json` is the registry for scripts: every builtin kind with its queue,
+/// routing key and role, and nothing else; it needs no broker and no settings.
+#[test]
+fn producer_tasks_prints_the_builtin_registry() {
+    let out = std::process::Command::new(crate::support::bin("producer"))
+        .args(["tasks", "--json", "--prefix", "p."])
+        .env("VIDPIPE__AMQP__URL", "amqp://nowhere.invalid:1/%2f")
+        .output()
+        .expect("running producer tasks");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kinds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected: Vec<serde_json::Value> = tasks::BUILTIN
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name, "routing_key": k.name, "queue": format!("p.video_tasks.{}", k.name),
+                "message": k.message, "needs_video": k.needs_video, "role": k.role,
+                "user": format!("vidpipe-{}", k.role),
+            })
+        })
+        .collect();
+    assert_eq!(kinds, json!(expected));
+}
