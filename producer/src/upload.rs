@@ -14,7 +14,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
-    self, ImageFormat, JobMessage, OutputFormat, Rendition, SpriteSpec, ThumbnailJob, TranscodeJob,
+    self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, SpriteSpec, ThumbnailJob,
+    TranscodeJob,
 };
 use shared::settings::Settings;
 use shared::storage::Storage;
@@ -27,15 +28,6 @@ use crate::cli::UploadArgs;
 use crate::exit::Failure;
 use crate::publisher::{Broker, Outgoing};
 use crate::wait;
-
-/// Named renditions `--renditions` accepts: (name, height, video kbit/s, audio kbit/s).
-pub const PRESETS: [(&str, u32, u32, u32); 5] = [
-    ("1080p", 1080, 5000, 192),
-    ("720p", 720, 2800, 128),
-    ("480p", 480, 1400, 128),
-    ("360p", 360, 800, 96),
-    ("240p", 240, 400, 64),
-];
 
 /// Header with the uploaded file's name (display only: `producer dead list` and
 /// `dead show` name the file). A header, not a job field, so the workers' message
@@ -103,7 +95,7 @@ impl JobOptions {
                 "--renditions: {problem}; give preset names ({}) or \
                  name:height:video_kbps:audio_kbps separated by commas, or leave --renditions out \
                  for the default ladder derived from the source",
-                PRESETS.map(|p| p.0).join(", ")
+                RUNGS.map(|r| r.name).join(", ")
             )));
         }
         let renditions = args
@@ -149,17 +141,12 @@ impl JobOptions {
 pub fn parse_rendition(spec: &str) -> Result<Rendition, String> {
     let parts: Vec<&str> = spec.split(':').collect();
     match parts.as_slice() {
-        [name] => PRESETS
+        [name] => RUNGS
             .iter()
-            .find(|p| p.0.eq_ignore_ascii_case(name))
-            .map(|&(name, height, video_kbps, audio_kbps)| Rendition {
-                name: name.into(),
-                height,
-                video_kbps,
-                audio_kbps,
-            })
+            .find(|r| r.name.eq_ignore_ascii_case(name))
+            .map(Rung::rendition)
             .ok_or_else(|| {
-                let known: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                let known: Vec<&str> = RUNGS.iter().map(|r| r.name).collect();
                 format!(
                     "unknown rendition `{name}`; known: {}, or give name:height:video_kbps:audio_kbps",
                     known.join(", ")
@@ -492,6 +479,15 @@ fn short_name(file: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `--renditions 1080p` asks for exactly the default ladder's 1080p.
+    #[test]
+    fn presets_are_the_default_ladder_rungs() {
+        for rung in shared::messages::DEFAULT_LADDER {
+            assert_eq!(parse_rendition(rung.name).unwrap(), rung.rendition());
+        }
+        assert_eq!(parse_rendition("1080p").unwrap().audio_kbps, 128);
+    }
 
     #[test]
     fn presets_and_custom_renditions_parse() {
