@@ -1,7 +1,7 @@
 //! Integration tests: the task registry (`shared::tasks`). A kind outside the builtin
 //! registry (the tests' `copy`, registered only by the test worker's message type) gets
-//! its own queue, retries and dead letters; and what cannot be derived from the registry
-//! (compose services, images, the demo) agrees with it.
+//! its own queue, retries and dead letters; the scripts' broker users come from it; and
+//! what cannot be derived from it (compose services, images) agrees with it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -95,13 +95,12 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// Compose services, secrets volumes, the images and the demo are written by hand (YAML
-/// and Dockerfiles cannot ask the registry): every builtin kind's role must be there.
+/// Compose services, secrets volumes and the images are written by hand (YAML and
+/// Dockerfiles cannot ask the registry): every builtin kind's role must be there.
 #[test]
-fn compose_images_and_demo_have_every_registered_role() {
+fn compose_and_images_have_every_registered_role() {
     let compose = read("docker-compose.yml");
     let images = [read("Dockerfile"), read("docker/Dockerfile.prebuilt")];
-    let demo = read("scripts/demo.sh");
     let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
     for role in &roles {
         let r = &role.role;
@@ -132,7 +131,6 @@ fn compose_images_and_demo_have_every_registered_role() {
                 && images[1].contains(&format!("bin/{r}")),
             "a Dockerfile does not install the `{r}` binary"
         );
-        assert!(demo.contains(r), "scripts/demo.sh does not start `{r}`");
     }
 }
 
