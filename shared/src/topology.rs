@@ -11,6 +11,8 @@
 //! video_events (topic): job.<job_id>.<task>.<state>
 //! ```
 //!
+//! One work queue per task kind of the topology's [`Registry`] (the builtin kinds, plus
+//! the kind of the worker's own handler): the two above are `shared::tasks::BUILTIN`.
 //! Retry tiers are named after their delay (`video_tasks.retry.5s`), so changing the
 //! configured delays declares new queues instead of clashing with existing arguments.
 //! Everything is declared by every process at start; declaring twice is a no-op.
