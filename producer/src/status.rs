@@ -7,7 +7,7 @@ use serde::Serialize;
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
-use shared::tasks::BUILTIN;
+use shared::tasks::BUILTIN_NAMES as TASKS;
 use uuid::Uuid;
 
 use crate::cli::StatusArgs;
@@ -64,7 +64,7 @@ pub async fn job_status(
 ) -> anyhow::Result<Vec<(&'static str, TaskStatus)>> {
     let mut out = Vec::new();
     let mut parked: Option<Vec<DeadInfo>> = None;
-    for task in BUILTIN.iter().map(|k| k.name) {
+    for task in TASKS {
         let prefix = StorageKey::new(format!("outputs/{job_id}/{task}/"))?;
         if let Some(manifest) = storage.manifest(&prefix).await? {
             let outputs = manifest

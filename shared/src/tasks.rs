@@ -64,6 +64,17 @@ pub const THUMBNAIL: TaskKind = TaskKind {
 /// Every production task kind, in publishing order. Adding a kind is one line here.
 pub const BUILTIN: &[TaskKind] = &[TRANSCODE, THUMBNAIL];
 
+/// The builtin kinds' names, in order (for code that only walks the names).
+pub const BUILTIN_NAMES: [&str; BUILTIN.len()] = {
+    let mut names = [""; BUILTIN.len()];
+    let mut i = 0;
+    while i < BUILTIN.len() {
+        names[i] = BUILTIN[i].name;
+        i += 1;
+    }
+    names
+};
+
 /// A set of task kinds: the builtin ones, plus any a process adds for itself.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Registry {
