@@ -9,7 +9,9 @@
 #   vidpipe-secrets rotate ROLE   a new random password for ROLE, and new definitions
 #
 # ROLE: producer, transcoder, thumbnailer, ops (RabbitMQ users vidpipe-ROLE) or minio
-# (the root secret of the `s3` profile's MinIO, also the workers' S3 secret key).
+# (the root secret of the `s3` profile's MinIO, also the workers' S3 secret key). The
+# RabbitMQ roles and their permissions come from the task registry, through the image's
+# producer binary (`producer tasks --broker-users`, `--broker-definitions`).
 #
 # A password comes from VIDPIPE_<ROLE>_PASSWORD (VIDPIPE_S3_SECRET_ACCESS_KEY for minio)
 # when that is set, else it is kept from an earlier start, else it is generated: 24 bytes
@@ -27,12 +29,18 @@
 set -euo pipefail
 umask 077
 root=${VIDPIPE_SECRETS_ROOT:-/secrets}
-amqp_roles=(producer transcoder thumbnailer ops)
+producer=${VIDPIPE_PRODUCER_BIN:-producer}
 
 die() { echo "vidpipe-secrets: $*" >&2; exit 1; }
+
+# The RabbitMQ roles, in the registry's order (producer, one per worker role, ops).
+roles_out=$("$producer" tasks --broker-users) || die "cannot list the broker roles with $producer"
+amqp_roles=()
+while IFS=$'\t' read -r role _; do amqp_roles+=("$role"); done <<<"$roles_out"
+[ ${#amqp_roles[@]} -gt 0 ] || die "$producer listed no broker roles"
 say() { echo "vidpipe-secrets: $*"; }
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # put FILE MODE VALUE: FILE holds exactly VALUE (no newline), replaced atomically.
 put() {
@@ -58,10 +66,9 @@ password_file() { # role
 }
 
 check_role() {
-  case "$1" in
-    producer | transcoder | thumbnailer | ops | minio) ;;
-    *) die "unknown role '$1' (producer, transcoder, thumbnailer, ops, minio)" ;;
-  esac
+  local r
+  for r in "${amqp_roles[@]}" minio; do [ "$1" = "$r" ] && return 0; done
+  die "unknown role '$1' (${amqp_roles[*]} minio)"
 }
 
 check_dirs() {
@@ -116,28 +123,13 @@ password_hash() {
   { hex2bin "$salt"; hex2bin "$digest"; } | base64 -w0
 }
 
-# Users, vhost and permissions: those of scripts/rabbitmq-users.sh (no topology prefix).
-# No user may configure the work topology but vidpipe-ops, which declares it once (the
-# service `topology`); the producer may create only its own server-named event queues.
+# Users, vhost and permissions: those of scripts/rabbitmq-users.sh (no topology prefix),
+# from the task registry with @ROLE@ where each password hash goes. No user may configure
+# the work topology but vidpipe-ops, which declares it once (the service `topology`); the
+# producer may create only its own server-named event queues.
 write_definitions() {
   local template json role h
-  IFS= read -r -d '' template <<'EOF' || true
-{
-  "users": [
-    {"name": "vidpipe-producer", "password_hash": "@producer@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
-    {"name": "vidpipe-transcoder", "password_hash": "@transcoder@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
-    {"name": "vidpipe-thumbnailer", "password_hash": "@thumbnailer@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": ""},
-    {"name": "vidpipe-ops", "password_hash": "@ops@", "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": "management"}
-  ],
-  "vhosts": [{"name": "/"}],
-  "permissions": [
-    {"user": "vidpipe-producer", "vhost": "/", "configure": "^amq\\.gen-.*$", "write": "^(video_tasks|amq\\.gen-.*)$", "read": "^(video_events|amq\\.gen-.*)$"},
-    {"user": "vidpipe-transcoder", "vhost": "/", "configure": "^$", "write": "^(video_tasks\\.retry\\..*|video_tasks\\.dead|video_events)$", "read": "^video_tasks\\.transcode$"},
-    {"user": "vidpipe-thumbnailer", "vhost": "/", "configure": "^$", "write": "^(video_tasks\\.retry\\..*|video_tasks\\.dead|video_events)$", "read": "^video_tasks\\.thumbnail$"},
-    {"user": "vidpipe-ops", "vhost": "/", "configure": "^(video_tasks.*|video_events|amq\\.gen-.*)$", "write": "^(video_tasks.*|video_events|amq\\.gen-.*)$", "read": "^(video_tasks.*|video_events|amq\\.gen-.*)$"}
-  ]
-}
-EOF
+  template=$("$producer" tasks --broker-definitions) || die "cannot make the broker definitions with $producer"
   json=$template
   for role in "${amqp_roles[@]}"; do
     h=$(password_hash "$(<"$(password_file "$role")")")

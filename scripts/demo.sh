@@ -3,7 +3,8 @@
 #   1. installs what is missing (FFmpeg libraries, clang, pkg-config, ffmpeg, rabbitmq-server),
 #   2. makes sure RabbitMQ answers on 127.0.0.1:5672 (starts the local server if not),
 #   3. builds the release binaries,
-#   4. starts one transcoder and one thumbnailer (logs under ./data/demo-logs/),
+#   4. starts one worker of each registered task kind's role (`producer tasks`: a
+#      transcoder and a thumbnailer; logs under ./data/demo-logs/),
 #   5. uploads VIDEO (or a generated 6-second sample) with `producer upload --wait`,
 #   6. lists the outputs under ./data/outputs/<job_id>/, and stops the workers it started.
 #
@@ -52,8 +53,12 @@ fi
 
 # 3. Build.
 say "building (release; the first build takes a few minutes)"
-cargo build --release -q -p producer -p transcoder -p thumbnailer
+# Every binary but the test crate's: the producer and each worker crate.
+cargo build --release -q --workspace --exclude vidpipe --bins
 bin=target/release
+# One worker per role of the task registry (the ROLE column of `producer tasks`).
+mapfile -t workers < <("$bin/producer" tasks | awk 'NR > 1 && !seen[$3]++ { print $3 }')
+[ ${#workers[@]} -gt 0 ] || { echo "demo: producer tasks listed no worker" >&2; exit 1; }
 
 # 4. Workers.
 data="${VIDPIPE__STORAGE__ROOT:-./data}"
@@ -66,7 +71,7 @@ stop_workers() {
 }
 trap stop_workers EXIT
 trap 'exit 130' INT TERM
-for worker in transcoder thumbnailer; do
+for worker in "${workers[@]}"; do
   VIDPIPE__WORKER__NAME="demo-$worker" "$bin/$worker" \
     >"$data/demo-logs/$worker.log" 2>&1 &
   pids+=($!)
@@ -75,7 +80,7 @@ sleep 1
 for i in "${!pids[@]}"; do
   kill -0 "${pids[$i]}" 2>/dev/null || { echo "demo: a worker exited at start; see $data/demo-logs/" >&2; tail -n 20 "$data"/demo-logs/*.log >&2; exit 1; }
 done
-say "started transcoder and thumbnailer (logs: $data/demo-logs/)"
+say "started ${workers[*]} (logs: $data/demo-logs/)"
 
 # 5. Sample and upload.
 if [ -z "$video" ]; then

@@ -7,13 +7,15 @@
 # --prefix matches the settings' topology.prefix; --suffix is appended to every user
 # name (tests use it to make private users).
 #
-# Users (passwords from the environment, or generated and printed once):
-#   vidpipe-producer     VIDPIPE_PRODUCER_PASSWORD     publish to video_tasks, read video_events
-#   vidpipe-transcoder   VIDPIPE_TRANSCODER_PASSWORD   consume video_tasks.transcode; publish to
-#                                                      retry tiers, video_tasks.dead, video_events
-#   vidpipe-thumbnailer  VIDPIPE_THUMBNAILER_PASSWORD  the same for video_tasks.thumbnail
-#   vidpipe-ops          VIDPIPE_OPS_PASSWORD          declares the topology, administers dead
-#                                                      letters (producer dead …), management UI
+# Users (passwords from VIDPIPE_<ROLE>_PASSWORD, or generated and printed once), as the
+# task registry derives them (`producer tasks --broker-users` prints them; this script only
+# applies them, so a new task kind's worker user comes with its registration):
+#   vidpipe-producer     publish to video_tasks, read video_events
+#   vidpipe-<worker>     one per worker role (transcoder, thumbnailer): consume its task's
+#                        queue; publish to retry tiers, video_tasks.dead, video_events
+#   vidpipe-ops          declares the topology, administers dead letters, management UI
+# The producer binary is $VIDPIPE_PRODUCER_BIN, else `producer` on PATH, else this
+# checkout's target/release or target/debug build.
 # None of them may configure the work topology: run the workers and the producer with
 # VIDPIPE__TOPOLOGY__DECLARE=false, and declare it once as vidpipe-ops:
 #   VIDPIPE__AMQP__URL=amqp://vidpipe-ops:…@host/%2f transcoder --declare-topology
@@ -27,13 +29,22 @@ while [ $# -gt 0 ]; do
     --vhost) vhost="$2"; shift 2 ;;
     --prefix) prefix="$2"; shift 2 ;;
     --suffix) suffix="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
   esac
 done
 
-# The prefix as a regular expression (dots are literal).
-p=$(printf '%s' "$prefix" | sed 's/[.[\*^$()+?{|]/\\&/g')
+producer_bin() {
+  local here candidate
+  if [ -n "${VIDPIPE_PRODUCER_BIN:-}" ]; then printf '%s' "$VIDPIPE_PRODUCER_BIN"; return; fi
+  if command -v producer >/dev/null 2>&1; then command -v producer; return; fi
+  here=$(cd "$(dirname "$0")/.." && pwd)
+  for candidate in "$here/target/release/producer" "$here/target/debug/producer"; do
+    if [ -x "$candidate" ]; then printf '%s' "$candidate"; return; fi
+  done
+  echo "no producer binary: set VIDPIPE_PRODUCER_BIN, put producer on PATH or build it (cargo build -p producer)" >&2
+  exit 1
+}
 
 ensure_user() { # name password tags
   if rabbitmqctl -q list_users | awk '{print $1}' | grep -qx "$1"; then
@@ -53,21 +64,14 @@ password() { # env-var-name user
   printf '%s' "$value"
 }
 
-ensure_user "vidpipe-producer$suffix" "$(password VIDPIPE_PRODUCER_PASSWORD vidpipe-producer)" ""
-# Its own exclusive, server-named event queues (amq.gen-*) are all it may create.
-rabbitmqctl -q set_permissions -p "$vhost" "vidpipe-producer$suffix" \
-  '^amq\.gen-.*$' "^(${p}video_tasks|amq\\.gen-.*)\$" "^(${p}video_events|amq\\.gen-.*)\$"
-
-for task in transcode thumbnail; do
-  user="vidpipe-${task}r"
-  [ "$task" = thumbnail ] && user=vidpipe-thumbnailer
-  var="VIDPIPE_$(echo "${user#vidpipe-}" | tr a-z A-Z)_PASSWORD"
-  ensure_user "$user$suffix" "$(password "$var" "$user")" ""
-  rabbitmqctl -q set_permissions -p "$vhost" "$user$suffix" \
-    '^$' "^(${p}video_tasks\\.retry\\..*|${p}video_tasks\\.dead|${p}video_events)\$" "^${p}video_tasks\\.${task}\$"
-done
-
-ensure_user "vidpipe-ops$suffix" "$(password VIDPIPE_OPS_PASSWORD vidpipe-ops)" "management"
-rabbitmqctl -q set_permissions -p "$vhost" "vidpipe-ops$suffix" \
-  "^(${p}video_tasks.*|${p}video_events|amq\\.gen-.*)\$" "^(${p}video_tasks.*|${p}video_events|amq\\.gen-.*)\$" "^(${p}video_tasks.*|${p}video_events|amq\\.gen-.*)\$"
+# One line per user: role, configure, write and read regexes (already for this prefix),
+# tags. None but ops may configure the work topology; the producer may create only its own
+# server-named event queues (amq.gen-*).
+producer=$(producer_bin)
+roles=$("$producer" tasks --broker-users --prefix "$prefix")
+# Read from fd 3: rabbitmqctl must not swallow the lines on stdin.
+while IFS=$'\t' read -r -u 3 role configure write read tags; do
+  ensure_user "vidpipe-$role$suffix" "$(password "VIDPIPE_${role^^}_PASSWORD" "vidpipe-$role")" "$tags"
+  rabbitmqctl -q set_permissions -p "$vhost" "vidpipe-$role$suffix" "$configure" "$write" "$read"
+done 3<<<"$roles"
 echo "vidpipe users ready on vhost $vhost${prefix:+ (prefix $prefix)}"

@@ -10,6 +10,7 @@ mod chaos;
 mod health;
 mod hostile;
 mod producer;
+mod registry;
 mod runtime;
 mod s3;
 mod security;

@@ -29,6 +29,7 @@ impl PrivateUsers {
         let out = std::process::Command::new("bash")
             .arg(script)
             .args(["--prefix", &env.prefix, "--suffix", &users.suffix])
+            .env("VIDPIPE_PRODUCER_BIN", crate::support::bin("producer"))
             .env("VIDPIPE_PRODUCER_PASSWORD", &users.password)
             .env("VIDPIPE_TRANSCODER_PASSWORD", &users.password)
             .env("VIDPIPE_THUMBNAILER_PASSWORD", &users.password)

@@ -93,7 +93,7 @@ async fn producer_publish(broker: &Broker, jobs: &[Vec<Outgoing>]) {
 }
 
 async fn purge(channel: &Channel, broker: &Broker) {
-    for task in shared::topology::TASKS {
+    for task in broker.topology.registry().names() {
         channel
             .queue_purge(
                 broker.topology.work_queue(task).into(),

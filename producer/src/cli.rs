@@ -66,6 +66,35 @@ pub enum Command {
             show, replay and purge take it, or a job id for every parked message of that job."
     )]
     Dead(DeadCommand),
+    /// List the task kinds every upload is split into (the task registry), or the broker
+    /// users derived from it.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  producer tasks\n",
+        "  producer tasks --json\n",
+        "  producer tasks --broker-users --prefix staging.\n\n",
+        "Needs no broker and no settings. --broker-users prints one line per RabbitMQ user,\n",
+        "tab separated: role (user vidpipe-ROLE), configure, write and read regexes, tags; what\n",
+        "scripts/rabbitmq-users.sh applies. --broker-definitions prints the compose broker's\n",
+        "definitions with @ROLE@ where each password hash goes (docker/secrets.sh fills them in).",
+    ))]
+    Tasks(TasksArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// One JSON array of task kinds on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// The least-privilege broker users instead, one tab-separated line each
+    #[arg(long, conflicts_with_all = ["json", "broker_definitions"])]
+    pub broker_users: bool,
+    /// The broker definitions (users, vhost, permissions) as JSON, password hashes left as @ROLE@
+    #[arg(long, conflicts_with = "json")]
+    pub broker_definitions: bool,
+    /// Topology prefix the names and permissions are for (the setting `topology.prefix`)
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub prefix: String,
 }
 
 #[derive(Debug, Args)]

@@ -28,6 +28,7 @@ use shared::runtime::{
     TASK_HEADER, TRUNCATED_FROM_HEADER, WORKER_HEADER, header_str, header_u32,
 };
 use shared::settings::Settings;
+use shared::tasks;
 use uuid::Uuid;
 
 use crate::cli::DeadCommand;
@@ -664,7 +665,7 @@ fn settings_summary(job: &serde_json::Value) -> Vec<String> {
     };
     let number = |key: &str| job.get(key).and_then(|v| v.as_f64());
     match job.get("task").and_then(|t| t.as_str()) {
-        Some("transcode") => {
+        Some(t) if t == tasks::TRANSCODE.name => {
             let renditions = match list("renditions") {
                 Some(r) if !r.is_empty() => format!("renditions {}", r.join(", ")),
                 _ => "default ladder (derived from the source)".into(),
@@ -674,7 +675,7 @@ fn settings_summary(job: &serde_json::Value) -> Vec<String> {
                 .unwrap_or_else(|| "mp4, hls (default)".into());
             vec![format!("{renditions}; formats {formats}")]
         }
-        Some("thumbnail") => {
+        Some(t) if t == tasks::THUMBNAIL.name => {
             let poster = job.get("poster").and_then(|p| p.as_bool()).unwrap_or(true);
             let shots = match list("timestamps") {
                 Some(t) if !t.is_empty() => format!("thumbnails at {} s", t.join(", ")),

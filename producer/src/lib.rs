@@ -8,12 +8,14 @@
 //! - [`wait`]: following `video_events` until every task is completed or dead.
 //! - [`status`]: one job's state from its manifests and the dead-letter queue.
 //! - [`dead`]: listing, showing, replaying and purging parked messages.
+//! - [`tasks`]: printing the task registry and the broker users derived from it.
 
 pub mod cli;
 pub mod dead;
 pub mod exit;
 pub mod publisher;
 pub mod status;
+pub mod tasks;
 pub mod upload;
 pub mod wait;
 
@@ -27,6 +29,12 @@ use crate::exit::Failure;
 
 /// Runs one parsed command line to its exit code.
 pub fn main_with(cli: Cli) -> ExitCode {
+    // Before settings: scripts call it where no vidpipe settings exist (a broker host,
+    // the compose stack's one-shot `secrets` service).
+    if let Command::Tasks(args) = &cli.command {
+        tasks::run(args);
+        return exit::success();
+    }
     let loaded = match settings::load(cli.config.as_deref()) {
         Ok(l) => l,
         Err(e) => {
@@ -62,6 +70,10 @@ pub async fn run(command: Command, settings: &Settings) -> Result<(), Failure> {
         Command::Upload(args) => upload::run(settings, args).await,
         Command::Status(args) => status::run(settings, args).await,
         Command::Dead(cmd) => dead::run(settings, cmd).await,
+        Command::Tasks(args) => {
+            tasks::run(&args);
+            Ok(())
+        }
     }
 }
 

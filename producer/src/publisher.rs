@@ -75,11 +75,7 @@ impl Broker {
                 redact_url(url)
             ))
         })?;
-        let topology = Topology::new(
-            &settings.topology.prefix,
-            settings.retry.policy().delays,
-            settings.retry.delivery_limit,
-        );
+        let topology = Topology::from_settings(settings);
         let amqp = &settings.amqp;
         let connections = if amqp.tls_ca_file.is_some() || amqp.tls_client_cert_file.is_some() {
             Connections::Tls {
@@ -123,7 +119,7 @@ impl Broker {
             .ensure(
                 &channel,
                 settings.topology.declare,
-                &broker.topology.work_queue("transcode"),
+                &broker.topology.work_queue(shared::tasks::TRANSCODE.name),
             )
             .await
             .context("declaring the broker topology")

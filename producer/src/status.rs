@@ -8,7 +8,7 @@ use shared::manifest::{Manifest, ManifestOutput};
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
-use shared::topology::TASKS;
+use shared::tasks::BUILTIN_NAMES as TASKS;
 use uuid::Uuid;
 
 use crate::cli::StatusArgs;

@@ -14,11 +14,13 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
-    self, ImageFormat, JobMessage, OutputFormat, Rendition, SpriteSpec, ThumbnailJob, TranscodeJob,
+    self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, SpriteSpec, ThumbnailJob,
+    TranscodeJob,
 };
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
+use shared::tasks::TaskKind;
 use shared::topology::Topology;
 use uuid::Uuid;
 
@@ -26,15 +28,6 @@ use crate::cli::UploadArgs;
 use crate::exit::Failure;
 use crate::publisher::{Broker, Outgoing};
 use crate::wait;
-
-/// Named renditions `--renditions` accepts: (name, height, video kbit/s, audio kbit/s).
-pub const PRESETS: [(&str, u32, u32, u32); 5] = [
-    ("1080p", 1080, 5000, 192),
-    ("720p", 720, 2800, 128),
-    ("480p", 480, 1400, 128),
-    ("360p", 360, 800, 96),
-    ("240p", 240, 400, 64),
-];
 
 /// Header with the uploaded file's name (display only: `producer dead list` and
 /// `dead show` name the file). A header, not a job field, so the workers' message
@@ -102,7 +95,7 @@ impl JobOptions {
                 "--renditions: {problem}; give preset names ({}) or \
                  name:height:video_kbps:audio_kbps separated by commas, or leave --renditions out \
                  for the default ladder derived from the source",
-                PRESETS.map(|p| p.0).join(", ")
+                RUNGS.map(|r| r.name).join(", ")
             )));
         }
         let renditions = args
@@ -148,17 +141,12 @@ impl JobOptions {
 pub fn parse_rendition(spec: &str) -> Result<Rendition, String> {
     let parts: Vec<&str> = spec.split(':').collect();
     match parts.as_slice() {
-        [name] => PRESETS
+        [name] => RUNGS
             .iter()
-            .find(|p| p.0.eq_ignore_ascii_case(name))
-            .map(|&(name, height, video_kbps, audio_kbps)| Rendition {
-                name: name.into(),
-                height,
-                video_kbps,
-                audio_kbps,
-            })
+            .find(|r| r.name.eq_ignore_ascii_case(name))
+            .map(Rung::rendition)
             .ok_or_else(|| {
-                let known: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+                let known: Vec<&str> = RUNGS.iter().map(|r| r.name).collect();
                 format!(
                     "unknown rendition `{name}`; known: {}, or give name:height:video_kbps:audio_kbps",
                     known.join(", ")
@@ -275,9 +263,19 @@ impl JobPlan {
         self
     }
 
+    /// Each task's kind and message body, in the registry's order. The one place the
+    /// producer maps its options onto the typed message of each kind; a test checks it
+    /// covers every builtin kind.
+    fn bodies(&self) -> Vec<(TaskKind, Vec<u8>)> {
+        vec![
+            (TranscodeJob::KIND, messages::to_body(&self.transcode)),
+            (ThumbnailJob::KIND, messages::to_body(&self.thumbnail)),
+        ]
+    }
+
     /// Task names, in publishing order.
-    pub fn tasks(&self) -> [&'static str; 2] {
-        [TranscodeJob::TASK, ThumbnailJob::TASK]
+    pub fn tasks(&self) -> Vec<&'static str> {
+        self.bodies().iter().map(|(kind, _)| kind.name).collect()
     }
 
     /// One persistent message per task, routed by task name to `video_tasks`.
@@ -289,16 +287,15 @@ impl JobPlan {
                 AMQPValue::LongString(self.source_name.as_bytes().to_vec().into()),
             );
         }
-        let message = |task: &str, body: Vec<u8>| Outgoing {
-            exchange: topology.tasks_exchange(),
-            routing_key: task.to_owned(),
-            body,
-            properties: persistent_json(headers.clone()),
-        };
-        vec![
-            message(TranscodeJob::TASK, messages::to_body(&self.transcode)),
-            message(ThumbnailJob::TASK, messages::to_body(&self.thumbnail)),
-        ]
+        self.bodies()
+            .into_iter()
+            .map(|(kind, body)| Outgoing {
+                exchange: topology.tasks_exchange(),
+                routing_key: kind.routing_key().to_owned(),
+                body,
+                properties: persistent_json(headers.clone()),
+            })
+            .collect()
     }
 }
 
@@ -483,6 +480,15 @@ fn short_name(file: &Path) -> String {
 mod tests {
     use super::*;
 
+    /// `--renditions 1080p` asks for exactly the default ladder's 1080p.
+    #[test]
+    fn presets_are_the_default_ladder_rungs() {
+        for rung in shared::messages::DEFAULT_LADDER {
+            assert_eq!(parse_rendition(rung.name).unwrap(), rung.rendition());
+        }
+        assert_eq!(parse_rendition("1080p").unwrap().audio_kbps, 128);
+    }
+
     #[test]
     fn presets_and_custom_renditions_parse() {
         assert_eq!(parse_rendition("720p").unwrap().height, 720);
@@ -526,6 +532,20 @@ mod tests {
                 _ => drop(messages::parse::<ThumbnailJob>(&m.body).unwrap()),
             }
         }
+    }
+
+    /// A kind added to the registry but not planned here would never be published.
+    #[test]
+    fn the_plan_has_one_message_per_builtin_kind_in_registry_order() {
+        let plan = JobPlan::new(Uuid::new_v4(), "mp4", &JobOptions::default());
+        let builtin: Vec<&str> = shared::tasks::BUILTIN.iter().map(|k| k.name).collect();
+        assert_eq!(plan.tasks(), builtin);
+        let keys: Vec<String> = plan
+            .messages(&Topology::new("", vec![], 20))
+            .into_iter()
+            .map(|m| m.routing_key)
+            .collect();
+        assert_eq!(keys, builtin);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use crate::messages::JobMessage;
 use crate::runtime::{self, WorkerOptions};
 use crate::settings::{self, Loaded};
 use crate::storage::Storage;
+use crate::tasks::TaskKind;
 use crate::{shutdown, telemetry};
 
 /// What a worker binary tells [`worker_main`] about itself.
@@ -62,7 +63,7 @@ pub fn worker_main<H: Handler>(
     };
     telemetry::init(&loaded.settings.log);
     if matches.get_flag("declare-topology") {
-        return declare_topology(&loaded.settings);
+        return declare_topology(&loaded.settings, <H::Job as JobMessage>::KIND);
     }
     let handler = match build(&loaded) {
         Ok(h) => h,
@@ -115,8 +116,9 @@ pub fn worker_main<H: Handler>(
     }
 }
 
-/// `--declare-topology`: declare everything once, then exit (0 on success).
-fn declare_topology(settings: &crate::settings::Settings) -> ExitCode {
+/// `--declare-topology`: declare everything once (the builtin kinds and this worker's
+/// own), then exit (0 on success).
+fn declare_topology(settings: &crate::settings::Settings, kind: TaskKind) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -130,11 +132,7 @@ fn declare_topology(settings: &crate::settings::Settings) -> ExitCode {
     let result = runtime.block_on(async {
         let conn = crate::broker::try_connect(&settings.amqp, "vidpipe-declare-topology").await?;
         let channel = conn.create_channel().await?;
-        let topology = crate::topology::Topology::new(
-            &settings.topology.prefix,
-            settings.retry.policy().delays,
-            settings.retry.delivery_limit,
-        );
+        let topology = crate::topology::Topology::from_settings(settings).with_kind(kind);
         topology.declare(&channel).await?;
         let _ = conn.close(200, "done".into()).await;
         Ok::<_, lapin::Error>(())

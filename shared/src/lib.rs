@@ -3,6 +3,8 @@
 //! - [`settings`]: layered configuration (defaults, file, `VIDPIPE__*` environment).
 //! - [`telemetry`]: tracing setup, text or JSON lines.
 //! - [`storage_key`], [`messages`]: the message contract and its validation.
+//! - [`tasks`]: the task registry: every task kind, declared once, and the broker users
+//!   derived from it.
 //! - [`topology`]: exchange and queue names and their idempotent declaration.
 //! - [`broker`]: connecting with backoff, publishing with confirms.
 //! - [`outcome`]: job errors and the pure outcome → broker action decision.
@@ -34,6 +36,7 @@ pub mod shutdown;
 pub mod sniff;
 pub mod storage;
 pub mod storage_key;
+pub mod tasks;
 pub mod telemetry;
 pub mod topology;
 

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::storage_key::StorageKey;
+use crate::tasks::{self, TaskKind};
 
 /// The only message schema this build understands.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -38,8 +39,10 @@ pub enum PoisonError {
 
 /// What every job message has in common; the worker runtime is generic over it.
 pub trait JobMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The task name: routing key, queue suffix and `task` field.
-    const TASK: &'static str;
+    /// The task kind this message is for, from the [`tasks`](crate::tasks) registry.
+    const KIND: TaskKind;
+    /// The task name: routing key, queue suffix and `task` field (the kind's name).
+    const TASK: &'static str = Self::KIND.name;
     fn job_id(&self) -> Uuid;
     /// Storage key of the input video.
     fn source(&self) -> &StorageKey;
@@ -136,6 +139,68 @@ pub struct Rendition {
     pub audio_kbps: u32,
 }
 
+/// A named rung of the rendition ladder. Its `height` is the picture's short side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rung {
+    pub name: &'static str,
+    pub height: u32,
+    /// Video bitrate cap, kbit/s.
+    pub video_kbps: u32,
+    /// AAC bitrate, kbit/s.
+    pub audio_kbps: u32,
+}
+
+impl Rung {
+    /// The rung as a job's rendition.
+    pub fn rendition(&self) -> Rendition {
+        Rendition {
+            name: self.name.into(),
+            height: self.height,
+            video_kbps: self.video_kbps,
+            audio_kbps: self.audio_kbps,
+        }
+    }
+}
+
+/// Every named rung, best first: the presets `producer upload --renditions` accepts by
+/// name. One table, so a preset and the default rung of the same name never disagree.
+pub const RUNGS: [Rung; 5] = [
+    Rung {
+        name: "1080p",
+        height: 1080,
+        video_kbps: 5000,
+        audio_kbps: 128,
+    },
+    Rung {
+        name: "720p",
+        height: 720,
+        video_kbps: 2800,
+        audio_kbps: 128,
+    },
+    Rung {
+        name: "480p",
+        height: 480,
+        video_kbps: 1400,
+        audio_kbps: 96,
+    },
+    Rung {
+        name: "360p",
+        height: 360,
+        video_kbps: 800,
+        audio_kbps: 96,
+    },
+    Rung {
+        name: "240p",
+        height: 240,
+        video_kbps: 400,
+        audio_kbps: 64,
+    },
+];
+
+/// The default ladder (a transcode job with no `renditions`): the rungs down to 360p.
+/// 240p is a preset only: below 360p a default rendition is made at the source's own size.
+pub const DEFAULT_LADDER: &[Rung] = RUNGS.split_at(4).0;
+
 /// Container formats the transcoder can write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -173,7 +238,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl JobMessage for TranscodeJob {
-    const TASK: &'static str = "transcode";
+    const KIND: TaskKind = tasks::TRANSCODE;
     fn job_id(&self) -> Uuid {
         self.job_id
     }
@@ -314,7 +379,7 @@ pub struct ThumbnailJob {
 }
 
 impl JobMessage for ThumbnailJob {
-    const TASK: &'static str = "thumbnail";
+    const KIND: TaskKind = tasks::THUMBNAIL;
     fn job_id(&self) -> Uuid {
         self.job_id
     }
@@ -369,6 +434,26 @@ impl JobMessage for ThumbnailJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The transcoder's default ladder as it has always been (1080p audio 128 kbit/s);
+    /// the producer's presets are the same table, so they agree by construction.
+    #[test]
+    fn the_default_ladder_is_1080p_to_360p() {
+        let ladder: Vec<(&str, u32, u32, u32)> = DEFAULT_LADDER
+            .iter()
+            .map(|r| (r.name, r.height, r.video_kbps, r.audio_kbps))
+            .collect();
+        assert_eq!(
+            ladder,
+            [
+                ("1080p", 1080, 5000, 128),
+                ("720p", 720, 2800, 128),
+                ("480p", 480, 1400, 96),
+                ("360p", 360, 800, 96),
+            ]
+        );
+        assert_eq!(RUNGS[4].rendition().name, "240p");
+    }
 
     fn transcode_json(extra: &str) -> String {
         format!(

@@ -101,11 +101,9 @@ pub async fn run<H: Handler>(
     let settings = options.settings;
     let worker = Arc::new(Worker {
         handler: Arc::new(handler),
-        topology: Topology::new(
-            &settings.topology.prefix,
-            settings.retry.policy().delays,
-            settings.retry.delivery_limit,
-        ),
+        // The handler's own kind joins the builtin ones: a kind outside the builtin
+        // registry (the tests' `copy`) still gets its queue, retries and dead letters.
+        topology: Topology::from_settings(&settings).with_kind(H::Job::KIND),
         policy: settings.retry.policy(),
         name: settings.worker.name(),
         job_timeout: Duration::from_secs_f64(settings.worker.job_timeout_secs),

@@ -11,6 +11,8 @@
 //! video_events (topic): job.<job_id>.<task>.<state>
 //! ```
 //!
+//! One work queue per task kind of the topology's [`Registry`] (the builtin kinds, plus
+//! the kind of the worker's own handler): the two above are `shared::tasks::BUILTIN`.
 //! Retry tiers are named after their delay (`video_tasks.retry.5s`), so changing the
 //! configured delays declares new queues instead of clashing with existing arguments.
 //! Everything is declared by every process at start; declaring twice is a no-op.
@@ -24,24 +26,50 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-/// The tasks vidpipe knows; each has a routing key and a work queue of that name.
-pub const TASKS: [&str; 2] = ["transcode", "thumbnail"];
+use crate::settings::Settings;
+use crate::tasks::{Registry, TaskKind};
 
-/// Names of everything on the broker, under an optional prefix.
+/// Names of everything on the broker, under an optional prefix, for the task kinds of a
+/// [`Registry`] (one work queue each).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     prefix: String,
     retry_delays: Vec<Duration>,
     delivery_limit: u32,
+    registry: Registry,
 }
 
 impl Topology {
+    /// The topology of the builtin task kinds.
     pub fn new(prefix: &str, retry_delays: Vec<Duration>, delivery_limit: u32) -> Self {
         Self {
             prefix: prefix.to_owned(),
             retry_delays,
             delivery_limit,
+            registry: Registry::builtin(),
         }
+    }
+
+    /// The topology of the builtin kinds from the settings' `topology` and `retry`
+    /// sections: what every process declares.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self::new(
+            &settings.topology.prefix,
+            settings.retry.policy().delays,
+            settings.retry.delivery_limit,
+        )
+    }
+
+    /// This topology with `kind` added to its registry (a worker adds its own handler's
+    /// kind, so a kind outside [`BUILTIN`](crate::tasks::BUILTIN) still gets its queue).
+    pub fn with_kind(mut self, kind: TaskKind) -> Self {
+        self.registry = self.registry.with(kind);
+        self
+    }
+
+    /// The task kinds this topology has work queues for.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     fn name(&self, base: &str) -> String {
@@ -122,7 +150,7 @@ impl Topology {
 
         // Work queues: quorum (replicated, poison-safe), dead-lettering to the parking
         // lot when the broker gives up (delivery limit), never silently dropping.
-        for task in TASKS {
+        for task in self.registry.names() {
             let mut args = FieldTable::default();
             args.insert("x-queue-type".into(), long_string("quorum"));
             args.insert("x-dead-letter-exchange".into(), long_string(&self.dead()));
@@ -196,7 +224,7 @@ impl Topology {
     /// Deletes everything [`declare`](Self::declare) made. For tests with a private
     /// prefix; never call it on a production prefix.
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        let mut queues: Vec<String> = TASKS.iter().map(|t| self.work_queue(t)).collect();
+        let mut queues: Vec<String> = self.registry.names().map(|t| self.work_queue(t)).collect();
         queues.push(self.dead());
         let mut exchanges = vec![self.tasks_exchange(), self.events_exchange(), self.dead()];
         for tier in 0..self.retry_tiers() {

@@ -3,7 +3,8 @@
 //! [`TestEnv::new`] picks a unique topology prefix and a fresh storage root, declares the
 //! topology on the real broker, and gives helpers to publish jobs, spawn real worker
 //! processes, follow events and read the dead letters. Dropping it kills its workers and
-//! deletes everything it declared. Waiting is always polling with a deadline.
+//! deletes everything it declared (including the work queue of the tests' own task kind,
+//! [`kind::COPY`]). Waiting is always polling with a deadline.
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
@@ -26,6 +27,7 @@ use shared::topology::Topology;
 use uuid::Uuid;
 
 pub mod fixtures;
+pub mod kind;
 pub mod node;
 pub mod s3;
 
@@ -149,7 +151,10 @@ impl TestEnv {
                 .map(|s| Duration::from_secs_f64(*s))
                 .collect(),
             delivery_limit,
-        );
+        )
+        // The tests' own kind as well, as its worker declares it: so tests can publish
+        // to it before the worker is up, and dropping the env deletes its queue.
+        .with_kind(kind::COPY);
         let data = tempfile::tempdir().expect("temp dir");
         let storage = Storage::from_settings(&StorageSettings {
             root: data.path().join("store"),

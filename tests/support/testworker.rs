@@ -2,8 +2,14 @@
 //! storage, real process (so tests can SIGKILL and SIGTERM it), no video.
 //!
 //! It consumes the `transcode` queue with [`TestJob`]s, which say how long to work and
-//! how to fail, so each runtime behaviour can be provoked on purpose.
+//! how to fail, so each runtime behaviour can be provoked on purpose. With
+//! `VIDPIPE_TESTWORKER_TASK=copy` it consumes the tests' own kind instead ([`kind::COPY`],
+//! not a builtin kind): the proof that a worker kind is a crate plus one registration.
 
+#[path = "kind.rs"]
+mod kind;
+
+use std::marker::PhantomData;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -11,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use shared::app::{WorkerInfo, worker_main};
 use shared::messages::JobMessage;
 use shared::storage_key::StorageKey;
+use shared::tasks::{self, TaskKind};
 use shared::{Handler, JobContext, JobError, TaskOutput};
 use uuid::Uuid;
 
@@ -32,7 +39,7 @@ pub struct TestJob {
 }
 
 impl JobMessage for TestJob {
-    const TASK: &'static str = "transcode";
+    const KIND: TaskKind = tasks::TRANSCODE;
     fn job_id(&self) -> Uuid {
         self.job_id
     }
@@ -47,11 +54,46 @@ impl JobMessage for TestJob {
     }
 }
 
-struct TestHandler;
+/// The same job as a job of the tests' own kind: its one registration is `KIND`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CopyJob(TestJob);
 
-impl Handler for TestHandler {
-    type Job = TestJob;
-    fn handle(&self, job: &TestJob, ctx: &JobContext) -> Result<TaskOutput, JobError> {
+impl JobMessage for CopyJob {
+    const KIND: TaskKind = kind::COPY;
+    fn job_id(&self) -> Uuid {
+        self.0.job_id
+    }
+    fn source(&self) -> &StorageKey {
+        &self.0.source
+    }
+    fn output_prefix(&self) -> &StorageKey {
+        &self.0.output_prefix
+    }
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl AsRef<TestJob> for TestJob {
+    fn as_ref(&self) -> &TestJob {
+        self
+    }
+}
+
+impl AsRef<TestJob> for CopyJob {
+    fn as_ref(&self) -> &TestJob {
+        &self.0
+    }
+}
+
+/// The test handler for jobs of type `J` (`fn() -> J`: a marker that is `Send + Sync`).
+struct TestHandler<J>(PhantomData<fn() -> J>);
+
+impl<J: JobMessage + AsRef<TestJob>> Handler for TestHandler<J> {
+    type Job = J;
+    fn handle(&self, job: &J, ctx: &JobContext) -> Result<TaskOutput, JobError> {
+        let job = job.as_ref();
         let started = Instant::now();
         let work = Duration::from_millis(job.work_ms);
         while started.elapsed() < work {
@@ -89,5 +131,10 @@ fn main() -> ExitCode {
         about: "Test worker for vidpipe's integration tests",
         default_concurrency: 1,
     };
-    worker_main(info, |_| Ok(TestHandler))
+    match std::env::var("VIDPIPE_TESTWORKER_TASK").as_deref() {
+        Ok(name) if name == kind::COPY.name => {
+            worker_main(info, |_| Ok(TestHandler::<CopyJob>(PhantomData)))
+        }
+        _ => worker_main(info, |_| Ok(TestHandler::<TestJob>(PhantomData))),
+    }
 }

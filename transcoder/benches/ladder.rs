@@ -19,11 +19,12 @@ mod measure;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use shared::messages::DEFAULT_LADDER;
 use shared::messages::{OutputFormat, TranscodeJob};
 use shared::storage_key::StorageKey;
 use shared::{Handler, JobContext};
 use tokio_util::sync::CancellationToken;
-use transcoder::ladder::{DEFAULT_RUNGS, plan};
+use transcoder::ladder::plan;
 use transcoder::{TranscodeHandler, TranscoderSettings};
 
 const CHILD: &str = "VIDPIPE_BENCH_CHILD";
@@ -38,7 +39,7 @@ fn main() {
     measure::clip(&source, 24, "1920x1080");
     let cfg = TranscoderSettings::default();
     let (ladder, _) = plan(&[], 1920, 1080);
-    assert_eq!(ladder.len(), DEFAULT_RUNGS.len());
+    assert_eq!(ladder.len(), DEFAULT_LADDER.len());
     println!(
         "transcode ladder {} of a 24 s 1080p clip, libx264 preset {} crf {}, MP4 only",
         ladder

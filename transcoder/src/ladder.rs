@@ -1,5 +1,5 @@
-//! The rendition ladder: the default one derived from the source, and the output size of
-//! each rendition.
+//! The rendition ladder: the default one ([`DEFAULT_LADDER`], shared with the producer's
+//! presets) cut to the source, and the output size of each rendition.
 //!
 //! A rung's `height` is the *short side* of the picture: 720p is 1280x720 for landscape
 //! and 720x1280 for portrait video. The ladder never upscales: rungs larger than the
@@ -7,15 +7,7 @@
 //! size. Sizes are even (4:2:0 chroma needs it) and keep the display aspect ratio.
 
 use serde::Serialize;
-use shared::messages::Rendition;
-
-/// The default rungs, best first: name, short side, video kbit/s cap, audio kbit/s.
-pub const DEFAULT_RUNGS: [(&str, u32, u32, u32); 4] = [
-    ("1080p", 1080, 5000, 128),
-    ("720p", 720, 2800, 128),
-    ("480p", 480, 1400, 96),
-    ("360p", 360, 800, 96),
-];
+use shared::messages::{DEFAULT_LADDER, Rendition, Rung};
 
 /// One rendition with its final picture size.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -39,15 +31,7 @@ pub fn plan(
 ) -> (Vec<Planned>, Vec<String>) {
     let short = display_w.min(display_h).max(2);
     let rungs: Vec<Rendition> = if requested.is_empty() {
-        DEFAULT_RUNGS
-            .iter()
-            .map(|&(name, height, video_kbps, audio_kbps)| Rendition {
-                name: name.into(),
-                height,
-                video_kbps,
-                audio_kbps,
-            })
-            .collect()
+        DEFAULT_LADDER.iter().map(Rung::rendition).collect()
     } else {
         requested.to_vec()
     };

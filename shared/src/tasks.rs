@@ -1,0 +1,351 @@
+//! The task registry: every task kind vidpipe runs, declared once.
+//!
+//! A [`TaskKind`] says everything the rest of the tree needs to know about a task: its
+//! name (which is also its routing key, its work queue's suffix, the `task` field of its
+//! messages and its output folder), its message type, whether its source must have a
+//! video stream, and the broker role that runs it. From the [`Registry`] come the
+//! topology (one quorum work queue per kind), the producer's job plan, and the
+//! least-privilege broker users ([`broker_roles`]: what `scripts/rabbitmq-users.sh` and
+//! the compose stack's generated broker definitions apply, printed by `producer tasks`).
+//!
+//! Adding a worker kind is a new crate whose message type names its `TaskKind` in
+//! [`JobMessage::KIND`](crate::messages::JobMessage::KIND), plus one line in [`BUILTIN`].
+//! A kind that is not in `BUILTIN` (the integration tests' `copy` kind) still works: the
+//! worker runtime adds its own handler's kind to the registry it declares, so a test-only
+//! kind never reaches production topology.
+
+use serde::Serialize;
+
+use crate::topology::Topology;
+
+/// One task kind. See the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TaskKind {
+    /// Task name: routing key on `video_tasks`, work queue `video_tasks.<name>`, the
+    /// messages' `task` field, outputs under `outputs/<job_id>/<name>/`.
+    pub name: &'static str,
+    /// The Rust message type (for people reading `producer tasks`).
+    pub message: &'static str,
+    /// Whether the source must have a video stream (a loudness task would not).
+    pub needs_video: bool,
+    /// The broker role running it: RabbitMQ user `vidpipe-<role>`, password variable
+    /// `VIDPIPE_<ROLE>_PASSWORD`, worker binary and compose service `<role>`, secrets
+    /// volume `secrets-<role>`.
+    pub role: &'static str,
+}
+
+impl TaskKind {
+    /// The routing key jobs of this kind are published with (the name).
+    pub const fn routing_key(&self) -> &'static str {
+        self.name
+    }
+    /// The RabbitMQ user of its role.
+    pub fn user(&self) -> String {
+        format!("vidpipe-{}", self.role)
+    }
+}
+
+/// `transcode`: the source into an MP4/HLS rendition ladder.
+pub const TRANSCODE: TaskKind = TaskKind {
+    name: "transcode",
+    message: "TranscodeJob",
+    needs_video: true,
+    role: "transcoder",
+};
+
+/// `thumbnail`: a poster, thumbnails and a sprite sheet.
+pub const THUMBNAIL: TaskKind = TaskKind {
+    name: "thumbnail",
+    message: "ThumbnailJob",
+    needs_video: true,
+    role: "thumbnailer",
+};
+
+/// Every production task kind, in publishing order. Adding a kind is one line here.
+pub const BUILTIN: &[TaskKind] = &[TRANSCODE, THUMBNAIL];
+
+/// The builtin kinds' names, in order (for code that only walks the names).
+pub const BUILTIN_NAMES: [&str; BUILTIN.len()] = {
+    let mut names = [""; BUILTIN.len()];
+    let mut i = 0;
+    while i < BUILTIN.len() {
+        names[i] = BUILTIN[i].name;
+        i += 1;
+    }
+    names
+};
+
+/// A set of task kinds: the builtin ones, plus any a process adds for itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Registry {
+    kinds: Vec<TaskKind>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl Registry {
+    /// The production kinds ([`BUILTIN`]).
+    pub fn builtin() -> Self {
+        Self {
+            kinds: BUILTIN.to_vec(),
+        }
+    }
+
+    /// This registry with `kind` added after the others (no change if a kind of that
+    /// name is there already).
+    ///
+    /// # Panics
+    /// If a different kind of the same name is registered: two kinds sharing a queue
+    /// would consume each other's jobs as poison.
+    pub fn with(mut self, kind: TaskKind) -> Self {
+        match self.get(kind.name) {
+            Some(existing) => assert_eq!(
+                *existing, kind,
+                "task kind `{}` is registered twice, differently",
+                kind.name
+            ),
+            None => self.kinds.push(kind),
+        }
+        self
+    }
+
+    /// Every kind, in registration order.
+    pub fn kinds(&self) -> &[TaskKind] {
+        &self.kinds
+    }
+
+    /// The kind called `name`.
+    pub fn get(&self, name: &str) -> Option<&TaskKind> {
+        self.kinds.iter().find(|k| k.name == name)
+    }
+
+    /// Task names, in registration order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.iter().map(|k| k.name)
+    }
+}
+
+/// One RabbitMQ user with its tags and permission regexes on one vhost.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerRole {
+    /// `producer`, `transcoder`, …, `ops`: the secrets directory and password variable.
+    pub role: String,
+    /// `vidpipe-<role>`.
+    pub user: String,
+    /// RabbitMQ user tags (`management` for ops, else empty).
+    pub tags: String,
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+/// The least-privilege users for `registry` under `topology`'s prefix: the producer
+/// (publishes jobs, reads events through its own server-named queues), one user per
+/// worker role (reads its kinds' queues, writes retries, dead letters and events,
+/// configures nothing), and ops (declares the topology, administers dead letters).
+pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole> {
+    let re = |name: String| regex_escape(&name);
+    let events = re(topology.events_exchange());
+    let tasks = re(topology.tasks_exchange());
+    let dead = re(topology.dead());
+    let retries = format!("{}.*", re(format!("{}.retry.", topology.tasks_exchange())));
+    let own_queues = r"amq\.gen-.*";
+    let role =
+        |name: &str, tags: &str, configure: String, write: String, read: String| BrokerRole {
+            role: name.to_owned(),
+            user: format!("vidpipe-{name}"),
+            tags: tags.to_owned(),
+            configure,
+            write,
+            read,
+        };
+    let mut roles = vec![role(
+        "producer",
+        "",
+        format!("^{own_queues}$"),
+        format!("^({tasks}|{own_queues})$"),
+        format!("^({events}|{own_queues})$"),
+    )];
+    let mut worker_roles: Vec<&str> = Vec::new();
+    for kind in registry.kinds() {
+        if !worker_roles.contains(&kind.role) {
+            worker_roles.push(kind.role);
+        }
+    }
+    for name in worker_roles {
+        let queues: Vec<String> = registry
+            .kinds()
+            .iter()
+            .filter(|k| k.role == name)
+            .map(|k| re(topology.work_queue(k.name)))
+            .collect();
+        let read = match queues.as_slice() {
+            [one] => format!("^{one}$"),
+            many => format!("^({})$", many.join("|")),
+        };
+        roles.push(role(
+            name,
+            "",
+            "^$".into(),
+            format!("^({retries}|{dead}|{events})$"),
+            read,
+        ));
+    }
+    // Everything under the prefix: `video_tasks.*` covers the work queues, retry tiers
+    // and the parking lot (the dot unescaped, as any character: it also matches
+    // `video_tasks` itself).
+    let everything = format!("^({tasks}.*|{events}|{own_queues})$");
+    roles.push(role(
+        "ops",
+        "management",
+        everything.clone(),
+        everything.clone(),
+        everything,
+    ));
+    roles
+}
+
+/// The broker definitions (users, vhost `/`, permissions) the compose stack's broker
+/// imports, with `@<role>@` where each user's password hash goes (filled in by
+/// `docker/secrets.sh`, which alone sees the passwords).
+pub fn broker_definitions(roles: &[BrokerRole]) -> serde_json::Value {
+    let users: Vec<serde_json::Value> = roles
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "name": r.user,
+                "password_hash": format!("@{}@", r.role),
+                "hashing_algorithm": "rabbit_password_hashing_sha256",
+                "tags": r.tags,
+            })
+        })
+        .collect();
+    let permissions: Vec<serde_json::Value> = roles
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "user": r.user, "vhost": "/",
+                "configure": r.configure, "write": r.write, "read": r.read,
+            })
+        })
+        .collect();
+    serde_json::json!({ "users": users, "vhosts": [{ "name": "/" }], "permissions": permissions })
+}
+
+/// `s` as a regular expression matching exactly `s` (RabbitMQ permissions are regexes).
+fn regex_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if r".[]\*^$()+?{}|".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn topology(prefix: &str) -> Topology {
+        Topology::new(prefix, vec![Duration::from_secs(5)], 20)
+    }
+
+    /// The regexes are exactly those the scripts hard-coded before the registry, so
+    /// existing brokers keep their permissions.
+    #[test]
+    fn broker_roles_are_the_least_privilege_users() {
+        let roles = broker_roles(&Registry::builtin(), &topology(""));
+        let row = |r: &BrokerRole| {
+            [r.user.as_str(), &r.tags, &r.configure, &r.write, &r.read].map(str::to_owned)
+        };
+        let rows: Vec<_> = roles.iter().map(row).collect();
+        let worker = |user: &str, queue: &str| {
+            [
+                user,
+                "",
+                "^$",
+                r"^(video_tasks\.retry\..*|video_tasks\.dead|video_events)$",
+                queue,
+            ]
+            .map(str::to_owned)
+        };
+        let ops = r"^(video_tasks.*|video_events|amq\.gen-.*)$";
+        assert_eq!(
+            rows,
+            [
+                [
+                    "vidpipe-producer",
+                    "",
+                    r"^amq\.gen-.*$",
+                    r"^(video_tasks|amq\.gen-.*)$",
+                    r"^(video_events|amq\.gen-.*)$",
+                ]
+                .map(str::to_owned),
+                worker("vidpipe-transcoder", r"^video_tasks\.transcode$"),
+                worker("vidpipe-thumbnailer", r"^video_tasks\.thumbnail$"),
+                ["vidpipe-ops", "management", ops, ops, ops].map(str::to_owned),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prefix_is_matched_literally() {
+        let roles = broker_roles(&Registry::builtin(), &topology("t1."));
+        assert_eq!(roles[1].read, r"^t1\.video_tasks\.transcode$");
+    }
+
+    #[test]
+    fn an_added_kind_gets_its_own_role_and_queue() {
+        let extra = TaskKind {
+            name: "loudness",
+            message: "LoudnessJob",
+            needs_video: false,
+            role: "loudness",
+        };
+        let registry = Registry::builtin().with(extra).with(extra);
+        assert_eq!(
+            registry.names().collect::<Vec<_>>(),
+            ["transcode", "thumbnail", "loudness"]
+        );
+        let roles = broker_roles(&registry, &topology(""));
+        let names: Vec<&str> = roles.iter().map(|r| r.role.as_str()).collect();
+        assert_eq!(
+            names,
+            ["producer", "transcoder", "thumbnailer", "loudness", "ops"]
+        );
+        assert_eq!(roles[3].read, r"^video_tasks\.loudness$");
+    }
+
+    #[test]
+    #[should_panic(expected = "registered twice")]
+    fn a_name_cannot_be_registered_twice_differently() {
+        let _ = Registry::builtin().with(TaskKind {
+            needs_video: false,
+            ..TRANSCODE
+        });
+    }
+
+    #[test]
+    fn definitions_leave_a_hash_placeholder_per_role() {
+        let defs = broker_definitions(&broker_roles(&Registry::builtin(), &topology("")));
+        let hashes: Vec<&str> = defs["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["password_hash"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            hashes,
+            ["@producer@", "@transcoder@", "@thumbnailer@", "@ops@"]
+        );
+        assert_eq!(defs["permissions"][1]["read"], r"^video_tasks\.transcode$");
+    }
+}

@@ -1,0 +1,217 @@
+//! Integration tests: the task registry (`shared::tasks`). A kind outside the builtin
+//! registry (the tests' `copy`, registered only by the test worker's message type) gets
+//! its own queue, retries and dead letters; the scripts' broker users come from it; and
+//! what cannot be derived from it (compose services, images) agrees with it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use shared::events::JobState;
+use shared::storage_key::StorageKey;
+use shared::tasks::{self, Registry};
+use shared::topology::Topology;
+
+use crate::support::kind::COPY;
+use crate::support::{TestEnv, eventually, job_keys, test_job};
+use uuid::Uuid;
+
+const WORKER: &str = "vidpipe-testworker";
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A test-worker job body of the `copy` kind, with `extra` fields.
+fn copy_job(id: Uuid, source: &str, prefix: &StorageKey, extra: serde_json::Value) -> Vec<u8> {
+    let mut fields = json!({ "task": COPY.name });
+    if let (Some(fields), Some(extra)) = (fields.as_object_mut(), extra.as_object()) {
+        fields.extend(extra.clone());
+    }
+    test_job(id, source, prefix, fields)
+}
+
+/// A third kind flows end to end through the same runtime: published to `video_tasks`
+/// with its routing key, consumed from its own queue, retried through the shared retry
+/// tiers back to that queue, committed under `outputs/<job>/copy/`, with events; a
+/// permanent failure is parked with the kind's name.
+#[tokio::test]
+async fn a_kind_outside_the_builtin_registry_flows_end_to_end() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "copier", &[("VIDPIPE_TESTWORKER_TASK", COPY.name)]);
+
+    let (id, source, prefix) = job_keys(COPY.name);
+    env.put_source(&source, b"not a video at all").await;
+    let mut events = env.follow_events(id).await;
+    env.publish_raw(
+        COPY.routing_key(),
+        &copy_job(id, &source, &prefix, json!({ "fail_attempts": 1 })),
+    )
+    .await;
+    let retrying = events
+        .wait_for(COPY.name, JobState::Retrying, PATIENCE)
+        .await;
+    assert_eq!(retrying.attempt, 1);
+    events
+        .wait_for(COPY.name, JobState::Completed, PATIENCE)
+        .await;
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    assert_eq!(manifest["task"], COPY.name);
+    assert_eq!(manifest["attempt"], 2, "retried back into its own queue");
+    assert_eq!(manifest["outputs"][0]["size_bytes"], 18);
+
+    let (dead_id, dead_source, dead_prefix) = job_keys(COPY.name);
+    env.put_source(&dead_source, b"x").await;
+    env.publish_raw(
+        COPY.routing_key(),
+        &copy_job(
+            dead_id,
+            &dead_source,
+            &dead_prefix,
+            json!({ "permanent": true }),
+        ),
+    )
+    .await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert_eq!(dead[0].header("x-vidpipe-task").as_deref(), Some(COPY.name));
+    assert!(dead[0].reason().contains("permanent failure requested"));
+
+    let queue = env.topology.work_queue(COPY.name);
+    assert_eq!(queue, format!("{}video_tasks.copy", env.prefix));
+    eventually(PATIENCE, "the copy queue to drain", async || {
+        env.queue_depth(&queue).await == 0
+    })
+    .await;
+}
+
+/// The test kind stays out of production: the builtin registry (what the producer, the
+/// broker users and `--declare-topology` of the real workers use) does not have it.
+#[test]
+fn the_test_kind_is_not_in_the_production_registry() {
+    assert!(Registry::builtin().get(COPY.name).is_none());
+    let production = Topology::new("", vec![Duration::from_secs(5)], 20);
+    assert!(!production.registry().names().any(|n| n == COPY.name));
+}
+
+fn read(path: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Compose services, secrets volumes and the images are written by hand (YAML and
+/// Dockerfiles cannot ask the registry): every builtin kind's role must be there.
+#[test]
+fn compose_and_images_have_every_registered_role() {
+    let compose = read("docker-compose.yml");
+    let images = [read("Dockerfile"), read("docker/Dockerfile.prebuilt")];
+    let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
+    for role in &roles {
+        let r = &role.role;
+        assert!(
+            compose.contains(&format!("\n  secrets-{r}:")),
+            "docker-compose.yml: no volume secrets-{r}"
+        );
+        for image in &images {
+            assert!(
+                image.contains(&format!("/secrets/{r} ")),
+                "a Dockerfile does not make /secrets/{r}"
+            );
+        }
+    }
+    for kind in tasks::BUILTIN {
+        let r = kind.role;
+        assert!(
+            compose.contains(&format!("\n  {r}:\n")),
+            "docker-compose.yml: no service `{r}` for task `{}`",
+            kind.name
+        );
+        assert!(
+            compose.contains(&format!("secrets-{r}:/run/vidpipe-secrets:ro")),
+            "docker-compose.yml: service `{r}` does not mount its secrets"
+        );
+        assert!(
+            images[0].contains(&format!("target/release/{r}"))
+                && images[1].contains(&format!("bin/{r}")),
+            "a Dockerfile does not install the `{r}` binary"
+        );
+    }
+}
+
+/// `docker/secrets.sh` makes the broker's definitions from the registry (through the
+/// producer binary, as in the image): one user per role with a real hash, the
+/// registry's permissions.
+#[test]
+fn secrets_script_writes_the_registry_users_into_the_broker_definitions() {
+    let root = tempfile::tempdir().expect("temp dir");
+    let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
+    for dir in roles
+        .iter()
+        .map(|r| r.role.as_str())
+        .chain(["minio", "rabbitmq"])
+    {
+        std::fs::create_dir(root.path().join(dir)).unwrap();
+    }
+    let out = std::process::Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/secrets.sh"))
+        .arg("init")
+        .env("VIDPIPE_SECRETS_ROOT", root.path())
+        .env("VIDPIPE_PRODUCER_BIN", crate::support::bin("producer"))
+        .output()
+        .expect("running docker/secrets.sh");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let defs: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(root.path().join("rabbitmq/definitions.json")).unwrap(),
+    )
+    .unwrap();
+    let users: Vec<&str> = defs["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = roles.iter().map(|r| r.user.as_str()).collect();
+    assert_eq!(users, expected);
+    for user in defs["users"].as_array().unwrap() {
+        let hash = user["password_hash"].as_str().unwrap();
+        assert!(!hash.contains('@') && hash.len() == 48, "{hash}");
+    }
+    for (perm, role) in defs["permissions"].as_array().unwrap().iter().zip(&roles) {
+        assert_eq!(
+            (&perm["configure"], &perm["write"], &perm["read"]),
+            (
+                &json!(role.configure),
+                &json!(role.write),
+                &json!(role.read)
+            )
+        );
+    }
+}
+
+/// `producer tasks --json` is the registry for scripts: every builtin kind with its queue,
+/// routing key and role, and nothing else; it needs no broker and no settings.
+#[test]
+fn producer_tasks_prints_the_builtin_registry() {
+    let out = std::process::Command::new(crate::support::bin("producer"))
+        .args(["tasks", "--json", "--prefix", "p."])
+        .env("VIDPIPE__AMQP__URL", "amqp://nowhere.invalid:1/%2f")
+        .output()
+        .expect("running producer tasks");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kinds: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let expected: Vec<serde_json::Value> = tasks::BUILTIN
+        .iter()
+        .map(|k| {
+            json!({
+                "name": k.name, "routing_key": k.name, "queue": format!("p.video_tasks.{}", k.name),
+                "message": k.message, "needs_video": k.needs_video, "role": k.role,
+                "user": format!("vidpipe-{}", k.role),
+            })
+        })
+        .collect();
+    assert_eq!(kinds, json!(expected));
+}
