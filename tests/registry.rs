@@ -53,9 +53,12 @@ async fn a_kind_outside_the_builtin_registry_flows_end_to_end() {
         .wait_for(COPY.name, JobState::Completed, PATIENCE)
         .await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    assert_eq!(manifest["task"], COPY.name);
-    assert_eq!(manifest["attempt"], 2, "retried back into its own queue");
-    assert_eq!(manifest["outputs"][0]["size_bytes"], 18);
+    assert_eq!(manifest.completion.task, COPY.name);
+    assert_eq!(
+        manifest.completion.attempt, 2,
+        "retried back into its own queue"
+    );
+    assert_eq!(manifest.outputs[0].size_bytes, 18);
 
     let (dead_id, dead_source, dead_prefix) = job_keys(COPY.name);
     env.put_source(&dead_source, b"x").await;

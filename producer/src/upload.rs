@@ -20,7 +20,7 @@ use shared::messages::{
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
-use shared::tasks::TaskKind;
+use shared::tasks::{THUMBNAIL, TRANSCODE, TaskKind};
 use shared::topology::Topology;
 use uuid::Uuid;
 
@@ -231,14 +231,16 @@ impl JobPlan {
             transcode: TranscodeJob {
                 job_id,
                 source: source.clone(),
-                output_prefix: key(format!("outputs/{job_id}/transcode/")),
+                output_prefix: StorageKey::output_prefix(job_id, TRANSCODE.name)
+                    .expect("a uuid and a task name make a valid key"),
                 renditions: options.renditions.clone(),
                 formats: options.formats.clone(),
             },
             thumbnail: ThumbnailJob {
                 job_id,
                 source: source.clone(),
-                output_prefix: key(format!("outputs/{job_id}/thumbnail/")),
+                output_prefix: StorageKey::output_prefix(job_id, THUMBNAIL.name)
+                    .expect("a uuid and a task name make a valid key"),
                 poster: true,
                 count: options.thumbnails,
                 timestamps: Vec::new(),
