@@ -267,7 +267,7 @@ async fn status_reports_pending_completed_and_dead_tasks() {
             .is_empty()
     );
     // Looking did not take the dead letter out.
-    assert_eq!(env.queue_depth(&dead_queue).await, 1);
+    depth_settles(&env, &dead_queue, 1, "looking takes nothing out").await;
 
     let text = producer(&env, &["status", &job_id]).await;
     assert!(
@@ -311,11 +311,7 @@ async fn dead_replay_brings_a_parked_job_back_and_it_completes() {
     assert_eq!(parked[0]["task"], "transcode");
     assert_eq!(parked[0]["parked_by"], "worker");
     assert!(!parked[0]["reason"].as_str().unwrap().is_empty());
-    assert_eq!(
-        env.queue_depth(&dead_queue).await,
-        1,
-        "listing takes nothing out"
-    );
+    depth_settles(&env, &dead_queue, 1, "listing takes nothing out").await;
     let show = producer(&env, &["dead", "show", &id.to_string()]).await;
     assert!(
         stdout(&show).contains(parked[0]["reason"].as_str().unwrap()),
@@ -427,11 +423,7 @@ async fn dead_purge_refuses_without_yes_and_list_reads_broker_dead_letters() {
     let refused = producer(&env, &["dead", "purge"]).await;
     assert_eq!(refused.status.code(), Some(2));
     assert!(stderr(&refused).contains("--yes"), "{}", stderr(&refused));
-    assert_eq!(
-        env.queue_depth(&env.topology.dead()).await,
-        1,
-        "nothing deleted"
-    );
+    depth_settles(&env, &env.topology.dead(), 1, "nothing deleted").await;
 
     let purged = producer(&env, &["dead", "purge", "--yes"]).await;
     assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
@@ -590,7 +582,7 @@ async fn dead_list_is_an_aligned_table_and_one_message_is_handled_by_its_id() {
     // The poison message alone is purged (with --yes), the long one alone replayed.
     let refused = producer(&env, &["dead", "purge", &ids[0]]).await;
     assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
-    assert_eq!(env.queue_depth(&dead_queue).await, 3);
+    depth_settles(&env, &dead_queue, 3, "nothing purged without --yes").await;
     let purged = producer(&env, &["dead", "purge", &ids[0], "--yes"]).await;
     assert_eq!(purged.status.code(), Some(0), "{}", stderr(&purged));
     let replayed = producer(&env, &["dead", "replay", &ids[1]]).await;
@@ -904,4 +896,14 @@ async fn help_of_every_command_has_an_example() {
 
 fn long(s: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(s.as_bytes().to_vec()))
+}
+
+/// Waits for `queue` to hold `n` ready messages. A producer command that looked at the
+/// parking lot returns what it read with a nack; a quorum queue counts those ready again
+/// a moment after the command exits, not at once.
+async fn depth_settles(env: &TestEnv, queue: &str, n: u32, what: &str) {
+    eventually(Duration::from_secs(10), what, async || {
+        env.queue_depth(queue).await == n
+    })
+    .await;
 }
