@@ -26,12 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
+use anyhow::Context as _;
 use ffmpeg::{Packet, Rational, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
 use shared::messages::{OutputFormat, TranscodeJob};
-use shared::{JobContext, JobError, TaskOutput};
+use shared::outcome::{Cancelled, mark_permanent};
+use shared::{JobContext, TaskOutput, permanent};
 
 use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, RenditionOutput};
 use crate::hls;
@@ -55,7 +57,7 @@ pub fn transcode(
     ctx: &JobContext,
     cfg: &TranscoderSettings,
     limits: &MediaLimits,
-) -> Result<TaskOutput, JobError> {
+) -> anyhow::Result<TaskOutput> {
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
@@ -115,9 +117,7 @@ pub fn transcode(
         ctx,
     )?;
     if video.frames == 0 {
-        return Err(JobError::Permanent(
-            "source video has no decodable frames".into(),
-        ));
+        return Err(permanent("source video has no decodable frames"));
     }
     ctx.progress(100.0);
     collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
@@ -133,7 +133,7 @@ fn run(
     plan: &[ladder::Planned],
     outputs: Vec<RenditionOutput>,
     ctx: &JobContext,
-) -> Result<Vec<Finished>, JobError> {
+) -> anyhow::Result<Vec<Finished>> {
     let aborted = AtomicBool::new(false);
     let sources = ladder::scale_sources(plan);
     std::thread::scope(|scope| {
@@ -167,12 +167,11 @@ fn run(
             aborted.store(true, Ordering::Relaxed);
         }
         drop(routes);
-        let results: Vec<Result<Finished, JobError>> = workers
+        let results: Vec<anyhow::Result<Finished>> = workers
             .into_iter()
             .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(JobError::Permanent("a rendition encoder panicked".into()))
-                })
+                w.join()
+                    .unwrap_or_else(|_| Err(permanent("a rendition encoder panicked")))
             })
             .collect();
         first_error(fed, results)
@@ -185,26 +184,29 @@ fn run(
 /// rendition's own error then. Otherwise the decoding side's error (corrupt source,
 /// cancellation) explains why the renditions stopped.
 fn first_error(
-    fed: Result<(), JobError>,
-    results: Vec<Result<Finished, JobError>>,
-) -> Result<Vec<Finished>, JobError> {
-    let mut errors: Vec<JobError> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err().cloned())
-        .collect();
-    errors.sort_by_key(|e| e.to_string() == STOPPED_EARLY);
-    if let Err(e) = fed {
-        if e.to_string() == STOPPED_EARLY
-            && let Some(own) = errors.into_iter().next()
-        {
-            return Err(own);
+    fed: anyhow::Result<()>,
+    results: Vec<anyhow::Result<Finished>>,
+) -> anyhow::Result<Vec<Finished>> {
+    let mut finished = Vec::with_capacity(results.len());
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(f) => finished.push(f),
+            Err(e) => errors.push(e),
         }
-        return Err(e);
     }
-    if let Some(own) = errors.into_iter().next() {
-        return Err(own);
+    errors.sort_by_key(|e| e.is::<StoppedEarly>());
+    let chosen = match (fed, errors.into_iter().next()) {
+        (Err(e), Some(own)) if e.is::<StoppedEarly>() => own,
+        (Err(e), _) => e,
+        (Ok(()), Some(own)) => own,
+        (Ok(()), None) => return Ok(finished),
+    };
+    // Only a stop with no failure behind it is left unexplained; nothing retried changes it.
+    if chosen.is::<StoppedEarly>() {
+        return Err(mark_permanent(chosen));
     }
-    results.into_iter().collect()
+    Err(chosen)
 }
 
 /// One [`RenditionOutput`] per planned rendition, each with its share of the encoder
@@ -216,7 +218,7 @@ fn open_outputs(
     clock: FrameClock,
     cfg: &TranscoderSettings,
     ctx: &JobContext,
-) -> Result<Vec<RenditionOutput>, JobError> {
+) -> anyhow::Result<Vec<RenditionOutput>> {
     let mut outputs = Vec::with_capacity(plan.len());
     let threads = encoder_threads(plan, cfg.threads);
     for (i, p) in plan.iter().enumerate() {
@@ -265,7 +267,7 @@ fn feed(
     mut audio: Option<&mut AudioPath>,
     routes: &Routes,
     ctx: &JobContext,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     let mut packet = Packet::empty();
     let mut packets = src.packets();
     loop {
@@ -292,15 +294,17 @@ fn feed(
     Ok(())
 }
 
-/// What sending to a rendition thread that has already failed returns.
-const STOPPED_EARLY: &str = "a rendition encoder stopped early";
+/// What sending to a rendition thread that has already failed returns: that thread's own
+/// error explains the run, this one only says the sender had to stop ([`first_error`]).
+#[derive(Debug, thiserror::Error)]
+#[error("a rendition encoder stopped early")]
+struct StoppedEarly;
 
 /// Hands `msg` to every rendition thread. A closed channel means that thread failed; the
 /// caller stops and the thread's own error is reported.
-fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> Result<(), JobError> {
+fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> anyhow::Result<()> {
     for tx in senders {
-        tx.send(msg())
-            .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+        tx.send(msg()).map_err(|_| StoppedEarly)?;
     }
     Ok(())
 }
@@ -313,7 +317,7 @@ fn encode_rendition(
     rx: Receiver<Msg>,
     children: Vec<SyncSender<Msg>>,
     aborted: &AtomicBool,
-) -> Result<Finished, JobError> {
+) -> anyhow::Result<Finished> {
     let (w, h) = (out.plan.width, out.plan.height);
     let mut scaler: Option<(
         ffmpeg::software::scaling::Context,
@@ -365,7 +369,7 @@ fn encode_rendition(
                 };
                 for tx in &children {
                     tx.send(Msg::Video(Arc::clone(&picture)))
-                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+                        .map_err(|_| StoppedEarly)?;
                 }
                 out.encode_video(Some(&picture))?;
             }
@@ -375,7 +379,7 @@ fn encode_rendition(
     // The children's input ends here, so they finish alongside this one.
     drop(children);
     if aborted.load(Ordering::Relaxed) {
-        return Err(JobError::Cancelled);
+        return Err(Cancelled.into());
     }
     out.finish()
 }
@@ -398,7 +402,7 @@ impl VideoPath {
         dec: &mut VideoDecoder,
         senders: &[SyncSender<Msg>],
         ctx: &JobContext,
-    ) -> Result<(), JobError> {
+    ) -> anyhow::Result<()> {
         loop {
             let mut frame = frame::Video::empty();
             if !dec.receive(&mut frame)? {
@@ -433,7 +437,7 @@ impl VideoPath {
     }
 
     /// Upright frames out of the rotation graph.
-    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let Some(graph) = self.upright.as_mut() else {
             return Ok(());
         };
@@ -448,7 +452,7 @@ impl VideoPath {
         }
     }
 
-    fn flush(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn flush(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         if let Some(graph) = self.upright.as_mut() {
             graph.flush()?;
         }
@@ -481,7 +485,7 @@ impl AudioPath {
         a: &media::AudioInfo,
         plan: &[ladder::Planned],
         cfg: &TranscoderSettings,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let a_tb = src.time_base(a.index)?;
         let dec = src.audio_decoder(a)?;
         let chain = format!(
@@ -519,7 +523,7 @@ impl AudioPath {
         let _ = self.decoder.send_packet(packet);
     }
 
-    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let mut frame = frame::Audio::empty();
         while self.decoder.receive_frame(&mut frame).is_ok() {
             let pts = frame.timestamp().map(|t| t - self.offset);
@@ -530,7 +534,7 @@ impl AudioPath {
         Ok(())
     }
 
-    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         loop {
             let mut out = frame::Audio::empty();
             if !self.graph.pull(0, &mut out)? {
@@ -545,7 +549,7 @@ impl AudioPath {
         &mut self,
         frame: Option<&frame::Audio>,
         senders: &[SyncSender<Msg>],
-    ) -> Result<(), JobError> {
+    ) -> anyhow::Result<()> {
         for (e, encoder) in self.encoders.iter_mut().enumerate() {
             for packet in encoder.encode(frame)? {
                 let packet = Arc::new(packet);
@@ -556,14 +560,14 @@ impl AudioPath {
                     .map(|(tx, _)| tx);
                 for tx in mine {
                     tx.send(Msg::Audio(Arc::clone(&packet)))
-                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+                        .map_err(|_| StoppedEarly)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let _ = self.decoder.send_eof();
         self.drain(senders)?;
         self.graph.flush()?;
@@ -581,8 +585,7 @@ fn collect_outputs(
     frame_rate: Rational,
     ctx: &JobContext,
     started: Instant,
-) -> Result<TaskOutput, JobError> {
-    let io = |e: std::io::Error| JobError::transient(format!("scratch space: {e}"));
+) -> anyhow::Result<TaskOutput> {
     let mut out = TaskOutput::default();
     let mut variants = Vec::new();
     for f in finished {
@@ -590,7 +593,7 @@ fn collect_outputs(
         for (kind, path) in &f.files {
             match kind {
                 OutputFormat::Mp4 => {
-                    let size = std::fs::metadata(path).map_err(io)?.len();
+                    let size = std::fs::metadata(path).context("scratch space")?.len();
                     out.push(
                         format!("{}.mp4", f.plan.name),
                         path,
@@ -610,7 +613,7 @@ fn collect_outputs(
                     );
                 }
                 OutputFormat::Hls => {
-                    let (peak, average, segments) = hls::measure(path).map_err(io)?;
+                    let (peak, average, segments) = hls::measure(path).context("scratch space")?;
                     let dir = path.parent().unwrap_or(Path::new("."));
                     out.push(
                         format!("hls/{}/index.m3u8", f.plan.name),
@@ -649,7 +652,7 @@ fn collect_outputs(
     }
     if !variants.is_empty() {
         let master = ctx.scratch_dir.join("hls").join("master.m3u8");
-        std::fs::write(&master, hls::master_playlist(&variants)).map_err(io)?;
+        std::fs::write(&master, hls::master_playlist(&variants)).context("scratch space")?;
         out.push(
             "hls/master.m3u8",
             master,
