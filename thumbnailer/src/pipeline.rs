@@ -404,58 +404,11 @@ fn balance(
     if keyframes.is_empty() || lanes < 2 {
         return stretches;
     }
-    let keyframe_before = |t: f64| media::keyframe_before(keyframes, t).unwrap_or(0.0);
-    // (first, end) target indices and cost of each segment. A segment's first target is
-    // the first after its keyframe, so the targets' costs add up to the segment's.
-    let mut segments: Vec<(usize, usize, f64)> = Vec::new();
-    for (i, ((t, _), cost)) in targets.iter().zip(&costs).enumerate() {
-        match segments.last_mut() {
-            Some(seg) if keyframe_before(targets[seg.0].0) == keyframe_before(*t) => {
-                seg.1 = i + 1;
-                seg.2 += cost;
-            }
-            _ => segments.push((i, i + 1, *cost)),
-        }
-    }
+    let segments = keyframe_segments(targets, &costs, keyframes);
     let mut load = vec![0.0; lanes];
     let mut owner = vec![0; segments.len()];
-    let argmin = |load: &[f64]| (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b]));
-    let argmax = |load: &[f64]| (0..load.len()).max_by(|a, b| load[*a].total_cmp(&load[*b]));
     for window in (0..segments.len()).collect::<Vec<_>>().chunks(4 * lanes) {
-        let mut order = window.to_vec();
-        order.sort_by(|a, b| segments[*b].2.total_cmp(&segments[*a].2));
-        for s in order {
-            let l = argmin(&load).expect("lanes > 0");
-            owner[s] = l;
-            load[l] += segments[s].2;
-        }
-        // Even out: the best move or swap between the most and least loaded lanes.
-        for _ in 0..4 * window.len() {
-            let (hi, lo) = (argmax(&load).expect("lanes"), argmin(&load).expect("lanes"));
-            let cost = |s: &usize| segments[*s].2;
-            let mut best: Option<(f64, usize, Option<usize>)> = None;
-            for &a in window.iter().filter(|s| owner[**s] == hi) {
-                let mut consider = |delta: f64, b: Option<usize>| {
-                    let worst = (load[hi] - delta).max(load[lo] + delta);
-                    if worst < load[hi] - 1e-9 && best.is_none_or(|(w, ..)| worst < w) {
-                        best = Some((worst, a, b));
-                    }
-                };
-                consider(cost(&a), None);
-                for &b in window.iter().filter(|s| owner[**s] == lo) {
-                    consider(cost(&a) - cost(&b), Some(b));
-                }
-            }
-            let Some((_, a, b)) = best else { break };
-            owner[a] = lo;
-            load[hi] -= cost(&a);
-            load[lo] += cost(&a);
-            if let Some(b) = b {
-                owner[b] = hi;
-                load[lo] -= cost(&b);
-                load[hi] += cost(&b);
-            }
-        }
+        deal(window, &segments, &mut owner, &mut load);
     }
     let mut out = vec![Vec::new(); lanes];
     for (s, (first, end, _)) in segments.iter().enumerate() {
@@ -474,6 +427,69 @@ fn balance(
         stretches
     } else {
         out
+    }
+}
+
+/// A segment: the (first, end) indices of the targets after one keyframe, and the cost of
+/// decoding to its last target.
+type Segment = (usize, usize, f64);
+
+/// The targets grouped by the keyframe before them. A segment's first target is the first
+/// after its keyframe, so the targets' costs add up to the segment's.
+fn keyframe_segments(targets: &[(f64, Purpose)], costs: &[f64], keyframes: &[f64]) -> Vec<Segment> {
+    let keyframe_before = |t: f64| media::keyframe_before(keyframes, t).unwrap_or(0.0);
+    let mut segments: Vec<Segment> = Vec::new();
+    for (i, ((t, _), cost)) in targets.iter().zip(costs).enumerate() {
+        match segments.last_mut() {
+            Some(seg) if keyframe_before(targets[seg.0].0) == keyframe_before(*t) => {
+                seg.1 = i + 1;
+                seg.2 += cost;
+            }
+            _ => segments.push((i, i + 1, *cost)),
+        }
+    }
+    segments
+}
+
+/// Deals one window of segments out to the lanes ([`balance`]): biggest first to the
+/// least loaded lane, then the best move or swap between the most and least loaded lanes
+/// while that lowers the most.
+fn deal(window: &[usize], segments: &[Segment], owner: &mut [usize], load: &mut [f64]) {
+    let argmin = |load: &[f64]| (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b]));
+    let argmax = |load: &[f64]| (0..load.len()).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+    let mut order = window.to_vec();
+    order.sort_by(|a, b| segments[*b].2.total_cmp(&segments[*a].2));
+    for s in order {
+        let l = argmin(load).expect("lanes > 0");
+        owner[s] = l;
+        load[l] += segments[s].2;
+    }
+    // Even out: the best move or swap between the most and least loaded lanes.
+    for _ in 0..4 * window.len() {
+        let (hi, lo) = (argmax(load).expect("lanes"), argmin(load).expect("lanes"));
+        let cost = |s: &usize| segments[*s].2;
+        let mut best: Option<(f64, usize, Option<usize>)> = None;
+        for &a in window.iter().filter(|s| owner[**s] == hi) {
+            let mut consider = |delta: f64, b: Option<usize>| {
+                let worst = (load[hi] - delta).max(load[lo] + delta);
+                if worst < load[hi] - 1e-9 && best.is_none_or(|(w, ..)| worst < w) {
+                    best = Some((worst, a, b));
+                }
+            };
+            consider(cost(&a), None);
+            for &b in window.iter().filter(|s| owner[**s] == lo) {
+                consider(cost(&a) - cost(&b), Some(b));
+            }
+        }
+        let Some((_, a, b)) = best else { break };
+        owner[a] = lo;
+        load[hi] -= cost(&a);
+        load[lo] += cost(&a);
+        if let Some(b) = b {
+            owner[b] = hi;
+            load[lo] -= cost(&b);
+            load[hi] += cost(&b);
+        }
     }
 }
 

@@ -592,60 +592,9 @@ fn collect_outputs(
         let codecs = hls::codecs(f.level, f.has_audio);
         for (kind, path) in &f.files {
             match kind {
-                OutputFormat::Mp4 => {
-                    let size = std::fs::metadata(path).context("scratch space")?.len();
-                    out.push(
-                        format!("{}.mp4", f.plan.name),
-                        path,
-                        json!({
-                            "format": "mp4",
-                            "rendition": f.plan.name,
-                            "width": f.plan.width,
-                            "height": f.plan.height,
-                            "duration_s": round3(f.duration_s),
-                            "bitrate_kbps": kbps(size, f.duration_s),
-                            "video_kbps_cap": f.plan.video_kbps,
-                            "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
-                            "video_codec": "h264",
-                            "audio_codec": f.has_audio.then_some("aac"),
-                            "codecs": &codecs,
-                        }),
-                    );
-                }
+                OutputFormat::Mp4 => push_mp4(&mut out, f, path, &codecs)?,
                 OutputFormat::Hls => {
-                    let (peak, average, segments) = hls::measure(path).context("scratch space")?;
-                    let dir = path.parent().unwrap_or(Path::new("."));
-                    out.push(
-                        format!("hls/{}/index.m3u8", f.plan.name),
-                        path,
-                        json!({
-                            "format": "hls-media-playlist",
-                            "rendition": f.plan.name,
-                            "width": f.plan.width,
-                            "height": f.plan.height,
-                            "duration_s": round3(f.duration_s),
-                            "segments": segments.len(),
-                            "peak_kbps": peak / 1000,
-                            "average_kbps": average / 1000,
-                            "codecs": &codecs,
-                        }),
-                    );
-                    for s in &segments {
-                        out.push(
-                            format!("hls/{}/{s}", f.plan.name),
-                            dir.join(s),
-                            json!({"format": "mpegts", "rendition": f.plan.name}),
-                        );
-                    }
-                    variants.push(hls::Variant {
-                        uri: format!("{}/index.m3u8", f.plan.name),
-                        bandwidth: peak,
-                        average_bandwidth: average,
-                        width: f.plan.width,
-                        height: f.plan.height,
-                        frame_rate: f64::from(frame_rate),
-                        codecs: codecs.clone(),
-                    });
+                    variants.push(push_hls(&mut out, f, path, &codecs, frame_rate)?);
                 }
             }
         }
@@ -667,6 +616,73 @@ fn collect_outputs(
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
     });
     Ok(out)
+}
+
+/// Lists a rendition's MP4 file with its facts.
+fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> anyhow::Result<()> {
+    let size = std::fs::metadata(path).context("scratch space")?.len();
+    out.push(
+        format!("{}.mp4", f.plan.name),
+        path,
+        json!({
+            "format": "mp4",
+            "rendition": f.plan.name,
+            "width": f.plan.width,
+            "height": f.plan.height,
+            "duration_s": round3(f.duration_s),
+            "bitrate_kbps": kbps(size, f.duration_s),
+            "video_kbps_cap": f.plan.video_kbps,
+            "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
+            "video_codec": "h264",
+            "audio_codec": f.has_audio.then_some("aac"),
+            "codecs": codecs,
+        }),
+    );
+    Ok(())
+}
+
+/// Lists a rendition's HLS media playlist and segments with their facts; its entry in
+/// the master playlist.
+fn push_hls(
+    out: &mut TaskOutput,
+    f: &Finished,
+    path: &Path,
+    codecs: &str,
+    frame_rate: Rational,
+) -> anyhow::Result<hls::Variant> {
+    let (peak, average, segments) = hls::measure(path).context("scratch space")?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    out.push(
+        format!("hls/{}/index.m3u8", f.plan.name),
+        path,
+        json!({
+            "format": "hls-media-playlist",
+            "rendition": f.plan.name,
+            "width": f.plan.width,
+            "height": f.plan.height,
+            "duration_s": round3(f.duration_s),
+            "segments": segments.len(),
+            "peak_kbps": peak / 1000,
+            "average_kbps": average / 1000,
+            "codecs": codecs,
+        }),
+    );
+    for s in &segments {
+        out.push(
+            format!("hls/{}/{s}", f.plan.name),
+            dir.join(s),
+            json!({"format": "mpegts", "rendition": f.plan.name}),
+        );
+    }
+    Ok(hls::Variant {
+        uri: format!("{}/index.m3u8", f.plan.name),
+        bandwidth: peak,
+        average_bandwidth: average,
+        width: f.plan.width,
+        height: f.plan.height,
+        frame_rate: f64::from(frame_rate),
+        codecs: codecs.to_owned(),
+    })
 }
 
 fn kbps(bytes: u64, seconds: f64) -> u64 {
