@@ -62,12 +62,15 @@ impl VideoDecoder {
         });
         let mut decoder = ctx.decoder();
         decoder.set_packet_time_base(stream.time_base());
-        let decoder = decoder.video().map_err(|e| {
-            permanent(format!(
-                "cannot open a decoder for the source video (`{}`): {e}",
-                video.codec
-            ))
-        })?;
+        let decoder = decoder
+            .video()
+            .with_context(|| {
+                format!(
+                    "cannot open a decoder for the source video (`{}`)",
+                    video.codec
+                )
+            })
+            .permanent()?;
         let origin_s = super::source::stream_start_s(&stream).unwrap_or(0.0);
         Ok(Self {
             decoder,
@@ -369,12 +372,15 @@ pub fn open_audio_decoder(input: &Input, audio: &AudioInfo) -> anyhow::Result<de
         .permanent()?;
     let mut decoder = ctx.decoder();
     decoder.set_packet_time_base(stream.time_base());
-    decoder.audio().map_err(|e| {
-        permanent(format!(
-            "cannot open a decoder for the source audio (`{}`): {e}",
-            audio.codec
-        ))
-    })
+    decoder
+        .audio()
+        .with_context(|| {
+            format!(
+                "cannot open a decoder for the source audio (`{}`)",
+                audio.codec
+            )
+        })
+        .permanent()
 }
 
 #[cfg(test)]
