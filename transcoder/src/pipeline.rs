@@ -156,7 +156,11 @@ fn run(
                 .map(|(j, _)| senders[j].clone())
                 .collect();
             let aborted = &aborted;
-            workers.push(scope.spawn(move || encode_rendition(out, rx, children, aborted)));
+            let name = out.plan.name.clone();
+            workers.push(scope.spawn(move || {
+                encode_rendition(out, rx, children, aborted)
+                    .with_context(|| format!("rendition {name}"))
+            }));
         }
         let routes = Routes {
             video: roots,
@@ -700,6 +704,31 @@ fn round3(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::JobError;
+
+    #[test]
+    fn the_failed_rendition_explains_the_run_not_its_senders() {
+        let stopped = || Err(anyhow::Error::new(StoppedEarly).context("rendition 1080p"));
+        let own = || Err(permanent("x264 refused").context("rendition 720p"));
+        let got = first_error(Err(StoppedEarly.into()), vec![stopped(), own()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(
+            JobError::classify(got),
+            JobError::Permanent("rendition 720p: x264 refused".into())
+        );
+        let got = first_error(Err(Cancelled.into()), vec![stopped()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(JobError::classify(got), JobError::Cancelled);
+        let got = first_error(Ok(()), vec![stopped()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(
+            JobError::classify(got),
+            JobError::Permanent("rendition 1080p: a rendition encoder stopped early".into())
+        );
+    }
 
     #[test]
     fn encoder_threads_follow_picture_size() {
