@@ -34,9 +34,7 @@ impl JobError {
     pub fn transient(err: impl std::fmt::Display) -> Self {
         JobError::Transient(format!("{err:#}"))
     }
-}
 
-impl JobError {
     /// The one classification of a handler's error, done once at the handler boundary:
     /// [`Cancelled`] anywhere in the chain means cancelled, [`Permanent`] means permanent,
     /// anything else is transient (the attempt cap bounds the cost of being wrong). The
@@ -66,6 +64,10 @@ impl From<anyhow::Error> for JobError {
 /// shows the marked error's own message and keeps its causes, so `.context(…)` added
 /// above or below it reads as if the marker were not there. Make one with [`permanent`]
 /// or [`PermanentExt::permanent`]; [`JobError::classify`] finds it with a downcast.
+///
+/// Mark at the leaf, where the failure is known: the marked error's own outermost type
+/// is no longer found by a downcast (its causes still are), so a typed error that code
+/// looks for later (`Cancelled`, the transcoder's `StoppedEarly`) is left unmarked.
 #[derive(Debug)]
 pub struct Permanent(anyhow::Error);
 
