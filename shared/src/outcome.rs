@@ -204,6 +204,7 @@ mod tests {
         }
     }
 
+    // One row per failure path; the table is the point, so it stays one function.
     #[test]
     fn decision_table() {
         let t = |s: &str| Outcome::Failed(JobError::Transient(s.into()));
