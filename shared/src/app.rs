@@ -33,27 +33,7 @@ pub fn worker_main<H: Handler>(
     info: WorkerInfo,
     build: impl FnOnce(&Loaded) -> anyhow::Result<H>,
 ) -> ExitCode {
-    let matches = clap::Command::new(info.name)
-        .about(info.about)
-        .after_help(
-            "Settings come from built-in defaults, then the --config file (or $VIDPIPE_CONFIG), then\n\
-             VIDPIPE__SECTION__KEY environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f\n\
-             or VIDPIPE__WORKER__CONCURRENCY=2. See the README's settings table.",
-        )
-        .arg(
-            clap::Arg::new("config")
-                .long("config")
-                .value_name("FILE")
-                .value_parser(clap::value_parser!(PathBuf))
-                .help("TOML settings file"),
-        )
-        .arg(
-            clap::Arg::new("declare-topology")
-                .long("declare-topology")
-                .action(clap::ArgAction::SetTrue)
-                .help("Declare the broker topology (exchanges, queues, retry tiers) and exit; for an administrator when workers run with topology.declare = false"),
-        )
-        .get_matches();
+    let matches = command(&info).get_matches();
     let loaded = match settings::load(matches.get_one::<PathBuf>("config").map(PathBuf::as_path)) {
         Ok(l) => l,
         Err(e) => {
@@ -114,6 +94,30 @@ pub fn worker_main<H: Handler>(
             ExitCode::FAILURE
         }
     }
+}
+
+/// The worker's command line: `--config` and `--declare-topology`.
+fn command(info: &WorkerInfo) -> clap::Command {
+    clap::Command::new(info.name)
+        .about(info.about)
+        .after_help(
+            "Settings come from built-in defaults, then the --config file (or $VIDPIPE_CONFIG), then\n\
+             VIDPIPE__SECTION__KEY environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f\n\
+             or VIDPIPE__WORKER__CONCURRENCY=2. See the README's settings table.",
+        )
+        .arg(
+            clap::Arg::new("config")
+                .long("config")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TOML settings file"),
+        )
+        .arg(
+            clap::Arg::new("declare-topology")
+                .long("declare-topology")
+                .action(clap::ArgAction::SetTrue)
+                .help("Declare the broker topology (exchanges, queues, retry tiers) and exit; for an administrator when workers run with topology.declare = false"),
+        )
 }
 
 /// `--declare-topology`: declare everything once (the builtin kinds and this worker's

@@ -13,13 +13,15 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::messages::JobMessage;
-use crate::outcome::JobError;
+use crate::outcome::{Cancelled, JobError};
 
 /// A worker's job logic. See the module docs for the contract.
 pub trait Handler: Send + Sync + 'static {
     type Job: JobMessage;
     /// Does the work. Must check `ctx.check_cancelled()` often (at least once a second of
-    /// work) and return [`JobError::Cancelled`] when asked.
+    /// work) and return [`JobError::Cancelled`] when asked. Implementations do their work
+    /// in `anyhow` (context at each step, [`crate::permanent`] marks) and convert once
+    /// here with [`JobError::classify`].
     fn handle(&self, job: &Self::Job, ctx: &JobContext) -> Result<TaskOutput, JobError>;
 }
 
@@ -124,10 +126,11 @@ impl JobContext {
         self.cancel.is_cancelled()
     }
 
-    /// `Err(JobError::Cancelled)` once shutdown or the time limit asked the job to stop.
-    pub fn check_cancelled(&self) -> Result<(), JobError> {
+    /// `Err(Cancelled)` once shutdown or the time limit asked the job to stop; it stays
+    /// [`JobError::Cancelled`] through any context added on the way out.
+    pub fn check_cancelled(&self) -> anyhow::Result<()> {
         if self.cancel.is_cancelled() {
-            Err(JobError::Cancelled)
+            Err(Cancelled.into())
         } else {
             Ok(())
         }

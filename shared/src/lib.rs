@@ -41,4 +41,4 @@ pub mod telemetry;
 pub mod topology;
 
 pub use handler::{Handler, JobContext, OutputFile, TaskOutput};
-pub use outcome::JobError;
+pub use outcome::{JobError, PermanentExt, permanent};

@@ -2,8 +2,11 @@
 //!
 //! Errors say what to do: [`JobError::Permanent`] (retrying cannot help: bad input,
 //! unsupported codec, missing source) and [`JobError::Transient`] (may work later: storage
-//! hiccup, time limit, broker blip). Handlers use `anyhow` inside and classify once at the
-//! boundary; anything unclassified is transient, with the attempt cap as the backstop.
+//! hiccup, time limit, broker blip). Handlers use `anyhow` inside, with `.context(…)` at
+//! each step, mark what retrying cannot fix with [`permanent`] / [`PermanentExt::permanent`]
+//! and stopping on request with [`Cancelled`], and classify once at the boundary
+//! ([`JobError::classify`]); anything unmarked is transient, with the attempt cap as the
+//! backstop.
 
 use std::time::Duration;
 
@@ -31,13 +34,86 @@ impl JobError {
     pub fn transient(err: impl std::fmt::Display) -> Self {
         JobError::Transient(format!("{err:#}"))
     }
-}
 
-/// Unclassified errors are transient: the attempt cap bounds the cost of being wrong.
-impl From<anyhow::Error> for JobError {
-    fn from(err: anyhow::Error) -> Self {
+    /// The one classification of a handler's error, done once at the handler boundary:
+    /// [`Cancelled`] anywhere in the chain means cancelled, [`Permanent`] means permanent,
+    /// anything else is transient (the attempt cap bounds the cost of being wrong). The
+    /// reason keeps the whole cause chain (`a: b: c`).
+    pub fn classify(err: anyhow::Error) -> Self {
+        for cause in err.chain() {
+            if cause.is::<Cancelled>() {
+                return JobError::Cancelled;
+            }
+            if cause.is::<Permanent>() {
+                return JobError::permanent(err);
+            }
+        }
         JobError::transient(err)
     }
+}
+
+/// Classifies with [`JobError::classify`], so `?` on an `anyhow::Error` in a handler
+/// keeps the markers.
+impl From<anyhow::Error> for JobError {
+    fn from(err: anyhow::Error) -> Self {
+        JobError::classify(err)
+    }
+}
+
+/// Marks an error as permanent (retrying cannot help). It is invisible in the reason: it
+/// shows the marked error's own message and keeps its causes, so `.context(…)` added
+/// above or below it reads as if the marker were not there. Make one with [`permanent`]
+/// or [`PermanentExt::permanent`]; [`JobError::classify`] finds it with a downcast.
+///
+/// Mark at the leaf, where the failure is known: the marked error's own outermost type
+/// is no longer found by a downcast (its causes still are), so a typed error that code
+/// looks for later (`Cancelled`, the transcoder's `StoppedEarly`) is left unmarked.
+#[derive(Debug)]
+pub struct Permanent(anyhow::Error);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The marked error's outermost message only; its causes follow through `source`.
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for Permanent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// A permanent failure with `reason`, e.g. `return Err(permanent("source is empty"))`.
+pub fn permanent(reason: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Permanent(anyhow::anyhow!("{reason}")))
+}
+
+/// `.permanent()` on a `Result`: its error, context and causes kept, marked permanent.
+pub trait PermanentExt<T> {
+    fn permanent(self) -> anyhow::Result<T>;
+}
+
+impl<T, E: Into<anyhow::Error>> PermanentExt<T> for Result<T, E> {
+    fn permanent(self) -> anyhow::Result<T> {
+        self.map_err(mark_permanent)
+    }
+}
+
+/// `err`, context and causes kept, marked permanent.
+pub fn mark_permanent(err: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(Permanent(err.into()))
+}
+
+/// The job stopped because it was asked to (shutdown or the time limit): becomes
+/// [`JobError::Cancelled`]. See [`is_cancelled`] for code that picks between errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+/// Whether `err` is, or was caused by, a [`Cancelled`].
+pub fn is_cancelled(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| cause.is::<Cancelled>())
 }
 
 /// Everything that can happen to one delivery.
@@ -119,6 +195,7 @@ pub fn decide(outcome: &Outcome, attempt: u32, policy: &RetryPolicy) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use anyhow::Context as _;
 
     fn policy() -> RetryPolicy {
         RetryPolicy {
@@ -127,6 +204,7 @@ mod tests {
         }
     }
 
+    // One row per failure path; the table is the point, so it stays one function.
     #[test]
     fn decision_table() {
         let t = |s: &str| Outcome::Failed(JobError::Transient(s.into()));
@@ -229,5 +307,32 @@ mod tests {
             JobError::from(err),
             JobError::Transient("writing 720p.mp4: disk full".into())
         );
+    }
+
+    #[test]
+    fn permanent_marker_survives_context_and_keeps_the_chain() {
+        let io = std::io::Error::other("bad header");
+        let err = Err::<(), _>(io)
+            .context("reading the source")
+            .permanent()
+            .context("probing")
+            .unwrap_err();
+        assert_eq!(
+            JobError::classify(err),
+            JobError::Permanent("probing: reading the source: bad header".into())
+        );
+        let err = permanent("source is empty (0 bytes)").context("opening the source");
+        assert_eq!(
+            JobError::from(err),
+            JobError::Permanent("opening the source: source is empty (0 bytes)".into())
+        );
+    }
+
+    #[test]
+    fn cancelled_marker_wins_through_context() {
+        let err = anyhow::Error::new(Cancelled).context("encoding 720p");
+        assert!(is_cancelled(&err));
+        assert_eq!(JobError::classify(err), JobError::Cancelled);
+        assert!(!is_cancelled(&permanent("x")));
     }
 }

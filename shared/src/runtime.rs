@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::broker;
 use crate::events::{EventPublisher, JobState, now_rfc3339};
-use crate::handler::{Handler, JobContext};
+use crate::handler::{Handler, JobContext, TaskOutput};
 use crate::health::Health;
 use crate::manifest::Completion;
 use crate::messages::{self, JobMessage};
@@ -384,7 +384,8 @@ async fn run_job<H: Handler>(
     outcome
 }
 
-/// [`run_job`]'s body, with its scratch directory made (and removed) by the caller.
+/// [`run_job`]'s body, with its scratch directory made (and removed) by the caller:
+/// fetch the source (unless the job is already done), run the handler, commit.
 async fn run_in_scratch<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
@@ -393,33 +394,9 @@ async fn run_in_scratch<H: Handler>(
     cancel: CancellationToken,
     scratch: &std::path::Path,
 ) -> Outcome {
-    let task = H::Job::TASK;
-    let job_id = job.job_id();
-    // Idempotence: a redelivered job whose manifest exists is already done. The source
-    // lookup runs alongside; its answer matters only when there is work to do.
-    let (existing, source) = tokio::join!(
-        worker.storage.manifest_owner(job.output_prefix()),
-        worker.storage.fetch(job.source(), scratch)
-    );
-    // A permanent source problem (missing object, no such bucket) decides before an
-    // unreadable manifest, which would only make the job retry in vain.
-    let source = match (existing, source) {
-        (Ok(Some(owner)), _) => {
-            return match claim_manifest(owner, job_id, job.output_prefix()) {
-                Ok(()) => {
-                    tracing::info!("outputs already committed by an earlier delivery; skipping");
-                    Outcome::Completed
-                }
-                Err(e) => Outcome::Failed(e),
-            };
-        }
-        (_, Err(e)) => return Outcome::Failed(e),
-        (Err(e), Ok(_)) => {
-            return Outcome::Failed(storage::job_error(
-                e.context("checking for an existing manifest"),
-            ));
-        }
-        (Ok(None), Ok(s)) => s,
+    let source = match fetch_unless_done(worker, &job, scratch).await {
+        Ok(source) => source,
+        Err(done_or_failed) => return done_or_failed,
     };
     worker.health.bytes_read.inc_by(source.size);
     let out_dir = scratch.join("out");
@@ -428,7 +405,75 @@ async fn run_in_scratch<H: Handler>(
             "creating the output directory: {e}"
         )));
     }
+    let started = Instant::now();
+    let (joined, timed_out) = run_handler(
+        worker,
+        job,
+        attempt,
+        events,
+        cancel,
+        source.path.clone(),
+        out_dir,
+    )
+    .await;
+    match joined {
+        Err(join) => Outcome::Failed(JobError::Transient(format!("handler panicked: {join}"))),
+        Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
+        Ok((_, Err(e))) => Outcome::Failed(e),
+        Ok((job, Ok(output))) => commit(worker, &job, attempt, &output, started).await,
+    }
+}
 
+/// The fetched source, or the outcome that makes fetching moot: `Completed` when an
+/// earlier delivery already committed this job's outputs, a failure when the source or
+/// the manifest cannot be read.
+async fn fetch_unless_done<H: Handler>(
+    worker: &Worker<H>,
+    job: &H::Job,
+    scratch: &std::path::Path,
+) -> Result<storage::LocalSource, Outcome> {
+    // Idempotence: a redelivered job whose manifest exists is already done. The source
+    // lookup runs alongside; its answer matters only when there is work to do.
+    let (existing, source) = tokio::join!(
+        worker.storage.manifest_owner(job.output_prefix()),
+        worker.storage.fetch(job.source(), scratch)
+    );
+    // A permanent source problem (missing object, no such bucket) decides before an
+    // unreadable manifest, which would only make the job retry in vain.
+    match (existing, source) {
+        (Ok(Some(owner)), _) => Err(
+            match claim_manifest(owner, job.job_id(), job.output_prefix()) {
+                Ok(()) => {
+                    tracing::info!("outputs already committed by an earlier delivery; skipping");
+                    Outcome::Completed
+                }
+                Err(e) => Outcome::Failed(e),
+            },
+        ),
+        (_, Err(e)) => Err(Outcome::Failed(e)),
+        (Err(e), Ok(_)) => Err(Outcome::Failed(storage::job_error(
+            e.context("checking for an existing manifest"),
+        ))),
+        (Ok(None), Ok(s)) => Ok(s),
+    }
+}
+
+/// What [`run_handler`] gives back: the job and the handler's result, or the panic.
+type Joined<J> = Result<(J, Result<TaskOutput, JobError>), tokio::task::JoinError>;
+
+/// Runs the handler on a blocking thread within the job's time limit, forwarding its
+/// progress as events; how it ended, and whether the time limit cancelled it.
+async fn run_handler<H: Handler>(
+    worker: &Worker<H>,
+    job: H::Job,
+    attempt: u32,
+    events: &EventPublisher,
+    cancel: CancellationToken,
+    source_path: std::path::PathBuf,
+    out_dir: std::path::PathBuf,
+) -> (Joined<H::Job>, bool) {
+    let task = H::Job::TASK;
+    let job_id = job.job_id();
     // Progress: the handler reports on its thread; events go out at most once a second.
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0.0f64);
     let done = CancellationToken::new();
@@ -445,7 +490,7 @@ async fn run_in_scratch<H: Handler>(
     let ctx = JobContext::new(
         job_id,
         attempt,
-        source.path.clone(),
+        source_path,
         out_dir,
         job_token.clone(),
         Arc::new(move |p| {
@@ -477,52 +522,57 @@ async fn run_in_scratch<H: Handler>(
         .job_seconds
         .get_or_create(&Health::task(task))
         .observe(started.elapsed().as_secs_f64());
+    (joined, timed_out)
+}
 
-    match joined {
-        Err(join) => Outcome::Failed(JobError::Transient(format!("handler panicked: {join}"))),
-        Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
-        Ok((_, Err(e))) => Outcome::Failed(e),
-        Ok((job, Ok(output))) => {
-            let completion = Completion {
-                schema: messages::SCHEMA_VERSION,
-                job_id,
-                task: task.to_owned(),
-                source: job.source().clone(),
-                worker: worker.name.clone(),
-                attempt,
-                completed_at: now_rfc3339(),
-                duration_s: started.elapsed().as_secs_f64(),
-            };
-            match worker
-                .storage
-                .commit(job.output_prefix(), &output, completion)
-                .await
-            {
-                Ok(Some(written)) => {
-                    worker.health.bytes_written.inc_by(written.output_bytes());
+/// Commits a successful handler's outputs and manifest; losing the commit race to
+/// another delivery of the same job still counts as done.
+async fn commit<H: Handler>(
+    worker: &Worker<H>,
+    job: &H::Job,
+    attempt: u32,
+    output: &TaskOutput,
+    started: Instant,
+) -> Outcome {
+    let job_id = job.job_id();
+    let completion = Completion {
+        schema: messages::SCHEMA_VERSION,
+        job_id,
+        task: H::Job::TASK.to_owned(),
+        source: job.source().clone(),
+        worker: worker.name.clone(),
+        attempt,
+        completed_at: now_rfc3339(),
+        duration_s: started.elapsed().as_secs_f64(),
+    };
+    match worker
+        .storage
+        .commit(job.output_prefix(), output, completion)
+        .await
+    {
+        Ok(Some(written)) => {
+            worker.health.bytes_written.inc_by(written.output_bytes());
+            Outcome::Completed
+        }
+        // Someone committed first: fine if it was another delivery of this job.
+        Ok(None) => match worker.storage.manifest_owner(job.output_prefix()).await {
+            Ok(Some(owner)) => match claim_manifest(owner, job_id, job.output_prefix()) {
+                Ok(()) => {
+                    tracing::info!(
+                        "another delivery of this job committed first; keeping its result"
+                    );
                     Outcome::Completed
                 }
-                // Someone committed first: fine if it was another delivery of this job.
-                Ok(None) => match worker.storage.manifest_owner(job.output_prefix()).await {
-                    Ok(Some(owner)) => match claim_manifest(owner, job_id, job.output_prefix()) {
-                        Ok(()) => {
-                            tracing::info!(
-                                "another delivery of this job committed first; keeping its result"
-                            );
-                            Outcome::Completed
-                        }
-                        Err(e) => Outcome::Failed(e),
-                    },
-                    Ok(None) => Outcome::Failed(JobError::transient(
-                        "the manifest that won the commit race has disappeared",
-                    )),
-                    Err(e) => Outcome::Failed(storage::job_error(
-                        e.context("reading the manifest that won the commit race"),
-                    )),
-                },
                 Err(e) => Outcome::Failed(e),
-            }
-        }
+            },
+            Ok(None) => Outcome::Failed(JobError::transient(
+                "the manifest that won the commit race has disappeared",
+            )),
+            Err(e) => Outcome::Failed(storage::job_error(
+                e.context("reading the manifest that won the commit race"),
+            )),
+        },
+        Err(e) => Outcome::Failed(e),
     }
 }
 
@@ -578,19 +628,18 @@ async fn settle<H: Handler>(
     events: &EventPublisher,
 ) {
     let task = H::Job::TASK;
-    let action = decide(outcome, attempt, &worker.policy);
-    let count = |outcome: &str| {
-        worker
-            .health
-            .jobs
-            .get_or_create(&Health::labels(task, outcome))
-            .inc()
+    let parked = Parked {
+        delivery,
+        job_id,
+        attempt,
+        publisher,
+        events,
     };
-    match action {
+    match decide(outcome, attempt, &worker.policy) {
         Action::Ack => {
             tracing::info!("job completed");
             ack(delivery).await;
-            count("completed");
+            count(worker, "completed");
             events.emit(
                 job_id,
                 task,
@@ -603,92 +652,136 @@ async fn settle<H: Handler>(
         Action::Requeue => {
             tracing::info!("job cancelled; returning it to the queue");
             nack_requeue(delivery).await;
-            count("requeued");
+            count(worker, "requeued");
         }
         Action::Retry {
             tier,
             attempt: next,
             reason,
         } => {
-            tracing::warn!(error = %reason, retry_in = %crate::topology::delay_label(worker.policy.delays[tier]), "job failed; will retry");
-            events.emit(
-                job_id,
-                task,
-                JobState::Failed,
-                attempt,
-                None,
-                Some(reason.clone()),
-            );
-            let mut headers = original_headers(delivery);
-            headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(next as i32));
-            headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
-            headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
-            let target = worker.topology.retry(tier);
-            if park(
-                publisher,
-                delivery,
-                &delivery.data,
-                &target,
-                task,
-                headers,
-                "for retry",
-            )
-            .await
-            {
-                count("retried");
-                worker
-                    .health
-                    .retries
-                    .get_or_create(&Health::task(task))
-                    .inc();
-                events.emit(
-                    job_id,
-                    task,
-                    JobState::Retrying,
-                    attempt,
-                    None,
-                    Some(reason),
-                );
-            }
+            retry(worker, parked, tier, next, reason).await;
         }
         Action::Dead { reason } => {
-            tracing::error!(error = %reason, "job is dead; parking it in the dead-letter queue");
-            events.emit(
-                job_id,
-                task,
-                JobState::Failed,
-                attempt,
-                None,
-                Some(reason.clone()),
-            );
-            let mut headers = original_headers(delivery);
-            headers.insert(REASON_HEADER.into(), long_string(&reason));
-            headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(attempt as i32));
-            headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
-            headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
-            headers.insert(TASK_HEADER.into(), long_string(task));
-            let body = dead_body(&delivery.data, &mut headers);
-            let dead = worker.topology.dead();
-            if park(
-                publisher,
-                delivery,
-                body,
-                &dead,
-                task,
-                headers,
-                "in the dead-letter queue",
-            )
-            .await
-            {
-                count("dead");
-                worker
-                    .health
-                    .dead_letters
-                    .get_or_create(&Health::task(task))
-                    .inc();
-                events.emit(job_id, task, JobState::Dead, attempt, None, Some(reason));
-            }
+            dead(worker, parked, reason).await;
         }
+    }
+}
+
+/// What [`retry`] and [`dead`] need of the delivery they park.
+struct Parked<'a> {
+    delivery: &'a Delivery,
+    job_id: Uuid,
+    /// The attempt that just failed.
+    attempt: u32,
+    publisher: &'a Channel,
+    events: &'a EventPublisher,
+}
+
+/// Counts a settled job under `outcome` in the jobs metric.
+fn count<H: Handler>(worker: &Worker<H>, outcome: &str) {
+    worker
+        .health
+        .jobs
+        .get_or_create(&Health::labels(H::Job::TASK, outcome))
+        .inc();
+}
+
+/// Parks the delivery in retry tier `tier` as attempt `next`, with the reason.
+async fn retry<H: Handler>(
+    worker: &Worker<H>,
+    p: Parked<'_>,
+    tier: usize,
+    next: u32,
+    reason: String,
+) {
+    let task = H::Job::TASK;
+    tracing::warn!(error = %reason, retry_in = %crate::topology::delay_label(worker.policy.delays[tier]), "job failed; will retry");
+    p.events.emit(
+        p.job_id,
+        task,
+        JobState::Failed,
+        p.attempt,
+        None,
+        Some(reason.clone()),
+    );
+    let mut headers = original_headers(p.delivery);
+    headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(next as i32));
+    headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
+    headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
+    let target = worker.topology.retry(tier);
+    if park(
+        p.publisher,
+        p.delivery,
+        &p.delivery.data,
+        &target,
+        task,
+        headers,
+        "for retry",
+    )
+    .await
+    {
+        count(worker, "retried");
+        worker
+            .health
+            .retries
+            .get_or_create(&Health::task(task))
+            .inc();
+        p.events.emit(
+            p.job_id,
+            task,
+            JobState::Retrying,
+            p.attempt,
+            None,
+            Some(reason),
+        );
+    }
+}
+
+/// Parks the delivery in the dead-letter queue with the reason.
+async fn dead<H: Handler>(worker: &Worker<H>, p: Parked<'_>, reason: String) {
+    let task = H::Job::TASK;
+    tracing::error!(error = %reason, "job is dead; parking it in the dead-letter queue");
+    p.events.emit(
+        p.job_id,
+        task,
+        JobState::Failed,
+        p.attempt,
+        None,
+        Some(reason.clone()),
+    );
+    let mut headers = original_headers(p.delivery);
+    headers.insert(REASON_HEADER.into(), long_string(&reason));
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(p.attempt as i32));
+    headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
+    headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
+    headers.insert(TASK_HEADER.into(), long_string(task));
+    let body = dead_body(&p.delivery.data, &mut headers);
+    let dead = worker.topology.dead();
+    if park(
+        p.publisher,
+        p.delivery,
+        body,
+        &dead,
+        task,
+        headers,
+        "in the dead-letter queue",
+    )
+    .await
+    {
+        count(worker, "dead");
+        worker
+            .health
+            .dead_letters
+            .get_or_create(&Health::task(task))
+            .inc();
+        p.events.emit(
+            p.job_id,
+            task,
+            JobState::Dead,
+            p.attempt,
+            None,
+            Some(reason),
+        );
     }
 }
 

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use ffmpeg::codec::discard::Discard;
 use ffmpeg::{Packet, frame};
 use ffmpeg_next as ffmpeg;
-use shared::JobError;
 use shared::media::{Source, VideoDecoder, keyframe_before, seconds};
 
 /// Skip non-reference frames while more than this many seconds before the target.
@@ -64,11 +63,7 @@ pub struct Grabber<'a> {
 impl<'a> Grabber<'a> {
     /// A grabber on `src` whose decoder runs `threads` threads (0: one per core);
     /// `keyframes_only` decodes keyframes alone.
-    pub fn new(
-        src: &'a mut Source,
-        threads: usize,
-        keyframes_only: bool,
-    ) -> Result<Self, JobError> {
+    pub fn new(src: &'a mut Source, threads: usize, keyframes_only: bool) -> anyhow::Result<Self> {
         let mut decoder = src.decoder(threads)?;
         if keyframes_only {
             decoder.decoder.skip_frame(Discard::NonKey);
@@ -98,8 +93,8 @@ impl<'a> Grabber<'a> {
     pub fn frame_at(
         &mut self,
         t: f64,
-        cancelled: &dyn Fn() -> Result<(), JobError>,
-    ) -> Result<Option<&frame::Video>, JobError> {
+        cancelled: &dyn Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<&frame::Video>> {
         self.grab(t, Want::ShownAt, cancelled)
     }
 
@@ -111,8 +106,8 @@ impl<'a> Grabber<'a> {
         &mut self,
         t: f64,
         tolerance: f64,
-        cancelled: &dyn Fn() -> Result<(), JobError>,
-    ) -> Result<Option<&frame::Video>, JobError> {
+        cancelled: &dyn Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<&frame::Video>> {
         self.grab(t, Want::From(tolerance), cancelled)
     }
 
@@ -120,8 +115,8 @@ impl<'a> Grabber<'a> {
         &mut self,
         t: f64,
         want: Want,
-        cancelled: &dyn Fn() -> Result<(), JobError>,
-    ) -> Result<Option<&frame::Video>, JobError> {
+        cancelled: &dyn Fn() -> anyhow::Result<()>,
+    ) -> anyhow::Result<Option<&frame::Video>> {
         // Until a keyframe interval is known, assume a short one: a wrong guess costs
         // at most one interval of decoding again.
         let interval = if self.gop_s > 0.0 { self.gop_s } else { 1.0 };
@@ -205,7 +200,7 @@ impl<'a> Grabber<'a> {
 
     /// Decodes the next frame into `frame`; `false` at the end of the stream. Frames
     /// nothing refers to are skipped while their time is before `skip_before`.
-    fn next_frame(&mut self, frame: &mut frame::Video, skip_before: f64) -> Result<bool, JobError> {
+    fn next_frame(&mut self, frame: &mut frame::Video, skip_before: f64) -> anyhow::Result<bool> {
         let mut packet = Packet::empty();
         let mut packets = self.src.packets();
         loop {

@@ -5,12 +5,13 @@
 use std::io::BufWriter;
 use std::path::Path;
 
+use anyhow::Context as _;
 use ffmpeg::{Rational, decoder, frame};
 use ffmpeg_next as ffmpeg;
 use image::{ImageEncoder, RgbImage};
-use shared::JobError;
 use shared::media::{FrameGraph, VideoInfo};
 use shared::messages::ImageFormat;
+use shared::permanent;
 
 /// Scales decoded frames to one output width.
 pub struct Scaler {
@@ -27,7 +28,7 @@ impl Scaler {
         time_base: Rational,
         video: &VideoInfo,
         width: u32,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let (width, height) = scaled_size(video, width);
         let chain = format!("scale={width}:{height}:flags=bicubic,setsar=1,format=rgb24");
         let graph = FrameGraph::video(decoder, time_base, video.rotation, &[chain])?;
@@ -40,12 +41,12 @@ impl Scaler {
 
     /// The frame as an upright RGB image of this scaler's size. The filter graph takes
     /// the frame's data, hence by value.
-    pub fn rgb(&mut self, frame: frame::Video) -> Result<RgbImage, JobError> {
+    pub fn rgb(&mut self, frame: frame::Video) -> anyhow::Result<RgbImage> {
         self.graph.push(&frame)?;
         let mut out = frame::Video::empty();
         if !self.graph.pull(0, &mut out)? {
-            return Err(JobError::Permanent(
-                "the scaler produced no picture for a decoded frame".into(),
+            return Err(permanent(
+                "the scaler produced no picture for a decoded frame",
             ));
         }
         Ok(to_rgb_image(&out))
@@ -97,14 +98,9 @@ pub fn is_blank(img: &RgbImage) -> bool {
 
 /// Writes `img` to `path`; returns its size in bytes. WebP is written lossless (the
 /// `image` crate has no lossy WebP encoder), so `quality` applies to JPEG only.
-pub fn write(
-    img: &RgbImage,
-    format: ImageFormat,
-    quality: u8,
-    path: &Path,
-) -> Result<u64, JobError> {
-    let io = |e: std::io::Error| JobError::transient(format!("writing {}: {e}", path.display()));
-    let file = std::fs::File::create(path).map_err(io)?;
+pub fn write(img: &RgbImage, format: ImageFormat, quality: u8, path: &Path) -> anyhow::Result<u64> {
+    let writing = || format!("writing {}", path.display());
+    let file = std::fs::File::create(path).with_context(writing)?;
     let mut out = BufWriter::new(file);
     let (w, h) = img.dimensions();
     let result =
@@ -122,11 +118,12 @@ pub fn write(
             ImageFormat::Webp => image::codecs::webp::WebPEncoder::new_lossless(&mut out)
                 .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8),
         };
-    result.map_err(|e| JobError::Permanent(format!("encoding {}: {e}", path.display())))?;
+    result.map_err(|e| permanent(format!("encoding {}: {e}", path.display())))?;
     let file = out
         .into_inner()
-        .map_err(|e| JobError::transient(format!("writing {}: {e}", path.display())))?;
-    Ok(file.metadata().map_err(io)?.len())
+        .map_err(std::io::IntoInnerError::into_error)
+        .with_context(writing)?;
+    Ok(file.metadata().with_context(writing)?.len())
 }
 
 #[cfg(test)]

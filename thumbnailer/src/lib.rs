@@ -49,6 +49,7 @@ impl ThumbnailHandler {
 impl Handler for ThumbnailHandler {
     type Job = ThumbnailJob;
     fn handle(&self, job: &ThumbnailJob, ctx: &JobContext) -> Result<TaskOutput, JobError> {
-        pipeline::thumbnail(job, ctx, &self.settings, &self.limits)
+        // The one place a thumbnail job's error is classified (see `shared::outcome`).
+        pipeline::thumbnail(job, ctx, &self.settings, &self.limits).map_err(JobError::classify)
     }
 }

@@ -13,11 +13,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
+use anyhow::Context as _;
 use image::RgbImage;
 use serde_json::json;
 use shared::media::{self, MediaLimits, Reopen, Source, SourceInfo};
 use shared::messages::{SpriteSpec, ThumbnailJob};
-use shared::{JobContext, JobError, TaskOutput};
+use shared::outcome::{Cancelled, is_cancelled};
+use shared::{JobContext, TaskOutput, permanent};
 
 use crate::grab::Grabber;
 use crate::images::{self, Scaler};
@@ -37,7 +39,7 @@ pub fn thumbnail(
     ctx: &JobContext,
     cfg: &ThumbnailerSettings,
     limits: &MediaLimits,
-) -> Result<TaskOutput, JobError> {
+) -> anyhow::Result<TaskOutput> {
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
@@ -116,12 +118,12 @@ fn check_request(
     job: &ThumbnailJob,
     info: &SourceInfo,
     limits: &MediaLimits,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     let duration = info.duration_s;
     if duration > 0.0
         && let Some(t) = job.timestamps.iter().find(|t| **t > duration)
     {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "thumbnail timestamp {t} s is past the end of the {duration:.2} s video"
         )));
     }
@@ -163,7 +165,7 @@ fn push_poster(
     candidates: Vec<(usize, f64, RgbImage)>,
     job: &ThumbnailJob,
     ctx: &JobContext,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     let ext = job.format.extension();
     let (time, img) = choose_poster(candidates).ok_or_else(no_frames)?;
     let name = format!("poster.{ext}");
@@ -190,7 +192,7 @@ fn sprite_sheets(
     keyframes: &[f64],
     sprite_dir: &Path,
     targets: &mut Vec<(f64, Purpose)>,
-) -> Result<SheetWriter, JobError> {
+) -> anyhow::Result<SheetWriter> {
     let duration = info.duration_s;
     let (tile_w, tile_h) = images::scaled_size(&info.video, spec.width);
     let sheet_height = sheet_height(spec.columns, tile_w, tile_h, cfg, limits)?;
@@ -206,8 +208,7 @@ fn sprite_sheets(
         tile_h,
         sheet_height,
     );
-    std::fs::create_dir_all(sprite_dir)
-        .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
+    std::fs::create_dir_all(sprite_dir).context("scratch space")?;
     if !spec.keyframes_only {
         targets.extend((0..layout.tiles).map(|k| {
             let t = tile_time(keyframes, layout.time(k), spec.interval_s);
@@ -224,11 +225,8 @@ fn sprite_sheets(
 
 /// Runs one thread per stretch of targets; what every lane produced, or the error that
 /// explains the failure.
-fn run_lanes(
-    stretches: &[Vec<(f64, Purpose)>],
-    shared: &Shared<'_>,
-) -> Result<Vec<Lane>, JobError> {
-    let results: Vec<Result<Lane, JobError>> = std::thread::scope(|scope| {
+fn run_lanes(stretches: &[Vec<(f64, Purpose)>], shared: &Shared<'_>) -> anyhow::Result<Vec<Lane>> {
+    let results: Vec<anyhow::Result<Lane>> = std::thread::scope(|scope| {
         let handles: Vec<_> = stretches
             .iter()
             .map(|chunk| {
@@ -245,20 +243,24 @@ fn run_lanes(
             .into_iter()
             .map(|h| {
                 h.join()
-                    .unwrap_or_else(|_| Err(JobError::Permanent("a frame grabber panicked".into())))
+                    .unwrap_or_else(|_| Err(permanent("a frame grabber panicked")))
             })
             .collect()
     });
     // The first real error explains the others (which only stopped because of it).
-    if let Some(e) = results
-        .iter()
-        .filter_map(|r| r.as_ref().err())
-        .find(|e| !matches!(e, JobError::Cancelled))
-        .or_else(|| results.iter().find_map(|r| r.as_ref().err()))
-    {
-        return Err(e.clone());
+    let mut lanes = Vec::with_capacity(results.len());
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(lane) => lanes.push(lane),
+            Err(e) => errors.push(e),
+        }
     }
-    Ok(results.into_iter().flatten().collect())
+    errors.sort_by_key(is_cancelled);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(lanes),
+    }
 }
 
 /// Finishes the sprite (its keyframes-only pass first, when asked for) and lists its
@@ -273,7 +275,7 @@ fn push_sprite(
     ctx: &JobContext,
     sprite_dir: &Path,
     ext: &str,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     if spec.keyframes_only {
         keyframe_tiles(src, cfg, &mut sheets, spec.width, ctx)?;
     }
@@ -289,8 +291,7 @@ fn push_sprite(
         );
     }
     let vtt_path = sprite_dir.join("sprite.vtt");
-    std::fs::write(&vtt_path, layout.vtt(|s| sheets.sheet_name(s)))
-        .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
+    std::fs::write(&vtt_path, layout.vtt(|s| sheets.sheet_name(s))).context("scratch space")?;
     out.push(
         "sprite/sprite.vtt",
         vtt_path,
@@ -308,7 +309,7 @@ fn sheet_height(
     tile_h: u32,
     cfg: &ThumbnailerSettings,
     limits: &MediaLimits,
-) -> Result<u32, JobError> {
+) -> anyhow::Result<u32> {
     limits.check_picture(
         &format!("a {tile_w}-wide sprite tile of this video"),
         tile_w,
@@ -317,7 +318,7 @@ fn sheet_height(
     let row_pixels = i64::from(columns) * i64::from(tile_w) * i64::from(tile_h.max(1));
     let rows_in_limit = limits.max_pixels() / row_pixels.max(1);
     if rows_in_limit < 1 {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "one row of {columns} sprite tiles of {tile_w}x{tile_h} is over the {}x{} picture \
              limit; ask for fewer columns or narrower tiles",
             limits.max_width, limits.max_height
@@ -334,7 +335,7 @@ fn keyframe_tiles(
     sheets: &mut SheetWriter,
     width: u32,
     ctx: &JobContext,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     let video = src.info.video.clone();
     let mut grabber = Grabber::new(src, cfg.threads, true)?;
     let mut scaler = Scaler::new(grabber.decoder(), grabber.time_base(), &video, width)?;
@@ -403,58 +404,11 @@ fn balance(
     if keyframes.is_empty() || lanes < 2 {
         return stretches;
     }
-    let keyframe_before = |t: f64| media::keyframe_before(keyframes, t).unwrap_or(0.0);
-    // (first, end) target indices and cost of each segment. A segment's first target is
-    // the first after its keyframe, so the targets' costs add up to the segment's.
-    let mut segments: Vec<(usize, usize, f64)> = Vec::new();
-    for (i, ((t, _), cost)) in targets.iter().zip(&costs).enumerate() {
-        match segments.last_mut() {
-            Some(seg) if keyframe_before(targets[seg.0].0) == keyframe_before(*t) => {
-                seg.1 = i + 1;
-                seg.2 += cost;
-            }
-            _ => segments.push((i, i + 1, *cost)),
-        }
-    }
+    let segments = keyframe_segments(targets, &costs, keyframes);
     let mut load = vec![0.0; lanes];
     let mut owner = vec![0; segments.len()];
-    let argmin = |load: &[f64]| (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b]));
-    let argmax = |load: &[f64]| (0..load.len()).max_by(|a, b| load[*a].total_cmp(&load[*b]));
     for window in (0..segments.len()).collect::<Vec<_>>().chunks(4 * lanes) {
-        let mut order = window.to_vec();
-        order.sort_by(|a, b| segments[*b].2.total_cmp(&segments[*a].2));
-        for s in order {
-            let l = argmin(&load).expect("lanes > 0");
-            owner[s] = l;
-            load[l] += segments[s].2;
-        }
-        // Even out: the best move or swap between the most and least loaded lanes.
-        for _ in 0..4 * window.len() {
-            let (hi, lo) = (argmax(&load).expect("lanes"), argmin(&load).expect("lanes"));
-            let cost = |s: &usize| segments[*s].2;
-            let mut best: Option<(f64, usize, Option<usize>)> = None;
-            for &a in window.iter().filter(|s| owner[**s] == hi) {
-                let mut consider = |delta: f64, b: Option<usize>| {
-                    let worst = (load[hi] - delta).max(load[lo] + delta);
-                    if worst < load[hi] - 1e-9 && best.is_none_or(|(w, ..)| worst < w) {
-                        best = Some((worst, a, b));
-                    }
-                };
-                consider(cost(&a), None);
-                for &b in window.iter().filter(|s| owner[**s] == lo) {
-                    consider(cost(&a) - cost(&b), Some(b));
-                }
-            }
-            let Some((_, a, b)) = best else { break };
-            owner[a] = lo;
-            load[hi] -= cost(&a);
-            load[lo] += cost(&a);
-            if let Some(b) = b {
-                owner[b] = hi;
-                load[lo] -= cost(&b);
-                load[hi] += cost(&b);
-            }
-        }
+        deal(window, &segments, &mut owner, &mut load);
     }
     let mut out = vec![Vec::new(); lanes];
     for (s, (first, end, _)) in segments.iter().enumerate() {
@@ -473,6 +427,69 @@ fn balance(
         stretches
     } else {
         out
+    }
+}
+
+/// A segment: the (first, end) indices of the targets after one keyframe, and the cost of
+/// decoding to its last target.
+type Segment = (usize, usize, f64);
+
+/// The targets grouped by the keyframe before them. A segment's first target is the first
+/// after its keyframe, so the targets' costs add up to the segment's.
+fn keyframe_segments(targets: &[(f64, Purpose)], costs: &[f64], keyframes: &[f64]) -> Vec<Segment> {
+    let keyframe_before = |t: f64| media::keyframe_before(keyframes, t).unwrap_or(0.0);
+    let mut segments: Vec<Segment> = Vec::new();
+    for (i, ((t, _), cost)) in targets.iter().zip(costs).enumerate() {
+        match segments.last_mut() {
+            Some(seg) if keyframe_before(targets[seg.0].0) == keyframe_before(*t) => {
+                seg.1 = i + 1;
+                seg.2 += cost;
+            }
+            _ => segments.push((i, i + 1, *cost)),
+        }
+    }
+    segments
+}
+
+/// Deals one window of segments out to the lanes ([`balance`]): biggest first to the
+/// least loaded lane, then the best move or swap between the most and least loaded lanes
+/// while that lowers the most.
+fn deal(window: &[usize], segments: &[Segment], owner: &mut [usize], load: &mut [f64]) {
+    let argmin = |load: &[f64]| (0..load.len()).min_by(|a, b| load[*a].total_cmp(&load[*b]));
+    let argmax = |load: &[f64]| (0..load.len()).max_by(|a, b| load[*a].total_cmp(&load[*b]));
+    let mut order = window.to_vec();
+    order.sort_by(|a, b| segments[*b].2.total_cmp(&segments[*a].2));
+    for s in order {
+        let l = argmin(load).expect("lanes > 0");
+        owner[s] = l;
+        load[l] += segments[s].2;
+    }
+    // Even out: the best move or swap between the most and least loaded lanes.
+    for _ in 0..4 * window.len() {
+        let (hi, lo) = (argmax(load).expect("lanes"), argmin(load).expect("lanes"));
+        let cost = |s: &usize| segments[*s].2;
+        let mut best: Option<(f64, usize, Option<usize>)> = None;
+        for &a in window.iter().filter(|s| owner[**s] == hi) {
+            let mut consider = |delta: f64, b: Option<usize>| {
+                let worst = (load[hi] - delta).max(load[lo] + delta);
+                if worst < load[hi] - 1e-9 && best.is_none_or(|(w, ..)| worst < w) {
+                    best = Some((worst, a, b));
+                }
+            };
+            consider(cost(&a), None);
+            for &b in window.iter().filter(|s| owner[**s] == lo) {
+                consider(cost(&a) - cost(&b), Some(b));
+            }
+        }
+        let Some((_, a, b)) = best else { break };
+        owner[a] = lo;
+        load[hi] -= cost(&a);
+        load[lo] += cost(&a);
+        if let Some(b) = b {
+            owner[b] = hi;
+            load[lo] -= cost(&b);
+            load[hi] += cost(&b);
+        }
     }
 }
 
@@ -520,7 +537,7 @@ fn contiguous(targets: &[(f64, Purpose)], costs: &[f64], lanes: usize) -> Vec<Ve
 }
 
 /// One lane: its own input and decoder, visiting its targets in time order.
-fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobError> {
+fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> anyhow::Result<Lane> {
     let (job, ctx) = (s.job, s.ctx);
     let ext = job.format.extension();
     // Every lane opens the source the one admitted way, like the probe did.
@@ -539,7 +556,7 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobErro
     };
     let cancelled = || {
         if s.failed.load(Ordering::Relaxed) {
-            Err(JobError::Cancelled)
+            Err(Cancelled.into())
         } else {
             ctx.check_cancelled()
         }
@@ -585,8 +602,8 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> Result<Lane, JobErro
     Ok(lane)
 }
 
-fn no_frames() -> JobError {
-    JobError::Permanent("source video has no decodable frames".into())
+fn no_frames() -> anyhow::Error {
+    permanent("source video has no decodable frames")
 }
 
 /// Where a sprite tile's frame is taken from. A tile stands for its cue's range

@@ -10,7 +10,6 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
-use shared::JobError;
 use shared::messages::ImageFormat;
 
 use crate::images;
@@ -151,7 +150,7 @@ impl SheetWriter {
     }
 
     /// Puts tile `k` in place; writes its sheet out once the sheet is complete.
-    pub fn place(&mut self, k: usize, tile: &RgbImage) -> Result<(), JobError> {
+    pub fn place(&mut self, k: usize, tile: &RgbImage) -> anyhow::Result<()> {
         let (sheet, x, y) = self.layout.position(k);
         let layout = &self.layout;
         let (img, placed) = self.open.entry(sheet).or_insert_with(|| {
@@ -168,7 +167,7 @@ impl SheetWriter {
     }
 
     /// Writes every sheet still open (only incomplete ones can be).
-    pub fn flush(&mut self) -> Result<(), JobError> {
+    pub fn flush(&mut self) -> anyhow::Result<()> {
         for (s, (img, _)) in std::mem::take(&mut self.open) {
             self.write(s, &img)?;
         }
@@ -176,7 +175,7 @@ impl SheetWriter {
         Ok(())
     }
 
-    fn write(&mut self, s: usize, img: &RgbImage) -> Result<(), JobError> {
+    fn write(&mut self, s: usize, img: &RgbImage) -> anyhow::Result<()> {
         let path = self.dir.join(self.sheet_name(s));
         images::write(img, self.format, self.quality, &path)?;
         self.written.push((s, path, img.width(), img.height()));

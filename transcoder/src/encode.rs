@@ -5,11 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use ffmpeg::{ChannelLayout, Dictionary, Packet, Rational, codec, encoder, format, frame};
 use ffmpeg_next as ffmpeg;
-use shared::JobError;
 use shared::media::{pipeline_error, seconds};
 use shared::messages::OutputFormat;
+use shared::permanent;
 
 use crate::hls;
 use crate::ladder::Planned;
@@ -74,7 +75,7 @@ impl RenditionOutput {
         audio: Option<&AudioEncoder>,
         formats: &[OutputFormat],
         dir: &Path,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let (frame_rate, video_tb) = (clock.rate, clock.time_base);
         let fps = f64::from(frame_rate);
         let level = hls::h264_level(plan.width, plan.height, fps);
@@ -90,8 +91,7 @@ impl RenditionOutput {
                 }
                 OutputFormat::Hls => {
                     let hls_dir = dir.join("hls").join(&plan.name);
-                    std::fs::create_dir_all(&hls_dir)
-                        .map_err(|e| JobError::transient(format!("scratch space: {e}")))?;
+                    std::fs::create_dir_all(&hls_dir).context("scratch space")?;
                     let mut o = Dictionary::new();
                     o.set("hls_time", &format!("{}", cfg.hls_segment_s));
                     o.set("hls_list_size", "0");
@@ -146,7 +146,7 @@ impl RenditionOutput {
     }
 
     /// Encodes one scaled frame; `None` drains the encoder at the end.
-    pub fn encode_video(&mut self, frame: Option<&frame::Video>) -> Result<(), JobError> {
+    pub fn encode_video(&mut self, frame: Option<&frame::Video>) -> anyhow::Result<()> {
         let sent = match frame {
             Some(f) => self.video.send_frame(f),
             None => self.video.send_eof(),
@@ -167,14 +167,14 @@ impl RenditionOutput {
     }
 
     /// Muxes one AAC packet from this rendition's [`AudioEncoder`].
-    pub fn write_audio(&mut self, packet: &Packet) -> Result<(), JobError> {
+    pub fn write_audio(&mut self, packet: &Packet) -> anyhow::Result<()> {
         if self.audio.is_none() {
             return Ok(());
         }
         self.write(packet, true)
     }
 
-    fn write(&mut self, packet: &Packet, audio: bool) -> Result<(), JobError> {
+    fn write(&mut self, packet: &Packet, audio: bool) -> anyhow::Result<()> {
         let enc_tb = if audio {
             self.audio.unwrap_or(self.video_tb)
         } else {
@@ -197,7 +197,7 @@ impl RenditionOutput {
     }
 
     /// Drains the encoders and closes every container.
-    pub fn finish(mut self) -> Result<Finished, JobError> {
+    pub fn finish(mut self) -> anyhow::Result<Finished> {
         self.encode_video(None)?;
         let mut files = Vec::new();
         for m in &mut self.muxers {
@@ -223,9 +223,9 @@ fn open_video_encoder(
     frame_rate: Rational,
     time_base: Rational,
     level: u32,
-) -> Result<encoder::Video, JobError> {
+) -> anyhow::Result<encoder::Video> {
     let codec = encoder::find_by_name("libx264")
-        .ok_or_else(|| JobError::Permanent("this FFmpeg build has no libx264 encoder".into()))?;
+        .ok_or_else(|| permanent("this FFmpeg build has no libx264 encoder"))?;
     let ctx = codec::context::Context::new_with_codec(codec);
     let mut enc = ctx
         .encoder()
@@ -274,9 +274,9 @@ pub struct AudioEncoder {
 }
 
 impl AudioEncoder {
-    pub fn open(kbps: u32, rate: u32) -> Result<Self, JobError> {
+    pub fn open(kbps: u32, rate: u32) -> anyhow::Result<Self> {
         let codec = encoder::find(codec::Id::AAC)
-            .ok_or_else(|| JobError::Permanent("this FFmpeg build has no AAC encoder".into()))?;
+            .ok_or_else(|| permanent("this FFmpeg build has no AAC encoder"))?;
         let mut enc = codec::context::Context::new_with_codec(codec)
             .encoder()
             .audio()
@@ -301,7 +301,7 @@ impl AudioEncoder {
 
     /// Encodes one frame ([`AAC_FRAME_SIZE`] samples of 48 kHz stereo); `None` drains.
     /// Returns the packets that came out.
-    pub fn encode(&mut self, frame: Option<&frame::Audio>) -> Result<Vec<Packet>, JobError> {
+    pub fn encode(&mut self, frame: Option<&frame::Audio>) -> anyhow::Result<Vec<Packet>> {
         let sent = match frame {
             Some(f) => self.encoder.send_frame(f),
             None => self.encoder.send_eof(),

@@ -46,6 +46,7 @@ impl TranscodeHandler {
 impl Handler for TranscodeHandler {
     type Job = TranscodeJob;
     fn handle(&self, job: &TranscodeJob, ctx: &JobContext) -> Result<TaskOutput, JobError> {
-        pipeline::transcode(job, ctx, &self.settings, &self.limits)
+        // The one place a transcode's error is classified (see `shared::outcome`).
+        pipeline::transcode(job, ctx, &self.settings, &self.limits).map_err(JobError::classify)
     }
 }

@@ -26,12 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
+use anyhow::Context as _;
 use ffmpeg::{Packet, Rational, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
 use shared::messages::{OutputFormat, TranscodeJob};
-use shared::{JobContext, JobError, TaskOutput};
+use shared::outcome::{Cancelled, mark_permanent};
+use shared::{JobContext, TaskOutput, permanent};
 
 use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, RenditionOutput};
 use crate::hls;
@@ -55,7 +57,7 @@ pub fn transcode(
     ctx: &JobContext,
     cfg: &TranscoderSettings,
     limits: &MediaLimits,
-) -> Result<TaskOutput, JobError> {
+) -> anyhow::Result<TaskOutput> {
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
@@ -115,9 +117,7 @@ pub fn transcode(
         ctx,
     )?;
     if video.frames == 0 {
-        return Err(JobError::Permanent(
-            "source video has no decodable frames".into(),
-        ));
+        return Err(permanent("source video has no decodable frames"));
     }
     ctx.progress(100.0);
     collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
@@ -133,7 +133,7 @@ fn run(
     plan: &[ladder::Planned],
     outputs: Vec<RenditionOutput>,
     ctx: &JobContext,
-) -> Result<Vec<Finished>, JobError> {
+) -> anyhow::Result<Vec<Finished>> {
     let aborted = AtomicBool::new(false);
     let sources = ladder::scale_sources(plan);
     std::thread::scope(|scope| {
@@ -156,7 +156,11 @@ fn run(
                 .map(|(j, _)| senders[j].clone())
                 .collect();
             let aborted = &aborted;
-            workers.push(scope.spawn(move || encode_rendition(out, rx, children, aborted)));
+            let name = out.plan.name.clone();
+            workers.push(scope.spawn(move || {
+                encode_rendition(out, rx, children, aborted)
+                    .with_context(|| format!("rendition {name}"))
+            }));
         }
         let routes = Routes {
             video: roots,
@@ -167,12 +171,11 @@ fn run(
             aborted.store(true, Ordering::Relaxed);
         }
         drop(routes);
-        let results: Vec<Result<Finished, JobError>> = workers
+        let results: Vec<anyhow::Result<Finished>> = workers
             .into_iter()
             .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(JobError::Permanent("a rendition encoder panicked".into()))
-                })
+                w.join()
+                    .unwrap_or_else(|_| Err(permanent("a rendition encoder panicked")))
             })
             .collect();
         first_error(fed, results)
@@ -185,26 +188,29 @@ fn run(
 /// rendition's own error then. Otherwise the decoding side's error (corrupt source,
 /// cancellation) explains why the renditions stopped.
 fn first_error(
-    fed: Result<(), JobError>,
-    results: Vec<Result<Finished, JobError>>,
-) -> Result<Vec<Finished>, JobError> {
-    let mut errors: Vec<JobError> = results
-        .iter()
-        .filter_map(|r| r.as_ref().err().cloned())
-        .collect();
-    errors.sort_by_key(|e| e.to_string() == STOPPED_EARLY);
-    if let Err(e) = fed {
-        if e.to_string() == STOPPED_EARLY
-            && let Some(own) = errors.into_iter().next()
-        {
-            return Err(own);
+    fed: anyhow::Result<()>,
+    results: Vec<anyhow::Result<Finished>>,
+) -> anyhow::Result<Vec<Finished>> {
+    let mut finished = Vec::with_capacity(results.len());
+    let mut errors = Vec::new();
+    for result in results {
+        match result {
+            Ok(f) => finished.push(f),
+            Err(e) => errors.push(e),
         }
-        return Err(e);
     }
-    if let Some(own) = errors.into_iter().next() {
-        return Err(own);
+    errors.sort_by_key(|e| e.is::<StoppedEarly>());
+    let chosen = match (fed, errors.into_iter().next()) {
+        (Err(e), Some(own)) if e.is::<StoppedEarly>() => own,
+        (Err(e), _) => e,
+        (Ok(()), Some(own)) => own,
+        (Ok(()), None) => return Ok(finished),
+    };
+    // Only a stop with no failure behind it is left unexplained; nothing retried changes it.
+    if chosen.is::<StoppedEarly>() {
+        return Err(mark_permanent(chosen));
     }
-    results.into_iter().collect()
+    Err(chosen)
 }
 
 /// One [`RenditionOutput`] per planned rendition, each with its share of the encoder
@@ -216,7 +222,7 @@ fn open_outputs(
     clock: FrameClock,
     cfg: &TranscoderSettings,
     ctx: &JobContext,
-) -> Result<Vec<RenditionOutput>, JobError> {
+) -> anyhow::Result<Vec<RenditionOutput>> {
     let mut outputs = Vec::with_capacity(plan.len());
     let threads = encoder_threads(plan, cfg.threads);
     for (i, p) in plan.iter().enumerate() {
@@ -265,7 +271,7 @@ fn feed(
     mut audio: Option<&mut AudioPath>,
     routes: &Routes,
     ctx: &JobContext,
-) -> Result<(), JobError> {
+) -> anyhow::Result<()> {
     let mut packet = Packet::empty();
     let mut packets = src.packets();
     loop {
@@ -292,15 +298,17 @@ fn feed(
     Ok(())
 }
 
-/// What sending to a rendition thread that has already failed returns.
-const STOPPED_EARLY: &str = "a rendition encoder stopped early";
+/// What sending to a rendition thread that has already failed returns: that thread's own
+/// error explains the run, this one only says the sender had to stop ([`first_error`]).
+#[derive(Debug, thiserror::Error)]
+#[error("a rendition encoder stopped early")]
+struct StoppedEarly;
 
 /// Hands `msg` to every rendition thread. A closed channel means that thread failed; the
 /// caller stops and the thread's own error is reported.
-fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> Result<(), JobError> {
+fn broadcast(senders: &[SyncSender<Msg>], msg: impl Fn() -> Msg) -> anyhow::Result<()> {
     for tx in senders {
-        tx.send(msg())
-            .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+        tx.send(msg()).map_err(|_| StoppedEarly)?;
     }
     Ok(())
 }
@@ -313,7 +321,7 @@ fn encode_rendition(
     rx: Receiver<Msg>,
     children: Vec<SyncSender<Msg>>,
     aborted: &AtomicBool,
-) -> Result<Finished, JobError> {
+) -> anyhow::Result<Finished> {
     let (w, h) = (out.plan.width, out.plan.height);
     let mut scaler: Option<(
         ffmpeg::software::scaling::Context,
@@ -365,7 +373,7 @@ fn encode_rendition(
                 };
                 for tx in &children {
                     tx.send(Msg::Video(Arc::clone(&picture)))
-                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+                        .map_err(|_| StoppedEarly)?;
                 }
                 out.encode_video(Some(&picture))?;
             }
@@ -375,7 +383,7 @@ fn encode_rendition(
     // The children's input ends here, so they finish alongside this one.
     drop(children);
     if aborted.load(Ordering::Relaxed) {
-        return Err(JobError::Cancelled);
+        return Err(Cancelled.into());
     }
     out.finish()
 }
@@ -398,7 +406,7 @@ impl VideoPath {
         dec: &mut VideoDecoder,
         senders: &[SyncSender<Msg>],
         ctx: &JobContext,
-    ) -> Result<(), JobError> {
+    ) -> anyhow::Result<()> {
         loop {
             let mut frame = frame::Video::empty();
             if !dec.receive(&mut frame)? {
@@ -433,7 +441,7 @@ impl VideoPath {
     }
 
     /// Upright frames out of the rotation graph.
-    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let Some(graph) = self.upright.as_mut() else {
             return Ok(());
         };
@@ -448,7 +456,7 @@ impl VideoPath {
         }
     }
 
-    fn flush(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn flush(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         if let Some(graph) = self.upright.as_mut() {
             graph.flush()?;
         }
@@ -481,7 +489,7 @@ impl AudioPath {
         a: &media::AudioInfo,
         plan: &[ladder::Planned],
         cfg: &TranscoderSettings,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let a_tb = src.time_base(a.index)?;
         let dec = src.audio_decoder(a)?;
         let chain = format!(
@@ -519,7 +527,7 @@ impl AudioPath {
         let _ = self.decoder.send_packet(packet);
     }
 
-    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let mut frame = frame::Audio::empty();
         while self.decoder.receive_frame(&mut frame).is_ok() {
             let pts = frame.timestamp().map(|t| t - self.offset);
@@ -530,7 +538,7 @@ impl AudioPath {
         Ok(())
     }
 
-    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         loop {
             let mut out = frame::Audio::empty();
             if !self.graph.pull(0, &mut out)? {
@@ -545,7 +553,7 @@ impl AudioPath {
         &mut self,
         frame: Option<&frame::Audio>,
         senders: &[SyncSender<Msg>],
-    ) -> Result<(), JobError> {
+    ) -> anyhow::Result<()> {
         for (e, encoder) in self.encoders.iter_mut().enumerate() {
             for packet in encoder.encode(frame)? {
                 let packet = Arc::new(packet);
@@ -556,14 +564,14 @@ impl AudioPath {
                     .map(|(tx, _)| tx);
                 for tx in mine {
                     tx.send(Msg::Audio(Arc::clone(&packet)))
-                        .map_err(|_| JobError::Permanent(STOPPED_EARLY.into()))?;
+                        .map_err(|_| StoppedEarly)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> Result<(), JobError> {
+    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
         let _ = self.decoder.send_eof();
         self.drain(senders)?;
         self.graph.flush()?;
@@ -581,75 +589,23 @@ fn collect_outputs(
     frame_rate: Rational,
     ctx: &JobContext,
     started: Instant,
-) -> Result<TaskOutput, JobError> {
-    let io = |e: std::io::Error| JobError::transient(format!("scratch space: {e}"));
+) -> anyhow::Result<TaskOutput> {
     let mut out = TaskOutput::default();
     let mut variants = Vec::new();
     for f in finished {
         let codecs = hls::codecs(f.level, f.has_audio);
         for (kind, path) in &f.files {
             match kind {
-                OutputFormat::Mp4 => {
-                    let size = std::fs::metadata(path).map_err(io)?.len();
-                    out.push(
-                        format!("{}.mp4", f.plan.name),
-                        path,
-                        json!({
-                            "format": "mp4",
-                            "rendition": f.plan.name,
-                            "width": f.plan.width,
-                            "height": f.plan.height,
-                            "duration_s": round3(f.duration_s),
-                            "bitrate_kbps": kbps(size, f.duration_s),
-                            "video_kbps_cap": f.plan.video_kbps,
-                            "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
-                            "video_codec": "h264",
-                            "audio_codec": f.has_audio.then_some("aac"),
-                            "codecs": &codecs,
-                        }),
-                    );
-                }
+                OutputFormat::Mp4 => push_mp4(&mut out, f, path, &codecs)?,
                 OutputFormat::Hls => {
-                    let (peak, average, segments) = hls::measure(path).map_err(io)?;
-                    let dir = path.parent().unwrap_or(Path::new("."));
-                    out.push(
-                        format!("hls/{}/index.m3u8", f.plan.name),
-                        path,
-                        json!({
-                            "format": "hls-media-playlist",
-                            "rendition": f.plan.name,
-                            "width": f.plan.width,
-                            "height": f.plan.height,
-                            "duration_s": round3(f.duration_s),
-                            "segments": segments.len(),
-                            "peak_kbps": peak / 1000,
-                            "average_kbps": average / 1000,
-                            "codecs": &codecs,
-                        }),
-                    );
-                    for s in &segments {
-                        out.push(
-                            format!("hls/{}/{s}", f.plan.name),
-                            dir.join(s),
-                            json!({"format": "mpegts", "rendition": f.plan.name}),
-                        );
-                    }
-                    variants.push(hls::Variant {
-                        uri: format!("{}/index.m3u8", f.plan.name),
-                        bandwidth: peak,
-                        average_bandwidth: average,
-                        width: f.plan.width,
-                        height: f.plan.height,
-                        frame_rate: f64::from(frame_rate),
-                        codecs: codecs.clone(),
-                    });
+                    variants.push(push_hls(&mut out, f, path, &codecs, frame_rate)?);
                 }
             }
         }
     }
     if !variants.is_empty() {
         let master = ctx.scratch_dir.join("hls").join("master.m3u8");
-        std::fs::write(&master, hls::master_playlist(&variants)).map_err(io)?;
+        std::fs::write(&master, hls::master_playlist(&variants)).context("scratch space")?;
         out.push(
             "hls/master.m3u8",
             master,
@@ -664,6 +620,73 @@ fn collect_outputs(
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
     });
     Ok(out)
+}
+
+/// Lists a rendition's MP4 file with its facts.
+fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> anyhow::Result<()> {
+    let size = std::fs::metadata(path).context("scratch space")?.len();
+    out.push(
+        format!("{}.mp4", f.plan.name),
+        path,
+        json!({
+            "format": "mp4",
+            "rendition": f.plan.name,
+            "width": f.plan.width,
+            "height": f.plan.height,
+            "duration_s": round3(f.duration_s),
+            "bitrate_kbps": kbps(size, f.duration_s),
+            "video_kbps_cap": f.plan.video_kbps,
+            "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
+            "video_codec": "h264",
+            "audio_codec": f.has_audio.then_some("aac"),
+            "codecs": codecs,
+        }),
+    );
+    Ok(())
+}
+
+/// Lists a rendition's HLS media playlist and segments with their facts; its entry in
+/// the master playlist.
+fn push_hls(
+    out: &mut TaskOutput,
+    f: &Finished,
+    path: &Path,
+    codecs: &str,
+    frame_rate: Rational,
+) -> anyhow::Result<hls::Variant> {
+    let (peak, average, segments) = hls::measure(path).context("scratch space")?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    out.push(
+        format!("hls/{}/index.m3u8", f.plan.name),
+        path,
+        json!({
+            "format": "hls-media-playlist",
+            "rendition": f.plan.name,
+            "width": f.plan.width,
+            "height": f.plan.height,
+            "duration_s": round3(f.duration_s),
+            "segments": segments.len(),
+            "peak_kbps": peak / 1000,
+            "average_kbps": average / 1000,
+            "codecs": codecs,
+        }),
+    );
+    for s in &segments {
+        out.push(
+            format!("hls/{}/{s}", f.plan.name),
+            dir.join(s),
+            json!({"format": "mpegts", "rendition": f.plan.name}),
+        );
+    }
+    Ok(hls::Variant {
+        uri: format!("{}/index.m3u8", f.plan.name),
+        bandwidth: peak,
+        average_bandwidth: average,
+        width: f.plan.width,
+        height: f.plan.height,
+        frame_rate: f64::from(frame_rate),
+        codecs: codecs.to_owned(),
+    })
 }
 
 fn kbps(bytes: u64, seconds: f64) -> u64 {
@@ -681,6 +704,31 @@ fn round3(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::JobError;
+
+    #[test]
+    fn the_failed_rendition_explains_the_run_not_its_senders() {
+        let stopped = || Err(anyhow::Error::new(StoppedEarly).context("rendition 1080p"));
+        let own = || Err(permanent("x264 refused").context("rendition 720p"));
+        let got = first_error(Err(StoppedEarly.into()), vec![stopped(), own()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(
+            JobError::classify(got),
+            JobError::Permanent("rendition 720p: x264 refused".into())
+        );
+        let got = first_error(Err(Cancelled.into()), vec![stopped()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(JobError::classify(got), JobError::Cancelled);
+        let got = first_error(Ok(()), vec![stopped()])
+            .err()
+            .expect("the run failed");
+        assert_eq!(
+            JobError::classify(got),
+            JobError::Permanent("rendition 1080p: a rendition encoder stopped early".into())
+        );
+    }
 
     #[test]
     fn encoder_threads_follow_picture_size() {

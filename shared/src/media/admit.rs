@@ -27,12 +27,13 @@ use std::os::raw::{c_char, c_int};
 use std::path::Path;
 use std::ptr;
 
+use anyhow::Context as _;
 use ffmpeg::format::context::Input;
 use ffmpeg::sys as ff;
 use ffmpeg_next as ffmpeg;
 
 use super::init;
-use crate::outcome::JobError;
+use crate::outcome::{PermanentExt as _, permanent};
 
 /// Demuxers (FFmpeg's names) a source may be opened with, and what a person calls them.
 /// None of these opens another file with FFmpeg's defaults; `enable_drefs` (MP4 data
@@ -63,14 +64,14 @@ const PROBE_MAX: usize = 1 << 20;
 const PROBE_MIN: usize = 2048;
 
 /// Opens `path` as an accepted container, with stream information read.
-pub fn open_input(path: &Path) -> Result<Input, JobError> {
+pub fn open_input(path: &Path) -> anyhow::Result<Input> {
     init();
     let head = read_head(path)?;
     if let Some(reason) = crate::sniff::refusal(&head) {
-        return Err(JobError::Permanent(reason));
+        return Err(permanent(reason));
     }
     let format = probe(&head).ok_or_else(|| {
-        JobError::Permanent(format!(
+        permanent(format!(
             "source is not a video file FFmpeg can read (no known container in its first \
              bytes); accepted: {}",
             accepted_names()
@@ -87,10 +88,10 @@ pub fn open_input(path: &Path) -> Result<Input, JobError> {
         )
     };
     if !ACCEPTED.iter().any(|(n, _)| *n == name) {
-        return Err(JobError::Permanent(refusal_for(&name, &long_name)));
+        return Err(permanent(refusal_for(&name, &long_name)));
     }
     open_restricted(path, format, &name).map_err(|e| {
-        JobError::Permanent(format!(
+        permanent(format!(
             "source is not a video file FFmpeg can read (as {name}: {e})"
         ))
     })
@@ -121,11 +122,12 @@ fn refusal_for(name: &str, long_name: &str) -> String {
 }
 
 /// The file's first [`PROBE_MAX`] bytes.
-fn read_head(path: &Path) -> Result<Vec<u8>, JobError> {
+fn read_head(path: &Path) -> anyhow::Result<Vec<u8>> {
     let mut head = Vec::with_capacity(64 * 1024);
     std::fs::File::open(path)
         .and_then(|f| f.take(PROBE_MAX as u64).read_to_end(&mut head))
-        .map_err(|e| JobError::Permanent(format!("cannot read the source: {e}")))?;
+        .context("cannot read the source")
+        .permanent()?;
     Ok(head)
 }
 

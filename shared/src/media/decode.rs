@@ -11,13 +11,14 @@
 //! to turn frames into upright RGB pictures of a given width. Rotation follows the display
 //! matrix the way the `ffmpeg` CLI's autorotate does.
 
+use anyhow::Context as _;
 use ffmpeg::format::context::Input;
 use ffmpeg::{Packet, Rational, codec, decoder, filter, frame};
 use ffmpeg_next as ffmpeg;
 
 use super::probe::{AudioInfo, MediaLimits, VideoInfo};
 use super::{pipeline_error, seconds};
-use crate::outcome::JobError;
+use crate::outcome::{PermanentExt as _, permanent};
 
 /// The source's main video stream, decoding.
 pub struct VideoDecoder {
@@ -46,12 +47,13 @@ impl VideoDecoder {
         video: &VideoInfo,
         threads: usize,
         limits: &MediaLimits,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let stream = input
             .stream(video.index)
-            .ok_or_else(|| JobError::Permanent("source video stream vanished".into()))?;
+            .ok_or_else(|| permanent("source video stream vanished"))?;
         let mut ctx = codec::context::Context::from_parameters(stream.parameters())
-            .map_err(|e| JobError::Permanent(format!("cannot read the source video: {e}")))?;
+            .context("cannot read the source video")
+            .permanent()?;
         super::admit::set_max_pixels(&mut ctx, limits.max_pixels());
         ctx.set_threading(codec::threading::Config {
             kind: codec::threading::Type::Frame,
@@ -60,12 +62,15 @@ impl VideoDecoder {
         });
         let mut decoder = ctx.decoder();
         decoder.set_packet_time_base(stream.time_base());
-        let decoder = decoder.video().map_err(|e| {
-            JobError::Permanent(format!(
-                "cannot open a decoder for the source video (`{}`): {e}",
-                video.codec
-            ))
-        })?;
+        let decoder = decoder
+            .video()
+            .with_context(|| {
+                format!(
+                    "cannot open a decoder for the source video (`{}`)",
+                    video.codec
+                )
+            })
+            .permanent()?;
         let origin_s = super::source::stream_start_s(&stream).unwrap_or(0.0);
         Ok(Self {
             decoder,
@@ -87,14 +92,14 @@ impl VideoDecoder {
     }
 
     /// Feeds one packet of the video stream.
-    pub fn send(&mut self, packet: &Packet) -> Result<(), JobError> {
+    pub fn send(&mut self, packet: &Packet) -> anyhow::Result<()> {
         match self.decoder.send_packet(packet) {
             Ok(()) => Ok(()),
             // FFmpeg guarantees a send succeeds once every frame has been received, and
             // every caller drains the decoder before it sends again; "try again" here would
             // mean a packet is being lost, so say so instead of dropping it quietly.
-            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Err(JobError::Permanent(
-                "internal error: the decoder refused a packet before its frames were read".into(),
+            Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Err(permanent(
+                "internal error: the decoder refused a packet before its frames were read",
             )),
             Err(e) => Err(self.corrupt(packet.pts(), e)),
         }
@@ -107,7 +112,7 @@ impl VideoDecoder {
     }
 
     /// The next decoded frame, `Ok(false)` when the decoder needs more input (or is done).
-    pub fn receive(&mut self, frame: &mut frame::Video) -> Result<bool, JobError> {
+    pub fn receive(&mut self, frame: &mut frame::Video) -> anyhow::Result<bool> {
         match self.decoder.receive_frame(frame) {
             Ok(()) => self.check(frame).map(|()| true),
             Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(false),
@@ -118,7 +123,7 @@ impl VideoDecoder {
 
     /// Holds a decoded frame to the limits: its size, its pixel aspect ratio, the size it
     /// is shown at, its time from the stream's start, and the size the decoder opened with.
-    fn check(&mut self, frame: &frame::Video) -> Result<(), JobError> {
+    fn check(&mut self, frame: &frame::Video) -> anyhow::Result<()> {
         let at = self.frame_seconds(frame);
         // How far into the stream this frame is: its own time, else counted in frames
         // from the last frame that had one.
@@ -148,14 +153,14 @@ impl VideoDecoder {
                 .check_picture(&format!("{what} as shown"), shown, h)?;
         }
         if elapsed > self.limits.max_duration_s {
-            return Err(JobError::Permanent(format!(
+            return Err(permanent(format!(
                 "source runs past the {} s limit (a frame at {elapsed:.2} s), whatever its \
                  header says",
                 self.limits.max_duration_s,
             )));
         }
         if (w, h) != self.size {
-            return Err(JobError::Permanent(format!(
+            return Err(permanent(format!(
                 "{what} changes the picture size from {}x{} to {w}x{h}; vidpipe takes videos \
                  of one picture size (re-encode the upload at one size)",
                 self.size.0, self.size.1
@@ -176,11 +181,11 @@ impl VideoDecoder {
 
     /// A decoding failure. FFmpeg reports a picture over `max_pixels` the same way as
     /// corrupt data (it refuses to allocate it), so the reason names both.
-    fn corrupt(&self, pts: Option<i64>, err: ffmpeg::Error) -> JobError {
+    fn corrupt(&self, pts: Option<i64>, err: ffmpeg::Error) -> anyhow::Error {
         let near = pts.map_or_else(String::new, |pts| {
             format!(" near {:.2} s", seconds(pts, self.time_base))
         });
-        JobError::Permanent(format!(
+        permanent(format!(
             "source video cannot be decoded{near}: corrupt data, or a picture over the {}x{} \
              limit ({err})",
             self.limits.max_width, self.limits.max_height
@@ -206,7 +211,7 @@ impl FrameGraph {
         time_base: Rational,
         rotation: u32,
         chains: &[String],
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let sar = decoder.aspect_ratio();
         let sar = if sar.numerator() > 0 && sar.denominator() > 0 {
             sar
@@ -234,7 +239,7 @@ impl FrameGraph {
         time_base: Rational,
         chains: &[String],
         frame_size: u32,
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let layout = decoder.channel_layout();
         let layout = if layout.bits() == 0 {
             ffmpeg::ChannelLayout::default(i32::from(decoder.channels()))
@@ -266,13 +271,12 @@ impl FrameGraph {
         args: &str,
         pre: &str,
         chains: &[String],
-    ) -> Result<Self, JobError> {
+    ) -> anyhow::Result<Self> {
         let err = |e| pipeline_error("building the filter graph", e);
         let mut graph = filter::Graph::new();
         let find = |name: &str| {
-            filter::find(name).ok_or_else(|| {
-                JobError::Permanent(format!("this FFmpeg build lacks the `{name}` filter"))
-            })
+            filter::find(name)
+                .ok_or_else(|| permanent(format!("this FFmpeg build lacks the `{name}` filter")))
         };
         graph.add(&find(source)?, "in", args).map_err(err)?;
         for i in 0..chains.len() {
@@ -294,7 +298,7 @@ impl FrameGraph {
     }
 
     /// Feeds a decoded frame.
-    pub fn push(&mut self, frame: &frame::Frame) -> Result<(), JobError> {
+    pub fn push(&mut self, frame: &frame::Frame) -> anyhow::Result<()> {
         self.source()?
             .source()
             .add(frame)
@@ -302,7 +306,7 @@ impl FrameGraph {
     }
 
     /// Signals the end of input so the outputs drain.
-    pub fn flush(&mut self) -> Result<(), JobError> {
+    pub fn flush(&mut self) -> anyhow::Result<()> {
         self.source()?
             .source()
             .flush()
@@ -310,11 +314,11 @@ impl FrameGraph {
     }
 
     /// The next frame of output `index`, `Ok(false)` when it has none right now.
-    pub fn pull(&mut self, index: usize, frame: &mut frame::Frame) -> Result<bool, JobError> {
+    pub fn pull(&mut self, index: usize, frame: &mut frame::Frame) -> anyhow::Result<bool> {
         let mut sink = self
             .graph
             .get(&format!("out{index}"))
-            .ok_or_else(|| JobError::Permanent(format!("filter output {index} missing")))?;
+            .ok_or_else(|| permanent(format!("filter output {index} missing")))?;
         match sink.sink().frame(frame) {
             Ok(()) => Ok(true),
             Err(ffmpeg::Error::Other { errno }) if errno == EAGAIN => Ok(false),
@@ -323,10 +327,10 @@ impl FrameGraph {
         }
     }
 
-    fn source(&mut self) -> Result<filter::Context, JobError> {
+    fn source(&mut self) -> anyhow::Result<filter::Context> {
         self.graph
             .get("in")
-            .ok_or_else(|| JobError::Permanent("filter input missing".into()))
+            .ok_or_else(|| permanent("filter input missing"))
     }
 }
 
@@ -359,20 +363,24 @@ fn graph_spec(pre: &str, chains: &[String]) -> String {
 }
 
 /// Opens the source's audio decoder.
-pub fn open_audio_decoder(input: &Input, audio: &AudioInfo) -> Result<decoder::Audio, JobError> {
+pub fn open_audio_decoder(input: &Input, audio: &AudioInfo) -> anyhow::Result<decoder::Audio> {
     let stream = input
         .stream(audio.index)
-        .ok_or_else(|| JobError::Permanent("source audio stream vanished".into()))?;
+        .ok_or_else(|| permanent("source audio stream vanished"))?;
     let ctx = codec::context::Context::from_parameters(stream.parameters())
-        .map_err(|e| JobError::Permanent(format!("cannot read the source audio: {e}")))?;
+        .context("cannot read the source audio")
+        .permanent()?;
     let mut decoder = ctx.decoder();
     decoder.set_packet_time_base(stream.time_base());
-    decoder.audio().map_err(|e| {
-        JobError::Permanent(format!(
-            "cannot open a decoder for the source audio (`{}`): {e}",
-            audio.codec
-        ))
-    })
+    decoder
+        .audio()
+        .with_context(|| {
+            format!(
+                "cannot open a decoder for the source audio (`{}`)",
+                audio.codec
+            )
+        })
+        .permanent()
 }
 
 #[cfg(test)]

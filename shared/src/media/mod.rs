@@ -15,8 +15,9 @@
 //!   clear permanent failures, every decoded frame held to the limits) and the
 //!   filter-graph plumbing that turns decoded frames into upright, scaled frames.
 //!
-//! Everything here returns [`JobError`]s: a source FFmpeg cannot read is the uploader's
-//! problem (permanent), never a reason to retry.
+//! Everything here returns `anyhow` errors, marked [`permanent`](crate::permanent) where retrying cannot
+//! help: a source FFmpeg cannot read is the uploader's problem, never a reason to retry.
+//! The workers' handlers classify them once into a [`crate::JobError`].
 
 pub mod admit;
 pub mod decode;
@@ -35,7 +36,7 @@ use std::sync::Once;
 
 use ffmpeg_next as ffmpeg;
 
-use crate::outcome::JobError;
+use crate::outcome::mark_permanent;
 
 /// Initialises the FFmpeg libraries once per process and keeps their own logging to
 /// errors only (our tracing logs say what happened to a job).
@@ -65,22 +66,43 @@ pub fn timestamp(seconds: f64, time_base: ffmpeg::Rational) -> i64 {
 }
 
 /// An FFmpeg failure while working on the source: permanent, with what we were doing.
-pub fn source_error(doing: &str, err: ffmpeg::Error) -> JobError {
-    JobError::Permanent(format!("{doing}: {err}"))
+pub fn source_error(doing: &str, err: ffmpeg::Error) -> anyhow::Error {
+    mark_permanent(anyhow::Error::new(err).context(doing.to_owned()))
 }
 
 /// An FFmpeg failure on our own side (encoder, muxer, filter). Outputs live in local
 /// scratch space: a full disk or an I/O error there is transient (another attempt, maybe on
-/// another machine, can succeed); anything else is deterministic for this source and
-/// retrying would only burn time, so it is permanent.
-pub fn pipeline_error(doing: &str, err: ffmpeg::Error) -> JobError {
+/// another machine, can succeed), so it is left unmarked; anything else is deterministic
+/// for this source and retrying would only burn time, so it is marked permanent.
+pub fn pipeline_error(doing: &str, err: ffmpeg::Error) -> anyhow::Error {
     const ENOSPC: i32 = 28;
     const EIO: i32 = 5;
     const ENOMEM: i32 = 12;
-    match err {
-        ffmpeg::Error::Other { errno } if [ENOSPC, EIO, ENOMEM].contains(&errno) => {
-            JobError::Transient(format!("{doing}: {err}"))
-        }
-        _ => JobError::Permanent(format!("{doing}: {err}")),
+    let transient =
+        matches!(err, ffmpeg::Error::Other { errno } if [ENOSPC, EIO, ENOMEM].contains(&errno));
+    let err = anyhow::Error::new(err).context(doing.to_owned());
+    if transient { err } else { mark_permanent(err) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::JobError;
+
+    #[test]
+    fn ffmpeg_errors_are_classified_by_kind() {
+        let full = ffmpeg::Error::Other { errno: 28 };
+        assert!(matches!(
+            JobError::classify(pipeline_error("writing 720p.mp4", full)),
+            JobError::Transient(r) if r.starts_with("writing 720p.mp4: ")
+        ));
+        assert!(matches!(
+            JobError::classify(pipeline_error("encoding", ffmpeg::Error::InvalidData)),
+            JobError::Permanent(r) if r.starts_with("encoding: ")
+        ));
+        assert!(matches!(
+            JobError::classify(source_error("reading", ffmpeg::Error::Other { errno: 28 })),
+            JobError::Permanent(_)
+        ));
     }
 }

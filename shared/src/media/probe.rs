@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use anyhow::Context as _;
 use ffmpeg::format::context::Input;
 use ffmpeg::media::Type as MediaType;
 use ffmpeg_next as ffmpeg;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::source::Source;
 use super::{init, seconds};
-use crate::outcome::JobError;
+use crate::outcome::{PermanentExt as _, permanent};
 
 /// Limits on what a worker accepts (`[media]` in the settings file, `VIDPIPE__MEDIA__*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,14 +59,14 @@ impl MediaLimits {
     /// A picture (`what` names it: "source", "source frame at 3.20 s", "thumbnail") must
     /// fit the limits either way round: its long side within the larger limit and its
     /// short side within the smaller, so portrait 2160x3840 passes a 3840x2160 limit.
-    pub fn check_picture(&self, what: &str, width: u32, height: u32) -> Result<(), JobError> {
+    pub fn check_picture(&self, what: &str, width: u32, height: u32) -> anyhow::Result<()> {
         let (long, short) = (width.max(height), width.min(height));
         let (max_long, max_short) = (
             self.max_width.max(self.max_height),
             self.max_width.min(self.max_height),
         );
         if long > max_long || short > max_short || width == 0 || height == 0 {
-            return Err(JobError::Permanent(format!(
+            return Err(permanent(format!(
                 "{what} is {width}x{height}, limit is {}x{}",
                 self.max_width, self.max_height
             )));
@@ -75,14 +76,14 @@ impl MediaLimits {
 
     /// A pixel aspect ratio `num:den` (0 or negative: unset, square) must be within
     /// [`Self::max_pixel_aspect`] either way.
-    pub fn check_pixel_aspect(&self, what: &str, num: i32, den: i32) -> Result<(), JobError> {
+    pub fn check_pixel_aspect(&self, what: &str, num: i32, den: i32) -> anyhow::Result<()> {
         if num <= 0 || den <= 0 {
             return Ok(());
         }
         let ratio = f64::from(num) / f64::from(den);
         let max = self.max_pixel_aspect.max(1.0);
         if ratio > max || ratio < 1.0 / max {
-            return Err(JobError::Permanent(format!(
+            return Err(permanent(format!(
                 "{what} has a pixel aspect ratio of {num}:{den}; vidpipe takes 1:{max} to {max}:1"
             )));
         }
@@ -130,16 +131,17 @@ pub struct AudioInfo {
 }
 
 /// Opens `path`, probes it and checks it against `limits`.
-pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
+pub fn open(path: &Path, limits: &MediaLimits) -> anyhow::Result<Source> {
     init();
     let size_bytes = std::fs::metadata(path)
-        .map_err(|e| JobError::Permanent(format!("cannot read the source: {e}")))?
+        .context("cannot read the source")
+        .permanent()?
         .len();
     if size_bytes == 0 {
-        return Err(JobError::Permanent("source is empty (0 bytes)".into()));
+        return Err(permanent("source is empty (0 bytes)"));
     }
     if size_bytes > limits.max_file_bytes {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "source is {size_bytes} bytes, limit is {} bytes",
             limits.max_file_bytes
         )));
@@ -147,7 +149,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
     let input = super::admit::open_input(path)?;
     let streams = input.streams().count();
     if streams > limits.max_streams as usize {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "source has {streams} streams, limit is {}",
             limits.max_streams
         )));
@@ -158,7 +160,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
     let audio = audio_info(&input);
     let duration_s = duration_of(&input, video.index);
     if duration_s > limits.max_duration_s {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "source is {duration_s:.1} s long, limit is {} s",
             limits.max_duration_s
         )));
@@ -174,7 +176,7 @@ pub fn open(path: &Path, limits: &MediaLimits) -> Result<Source, JobError> {
 }
 
 /// The main video stream: FFmpeg's best pick, ignoring cover art.
-fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError> {
+fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> {
     let stream = input
         .streams()
         .filter(|s| s.parameters().medium() == MediaType::Video)
@@ -203,7 +205,7 @@ fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError
                     )
                 })
                 .collect();
-            JobError::Permanent(if kinds.is_empty() {
+            permanent(if kinds.is_empty() {
                 "source has no video stream (no streams at all)".into()
             } else {
                 format!(
@@ -214,17 +216,18 @@ fn video_info(input: &Input, limits: &MediaLimits) -> Result<VideoInfo, JobError
         })?;
     let id = stream.parameters().id();
     if ffmpeg::decoder::find(id).is_none() || id == ffmpeg::codec::Id::None {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "source video codec `{}` is not supported by this build",
             id.name()
         )));
     }
     let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
         .and_then(|c| c.decoder().video())
-        .map_err(|e| JobError::Permanent(format!("cannot read the source video stream: {e}")))?;
+        .context("cannot read the source video stream")
+        .permanent()?;
     let (width, height) = (decoder.width(), decoder.height());
     if width == 0 || height == 0 {
-        return Err(JobError::Permanent(format!(
+        return Err(permanent(format!(
             "source video stream (`{}`) has no picture size; the file is damaged or not a video",
             id.name()
         )));

@@ -18,7 +18,7 @@ use ffmpeg_next as ffmpeg;
 use super::decode::VideoDecoder;
 use super::probe::{AudioInfo, MediaLimits, SourceInfo};
 use super::{keyframes, seconds};
-use crate::outcome::JobError;
+use crate::outcome::{mark_permanent, permanent};
 
 /// Read errors in a row after which the source counts as corrupt.
 pub const MAX_READ_ERRORS: u32 = 16;
@@ -50,11 +50,11 @@ impl Source {
     }
 
     /// The time base of stream `index`'s timestamps.
-    pub fn time_base(&self, index: usize) -> Result<Rational, JobError> {
+    pub fn time_base(&self, index: usize) -> anyhow::Result<Rational> {
         self.input
             .stream(index)
             .map(|s| s.time_base())
-            .ok_or_else(|| JobError::Permanent(format!("source stream {index} vanished")))
+            .ok_or_else(|| permanent(format!("source stream {index} vanished")))
     }
 
     /// The limits the source was accepted under (and its decoders hold frames to).
@@ -104,12 +104,12 @@ impl Source {
 
     /// A decoder for the video stream (`threads` = 0: one per core), every frame held to
     /// the limits.
-    pub fn decoder(&self, threads: usize) -> Result<VideoDecoder, JobError> {
+    pub fn decoder(&self, threads: usize) -> anyhow::Result<VideoDecoder> {
         VideoDecoder::open(&self.input, &self.info.video, threads, &self.limits)
     }
 
     /// A decoder for the audio stream `audio` (from [`SourceInfo::audio`]).
-    pub fn audio_decoder(&self, audio: &AudioInfo) -> Result<ffmpeg::decoder::Audio, JobError> {
+    pub fn audio_decoder(&self, audio: &AudioInfo) -> anyhow::Result<ffmpeg::decoder::Audio> {
         super::decode::open_audio_decoder(&self.input, audio)
     }
 
@@ -154,7 +154,7 @@ pub struct Reopen {
 
 impl Reopen {
     /// Another input on the source.
-    pub fn open(&self) -> Result<Source, JobError> {
+    pub fn open(&self) -> anyhow::Result<Source> {
         Ok(Source {
             input: super::admit::open_input(&self.path)?,
             info: self.info.clone(),
@@ -201,12 +201,12 @@ pub struct Corrupt(pub ffmpeg::Error);
 
 impl Corrupt {
     /// The permanent failure, naming how far reading got when that is known.
-    pub fn error(self, after_s: Option<f64>) -> JobError {
-        let e = self.0;
-        JobError::Permanent(match after_s {
-            Some(s) => format!("source is corrupt or truncated after {s:.2} s: {e}"),
-            None => format!("source is corrupt or truncated: {e}"),
-        })
+    pub fn error(self, after_s: Option<f64>) -> anyhow::Error {
+        let what = match after_s {
+            Some(s) => format!("source is corrupt or truncated after {s:.2} s"),
+            None => "source is corrupt or truncated".to_owned(),
+        };
+        mark_permanent(anyhow::Error::new(self.0).context(what))
     }
 }
 
@@ -263,16 +263,14 @@ mod tests {
 
     #[test]
     fn a_spent_budget_says_how_far_reading_got() {
-        let e = || Corrupt(ffmpeg::Error::InvalidData);
-        assert!(
-            e().error(Some(1.5))
-                .to_string()
-                .starts_with("source is corrupt or truncated after 1.50 s: ")
-        );
-        assert!(
-            e().error(None)
-                .to_string()
-                .starts_with("source is corrupt or truncated: ")
-        );
+        let e = |after| crate::JobError::classify(Corrupt(ffmpeg::Error::InvalidData).error(after));
+        assert!(matches!(
+            e(Some(1.5)),
+            crate::JobError::Permanent(r) if r.starts_with("source is corrupt or truncated after 1.50 s: ")
+        ));
+        assert!(matches!(
+            e(None),
+            crate::JobError::Permanent(r) if r.starts_with("source is corrupt or truncated: ")
+        ));
     }
 }
