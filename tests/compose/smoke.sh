@@ -32,6 +32,8 @@
 # `docker compose`), KEEP=1 (leave the project up for a look; prints how to remove it).
 # Exit code 0 when every check passed.
 set -euo pipefail
+# A command that ends the script under set -e says which one it was.
+trap 'echo "smoke: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/../.."
 root=$PWD
 t0=$(date +%s)
