@@ -32,6 +32,10 @@ pub struct VideoDecoder {
     /// The picture size the decoder opened with; a frame of another size is a change
     /// mid-stream, which the filter graphs built for this size cannot take.
     size: (u32, u32),
+    /// The pixel aspect ratio it opened with. Size and ratio were held to the limits at
+    /// open, so a frame that has both as opened needs no second look (and no per-frame
+    /// allocation of its description).
+    sar: Rational,
     /// Seconds per frame, for frames with no timestamp (raw streams have none).
     frame_s: f64,
     /// Time of the last frame that had one, and frames decoded since without one.
@@ -71,6 +75,8 @@ impl VideoDecoder {
                 )
             })
             .permanent()?;
+        let sar = decoder.aspect_ratio();
+        check_shape(limits, "source", video.width, video.height, sar)?;
         let origin_s = super::source::stream_start_s(&stream).unwrap_or(0.0);
         Ok(Self {
             decoder,
@@ -79,6 +85,7 @@ impl VideoDecoder {
             limits: limits.clone(),
             origin_s,
             size: (video.width, video.height),
+            sar,
             // Unknown rate: count frames as if at 60 fps, a loose bound but a bound.
             frame_s: 1.0
                 / if video.frame_rate > 0.0 {
@@ -138,19 +145,13 @@ impl VideoDecoder {
                     + f64::from(self.untimed) * self.frame_s
             }
         };
-        let what = match at {
+        let (w, h, sar) = (frame.width(), frame.height(), frame.aspect_ratio());
+        let what = || match at {
             Some(t) => format!("source frame at {t:.2} s"),
             None => "a source frame".to_owned(),
         };
-        let (w, h) = (frame.width(), frame.height());
-        self.limits.check_picture(&what, w, h)?;
-        let sar = frame.aspect_ratio();
-        self.limits
-            .check_pixel_aspect(&what, sar.numerator(), sar.denominator())?;
-        if sar.numerator() > 0 && sar.denominator() > 0 {
-            let shown = super::probe::shown_width(w, sar);
-            self.limits
-                .check_picture(&format!("{what} as shown"), shown, h)?;
+        if (w, h) != self.size || sar != self.sar {
+            check_shape(&self.limits, &what(), w, h, sar)?;
         }
         if elapsed > self.limits.max_duration_s {
             return Err(permanent(format!(
@@ -161,9 +162,11 @@ impl VideoDecoder {
         }
         if (w, h) != self.size {
             return Err(permanent(format!(
-                "{what} changes the picture size from {}x{} to {w}x{h}; vidpipe takes videos \
+                "{} changes the picture size from {}x{} to {w}x{h}; vidpipe takes videos \
                  of one picture size (re-encode the upload at one size)",
-                self.size.0, self.size.1
+                what(),
+                self.size.0,
+                self.size.1
             )));
         }
         Ok(())
@@ -191,6 +194,24 @@ impl VideoDecoder {
             self.limits.max_width, self.limits.max_height
         ))
     }
+}
+
+/// A picture of `width`x`height` with pixel aspect ratio `sar` (`what` names it) held to
+/// `limits`: its size, its ratio, and the size it is shown at.
+fn check_shape(
+    limits: &MediaLimits,
+    what: &str,
+    width: u32,
+    height: u32,
+    sar: Rational,
+) -> anyhow::Result<()> {
+    limits.check_picture(what, width, height)?;
+    limits.check_pixel_aspect(what, sar.numerator(), sar.denominator())?;
+    if sar.numerator() > 0 && sar.denominator() > 0 {
+        let shown = super::probe::shown_width(width, sar);
+        limits.check_picture(&format!("{what} as shown"), shown, height)?;
+    }
+    Ok(())
 }
 
 /// POSIX EAGAIN, as FFmpeg reports "need more input / output not ready".
