@@ -90,6 +90,8 @@ impl Bench {
                 output_prefix: StorageKey::output_prefix(id, "transcode").unwrap(),
                 renditions: vec![],
                 formats: vec![messages::OutputFormat::Mp4],
+                segments: Default::default(),
+                part: None,
             };
             let confirm = ch
                 .basic_publish(

@@ -14,6 +14,7 @@ mod registry;
 mod runtime;
 mod s3;
 mod security;
+mod segments;
 mod settings;
 mod thumbnailer;
 mod tls;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use shared::messages::Segmenting;
 
 /// Upload videos to vidpipe, follow their jobs and administer parked (dead) jobs.
 #[derive(Debug, Parser)]
@@ -114,6 +115,10 @@ pub struct UploadArgs {
         default_value = "mp4,hls"
     )]
     pub formats: Vec<String>,
+    /// Split a long transcode over many transcoders: `auto` (sources longer than the
+    /// workers' `transcoder.segment_threshold_secs`) or `off` (one worker, one pass)
+    #[arg(long, value_name = "MODE", default_value = "auto", value_parser = segmenting)]
+    pub segments: Segmenting,
     /// Number of evenly spaced thumbnails (besides the poster), 0 to 1000
     #[arg(
         long,
@@ -230,4 +235,13 @@ pub enum DeadCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// `--segments auto|off`.
+fn segmenting(s: &str) -> Result<Segmenting, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(Segmenting::Auto),
+        "off" => Ok(Segmenting::Off),
+        other => Err(format!("unknown mode `{other}`; known: auto, off")),
+    }
 }

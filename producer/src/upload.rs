@@ -14,8 +14,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
-    self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, SpriteSpec, ThumbnailJob,
-    TranscodeJob,
+    self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, Segmenting, SpriteSpec,
+    ThumbnailJob, TranscodeJob,
 };
 use shared::settings::Settings;
 use shared::storage::Storage;
@@ -66,6 +66,7 @@ pub struct JobOptions {
     pub formats: Vec<OutputFormat>,
     pub thumbnails: u32,
     pub sprite: bool,
+    pub segments: Segmenting,
 }
 
 impl Default for JobOptions {
@@ -75,6 +76,7 @@ impl Default for JobOptions {
             formats: vec![OutputFormat::Mp4, OutputFormat::Hls],
             thumbnails: 10,
             sprite: true,
+            segments: Segmenting::Auto,
         }
     }
 }
@@ -124,6 +126,7 @@ impl JobOptions {
             formats,
             thumbnails: args.thumbnails,
             sprite: !args.no_sprite,
+            segments: args.segments,
         };
         // The workers' own validation, run here so a bad ladder never reaches the queue.
         let plan = JobPlan::new(Uuid::nil(), "mp4", &options);
@@ -235,6 +238,8 @@ impl JobPlan {
                     .expect("a uuid and a task name make a valid key"),
                 renditions: options.renditions.clone(),
                 formats: options.formats.clone(),
+                segments: options.segments,
+                part: None,
             },
             thumbnail: ThumbnailJob {
                 job_id,

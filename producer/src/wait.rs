@@ -51,9 +51,25 @@ pub struct TaskProgress {
     /// the completed task's manifest.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dropped_renditions: Vec<String>,
+    /// A split transcode's segments: how many are done of how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments: Option<SegmentsDone>,
+    /// Each segment's own percent, summed into `percent`.
+    #[serde(skip)]
+    part_percent: BTreeMap<u32, f64>,
     #[serde(skip)]
     terminal: bool,
 }
+
+/// `segments done N/M` of a split transcode.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct SegmentsDone {
+    pub done: u32,
+    pub of: u32,
+}
+
+/// The share of a split task's progress its segments make; the stitch is the rest.
+const SEGMENTS_SHARE: f64 = 95.0;
 
 impl TaskProgress {
     fn queued() -> Self {
@@ -64,8 +80,29 @@ impl TaskProgress {
             worker: None,
             reason: None,
             dropped_renditions: Vec::new(),
+            segments: None,
+            part_percent: BTreeMap::new(),
             terminal: false,
         }
+    }
+
+    /// A part's event: its percent joins the sum over segments (audio is quick and is
+    /// not counted), so one bar shows the whole task.
+    fn apply_part(&mut self, part: &shared::split::PartRef, percent: Option<f64>) {
+        if part.stage != "segment" || part.segments == 0 {
+            return;
+        }
+        if let Some(p) = percent {
+            let seen = self.part_percent.entry(part.index).or_insert(0.0);
+            *seen = seen.max(p.clamp(0.0, 100.0));
+        }
+        let done = self.part_percent.values().filter(|p| **p >= 100.0).count();
+        self.segments = Some(SegmentsDone {
+            done: u32::try_from(done).unwrap_or(u32::MAX),
+            of: part.segments,
+        });
+        let sum: f64 = self.part_percent.values().sum();
+        self.percent = Some(sum / f64::from(part.segments) * SEGMENTS_SHARE / 100.0);
     }
 }
 
@@ -259,8 +296,13 @@ impl<'a> View<'a> {
         progress.attempt = event.attempt;
         progress.worker = Some(event.worker.clone());
         progress.terminal = event.state.is_terminal();
-        if let Some(p) = event.percent {
-            progress.percent = Some(p);
+        match &event.part {
+            Some(part) => progress.apply_part(part, event.percent),
+            None => {
+                if let Some(p) = event.percent {
+                    progress.percent = Some(p);
+                }
+            }
         }
         if matches!(
             event.state,
@@ -310,6 +352,7 @@ impl<'a> View<'a> {
                     at: String::new(),
                     percent: Some(100.0),
                     detail: None,
+                    part: None,
                 };
                 self.apply(&event);
             }
@@ -387,11 +430,14 @@ fn describe(p: &TaskProgress, with_percent: bool) -> String {
         ),
         state => {
             // The percent is what a log reader follows; "completed 100%" says nothing more.
-            let percent = p
+            let mut percent = p
                 .percent
                 .filter(|_| with_percent && state != "completed")
                 .map(|pc| format!(" {:.0}%", pc.clamp(0.0, 100.0).floor()))
                 .unwrap_or_default();
+            if let Some(s) = p.segments.filter(|_| state != "completed") {
+                percent.push_str(&format!(", segments done {}/{}", s.done, s.of));
+            }
             match worker {
                 Some(w) => format!("{state}{percent} (attempt {}, {w})", p.attempt),
                 None => format!("{state}{percent}"),

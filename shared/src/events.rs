@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::split::PartRef;
+
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -62,6 +64,11 @@ pub struct JobEvent {
     /// Why it failed, or what it produced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// For a part of a split task (a segment of a long transcode): which one. Its
+    /// `percent` is the part's own; `completed` is never sent for a part, only for the
+    /// task, once, when its parts are joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartRef>,
 }
 
 /// `job.<job_id>.<task>.<state>`.
@@ -130,16 +137,19 @@ impl EventPublisher {
     }
 
     /// Queues one event for sending.
+    #[allow(clippy::too_many_arguments)]
     pub fn emit(
         &self,
         job_id: Uuid,
         task: &str,
+        part: Option<&PartRef>,
         state: JobState,
         attempt: u32,
         percent: Option<f64>,
         detail: Option<String>,
     ) {
         let event = JobEvent {
+            part: part.cloned(),
             job_id,
             task: task.to_owned(),
             state,

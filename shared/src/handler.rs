@@ -12,8 +12,10 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::manifest::Manifest;
 use crate::messages::JobMessage;
 use crate::outcome::{Cancelled, JobError};
+use crate::split::FollowUp;
 
 /// A worker's job logic. See the module docs for the contract.
 pub trait Handler: Send + Sync + 'static {
@@ -44,6 +46,9 @@ pub struct TaskOutput {
     pub files: Vec<OutputFile>,
     /// Task-level facts for the manifest's `summary` (source probe, durations, …).
     pub summary: serde_json::Value,
+    /// Jobs to publish instead of committing anything: a split job's parts (see
+    /// [`crate::split`]). When not empty, `files` and `summary` are ignored.
+    pub fan_out: Vec<FollowUp>,
 }
 
 impl TaskOutput {
@@ -62,6 +67,14 @@ impl TaskOutput {
     }
 }
 
+/// One committed part a join reads: its manifest, and a local path for each of its
+/// outputs (in the manifest's order).
+#[derive(Debug, Clone)]
+pub struct CommittedPart {
+    pub manifest: Manifest,
+    pub files: Vec<PathBuf>,
+}
+
 /// Progress sink: percent complete, 0-100.
 pub type ProgressFn = Arc<dyn Fn(f64) + Send + Sync>;
 
@@ -71,8 +84,10 @@ pub struct JobContext {
     pub job_id: Uuid,
     /// 1-based attempt number.
     pub attempt: u32,
-    /// Local path of the source video.
+    /// Local path of the source video (empty for a join, which reads `parts`).
     pub source_path: PathBuf,
+    /// A join's inputs: the committed parts it joins, in order (empty otherwise).
+    pub parts: Vec<CommittedPart>,
     /// Empty directory for outputs; removed by the runtime afterwards.
     pub scratch_dir: PathBuf,
     cancel: CancellationToken,
@@ -103,6 +118,7 @@ impl JobContext {
             job_id,
             attempt,
             source_path,
+            parts: Vec::new(),
             scratch_dir,
             cancel,
             progress,

@@ -10,6 +10,7 @@
 //! - [`outcome`]: job errors and the pure outcome → broker action decision.
 //! - [`handler`]: the trait both workers implement.
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
+//! - [`split`]: split jobs: fan-out into parts, fan-in to one join, race-free.
 //! - [`events`]: job events on `video_events`.
 //! - [`storage`]: object storage with atomic commits.
 //! - [`manifest`]: the typed `manifest.json` that records a completed task.
@@ -34,6 +35,7 @@ pub mod runtime;
 pub mod settings;
 pub mod shutdown;
 pub mod sniff;
+pub mod split;
 pub mod storage;
 pub mod storage_key;
 pub mod tasks;

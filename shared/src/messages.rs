@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::split::{FanIn, Inputs, PartRef};
 use crate::storage_key::StorageKey;
 use crate::tasks::{self, TaskKind};
 
@@ -50,6 +51,30 @@ pub trait JobMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn output_prefix(&self) -> &StorageKey;
     /// Range checks beyond what the types already enforce.
     fn validate(&self) -> Result<(), String>;
+
+    // Split jobs (see [`crate::split`]). A job that is not part of a split keeps these
+    // defaults: it reads its source and commits under its output prefix.
+
+    /// Where this job's outputs and manifest are committed: the output prefix, or a
+    /// part's own folder under it.
+    fn commit_prefix(&self) -> StorageKey {
+        self.output_prefix().clone()
+    }
+    /// Which part of a split task this job is (for events and dead letters).
+    fn part(&self) -> Option<PartRef> {
+        None
+    }
+    /// What this job reads: its source, or the committed outputs of other parts.
+    fn inputs(&self) -> Inputs {
+        Inputs::Source
+    }
+    /// For a part: the parts that must all be committed before `then` is published.
+    fn fan_in(&self) -> Option<FanIn<Self>>
+    where
+        Self: Sized,
+    {
+        None
+    }
 }
 
 /// Parses and validates a message body. Any failure is poison.
@@ -226,6 +251,193 @@ pub struct TranscodeJob {
     pub renditions: Vec<Rendition>,
     #[serde(default = "default_formats")]
     pub formats: Vec<OutputFormat>,
+    /// Whether a long source may be split into segments encoded by many workers
+    /// (`producer upload --segments`).
+    #[serde(default)]
+    pub segments: Segmenting,
+    /// Set on the jobs a split transcode fans out into (segments, audio, stitch);
+    /// absent on the job the producer publishes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<TranscodePart>,
+}
+
+/// `producer upload --segments`: split a long transcode over many workers (`auto`, when
+/// the source is longer than `transcoder.segment_threshold_secs`) or never (`off`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Segmenting {
+    #[default]
+    Auto,
+    Off,
+}
+
+/// One rendition as the planning worker sized it: every part of a split transcode
+/// encodes exactly this ladder, whatever its own worker would have planned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannedRendition {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    pub video_kbps: u32,
+    pub audio_kbps: u32,
+}
+
+/// Which part of a split transcode a job is. See [`crate::split`] and the README's
+/// "Segment-parallel transcoding".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TranscodePart {
+    /// The plan's id (16 hex digits, a digest of ranges, ladder and encoder settings):
+    /// parts live under `parts/<plan>/`, so two different plans of one job never mix.
+    pub plan: String,
+    /// Segments in the plan.
+    pub segments: u32,
+    /// Whether the plan has an audio part (the source has sound).
+    pub audio: bool,
+    /// The ladder every part encodes.
+    pub ladder: Vec<PlannedRendition>,
+    pub stage: Stage,
+}
+
+/// What one part does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Stage {
+    /// Encode the video frames whose output time is in `[start_s, end_s)` (to the end
+    /// when `end_s` is absent): exactly `frames` of them.
+    Segment {
+        index: u32,
+        start_s: f64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        end_s: Option<f64>,
+        frames: u64,
+    },
+    /// Encode the whole audio, once.
+    Audio,
+    /// Join the committed parts into the task's outputs.
+    Stitch,
+}
+
+/// At most this many segments in one plan: a two-hour source in 30-second segments is
+/// 240; the cap keeps a hostile plan from fanning out without bound.
+pub const MAX_SEGMENTS: u32 = 4096;
+
+impl TranscodePart {
+    /// `parts/<plan>/` under the task's output prefix.
+    fn folder(&self, output_prefix: &StorageKey) -> StorageKey {
+        output_prefix
+            .join(&format!("parts/{}/", self.plan))
+            .expect("a validated plan id is a safe key segment")
+    }
+
+    /// Where part `stage` commits.
+    fn prefix_of(&self, output_prefix: &StorageKey, stage: &Stage) -> Option<StorageKey> {
+        let name = match stage {
+            Stage::Segment { index, .. } => format!("seg-{index:05}/"),
+            Stage::Audio => "audio/".to_owned(),
+            Stage::Stitch => return None,
+        };
+        Some(
+            self.folder(output_prefix)
+                .join(&name)
+                .expect("a part folder name is a safe key segment"),
+        )
+    }
+
+    /// Commit prefixes of every part a stitch joins, in order: the segments, then audio.
+    pub fn part_prefixes(&self, output_prefix: &StorageKey) -> Vec<StorageKey> {
+        let mut prefixes: Vec<StorageKey> = (0..self.segments)
+            .map(|index| {
+                let stage = Stage::Segment {
+                    index,
+                    start_s: 0.0,
+                    end_s: None,
+                    frames: 0,
+                };
+                self.prefix_of(output_prefix, &stage)
+                    .expect("a segment has a prefix")
+            })
+            .collect();
+        if self.audio {
+            prefixes.push(
+                self.prefix_of(output_prefix, &Stage::Audio)
+                    .expect("audio has a prefix"),
+            );
+        }
+        prefixes
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.plan.len() != 16
+            || !self
+                .plan
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err("`part.plan` must be 16 lowercase hex digits".into());
+        }
+        if !(1..=MAX_SEGMENTS).contains(&self.segments) {
+            return Err(format!(
+                "`part.segments` {} is outside 1..={MAX_SEGMENTS}",
+                self.segments
+            ));
+        }
+        if self.ladder.is_empty() || self.ladder.len() > 8 {
+            return Err("`part.ladder` must have 1 to 8 renditions".into());
+        }
+        for r in &self.ladder {
+            if !valid_name(&r.name) {
+                return Err(format!(
+                    "ladder rendition name `{}` is not a safe file name",
+                    r.name
+                ));
+            }
+            if !(2..=8192).contains(&r.width)
+                || !(2..=8192).contains(&r.height)
+                || r.width % 2 == 1
+                || r.height % 2 == 1
+            {
+                return Err(format!(
+                    "ladder rendition `{}` size {}x{} is not even and within 2..=8192",
+                    r.name, r.width, r.height
+                ));
+            }
+            if !(50..=100_000).contains(&r.video_kbps) || !(16..=512).contains(&r.audio_kbps) {
+                return Err(format!(
+                    "ladder rendition `{}` bit rates are out of range",
+                    r.name
+                ));
+            }
+        }
+        if let Stage::Segment {
+            index,
+            start_s,
+            end_s,
+            frames,
+        } = &self.stage
+        {
+            if *index >= self.segments {
+                return Err(format!(
+                    "segment index {index} is not below {}",
+                    self.segments
+                ));
+            }
+            if !start_s.is_finite()
+                || *start_s < 0.0
+                || end_s.is_some_and(|e| !e.is_finite() || e <= *start_s)
+            {
+                return Err("segment range must be finite, from 0, and end after it starts".into());
+            }
+            if *frames == 0 {
+                return Err("a segment plans at least one frame".into());
+            }
+        }
+        if matches!(self.stage, Stage::Audio) && !self.audio {
+            return Err("an audio part of a plan without audio".into());
+        }
+        Ok(())
+    }
 }
 
 /// Rendition names become file names, so keep them to a safe alphabet.
@@ -248,7 +460,47 @@ impl JobMessage for TranscodeJob {
     fn output_prefix(&self) -> &StorageKey {
         &self.output_prefix
     }
+    fn commit_prefix(&self) -> StorageKey {
+        self.part
+            .as_ref()
+            .and_then(|p| p.prefix_of(&self.output_prefix, &p.stage))
+            .unwrap_or_else(|| self.output_prefix.clone())
+    }
+    fn part(&self) -> Option<PartRef> {
+        let part = self.part.as_ref()?;
+        Some(match &part.stage {
+            Stage::Segment { index, .. } => PartRef::segment(*index, part.segments),
+            Stage::Audio => PartRef::audio(part.segments),
+            Stage::Stitch => return None,
+        })
+    }
+    fn inputs(&self) -> Inputs {
+        match &self.part {
+            Some(p) if p.stage == Stage::Stitch => {
+                Inputs::Parts(p.part_prefixes(&self.output_prefix))
+            }
+            _ => Inputs::Source,
+        }
+    }
+    fn fan_in(&self) -> Option<FanIn<Self>> {
+        let part = self.part.as_ref()?;
+        if part.stage == Stage::Stitch {
+            return None;
+        }
+        let mut then = self.clone();
+        then.part = Some(TranscodePart {
+            stage: Stage::Stitch,
+            ..part.clone()
+        });
+        Some(FanIn {
+            awaits: part.part_prefixes(&self.output_prefix),
+            then,
+        })
+    }
     fn validate(&self) -> Result<(), String> {
+        if let Some(part) = &self.part {
+            part.validate()?;
+        }
         if self.renditions.len() > 8 {
             return Err(format!(
                 "{} renditions requested, at most 8",

@@ -120,6 +120,11 @@ pub fn is_cancelled(err: &anyhow::Error) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Completed,
+    /// Already done by an earlier delivery (or the task it is a part of is): acked, no
+    /// second `completed` event.
+    Duplicate,
+    /// Split into this many parts, each published with a confirm (see [`crate::split`]).
+    FannedOut(usize),
     Failed(JobError),
     /// The message could not be parsed or validated.
     Poison(String),
@@ -173,7 +178,7 @@ pub fn decide(outcome: &Outcome, attempt: u32, policy: &RetryPolicy) -> Action {
         }
     };
     match outcome {
-        Outcome::Completed => Action::Ack,
+        Outcome::Completed | Outcome::Duplicate | Outcome::FannedOut(_) => Action::Ack,
         Outcome::Failed(JobError::Cancelled) => Action::Requeue,
         Outcome::Failed(JobError::Transient(reason)) => transient(reason.clone()),
         Outcome::TimedOut(limit) if attempt >= 2 => Action::Dead {

@@ -41,6 +41,7 @@ use crate::manifest::Completion;
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
+use crate::split::{self, Inputs, PartRef};
 use crate::storage::{self, Storage};
 use crate::storage_key::StorageKey;
 use crate::topology::Topology;
@@ -332,41 +333,81 @@ async fn process<H: Handler>(
     worker.health.in_flight.inc();
     let parsed =
         check_content_type(&delivery).and_then(|()| messages::parse::<H::Job>(&delivery.data));
-    let (outcome, job_id) = match parsed {
+    let (outcome, job_id, part) = match parsed {
         Ok(job) => {
             let job_id = job.job_id();
-            let span = tracing::info_span!("job", %job_id, task, attempt);
+            let part = job.part();
+            let span = tracing::info_span!("job", %job_id, task, attempt, part = part.as_ref().map(PartRef::label));
+            let run = Run {
+                events,
+                publisher,
+                part: part.as_ref(),
+                attempt,
+            };
             (
-                run_job(worker, job, attempt, events, cancel)
-                    .instrument(span)
-                    .await,
+                run_job(worker, job, &run, cancel).instrument(span).await,
                 job_id,
+                part,
             )
         }
         Err(poison) => (
             Outcome::Poison(poison.to_string()),
             loose_job_id(&delivery.data),
+            None,
         ),
     };
     let span = tracing::info_span!("job", %job_id, task, attempt);
-    settle(
-        worker, &delivery, job_id, attempt, &outcome, publisher, events,
-    )
-    .instrument(span)
-    .await;
+    let run = Run {
+        events,
+        publisher,
+        part: part.as_ref(),
+        attempt,
+    };
+    settle(worker, &delivery, job_id, &outcome, &run)
+        .instrument(span)
+        .await;
     worker.health.in_flight.dec();
+}
+
+/// What one delivery's run carries besides the job: where its events and follow-ups
+/// go, which part of a split task it is, its attempt.
+struct Run<'a> {
+    events: &'a EventPublisher,
+    /// The confirm-mode channel retries, dead letters, fan-outs and joins are published on.
+    publisher: &'a Channel,
+    part: Option<&'a PartRef>,
+    attempt: u32,
+}
+
+impl Run<'_> {
+    fn emit<H: Handler>(
+        &self,
+        job_id: Uuid,
+        state: JobState,
+        percent: Option<f64>,
+        detail: Option<String>,
+    ) {
+        self.events.emit(
+            job_id,
+            H::Job::TASK,
+            self.part,
+            state,
+            self.attempt,
+            percent,
+            detail,
+        );
+    }
 }
 
 /// Does the work of one parsed job and says how it went.
 async fn run_job<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
-    attempt: u32,
-    events: &EventPublisher,
+    run: &Run<'_>,
     cancel: CancellationToken,
 ) -> Outcome {
     let job_id = job.job_id();
-    events.emit(job_id, H::Job::TASK, JobState::Started, attempt, None, None);
+    run.emit::<H>(job_id, JobState::Started, None, None);
     let scratch = match tempfile::Builder::new()
         .prefix("job-")
         .tempdir_in(&worker.settings.worker.scratch_dir)
@@ -378,7 +419,7 @@ async fn run_job<H: Handler>(
             )));
         }
     };
-    let outcome = run_in_scratch(worker, job, attempt, events, cancel, scratch.path()).await;
+    let outcome = run_in_scratch(worker, job, run, cancel, scratch.path()).await;
     // Removing a big scratch tree is slow disk work: keep it off the async threads.
     let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
     outcome
@@ -389,16 +430,15 @@ async fn run_job<H: Handler>(
 async fn run_in_scratch<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
-    attempt: u32,
-    events: &EventPublisher,
+    run: &Run<'_>,
     cancel: CancellationToken,
     scratch: &std::path::Path,
 ) -> Outcome {
-    let source = match fetch_unless_done(worker, &job, scratch).await {
-        Ok(source) => source,
+    let input = match fetch_unless_done(worker, &job, run, scratch).await {
+        Ok(input) => input,
         Err(done_or_failed) => return done_or_failed,
     };
-    worker.health.bytes_read.inc_by(source.size);
+    worker.health.bytes_read.inc_by(input.bytes);
     let out_dir = scratch.join("out");
     if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
         return Outcome::Failed(JobError::transient(format!(
@@ -406,50 +446,128 @@ async fn run_in_scratch<H: Handler>(
         )));
     }
     let started = Instant::now();
-    let (joined, timed_out) = run_handler(
-        worker,
-        job,
-        attempt,
-        events,
-        cancel,
-        source.path.clone(),
-        out_dir,
-    )
-    .await;
+    let (joined, timed_out) = run_handler(worker, job, run, cancel, input, out_dir).await;
     match joined {
         Err(join) => Outcome::Failed(JobError::Transient(format!("handler panicked: {join}"))),
         Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
         Ok((_, Err(e))) => Outcome::Failed(e),
-        Ok((job, Ok(output))) => commit(worker, &job, attempt, &output, started).await,
+        Ok((_, Ok(output))) if !output.fan_out.is_empty() => {
+            let exchange = worker.topology.tasks_exchange();
+            match split::publish_all(run.publisher, &exchange, &output.fan_out).await {
+                Ok(()) => Outcome::FannedOut(output.fan_out.len()),
+                Err(e) => Outcome::Failed(JobError::transient(format!("{e:#}"))),
+            }
+        }
+        Ok((job, Ok(output))) => {
+            let committed = commit(worker, &job, run.attempt, &output, started).await;
+            join_if_last(worker, &job, run, committed).await
+        }
     }
 }
 
-/// The fetched source, or the outcome that makes fetching moot: `Completed` when an
-/// earlier delivery already committed this job's outputs, a failure when the source or
-/// the manifest cannot be read.
+/// A committed part's fan-in check ([`split`]): if it completed the set, the join is
+/// published (confirmed) before the part is acked; if that fails, the part is retried,
+/// finds itself committed, and checks again. Other outcomes pass through.
+async fn join_if_last<H: Handler>(
+    worker: &Worker<H>,
+    job: &H::Job,
+    run: &Run<'_>,
+    committed: Outcome,
+) -> Outcome {
+    if !matches!(committed, Outcome::Completed | Outcome::Duplicate) {
+        return committed;
+    }
+    let Some(fan_in) = job.fan_in() else {
+        return committed;
+    };
+    let exchange = worker.topology.tasks_exchange();
+    match split::join_when_complete(&worker.storage, run.publisher, &exchange, &fan_in).await {
+        Ok(true) => {
+            tracing::info!(
+                parts = fan_in.awaits.len(),
+                "every part is committed; the join is published"
+            );
+            committed
+        }
+        Ok(false) => committed,
+        Err(e) => Outcome::Failed(JobError::transient(format!("{e:#}"))),
+    }
+}
+
+/// What a job reads, made local: the source or a join's parts.
+struct Input {
+    source: std::path::PathBuf,
+    parts: Vec<crate::handler::CommittedPart>,
+    bytes: u64,
+}
+
+/// The fetched input, or the outcome that makes fetching moot: `Duplicate` when an
+/// earlier delivery already committed this job's outputs (or, for a part, when its task
+/// is already joined), a failure when the input or the manifest cannot be read.
 async fn fetch_unless_done<H: Handler>(
     worker: &Worker<H>,
     job: &H::Job,
+    run: &Run<'_>,
     scratch: &std::path::Path,
-) -> Result<storage::LocalSource, Outcome> {
-    // Idempotence: a redelivered job whose manifest exists is already done. The source
+) -> Result<Input, Outcome> {
+    let prefix = job.commit_prefix();
+    if &prefix != job.output_prefix() {
+        // A part whose task is already joined is moot (a late redelivery, a replayed
+        // dead part of a job that was re-run whole).
+        match worker.storage.manifest_owner(job.output_prefix()).await {
+            Ok(Some(owner)) => {
+                return Err(
+                    match claim_manifest(owner, job.job_id(), job.output_prefix()) {
+                        Ok(()) => {
+                            tracing::info!("the task is already complete; this part is moot");
+                            Outcome::Duplicate
+                        }
+                        Err(e) => Outcome::Failed(e),
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Outcome::Failed(storage::job_error(
+                    e.context("checking for the task's manifest"),
+                )));
+            }
+        }
+    }
+    // Idempotence: a redelivered job whose manifest exists is already done. The input
     // lookup runs alongside; its answer matters only when there is work to do.
-    let (existing, source) = tokio::join!(
-        worker.storage.manifest_owner(job.output_prefix()),
-        worker.storage.fetch(job.source(), scratch)
-    );
+    let fetch = async {
+        match job.inputs() {
+            Inputs::Source => worker
+                .storage
+                .fetch(job.source(), scratch)
+                .await
+                .map(|s| Input {
+                    source: s.path,
+                    parts: Vec::new(),
+                    bytes: s.size,
+                }),
+            Inputs::Parts(prefixes) => split::fetch_parts(&worker.storage, &prefixes, scratch)
+                .await
+                .map(|(parts, bytes)| Input {
+                    source: std::path::PathBuf::new(),
+                    parts,
+                    bytes,
+                }),
+        }
+    };
+    let (existing, source) = tokio::join!(worker.storage.manifest_owner(&prefix), fetch);
     // A permanent source problem (missing object, no such bucket) decides before an
     // unreadable manifest, which would only make the job retry in vain.
     match (existing, source) {
-        (Ok(Some(owner)), _) => Err(
-            match claim_manifest(owner, job.job_id(), job.output_prefix()) {
-                Ok(()) => {
-                    tracing::info!("outputs already committed by an earlier delivery; skipping");
-                    Outcome::Completed
-                }
-                Err(e) => Outcome::Failed(e),
-            },
-        ),
+        (Ok(Some(owner)), _) => Err(match claim_manifest(owner, job.job_id(), &prefix) {
+            Ok(()) => {
+                tracing::info!("outputs already committed by an earlier delivery; skipping");
+                // A part that committed but crashed before its fan-in check checks now.
+                join_if_last(worker, job, run, Outcome::Duplicate).await
+            }
+            Err(e) => Outcome::Failed(e),
+        }),
         (_, Err(e)) => Err(Outcome::Failed(e)),
         (Err(e), Ok(_)) => Err(Outcome::Failed(storage::job_error(
             e.context("checking for an existing manifest"),
@@ -466,37 +584,37 @@ type Joined<J> = Result<(J, Result<TaskOutput, JobError>), tokio::task::JoinErro
 async fn run_handler<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
-    attempt: u32,
-    events: &EventPublisher,
+    run: &Run<'_>,
     cancel: CancellationToken,
-    source_path: std::path::PathBuf,
+    input: Input,
     out_dir: std::path::PathBuf,
 ) -> (Joined<H::Job>, bool) {
     let task = H::Job::TASK;
     let job_id = job.job_id();
+    let attempt = run.attempt;
     // Progress: the handler reports on its thread; events go out at most once a second.
     let (progress_tx, progress_rx) = tokio::sync::watch::channel(0.0f64);
     let done = CancellationToken::new();
     let forwarder = tokio::spawn(forward_progress(
-        events.clone(),
-        job_id,
-        task,
+        run.events.clone(),
+        (job_id, task, run.part.cloned()),
         attempt,
         progress_rx,
         done.clone(),
     ));
 
     let job_token = cancel.child_token();
-    let ctx = JobContext::new(
+    let mut ctx = JobContext::new(
         job_id,
         attempt,
-        source_path,
+        input.source,
         out_dir,
         job_token.clone(),
         Arc::new(move |p| {
             let _ = progress_tx.send(p);
         }),
     );
+    ctx.parts = input.parts;
     let handler = worker.handler.clone();
     let span = tracing::Span::current();
     let started = Instant::now();
@@ -545,23 +663,27 @@ async fn commit<H: Handler>(
         completed_at: now_rfc3339(),
         duration_s: started.elapsed().as_secs_f64(),
     };
-    match worker
-        .storage
-        .commit(job.output_prefix(), output, completion)
-        .await
-    {
+    let prefix = job.commit_prefix();
+    match worker.storage.commit(&prefix, output, completion).await {
         Ok(Some(written)) => {
             worker.health.bytes_written.inc_by(written.output_bytes());
+            if let Inputs::Parts(parts) = job.inputs() {
+                // Joined: the parts have served. A late part now finds the task's
+                // manifest and is moot, so removing them cannot lose work.
+                for part in parts {
+                    worker.storage.remove_prefix(&part).await;
+                }
+            }
             Outcome::Completed
         }
         // Someone committed first: fine if it was another delivery of this job.
-        Ok(None) => match worker.storage.manifest_owner(job.output_prefix()).await {
-            Ok(Some(owner)) => match claim_manifest(owner, job_id, job.output_prefix()) {
+        Ok(None) => match worker.storage.manifest_owner(&prefix).await {
+            Ok(Some(owner)) => match claim_manifest(owner, job_id, &prefix) {
                 Ok(()) => {
                     tracing::info!(
                         "another delivery of this job committed first; keeping its result"
                     );
-                    Outcome::Completed
+                    Outcome::Duplicate
                 }
                 Err(e) => Outcome::Failed(e),
             },
@@ -596,8 +718,7 @@ fn claim_manifest(owner: Uuid, job_id: Uuid, prefix: &StorageKey) -> Result<(), 
 
 async fn forward_progress(
     events: EventPublisher,
-    job_id: Uuid,
-    task: &'static str,
+    (job_id, task, part): (Uuid, &'static str, Option<PartRef>),
     attempt: u32,
     mut rx: tokio::sync::watch::Receiver<f64>,
     done: CancellationToken,
@@ -610,7 +731,7 @@ async fn forward_progress(
             _ = tick.tick() => {
                 if rx.has_changed().unwrap_or(false) {
                     let percent = *rx.borrow_and_update();
-                    events.emit(job_id, task, JobState::Progress, attempt, Some(percent), None);
+                    events.emit(job_id, task, part.as_ref(), JobState::Progress, attempt, Some(percent), None);
                 }
             }
         }
@@ -622,32 +743,40 @@ async fn settle<H: Handler>(
     worker: &Worker<H>,
     delivery: &Delivery,
     job_id: Uuid,
-    attempt: u32,
     outcome: &Outcome,
-    publisher: &Channel,
-    events: &EventPublisher,
+    run: &Run<'_>,
 ) {
-    let task = H::Job::TASK;
     let parked = Parked {
         delivery,
         job_id,
-        attempt,
-        publisher,
-        events,
+        run,
     };
-    match decide(outcome, attempt, &worker.policy) {
+    match decide(outcome, run.attempt, &worker.policy) {
         Action::Ack => {
-            tracing::info!("job completed");
             ack(delivery).await;
             count(worker, "completed");
-            events.emit(
-                job_id,
-                task,
-                JobState::Completed,
-                attempt,
-                Some(100.0),
-                None,
-            );
+            // `completed` is the task's, sent once: not for a part (its 100 % is
+            // progress of the task), not for a duplicate (the first delivery sent it).
+            match outcome {
+                Outcome::Duplicate => tracing::info!("job was already done"),
+                Outcome::FannedOut(parts) => {
+                    tracing::info!(parts, "job split into parts");
+                    run.emit::<H>(
+                        job_id,
+                        JobState::Progress,
+                        Some(0.0),
+                        Some(format!("split into {parts} parts")),
+                    );
+                }
+                _ if run.part.is_some() => {
+                    tracing::info!("part completed");
+                    run.emit::<H>(job_id, JobState::Progress, Some(100.0), None);
+                }
+                _ => {
+                    tracing::info!("job completed");
+                    run.emit::<H>(job_id, JobState::Completed, Some(100.0), None);
+                }
+            }
         }
         Action::Requeue => {
             tracing::info!("job cancelled; returning it to the queue");
@@ -671,10 +800,19 @@ async fn settle<H: Handler>(
 struct Parked<'a> {
     delivery: &'a Delivery,
     job_id: Uuid,
-    /// The attempt that just failed.
-    attempt: u32,
-    publisher: &'a Channel,
-    events: &'a EventPublisher,
+    /// The run that just failed (its attempt, part, channels).
+    run: &'a Run<'a>,
+}
+
+impl Parked<'_> {
+    /// The reason as people read it: a part's failure names the part, so a dead
+    /// segment says which one made its transcode dead.
+    fn reason(&self, reason: String) -> String {
+        match self.run.part {
+            Some(part) => format!("{}: {reason}", part.label()),
+            None => reason,
+        }
+    }
 }
 
 /// Counts a settled job under `outcome` in the jobs metric.
@@ -695,22 +833,17 @@ async fn retry<H: Handler>(
     reason: String,
 ) {
     let task = H::Job::TASK;
+    let reason = p.reason(reason);
     tracing::warn!(error = %reason, retry_in = %crate::topology::delay_label(worker.policy.delays[tier]), "job failed; will retry");
-    p.events.emit(
-        p.job_id,
-        task,
-        JobState::Failed,
-        p.attempt,
-        None,
-        Some(reason.clone()),
-    );
+    p.run
+        .emit::<H>(p.job_id, JobState::Failed, None, Some(reason.clone()));
     let mut headers = original_headers(p.delivery);
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(next as i32));
     headers.insert(LAST_ERROR_HEADER.into(), long_string(&reason));
     headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
     let target = worker.topology.retry(tier);
     if park(
-        p.publisher,
+        p.run.publisher,
         p.delivery,
         &p.delivery.data,
         &target,
@@ -726,39 +859,31 @@ async fn retry<H: Handler>(
             .retries
             .get_or_create(&Health::task(task))
             .inc();
-        p.events.emit(
-            p.job_id,
-            task,
-            JobState::Retrying,
-            p.attempt,
-            None,
-            Some(reason),
-        );
+        p.run
+            .emit::<H>(p.job_id, JobState::Retrying, None, Some(reason));
     }
 }
 
 /// Parks the delivery in the dead-letter queue with the reason.
 async fn dead<H: Handler>(worker: &Worker<H>, p: Parked<'_>, reason: String) {
     let task = H::Job::TASK;
+    let reason = p.reason(reason);
     tracing::error!(error = %reason, "job is dead; parking it in the dead-letter queue");
-    p.events.emit(
-        p.job_id,
-        task,
-        JobState::Failed,
-        p.attempt,
-        None,
-        Some(reason.clone()),
-    );
+    p.run
+        .emit::<H>(p.job_id, JobState::Failed, None, Some(reason.clone()));
     let mut headers = original_headers(p.delivery);
     headers.insert(REASON_HEADER.into(), long_string(&reason));
-    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongInt(p.attempt as i32));
+    headers.insert(
+        ATTEMPTS_HEADER.into(),
+        AMQPValue::LongInt(p.run.attempt as i32),
+    );
     headers.insert(WORKER_HEADER.into(), long_string(&worker.name));
     headers.insert(FAILED_AT_HEADER.into(), long_string(&now_rfc3339()));
     headers.insert(TASK_HEADER.into(), long_string(task));
     let body = dead_body(&p.delivery.data, &mut headers);
     let dead = worker.topology.dead();
     if park(
-        p.publisher,
+        p.run.publisher,
         p.delivery,
         body,
         &dead,
@@ -774,14 +899,8 @@ async fn dead<H: Handler>(worker: &Worker<H>, p: Parked<'_>, reason: String) {
             .dead_letters
             .get_or_create(&Health::task(task))
             .inc();
-        p.events.emit(
-            p.job_id,
-            task,
-            JobState::Dead,
-            p.attempt,
-            None,
-            Some(reason),
-        );
+        p.run
+            .emit::<H>(p.job_id, JobState::Dead, None, Some(reason));
     }
 }
 

@@ -567,6 +567,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "transcoder.hls_segment_s",
     "transcoder.threads",
     "transcoder.audio_sample_rate",
+    "transcoder.segment_threshold_secs",
+    "transcoder.segment_secs",
     // The thumbnailer's own section (`thumbnailer::ThumbnailerSettings`).
     "thumbnailer.threads",
     "thumbnailer.max_sheet_height",

@@ -300,6 +300,12 @@ impl Storage {
     /// scratch directory). Missing source, no bucket, access denied → permanent; other
     /// trouble (timeouts, throttling, 5xx) → transient.
     pub async fn fetch(&self, key: &StorageKey, scratch: &FsPath) -> Result<LocalSource, JobError> {
+        self.fetch_as(key, &scratch.join("source")).await
+    }
+
+    /// [`Self::fetch`], with the scratch copy (backends other than the filesystem) at
+    /// `copy`: a join fetches many objects into one scratch directory.
+    pub async fn fetch_as(&self, key: &StorageKey, copy: &FsPath) -> Result<LocalSource, JobError> {
         let location = Self::path(key);
         let what = format!("source `{key}`");
         self.confine(key)
@@ -331,7 +337,7 @@ impl Storage {
                 size: meta.size,
             });
         }
-        let path = scratch.join("source");
+        let path = copy.to_path_buf();
         let mut stream = self
             .store
             .get(&location)
@@ -469,6 +475,23 @@ impl Storage {
             }
             if let Err(e) = self.store.delete(&Self::path(key)).await {
                 tracing::warn!(%key, error = %e, "could not remove an abandoned output");
+            }
+        }
+    }
+
+    /// Removes everything under `prefix` (best effort: what cannot be removed is logged).
+    /// For the parts of a split task once it is joined.
+    pub async fn remove_prefix(&self, prefix: &StorageKey) {
+        match self.list(prefix).await {
+            Ok(keys) => {
+                let keys: Vec<StorageKey> = keys
+                    .into_iter()
+                    .filter_map(|k| StorageKey::new(k).ok())
+                    .collect();
+                self.delete_all(&keys).await;
+            }
+            Err(e) => {
+                tracing::warn!(%prefix, error = %format!("{e:#}"), "could not list parts to remove")
             }
         }
     }

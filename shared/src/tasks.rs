@@ -145,8 +145,8 @@ pub struct BrokerRole {
 
 /// The least-privilege users for `registry` under `topology`'s prefix: the producer
 /// (publishes jobs, reads events through its own server-named queues), one user per
-/// worker role (reads its kinds' queues, writes retries, dead letters and events,
-/// configures nothing), and ops (declares the topology, administers dead letters).
+/// worker role (reads its kinds' queues; writes the parts of split jobs to the tasks
+/// exchange, retries, dead letters and events; configures nothing), and ops (declares the topology, administers dead letters).
 pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole> {
     let re = |name: String| regex_escape(&name);
     let events = re(topology.events_exchange());
@@ -191,7 +191,9 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
             name,
             "",
             "^$".into(),
-            format!("^({retries}|{dead}|{events})$"),
+            // The tasks exchange: a split job's worker publishes its parts and the
+            // join (no new power: the retry exchanges already route to work queues).
+            format!("^({tasks}|{retries}|{dead}|{events})$"),
             read,
         ));
     }
@@ -272,7 +274,7 @@ mod tests {
                 user,
                 "",
                 "^$",
-                r"^(video_tasks\.retry\..*|video_tasks\.dead|video_events)$",
+                r"^(video_tasks|video_tasks\.retry\..*|video_tasks\.dead|video_events)$",
                 queue,
             ]
             .map(str::to_owned)

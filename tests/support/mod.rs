@@ -450,6 +450,19 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Keys stored under `prefix`.
+    pub async fn storage_list(&self, prefix: &StorageKey) -> Vec<String> {
+        self.storage.list(prefix).await.expect("listing storage")
+    }
+
+    /// Whether a manifest exists under `prefix`.
+    pub async fn storage_committed(&self, prefix: &StorageKey) -> bool {
+        self.storage
+            .is_committed(prefix)
+            .await
+            .expect("checking a manifest")
+    }
+
     /// Every worker log, for failure messages.
     pub fn logs(&self) -> String {
         self.workers
@@ -550,6 +563,20 @@ impl EventStream {
             let delivery = next.expect("event stream ended").expect("event delivery");
             let event: JobEvent = serde_json::from_slice(&delivery.data).expect("event JSON");
             self.seen.push(event);
+        }
+    }
+}
+
+impl EventStream {
+    /// Takes in whatever events arrive within `period`.
+    pub async fn poll(&mut self, period: Duration) {
+        let deadline = tokio::time::Instant::now() + period;
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout_at(deadline, self.consumer.next()).await
+        {
+            if let Ok(event) = serde_json::from_slice(&delivery.data) {
+                self.seen.push(event);
+            }
         }
     }
 }

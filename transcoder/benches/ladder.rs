@@ -182,6 +182,8 @@ fn child(spec: &str) {
         output_prefix: StorageKey::new("bench/out/").unwrap(),
         renditions: Vec::new(),
         formats: vec![OutputFormat::Mp4],
+        segments: Default::default(),
+        part: None,
     };
     shared::media::init();
     let ctx = JobContext::standalone(

@@ -35,6 +35,8 @@ fn main() -> anyhow::Result<()> {
         output_prefix: StorageKey::new("local/out/")?,
         renditions: Vec::new(),
         formats,
+        segments: Default::default(),
+        part: None,
     };
     let ctx = JobContext::standalone(source.as_ref(), &out, CancellationToken::new());
     let handler = TranscodeHandler::default();

@@ -6,6 +6,10 @@
 //! - [`ladder`]: the default ladder and each rendition's size (never upscaling).
 //! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass, reading the
 //!   source through `shared::media::Source` (packets, start offset, frame rate, decoder).
+//! - [`segmented`]: segment-parallel mode: a long source planned into segment and audio
+//!   parts (fanned out to every transcoder), each part run, the parts stitched.
+//! - [`segments`]: frame-exact segment ranges, a segment's encode, the audio encoded once.
+//! - [`stitch`]: the parts joined into MP4 and HLS by stream copy, seams checked.
 //! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
 //!
@@ -16,7 +20,10 @@ pub mod encode;
 pub mod hls;
 pub mod ladder;
 pub mod pipeline;
+pub mod segmented;
+pub mod segments;
 pub mod settings;
+pub mod stitch;
 
 use shared::media::MediaLimits;
 use shared::messages::TranscodeJob;
@@ -47,6 +54,6 @@ impl Handler for TranscodeHandler {
     type Job = TranscodeJob;
     fn handle(&self, job: &TranscodeJob, ctx: &JobContext) -> Result<TaskOutput, JobError> {
         // The one place a transcode's error is classified (see `shared::outcome`).
-        pipeline::transcode(job, ctx, &self.settings, &self.limits).map_err(JobError::classify)
+        segmented::run(job, ctx, &self.settings, &self.limits).map_err(JobError::classify)
     }
 }

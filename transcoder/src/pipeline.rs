@@ -590,6 +590,29 @@ fn collect_outputs(
     ctx: &JobContext,
     started: Instant,
 ) -> anyhow::Result<TaskOutput> {
+    let info = serde_json::to_value(info).context("describing the source")?;
+    collect_outputs_of(
+        job,
+        info,
+        finished,
+        dropped,
+        f64::from(frame_rate),
+        ctx,
+        started,
+    )
+}
+
+/// [`collect_outputs`] for a source known by its probe's JSON (a stitch reads it from
+/// the first segment's manifest); `frame_rate` is the rate the renditions were clocked at.
+pub(crate) fn collect_outputs_of(
+    job: &TranscodeJob,
+    info: serde_json::Value,
+    finished: &[Finished],
+    dropped: &[String],
+    frame_rate: f64,
+    ctx: &JobContext,
+    started: Instant,
+) -> anyhow::Result<TaskOutput> {
     let mut out = TaskOutput::default();
     let mut variants = Vec::new();
     for f in finished {
@@ -652,7 +675,7 @@ fn push_hls(
     f: &Finished,
     path: &Path,
     codecs: &str,
-    frame_rate: Rational,
+    frame_rate: f64,
 ) -> anyhow::Result<hls::Variant> {
     let (peak, average, segments) = hls::measure(path).context("scratch space")?;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -684,7 +707,7 @@ fn push_hls(
         average_bandwidth: average,
         width: f.plan.width,
         height: f.plan.height,
-        frame_rate: f64::from(frame_rate),
+        frame_rate,
         codecs: codecs.to_owned(),
     })
 }

@@ -20,6 +20,11 @@ pub struct TranscoderSettings {
     pub threads: usize,
     /// AAC sample rate of every output.
     pub audio_sample_rate: u32,
+    /// Sources longer than this many seconds are split into segments encoded by many
+    /// workers at once (unless the upload says `--segments off`).
+    pub segment_threshold_secs: f64,
+    /// About how long each segment is, in seconds (rounded to whole HLS segments).
+    pub segment_secs: f64,
 }
 
 impl Default for TranscoderSettings {
@@ -31,6 +36,8 @@ impl Default for TranscoderSettings {
             hls_segment_s: 4.0,
             threads: 0,
             audio_sample_rate: 48_000,
+            segment_threshold_secs: 120.0,
+            segment_secs: 30.0,
         }
     }
 }
@@ -71,6 +78,21 @@ impl TranscoderSettings {
             [32_000, 44_100, 48_000].contains(&self.audio_sample_rate),
             "transcoder.audio_sample_rate {} is not 32000, 44100 or 48000",
             self.audio_sample_rate
+        );
+        anyhow::ensure!(
+            self.segment_secs.is_finite() && self.segment_secs >= self.hls_segment_s,
+            "transcoder.segment_secs {} must be at least hls_segment_s ({}): a segment is \
+             whole HLS segments",
+            self.segment_secs,
+            self.hls_segment_s
+        );
+        anyhow::ensure!(
+            self.segment_threshold_secs.is_finite()
+                && self.segment_threshold_secs >= self.segment_secs,
+            "transcoder.segment_threshold_secs {} must be at least segment_secs ({}): a \
+             source shorter than two segments gains nothing from splitting",
+            self.segment_threshold_secs,
+            self.segment_secs
         );
         Ok(())
     }

@@ -1,0 +1,359 @@
+//! Segment-parallel transcoding: how one transcode job becomes parts and back.
+//!
+//! ```text
+//! transcode job ─ plan ─┬─ segment 0 ─┐   (any transcoder; same queue, retries,
+//!   (long source)       ├─ segment 1 ─┤    dead letters and time limit as any job)
+//!                       ├─ …          ├─ the last part to commit publishes ─ stitch
+//!                       └─ audio ─────┘                                   (MP4 + HLS by
+//!                                                                          stream copy)
+//! ```
+//!
+//! The broker and storage side (fan-out with confirms, per-part commits, the race-free
+//! fan-in, the stitch committed once) is [`shared::split`]'s; this module decides what
+//! the parts are and runs each one:
+//!
+//! - **Plan** ([`plan`]): a source longer than `segment_threshold_secs` (and not
+//!   uploaded with `--segments off`) is cut into frame-exact ranges of about
+//!   `segment_secs`, on multiples of the HLS segment length ([`crate::segments`]).
+//!   Every part carries the ladder the planner sized, so all parts encode the same one.
+//! - **Segment**: decodes its range and encodes every rendition, video only.
+//! - **Audio**: the whole sound track, once (never per segment: no seams in the sound,
+//!   no AAC priming per piece).
+//! - **Stitch**: joins the segments and the audio into the outputs a single pass makes,
+//!   checking frame counts and seams first ([`crate::stitch`]).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use serde_json::json;
+use shared::media::{self, MediaLimits};
+use shared::messages::{PlannedRendition, Segmenting, Stage, TranscodeJob, TranscodePart};
+use shared::split::FollowUp;
+use shared::{JobContext, TaskOutput, permanent};
+
+use crate::ladder::{self, Planned};
+use crate::segments::{self, SegmentRange};
+use crate::settings::TranscoderSettings;
+
+/// Runs one transcode job: the whole source in one pass, its plan (fan-out), or one of
+/// its parts.
+pub fn run(
+    job: &TranscodeJob,
+    ctx: &JobContext,
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+) -> anyhow::Result<TaskOutput> {
+    let Some(part) = &job.part else {
+        return match plan(job, &ctx.source_path, cfg, limits)? {
+            Some(parts) => Ok(TaskOutput {
+                fan_out: parts.iter().map(FollowUp::of).collect(),
+                ..TaskOutput::default()
+            }),
+            None => crate::pipeline::transcode(job, ctx, cfg, limits),
+        };
+    };
+    let ladder: Vec<Planned> = part.ladder.iter().map(Planned::from).collect();
+    match &part.stage {
+        Stage::Segment {
+            index,
+            start_s,
+            end_s,
+            frames,
+        } => {
+            let range = SegmentRange {
+                index: *index,
+                start_s: *start_s,
+                end_s: *end_s,
+                frames: *frames,
+            };
+            segment(job, &range, &ladder, ctx, cfg, limits)
+        }
+        Stage::Audio => audio(&ladder, ctx, cfg, limits),
+        Stage::Stitch => stitch(job, part, &ladder, ctx, cfg),
+    }
+}
+
+/// The parts of a long source at `source` (segments, then audio), or `None` to
+/// transcode it in one pass: short, `--segments off`, or not safely splittable.
+pub fn plan(
+    job: &TranscodeJob,
+    source: &std::path::Path,
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+) -> anyhow::Result<Option<Vec<TranscodeJob>>> {
+    if job.segments == Segmenting::Off {
+        return Ok(None);
+    }
+    let src = media::open(source, limits)?;
+    let info = src.info.clone();
+    drop(src);
+    if info.duration_s <= cfg.segment_threshold_secs {
+        return Ok(None);
+    }
+    // A hostile "ten-hour" source must not fan out without bound: past the cap the
+    // segments grow instead.
+    let max = f64::from(shared::messages::MAX_SEGMENTS);
+    let segment_s = cfg.segment_secs.max(info.duration_s / max);
+    let Some(ranges) = segments::plan_ranges(source, limits, segment_s, cfg.hls_segment_s)? else {
+        tracing::info!("source cannot be split frame-exactly; transcoding it in one pass");
+        return Ok(None);
+    };
+    if ranges.len() < 2 {
+        return Ok(None);
+    }
+    let (ladder, _) = ladder::plan(
+        &job.renditions,
+        info.video.display_width,
+        info.video.display_height,
+    );
+    let ladder: Vec<PlannedRendition> = ladder.iter().map(PlannedRendition::from).collect();
+    let segments = u32::try_from(ranges.len()).context("segment count")?;
+    let plan_id = plan_id(&ranges, &ladder, cfg);
+    let part = |stage: Stage| {
+        let mut part_job = job.clone();
+        part_job.part = Some(TranscodePart {
+            plan: plan_id.clone(),
+            segments,
+            audio: info.audio.is_some(),
+            ladder: ladder.clone(),
+            stage,
+        });
+        part_job
+    };
+    let mut parts: Vec<TranscodeJob> = ranges
+        .iter()
+        .map(|r| {
+            part(Stage::Segment {
+                index: r.index,
+                start_s: r.start_s,
+                end_s: r.end_s,
+                frames: r.frames,
+            })
+        })
+        .collect();
+    if info.audio.is_some() {
+        parts.push(part(Stage::Audio));
+    }
+    tracing::info!(segments, plan = %plan_id, "split the transcode into parts");
+    Ok(Some(parts))
+}
+
+/// The plan's id: 16 hex digits of a digest of everything that shapes the parts' output
+/// (ranges, ladder, encoder settings). Two plans of one job that differ (a redelivery to
+/// a worker with other settings) get different part folders and never mix.
+fn plan_id(
+    ranges: &[SegmentRange],
+    ladder: &[PlannedRendition],
+    cfg: &TranscoderSettings,
+) -> String {
+    let text = json!({"ranges": ranges, "ladder": ladder, "settings": cfg}).to_string();
+    // FNV-1a, 64 bits: stable across builds and machines, which is all an id needs here
+    // (it is not a security boundary: parts are validated when they are read).
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Encodes one segment's range of every rendition; the files and their facts are the
+/// part's outputs, the range and the source's probe its summary (the stitch reads them).
+fn segment(
+    job: &TranscodeJob,
+    range: &SegmentRange,
+    ladder: &[Planned],
+    ctx: &JobContext,
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+) -> anyhow::Result<TaskOutput> {
+    let started = Instant::now();
+    let files = segments::encode_segment(&ctx.source_path, range, ladder, cfg, limits, ctx)?;
+    let mut out = TaskOutput::default();
+    for f in &files {
+        out.push(
+            format!("{}.nut", f.rendition),
+            f.path.clone(),
+            json!({ "part_file": f }),
+        );
+    }
+    // The first segment carries what the task's manifest says about the source.
+    let source = if range.index == 0 {
+        let src = media::open(&ctx.source_path, limits)?;
+        let (_, dropped) = ladder::plan(
+            &job.renditions,
+            src.info.video.display_width,
+            src.info.video.display_height,
+        );
+        // The rate frames without timestamps are clocked at, as the single pass does.
+        let rate = src.frame_rate().map_or(30.0, f64::from);
+        json!({"info": src.info, "dropped_renditions": dropped, "frame_rate": rate})
+    } else {
+        serde_json::Value::Null
+    };
+    out.summary = json!({
+        // The part as published: what an operator (or a test) needs to re-publish it.
+        "part": job.part,
+        "range": range,
+        "source": source,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    Ok(out)
+}
+
+/// Encodes the whole audio once per distinct bit rate of the ladder.
+fn audio(
+    ladder: &[Planned],
+    ctx: &JobContext,
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+) -> anyhow::Result<TaskOutput> {
+    let mut kbps: Vec<u32> = ladder.iter().map(|p| p.audio_kbps).collect();
+    kbps.sort_unstable();
+    kbps.dedup();
+    let parts = segments::encode_audio(&ctx.source_path, &kbps, cfg, limits, ctx)?;
+    let mut out = TaskOutput::default();
+    for a in &parts {
+        out.push(
+            format!("aac-{}.nut", a.kbps),
+            a.path.clone(),
+            json!({ "audio_part": a }),
+        );
+    }
+    out.summary = json!({"audio": true});
+    Ok(out)
+}
+
+/// Reads the committed parts back (their facts from the manifests, their files as
+/// local paths) and joins them.
+fn stitch(
+    job: &TranscodeJob,
+    part: &TranscodePart,
+    ladder: &[Planned],
+    ctx: &JobContext,
+    cfg: &TranscoderSettings,
+) -> anyhow::Result<TaskOutput> {
+    let started = Instant::now();
+    let segments = usize::try_from(part.segments).context("segment count")?;
+    let expected = segments + usize::from(part.audio);
+    if ctx.parts.len() != expected {
+        return Err(permanent(format!(
+            "the stitch got {} parts, the plan has {expected}",
+            ctx.parts.len()
+        )));
+    }
+    let mut ranges = Vec::with_capacity(segments);
+    let mut videos = Vec::with_capacity(segments);
+    for (i, p) in ctx.parts[..segments].iter().enumerate() {
+        let range: SegmentRange =
+            serde_json::from_value(p.manifest.summary.get("range").cloned().unwrap_or_default())
+                .with_context(|| format!("segment {i}'s manifest has no readable range"))
+                .map_err(shared::outcome::mark_permanent)?;
+        ranges.push(range);
+        videos.push(part_files::<segments::PartFile>(p, "part_file")?);
+    }
+    let audio = match ctx.parts.get(segments) {
+        Some(p) => part_files::<segments::AudioPart>(p, "audio_part")?,
+        None => Vec::new(),
+    };
+    let finished = crate::stitch::stitch(ladder, &job.formats, &ranges, &videos, &audio, cfg, ctx)?;
+    let source = ctx.parts[0]
+        .manifest
+        .summary
+        .get("source")
+        .cloned()
+        .unwrap_or_default();
+    let mut out = crate::pipeline::collect_outputs_of(
+        job,
+        source.get("info").cloned().unwrap_or_default(),
+        &finished,
+        &string_list(source.get("dropped_renditions")),
+        source
+            .get("frame_rate")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(30.0),
+        ctx,
+        started,
+    )?;
+    if let Some(summary) = out.summary.as_object_mut() {
+        summary.insert(
+            "segments".into(),
+            json!({"count": part.segments, "plan": part.plan}),
+        );
+    }
+    Ok(out)
+}
+
+/// The facts of a part's files (stored under `key` in each file's manifest entry),
+/// each with its local path.
+fn part_files<T: serde::de::DeserializeOwned + WithPath>(
+    part: &shared::handler::CommittedPart,
+    key: &str,
+) -> anyhow::Result<Vec<T>> {
+    part.manifest
+        .outputs
+        .iter()
+        .zip(&part.files)
+        .map(|(output, local)| {
+            let mut fact: T =
+                serde_json::from_value(output.facts.get(key).cloned().unwrap_or_default())
+                    .with_context(|| format!("part file `{}` has no readable facts", output.name))
+                    .map_err(shared::outcome::mark_permanent)?;
+            fact.set_path(local.clone());
+            Ok(fact)
+        })
+        .collect()
+}
+
+/// Part facts carry the path they were written at; the stitch reads them elsewhere.
+pub trait WithPath {
+    fn set_path(&mut self, path: PathBuf);
+}
+
+impl WithPath for segments::PartFile {
+    fn set_path(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+}
+
+impl WithPath for segments::AudioPart {
+    fn set_path(&mut self, path: PathBuf) {
+        self.path = path;
+    }
+}
+
+fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
+    value
+        .and_then(|v| v.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl From<&PlannedRendition> for Planned {
+    fn from(r: &PlannedRendition) -> Self {
+        Planned {
+            name: r.name.clone(),
+            width: r.width,
+            height: r.height,
+            video_kbps: r.video_kbps,
+            audio_kbps: r.audio_kbps,
+        }
+    }
+}
+
+impl From<&Planned> for PlannedRendition {
+    fn from(p: &Planned) -> Self {
+        PlannedRendition {
+            name: p.name.clone(),
+            width: p.width,
+            height: p.height,
+            video_kbps: p.video_kbps,
+            audio_kbps: p.audio_kbps,
+        }
+    }
+}
