@@ -678,8 +678,8 @@ async fn manifest_of_another_job_is_refused_not_skipped() {
     assert_eq!(env.wait_manifest(&victim_prefix, PATIENCE).await, before);
 }
 
-/// A redelivered job whose task is already committed is skipped: reported completed
-/// without running the handler again (this delivery asks the test worker to fail
+/// A redelivered job whose task is already committed is skipped: acked without a second
+/// `completed` and without running the handler again (this delivery asks the test worker to fail
 /// permanently, so a rerun would be dead), and the committed manifest is left as it was.
 #[tokio::test]
 async fn redelivered_job_with_a_committed_manifest_is_skipped_not_rerun() {
@@ -695,9 +695,18 @@ async fn redelivered_job_with_a_committed_manifest_is_skipped_not_rerun() {
     let mut events = env.follow_events(id).await;
     let again = test_job(id, &source, &prefix, json!({ "permanent": true }));
     env.publish_raw("transcode", &again).await;
-    events
-        .wait_for("transcode", JobState::Completed, PATIENCE)
-        .await;
+    eventually(PATIENCE, "the redelivery skipped", async || {
+        env.logs()
+            .contains("already committed by an earlier delivery")
+    })
+    .await;
+    // Acked without a second `completed`: the task completed once, the first time.
+    events.poll(Duration::from_secs(1)).await;
+    assert!(
+        !events.seen.iter().any(|e| e.state == JobState::Completed),
+        "{:?}",
+        events.seen
+    );
     assert_eq!(env.queue_depth(&env.topology.dead()).await, 0);
     assert_eq!(env.wait_manifest(&prefix, PATIENCE).await, before);
     assert_eq!(env.storage.list(&prefix).await.unwrap(), listed);

@@ -286,7 +286,6 @@ pub struct PlannedRendition {
 /// Which part of a split transcode a job is. See [`crate::split`] and the README's
 /// "Segment-parallel transcoding".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TranscodePart {
     /// The plan's id (16 hex digits, a digest of ranges, ladder and encoder settings):
     /// parts live under `parts/<plan>/`, so two different plans of one job never mix.
@@ -297,12 +296,14 @@ pub struct TranscodePart {
     pub audio: bool,
     /// The ladder every part encodes.
     pub ladder: Vec<PlannedRendition>,
+    /// `"stage": "segment"` and its fields, beside the others.
+    #[serde(flatten)]
     pub stage: Stage,
 }
 
 /// What one part does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "stage", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "stage", rename_all = "snake_case")]
 pub enum Stage {
     /// Encode the video frames whose output time is in `[start_s, end_s)` (to the end
     /// when `end_s` is absent): exactly `frames` of them.
@@ -712,6 +713,91 @@ mod tests {
             r#"{{"schema":1,"task":"transcode","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
                "source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/"{extra}}}"#
         )
+    }
+
+    fn part_json(part: &str) -> String {
+        part_json_of("0123456789abcdef", part)
+    }
+
+    fn part_json_of(plan: &str, part: &str) -> String {
+        transcode_json(&format!(
+            r#","part":{{"plan":"{plan}","segments":4,"audio":true,
+                "ladder":[{{"name":"240p","width":320,"height":240,"video_kbps":600,"audio_kbps":64}}],
+                {part}}}"#
+        ))
+    }
+
+    #[test]
+    fn parts_commit_under_their_plan_and_fan_in_to_one_stitch() {
+        let seg: TranscodeJob = parse(
+            part_json(r#""stage":"segment","index":2,"start_s":4.0,"end_s":6.0,"frames":50"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let base = "outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/";
+        assert_eq!(
+            seg.commit_prefix().as_str(),
+            format!("{base}parts/0123456789abcdef/seg-00002/")
+        );
+        assert_eq!(seg.part().unwrap().label(), "segment 3/4");
+        let fan_in = seg.fan_in().unwrap();
+        assert_eq!(fan_in.awaits.len(), 5, "four segments and the audio");
+        assert_eq!(
+            fan_in.awaits[4].as_str(),
+            format!("{base}parts/0123456789abcdef/audio/")
+        );
+        let stitch = fan_in.then;
+        assert_eq!(
+            stitch.commit_prefix().as_str(),
+            base,
+            "the stitch commits the task"
+        );
+        assert!(stitch.fan_in().is_none() && stitch.part().is_none());
+        assert_eq!(stitch.inputs(), Inputs::Parts(fan_in.awaits));
+        // A job that is not a part reads its source and commits its task.
+        let whole: TranscodeJob = parse(transcode_json("").as_bytes()).unwrap();
+        assert_eq!(
+            (whole.inputs(), whole.commit_prefix().as_str()),
+            (Inputs::Source, base)
+        );
+    }
+
+    #[test]
+    fn hostile_parts_are_poison() {
+        let segment = |fields: &str| format!(r#""stage":"segment",{fields}"#);
+        for (body, why) in [
+            (
+                part_json_of("../../../../etc/", r#""stage":"audio""#),
+                "plan",
+            ),
+            (
+                part_json(&segment(r#""index":4,"start_s":0.0,"frames":1"#)),
+                "index",
+            ),
+            (
+                part_json(&segment(r#""index":0,"start_s":-1.0,"frames":1"#)),
+                "range",
+            ),
+            (
+                part_json(&segment(
+                    r#""index":0,"start_s":3.0,"end_s":2.0,"frames":1"#,
+                )),
+                "range",
+            ),
+            (
+                part_json(&segment(r#""index":0,"start_s":0.0,"frames":0"#)),
+                "frame",
+            ),
+            (
+                part_json(r#""stage":"stitch""#).replace(r#""segments":4"#, r#""segments":100000"#),
+                "segments",
+            ),
+        ] {
+            let err = parse::<TranscodeJob>(body.as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(why), "{body}: {err}");
+        }
     }
 
     #[test]
