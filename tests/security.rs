@@ -66,58 +66,86 @@ impl Drop for PrivateUsers {
     }
 }
 
-/// A worker's credentials cannot publish jobs to `video_tasks` nor read the other
-/// worker's queue, but can read its own.
+/// A worker's credentials cannot publish jobs to `video_tasks` (unless its kind splits
+/// into parts: the transcoder's) nor read the other worker's queue, but can read its own.
 #[tokio::test]
 async fn worker_credentials_cannot_publish_jobs_or_read_other_queues() {
     let env = TestEnv::new().await;
     let users = PrivateUsers::create(&env);
-    let conn = broker::try_connect(&users.url("transcoder"), "least-privilege-test")
+    let connect = async |role: &str| {
+        broker::try_connect(&users.url(role), "least-privilege-test")
+            .await
+            .expect("the user can log in")
+    };
+    let publish_job = async |conn: &lapin::Connection, key: &str| {
+        let ch = broker::confirm_channel(conn).await.unwrap();
+        broker::publish_confirmed(
+            &ch,
+            &env.topology.tasks_exchange(),
+            key,
+            b"{}",
+            broker::persistent_json(FieldTable::default()),
+        )
         .await
-        .expect("the user can log in");
+    };
+    let refused = |what: &str, err: String| {
+        assert!(
+            err.contains("ACCESS_REFUSED") || err.contains("403"),
+            "{what}: {err}"
+        );
+    };
 
-    let ch = broker::confirm_channel(&conn).await.unwrap();
-    let publish = broker::publish_confirmed(
-        &ch,
-        &env.topology.tasks_exchange(),
-        "transcode",
-        b"{}",
-        broker::persistent_json(FieldTable::default()),
-    )
-    .await;
-    let err = format!(
-        "{:#}",
-        publish.expect_err("publishing a job must be refused")
+    let thumbnailer = connect("thumbnailer").await;
+    let publish = publish_job(&thumbnailer, "thumbnail").await;
+    refused(
+        "a thumbnailer publishing a job",
+        format!(
+            "{:#}",
+            publish.expect_err("publishing a job must be refused")
+        ),
     );
-    assert!(
-        err.contains("ACCESS_REFUSED") || err.contains("403"),
-        "{err}"
+    let ch = thumbnailer.create_channel().await.unwrap();
+    let other = ch
+        .basic_get(
+            env.topology.work_queue("transcode").into(),
+            BasicGetOptions::default(),
+        )
+        .await;
+    refused(
+        "a thumbnailer reading the transcode queue",
+        format!(
+            "{:?}",
+            other.expect_err("reading the transcode queue must be refused")
+        ),
     );
+    let ch = thumbnailer.create_channel().await.unwrap();
+    let own = ch
+        .basic_get(
+            env.topology.work_queue("thumbnail").into(),
+            BasicGetOptions::default(),
+        )
+        .await;
+    assert!(own.is_ok(), "its own queue is readable: {own:?}");
 
-    let ch = conn.create_channel().await.unwrap();
+    // The transcoder publishes the segments of split jobs (a body of `{}` is poison to
+    // the workers, and this test's queue is deleted with its topology).
+    let transcoder = connect("transcoder").await;
+    let parts = publish_job(&transcoder, "transcode").await;
+    assert!(parts.is_ok(), "the transcoder publishes parts: {parts:?}");
+    let ch = transcoder.create_channel().await.unwrap();
     let other = ch
         .basic_get(
             env.topology.work_queue("thumbnail").into(),
             BasicGetOptions::default(),
         )
         .await;
-    let err = format!(
-        "{:?}",
-        other.expect_err("reading the thumbnail queue must be refused")
+    refused(
+        "a transcoder reading the thumbnail queue",
+        format!(
+            "{:?}",
+            other.expect_err("reading the thumbnail queue must be refused")
+        ),
     );
-    assert!(
-        err.contains("ACCESS_REFUSED") || err.contains("403"),
-        "{err}"
-    );
-
-    let ch = conn.create_channel().await.unwrap();
-    let own = ch
-        .basic_get(
-            env.topology.work_queue("transcode").into(),
-            BasicGetOptions::default(),
-        )
-        .await;
-    assert!(own.is_ok(), "its own queue is readable: {own:?}");
 }
 
 /// A worker running as its least-privilege user (topology declared by someone else)

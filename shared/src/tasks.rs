@@ -28,6 +28,9 @@ pub struct TaskKind {
     pub message: &'static str,
     /// Whether the source must have a video stream (a loudness task would not).
     pub needs_video: bool,
+    /// Whether its jobs split into parts published by the worker itself (see
+    /// [`crate::split`]): only then may its role publish to the tasks exchange.
+    pub fans_out: bool,
     /// The broker role running it: RabbitMQ user `vidpipe-<role>`, password variable
     /// `VIDPIPE_<ROLE>_PASSWORD`, worker binary and compose service `<role>`, secrets
     /// volume `secrets-<role>`.
@@ -50,6 +53,7 @@ pub const TRANSCODE: TaskKind = TaskKind {
     name: "transcode",
     message: "TranscodeJob",
     needs_video: true,
+    fans_out: true,
     role: "transcoder",
 };
 
@@ -58,6 +62,7 @@ pub const THUMBNAIL: TaskKind = TaskKind {
     name: "thumbnail",
     message: "ThumbnailJob",
     needs_video: true,
+    fans_out: false,
     role: "thumbnailer",
 };
 
@@ -187,13 +192,22 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
             [one] => format!("^{one}$"),
             many => format!("^({})$", many.join("|")),
         };
+        // A role whose kinds split publishes their parts and joins to the tasks
+        // exchange; any other worker cannot publish jobs at all.
+        let fans_out = registry
+            .kinds()
+            .iter()
+            .any(|k| k.role == name && k.fans_out);
+        let parts = if fans_out {
+            format!("{tasks}|")
+        } else {
+            String::new()
+        };
         roles.push(role(
             name,
             "",
             "^$".into(),
-            // The tasks exchange: a split job's worker publishes its parts and the
-            // join (no new power: the retry exchanges already route to work queues).
-            format!("^({tasks}|{retries}|{dead}|{events})$"),
+            format!("^({parts}{retries}|{dead}|{events})$"),
             read,
         ));
     }
@@ -269,12 +283,12 @@ mod tests {
             [r.user.as_str(), &r.tags, &r.configure, &r.write, &r.read].map(str::to_owned)
         };
         let rows: Vec<_> = roles.iter().map(row).collect();
-        let worker = |user: &str, queue: &str| {
+        let worker = |user: &str, parts: &str, queue: &str| {
             [
                 user,
                 "",
                 "^$",
-                r"^(video_tasks|video_tasks\.retry\..*|video_tasks\.dead|video_events)$",
+                &format!(r"^({parts}video_tasks\.retry\..*|video_tasks\.dead|video_events)$"),
                 queue,
             ]
             .map(str::to_owned)
@@ -291,8 +305,14 @@ mod tests {
                     r"^(video_events|amq\.gen-.*)$",
                 ]
                 .map(str::to_owned),
-                worker("vidpipe-transcoder", r"^video_tasks\.transcode$"),
-                worker("vidpipe-thumbnailer", r"^video_tasks\.thumbnail$"),
+                // The transcoder publishes the parts of split jobs; the thumbnailer
+                // cannot publish a job at all.
+                worker(
+                    "vidpipe-transcoder",
+                    "video_tasks|",
+                    r"^video_tasks\.transcode$"
+                ),
+                worker("vidpipe-thumbnailer", "", r"^video_tasks\.thumbnail$"),
                 ["vidpipe-ops", "management", ops, ops, ops].map(str::to_owned),
             ]
         );
@@ -310,6 +330,7 @@ mod tests {
             name: "loudness",
             message: "LoudnessJob",
             needs_video: false,
+            fans_out: false,
             role: "loudness",
         };
         let registry = Registry::builtin().with(extra).with(extra);

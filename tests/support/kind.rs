@@ -9,5 +9,6 @@ pub const COPY: TaskKind = TaskKind {
     name: "copy",
     message: "CopyJob",
     needs_video: false,
+    fans_out: false,
     role: "testworker",
 };
