@@ -13,7 +13,7 @@ use shared::tasks::{self, Registry};
 use shared::topology::Topology;
 
 use crate::support::kind::COPY;
-use crate::support::{TestEnv, eventually, job_keys, test_job};
+use crate::support::{TestEnv, eventually, fixtures, job_keys, test_job};
 use uuid::Uuid;
 
 const WORKER: &str = "vidpipe-testworker";
@@ -82,6 +82,42 @@ async fn a_kind_outside_the_builtin_registry_flows_end_to_end() {
         env.queue_depth(&queue).await == 0
     })
     .await;
+}
+
+/// The registry's `needs_video` is what decides which sources a kind takes: the same
+/// handler opens the same audio-only upload through `shared::media`; as a `copy` job
+/// (needs no video) it completes with the audio described, as a `transcode` job (needs
+/// video) it is dead at once with the media layer's clear reason.
+#[tokio::test]
+async fn needs_video_in_the_registry_decides_whether_audio_only_is_taken() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "copier", &[("VIDPIPE_TESTWORKER_TASK", COPY.name)]);
+    env.spawn_worker(WORKER, "video-kind", &[]);
+    let audio = fixtures::ffmpeg(
+        env.data.path(),
+        "audio.m4a",
+        &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac"],
+    );
+    const { assert!(!COPY.needs_video && tasks::TRANSCODE.needs_video) };
+
+    let probe = json!({ "probe": true });
+    let (_, copied) = env.submit_file(COPY.name, &audio, probe.clone()).await;
+    let (refused_id, refused) = env.submit_file(tasks::TRANSCODE.name, &audio, probe).await;
+
+    let manifest = env.wait_manifest(&copied, PATIENCE).await;
+    let streams = &manifest.summary["streams"];
+    assert_eq!(streams["video"], serde_json::Value::Null, "{streams}");
+    assert_eq!(streams["audio"]["codec"], "aac", "{streams}");
+
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let body: serde_json::Value = serde_json::from_slice(&dead[0].body).unwrap();
+    assert_eq!(body["job_id"], refused_id.to_string());
+    assert_eq!(dead[0].attempts(), Some(1), "refused at once, not retried");
+    assert_eq!(
+        dead[0].reason(),
+        "source has no video stream (it has: audio aac)"
+    );
+    assert!(env.storage.manifest(&refused).await.unwrap().is_none());
 }
 
 /// The test kind stays out of production: the builtin registry (what the producer, the
