@@ -2,6 +2,10 @@
 //! limits every job is checked against: here on what the headers declare, and again by
 //! the decoder on every frame it actually produces ([`super::decode`]).
 //!
+//! The probe reads each stream's codec parameters ([`super::admit::codec_params`]) and
+//! opens no decoder: a source's one video decoder context is opened by
+//! [`super::Source::decoder`], with the worker's threads and the pixel cap set.
+//!
 //! Each refusal is a permanent failure whose text says what was found and what the limit
 //! is ("source is 7680x4320, limit is 3840x2160"), because it ends up in the dead-letter
 //! headers and in `producer status` for a person to act on.
@@ -14,6 +18,7 @@ use ffmpeg::media::Type as MediaType;
 use ffmpeg_next as ffmpeg;
 use serde::{Deserialize, Serialize};
 
+use super::admit::codec_params;
 use super::source::{Source, Streams};
 use super::{init, seconds};
 use crate::outcome::{PermanentExt as _, permanent};
@@ -262,12 +267,8 @@ fn main_video(input: &Input) -> Option<ffmpeg::format::stream::Stream<'_>> {
         .max_by_key(|s| {
             // Prefer FFmpeg's own choice, then the largest picture.
             let best = input.streams().best(MediaType::Video).map(|b| b.index()) == Some(s.index());
-            let p = s.parameters();
-            let ctx = ffmpeg::codec::context::Context::from_parameters(p).ok();
-            let pixels = ctx
-                .and_then(|c| c.decoder().video().ok())
-                .map_or(0, |d| u64::from(d.width()) * u64::from(d.height()));
-            (best, pixels)
+            let p = codec_params(s);
+            (best, u64::from(p.width) * u64::from(p.height))
         })
 }
 
@@ -283,11 +284,9 @@ fn video_info(
             id.name()
         )));
     }
-    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
-        .and_then(|c| c.decoder().video())
-        .context("cannot read the source video stream")
-        .permanent()?;
-    let (width, height) = (decoder.width(), decoder.height());
+    // Read from the stream's parameters: the one decoder is opened later, by the worker.
+    let params = codec_params(stream);
+    let (width, height) = (params.width, params.height);
     if width == 0 || height == 0 {
         return Err(permanent(format!(
             "source video stream (`{}`) has no picture size; the file is damaged or not a video",
@@ -295,7 +294,7 @@ fn video_info(
         )));
     }
     let rotation = rotation_of(stream);
-    let sar = decoder.aspect_ratio();
+    let sar = params.sample_aspect_ratio;
     limits.check_pixel_aspect("source", sar.numerator(), sar.denominator())?;
     let shown_w = shown_width(width, sar);
     let (display_width, display_height) = if rotation % 180 == 90 {
@@ -313,7 +312,7 @@ fn video_info(
         display_height,
         rotation,
         frame_rate,
-        pixel_format: format!("{:?}", decoder.format()).to_lowercase(),
+        pixel_format: format!("{:?}", params.pixel_format).to_lowercase(),
     };
     limits.check_picture("source", info.width, info.height)?;
     limits.check_picture("source as shown", info.display_width, info.display_height)?;
@@ -324,17 +323,15 @@ fn audio_info(input: &Input) -> Option<AudioInfo> {
     let stream = input.streams().best(MediaType::Audio)?;
     let id = stream.parameters().id();
     ffmpeg::decoder::find(id)?;
-    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
-        .and_then(|c| c.decoder().audio())
-        .ok()?;
-    if decoder.rate() == 0 {
+    let params = codec_params(&stream);
+    if params.sample_rate == 0 {
         return None;
     }
     Some(AudioInfo {
         index: stream.index(),
         codec: id.name().to_owned(),
-        sample_rate: decoder.rate(),
-        channels: decoder.channels(),
+        sample_rate: params.sample_rate,
+        channels: params.channels,
     })
 }
 
@@ -485,6 +482,45 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "source has no audio or video stream (it has: subtitle ass)"
+        );
+    }
+
+    /// The probe describes streams from their parameters alone; what it says is what the
+    /// one decoder, opened later, sees.
+    #[test]
+    fn the_description_from_parameters_is_what_the_decoder_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let clip = dir.path().join("clip.mp4");
+        let made = std::process::Command::new("ffmpeg")
+            .args(["-y", "-loglevel", "error", "-f", "lavfi", "-i"])
+            .arg("testsrc2=size=320x240:rate=25:duration=1")
+            .args(["-f", "lavfi", "-i", "sine=duration=1:sample_rate=48000"])
+            .args(["-vf", "setsar=4/3", "-pix_fmt", "yuv422p"])
+            .args(["-c:v", "libx264"])
+            .args(["-c:a", "aac", "-ac", "2", "-shortest"])
+            .arg(&clip)
+            .status()
+            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
+        assert!(made.success());
+        let source = open(&clip, &MediaLimits::default()).unwrap();
+        let (video, audio) = (&source.info.video, source.info.audio.as_ref().unwrap());
+        assert_eq!((video.width, video.height), (320, 240));
+        assert_eq!((video.display_width, video.display_height), (427, 240));
+        assert_eq!(video.pixel_format, "yuv422p");
+        assert_eq!((audio.sample_rate, audio.channels), (48000, 2));
+
+        let decoder = source.decoder(1).unwrap();
+        let d = &decoder.decoder;
+        assert_eq!((d.width(), d.height()), (video.width, video.height));
+        assert_eq!(
+            format!("{:?}", d.format()).to_lowercase(),
+            video.pixel_format
+        );
+        assert_eq!(d.aspect_ratio(), ffmpeg::Rational::new(4, 3));
+        let a = source.audio_decoder(audio).unwrap();
+        assert_eq!(
+            (a.rate(), a.channels()),
+            (audio.sample_rate, audio.channels)
         );
     }
 
