@@ -397,6 +397,19 @@ fn rotation_from_matrix(m: &[f64]) -> u32 {
 mod tests {
     use super::*;
 
+    /// Runs `ffmpeg -y -loglevel error ARGS… DIR/NAME` (a fixture) and returns the file.
+    fn ffmpeg_cli(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {
+        let out = dir.join(name);
+        let made = std::process::Command::new("ffmpeg")
+            .args(["-y", "-loglevel", "error"])
+            .args(args)
+            .arg(&out)
+            .status()
+            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
+        assert!(made.success(), "ffmpeg failed making {name}");
+        out
+    }
+
     /// Matrices as FFmpeg's `av_display_rotation_set(deg)` writes them (16.16 fixed); the
     /// `ffmpeg` CLI turns such a stream `deg` degrees clockwise to show it upright.
     fn matrix_for_clockwise(deg: f64) -> Vec<f64> {
@@ -428,14 +441,11 @@ mod tests {
     #[test]
     fn needs_video_decides_whether_an_audio_only_source_is_taken() {
         let dir = tempfile::tempdir().unwrap();
-        let audio = dir.path().join("audio.m4a");
-        let made = std::process::Command::new("ffmpeg")
-            .args(["-y", "-loglevel", "error", "-f", "lavfi", "-i"])
-            .args(["sine=duration=1", "-c:a", "aac"])
-            .arg(&audio)
-            .status()
-            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
-        assert!(made.success());
+        let audio = ffmpeg_cli(
+            dir.path(),
+            "audio.m4a",
+            &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac"],
+        );
         let limits = MediaLimits::default();
         let loudness = TaskKind {
             name: "loudness",
@@ -469,13 +479,7 @@ mod tests {
 
         let srt = dir.path().join("subs.srt");
         std::fs::write(&srt, "1\n00:00:00,000 --> 00:00:01,000\nhello\n").unwrap();
-        let subs = dir.path().join("subs.mkv");
-        let made = std::process::Command::new("ffmpeg")
-            .args(["-y", "-loglevel", "error", "-i"])
-            .args([&srt, &subs])
-            .status()
-            .unwrap();
-        assert!(made.success());
+        let subs = ffmpeg_cli(dir.path(), "subs.mkv", &["-i", srt.to_str().unwrap()]);
         let err = open_streams(&subs, &limits, Needs::AudioOrVideo)
             .err()
             .expect("no audio, no video: refused");
@@ -490,18 +494,31 @@ mod tests {
     #[test]
     fn the_description_from_parameters_is_what_the_decoder_sees() {
         let dir = tempfile::tempdir().unwrap();
-        let clip = dir.path().join("clip.mp4");
-        let made = std::process::Command::new("ffmpeg")
-            .args(["-y", "-loglevel", "error", "-f", "lavfi", "-i"])
-            .arg("testsrc2=size=320x240:rate=25:duration=1")
-            .args(["-f", "lavfi", "-i", "sine=duration=1:sample_rate=48000"])
-            .args(["-vf", "setsar=4/3", "-pix_fmt", "yuv422p"])
-            .args(["-c:v", "libx264"])
-            .args(["-c:a", "aac", "-ac", "2", "-shortest"])
-            .arg(&clip)
-            .status()
-            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
-        assert!(made.success());
+        let clip = ffmpeg_cli(
+            dir.path(),
+            "clip.mp4",
+            &[
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=320x240:rate=25:duration=1",
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=duration=1:sample_rate=48000",
+                "-vf",
+                "setsar=4/3",
+                "-pix_fmt",
+                "yuv422p",
+                "-c:v",
+                "libx264",
+                "-c:a",
+                "aac",
+                "-ac",
+                "2",
+                "-shortest",
+            ],
+        );
         let source = open(&clip, &MediaLimits::default()).unwrap();
         let (video, audio) = (&source.info.video, source.info.audio.as_ref().unwrap());
         assert_eq!((video.width, video.height), (320, 240));

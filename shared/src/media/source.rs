@@ -116,10 +116,7 @@ impl Source {
 
     /// Reads packets of every stream with the read-error budget; see [`Packets`].
     pub fn packets(&mut self) -> Packets<'_> {
-        Packets {
-            input: &mut self.input,
-            errors: 0,
-        }
+        Packets::new(&mut self.input)
     }
 
     /// Seeks to the keyframe at or before `at_s` (container time, in seconds); `false`
@@ -171,10 +168,7 @@ impl Streams {
 
     /// Reads packets of every stream with the read-error budget; see [`Packets`].
     pub fn packets(&mut self) -> Packets<'_> {
-        Packets {
-            input: &mut self.input,
-            errors: 0,
-        }
+        Packets::new(&mut self.input)
     }
 
     /// The source as a [`Source`], which has a video stream; without one, refused as
@@ -233,7 +227,12 @@ pub struct Packets<'a> {
     errors: u32,
 }
 
-impl Packets<'_> {
+impl<'a> Packets<'a> {
+    /// A reading pass over `input`, with a full budget.
+    fn new(input: &'a mut Input) -> Self {
+        Self { input, errors: 0 }
+    }
+
     /// Reads the next packet into `packet`: `Ok(true)` for a packet, `Ok(false)` at the
     /// end of the source, [`Corrupt`] when the budget is spent.
     pub fn read(&mut self, packet: &mut Packet) -> Result<bool, Corrupt> {
