@@ -43,6 +43,7 @@ COPY --from=builder /out/producer /out/transcoder /out/thumbnailer /usr/local/bi
 # and the tool that generates them (the compose service `secrets`).
 COPY docker/entrypoint.sh /usr/local/bin/vidpipe-entrypoint
 COPY docker/secrets.sh /usr/local/bin/vidpipe-secrets
+COPY docker/vidpipe-lib.sh /usr/local/bin/vidpipe-lib.sh
 
 # Media store (local backend); a named volume mounted here starts out owned by vidpipe,
 # and so do the ones compose mounts on /scratch (job scratch), /run/vidpipe-secrets (a

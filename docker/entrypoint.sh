@@ -17,19 +17,9 @@ secrets=${VIDPIPE_SECRETS_DIR:-/run/vidpipe-secrets}
 
 die() { echo "vidpipe-entrypoint: $*" >&2; exit 1; }
 
-# Percent-encodes all but RFC 3986's unreserved characters.
-urlencode() {
-  local LC_ALL=C # byte by byte
-  local s=$1 out="" c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      [A-Za-z0-9._~-]) out+=$c ;;
-      *) printf -v c '%%%02X' "'$c"; out+=$c ;;
-    esac
-  done
-  printf '%s' "$out"
-}
+# urlencode, shared with the other image script.
+# shellcheck source=docker/vidpipe-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/vidpipe-lib.sh"
 
 # read_secret NAME: the file's content in $REPLY; 1 if the file does not exist.
 read_secret() {

@@ -98,19 +98,9 @@ ensure() {
   fi
 }
 
-# Percent-encodes all but RFC 3986's unreserved characters.
-urlencode() {
-  local LC_ALL=C
-  local s=$1 out="" c i
-  for ((i = 0; i < ${#s}; i++)); do
-    c=${s:i:1}
-    case $c in
-      [A-Za-z0-9._~-]) out+=$c ;;
-      *) printf -v c '%%%02X' "'$c"; out+=$c ;;
-    esac
-  done
-  printf '%s' "$out"
-}
+# urlencode, shared with the other image script.
+# shellcheck source=docker/vidpipe-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/vidpipe-lib.sh"
 
 hex2bin() { printf "$(printf '%s' "$1" | sed 's/../\\x&/g')"; }
 

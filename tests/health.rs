@@ -7,6 +7,7 @@ use openmetrics_parser::openmetrics::parse_openmetrics;
 use openmetrics_parser::prometheus::parse_prometheus;
 use openmetrics_parser::{
     MetricsExposition, OpenMetricsType, OpenMetricsValue, PrometheusType, PrometheusValue,
+    RenderableMetricValue,
 };
 use serde_json::json;
 use shared::events::JobState;
@@ -78,22 +79,16 @@ fn classic_counter(
     family: &str,
     label: &str,
 ) -> Vec<(String, f64)> {
-    let family = exposition
-        .families
-        .get(family)
-        .unwrap_or_else(|| panic!("no family {family}"));
-    assert_eq!(family.family_type, PrometheusType::Counter, "{family:?}");
-    family
-        .iter_samples()
-        .map(|s| {
-            let labels = s.get_labelset().unwrap();
-            let PrometheusValue::Counter(c) = &s.value else {
-                panic!("not a counter value: {s:?}")
-            };
-            let key = labels.get_label_value(label).unwrap_or_default().to_owned();
-            (key, c.value.as_f64())
-        })
-        .collect()
+    counter_values(
+        exposition,
+        family,
+        label,
+        PrometheusType::Counter,
+        |v| match v {
+            PrometheusValue::Counter(c) => Some(c.value.as_f64()),
+            _ => None,
+        },
+    )
 }
 
 /// Values of a counter family parsed from OpenMetrics, by the value of `label`.
@@ -102,20 +97,43 @@ fn openmetrics_counter(
     family: &str,
     label: &str,
 ) -> Vec<(String, f64)> {
+    counter_values(
+        exposition,
+        family,
+        label,
+        OpenMetricsType::Counter,
+        |v| match v {
+            OpenMetricsValue::Counter(c) => Some(c.value.as_f64()),
+            _ => None,
+        },
+    )
+}
+
+/// Values of a counter family by the value of `label`, in either format: `counter` is
+/// the format's counter type, `number` its counter values' number (`None`: not one).
+fn counter_values<T, V>(
+    exposition: &MetricsExposition<T, V>,
+    family: &str,
+    label: &str,
+    counter: T,
+    number: impl Fn(&V) -> Option<f64>,
+) -> Vec<(String, f64)>
+where
+    T: Clone + PartialEq + std::fmt::Debug,
+    V: RenderableMetricValue + Clone + std::fmt::Debug,
+{
     let family = exposition
         .families
         .get(family)
         .unwrap_or_else(|| panic!("no family {family}"));
-    assert_eq!(family.family_type, OpenMetricsType::Counter, "{family:?}");
+    assert_eq!(family.family_type, counter, "{family:?}");
     family
         .iter_samples()
         .map(|s| {
             let labels = s.get_labelset().unwrap();
-            let OpenMetricsValue::Counter(c) = &s.value else {
-                panic!("not a counter value: {s:?}")
-            };
+            let value = number(&s.value).unwrap_or_else(|| panic!("not a counter value: {s:?}"));
             let key = labels.get_label_value(label).unwrap_or_default().to_owned();
-            (key, c.value.as_f64())
+            (key, value)
         })
         .collect()
 }

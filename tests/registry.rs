@@ -13,7 +13,7 @@ use shared::tasks::{self, Registry};
 use shared::topology::Topology;
 
 use crate::support::kind::COPY;
-use crate::support::{TestEnv, eventually, job_keys, test_job};
+use crate::support::{TestEnv, eventually, fixtures, job_keys, test_job};
 use uuid::Uuid;
 
 const WORKER: &str = "vidpipe-testworker";
@@ -84,6 +84,42 @@ async fn a_kind_outside_the_builtin_registry_flows_end_to_end() {
     .await;
 }
 
+/// The registry's `needs_video` is what decides which sources a kind takes: the same
+/// handler opens the same audio-only upload through `shared::media`; as a `copy` job
+/// (needs no video) it completes with the audio described, as a `transcode` job (needs
+/// video) it is dead at once with the media layer's clear reason.
+#[tokio::test]
+async fn needs_video_in_the_registry_decides_whether_audio_only_is_taken() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(WORKER, "copier", &[("VIDPIPE_TESTWORKER_TASK", COPY.name)]);
+    env.spawn_worker(WORKER, "video-kind", &[]);
+    let audio = fixtures::ffmpeg(
+        env.data.path(),
+        "audio.m4a",
+        &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac"],
+    );
+    const { assert!(!COPY.needs_video && tasks::TRANSCODE.needs_video) };
+
+    let probe = json!({ "probe": true });
+    let (_, copied) = env.submit_file(COPY.name, &audio, probe.clone()).await;
+    let (refused_id, refused) = env.submit_file(tasks::TRANSCODE.name, &audio, probe).await;
+
+    let manifest = env.wait_manifest(&copied, PATIENCE).await;
+    let streams = &manifest.summary["streams"];
+    assert_eq!(streams["video"], serde_json::Value::Null, "{streams}");
+    assert_eq!(streams["audio"]["codec"], "aac", "{streams}");
+
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let body: serde_json::Value = serde_json::from_slice(&dead[0].body).unwrap();
+    assert_eq!(body["job_id"], refused_id.to_string());
+    assert_eq!(dead[0].attempts(), Some(1), "refused at once, not retried");
+    assert_eq!(
+        dead[0].reason(),
+        "source has no video stream (it has: audio aac)"
+    );
+    assert!(env.storage.manifest(&refused).await.unwrap().is_none());
+}
+
 /// The test kind stays out of production: the builtin registry (what the producer, the
 /// broker users and `--declare-topology` of the real workers use) does not have it.
 #[test]
@@ -99,42 +135,60 @@ fn read(path: &str) -> String {
 }
 
 /// Compose services, secrets volumes and the images are written by hand (YAML and
-/// Dockerfiles cannot ask the registry): every builtin kind's role must be there.
+/// Dockerfiles cannot ask the registry): every line a registered role needs in them must
+/// be there. This is the list README "Adding a task kind" step 5 points to; a miss
+/// names the file and the line to add.
 #[test]
 fn compose_and_images_have_every_registered_role() {
-    let compose = read("docker-compose.yml");
-    let images = [read("Dockerfile"), read("docker/Dockerfile.prebuilt")];
+    let files = [
+        "docker-compose.yml",
+        "docker/compose.s3.yml",
+        "Dockerfile",
+        "docker/Dockerfile.prebuilt",
+    ];
+    let text: Vec<String> = files.iter().map(|f| read(f)).collect();
+    let mut missing = Vec::new();
+    let mut need = |file: usize, line: String| {
+        if !text[file].contains(&line) {
+            missing.push(format!("{}: `{}`", files[file], line.trim()));
+        }
+    };
     let roles = tasks::broker_roles(&Registry::builtin(), &Topology::new("", vec![], 20));
     for role in &roles {
-        let r = &role.role;
-        assert!(
-            compose.contains(&format!("\n  secrets-{r}:")),
-            "docker-compose.yml: no volume secrets-{r}"
+        let (r, upper) = (&role.role, role.role.to_uppercase());
+        need(0, format!("\n  secrets-{r}:\n"));
+        need(0, format!("- secrets-{r}:/secrets/{r}\n"));
+        need(
+            0,
+            format!("VIDPIPE_{upper}_PASSWORD: ${{VIDPIPE_{upper}_PASSWORD:-}}"),
         );
-        for image in &images {
-            assert!(
-                image.contains(&format!("/secrets/{r} ")),
-                "a Dockerfile does not make /secrets/{r}"
-            );
+        for image in [2, 3] {
+            need(image, format!("/secrets/{r} "));
         }
     }
     for kind in tasks::BUILTIN {
-        let r = kind.role;
-        assert!(
-            compose.contains(&format!("\n  {r}:\n")),
-            "docker-compose.yml: no service `{r}` for task `{}`",
-            kind.name
+        let (r, upper) = (kind.role, kind.role.to_uppercase());
+        need(
+            0,
+            format!("\n  {r}:\n    <<: *vidpipe\n    command: [\"{r}\"]\n"),
         );
-        assert!(
-            compose.contains(&format!("secrets-{r}:/run/vidpipe-secrets:ro")),
-            "docker-compose.yml: service `{r}` does not mount its secrets"
+        need(
+            0,
+            format!("VIDPIPE__AMQP__URL: ${{VIDPIPE_{upper}_AMQP_URL:-}}"),
         );
-        assert!(
-            images[0].contains(&format!("target/release/{r}"))
-                && images[1].contains(&format!("bin/{r}")),
-            "a Dockerfile does not install the `{r}` binary"
-        );
+        need(0, format!("- secrets-{r}:/run/vidpipe-secrets:ro"));
+        need(0, format!("- scratch-{r}:/scratch\n"));
+        need(0, format!("\n  scratch-{r}:\n"));
+        need(1, format!("\n  {r}:\n    environment: *s3\n"));
+        need(2, format!(" -p {r} "));
+        need(2, format!("target/release/{r}"));
+        need(3, format!("bin/{r}"));
     }
+    assert!(
+        missing.is_empty(),
+        "the registry's roles need these lines:\n{}",
+        missing.join("\n")
+    );
 }
 
 /// `docker/secrets.sh` makes the broker's definitions from the registry (through the

@@ -102,11 +102,6 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
     };
     let job_id = body_str("job_id").and_then(|s| s.parse().ok());
     let death = first_x_death(headers);
-    let death_str = |k: &str| match death.and_then(|d| d.inner().get(k)) {
-        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    };
     let death_routing_key = match death.and_then(|d| d.inner().get("routing-keys")) {
         Some(AMQPValue::FieldArray(keys)) => keys.as_slice().iter().find_map(|k| match k {
             AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
@@ -119,54 +114,9 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
         .or(death_routing_key)
         .or_else(|| body_str("task"))
         .or_else(|| Some(delivery.routing_key.as_str().to_owned()).filter(|k| !k.is_empty()));
-    let (reason, parked_by) = match header_str(headers, REASON_HEADER) {
-        Some(reason) => (reason, "worker"),
-        None => match death_str("reason") {
-            Some(why) => {
-                let queue = death_str("queue").unwrap_or_else(|| "?".into());
-                let explained = match why.as_str() {
-                    "delivery_limit" => {
-                        "delivery limit reached (the job crashed or stalled its workers every time)"
-                    }
-                    "rejected" => "rejected by a consumer",
-                    "expired" => "expired",
-                    "maxlen" => "queue length limit",
-                    _ => "",
-                };
-                (
-                    format!("broker dead-lettered it from `{queue}`: {why} {explained}")
-                        .trim_end()
-                        .to_owned(),
-                    "broker",
-                )
-            }
-            None => ("(no reason recorded)".into(), "unknown"),
-        },
-    };
-    let attempts = header_u32(headers, ATTEMPTS_HEADER).or_else(|| {
-        death
-            .and_then(|d| d.inner().get("count"))
-            .and_then(|c| match c {
-                AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-                AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-                _ => None,
-            })
-    });
-    let failed_at = header_str(headers, FAILED_AT_HEADER).or_else(|| {
-        match death.and_then(|d| d.inner().get("time")) {
-            Some(AMQPValue::Timestamp(t)) => Some(
-                i64::try_from(*t)
-                    .ok()
-                    .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
-                    .and_then(|t| {
-                        t.format(&time::format_description::well_known::Rfc3339)
-                            .ok()
-                    })
-                    .unwrap_or_else(|| format!("unix {t}")),
-            ),
-            _ => None,
-        }
-    });
+    let (reason, parked_by) = parked_reason(headers, death);
+    let attempts = header_u32(headers, ATTEMPTS_HEADER).or_else(|| death_count(death));
+    let failed_at = header_str(headers, FAILED_AT_HEADER).or_else(|| death_time(death));
     DeadInfo {
         id: message_id(delivery),
         job_id,
@@ -179,6 +129,71 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
         parked_by,
         bytes: delivery.data.len(),
         truncated_from: header_u32(headers, TRUNCATED_FROM_HEADER).map(u64::from),
+    }
+}
+
+/// A string field of the broker's `x-death` record.
+fn death_str(death: Option<&FieldTable>, key: &str) -> Option<String> {
+    match death?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// Why a message is parked and who parked it: the worker's reason header, else the
+/// broker's `x-death` reason, explained.
+fn parked_reason(
+    headers: Option<&FieldTable>,
+    death: Option<&FieldTable>,
+) -> (String, &'static str) {
+    if let Some(reason) = header_str(headers, REASON_HEADER) {
+        return (reason, "worker");
+    }
+    let Some(why) = death_str(death, "reason") else {
+        return ("(no reason recorded)".into(), "unknown");
+    };
+    let queue = death_str(death, "queue").unwrap_or_else(|| "?".into());
+    let explained = match why.as_str() {
+        "delivery_limit" => {
+            "delivery limit reached (the job crashed or stalled its workers every time)"
+        }
+        "rejected" => "rejected by a consumer",
+        "expired" => "expired",
+        "maxlen" => "queue length limit",
+        _ => "",
+    };
+    (
+        format!("broker dead-lettered it from `{queue}`: {why} {explained}")
+            .trim_end()
+            .to_owned(),
+        "broker",
+    )
+}
+
+/// How often the broker dead-lettered the message, from its `x-death` record.
+fn death_count(death: Option<&FieldTable>) -> Option<u32> {
+    match death?.inner().get("count")? {
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        _ => None,
+    }
+}
+
+/// When the broker dead-lettered the message (RFC 3339), from its `x-death` record.
+fn death_time(death: Option<&FieldTable>) -> Option<String> {
+    match death?.inner().get("time")? {
+        AMQPValue::Timestamp(t) => Some(
+            i64::try_from(*t)
+                .ok()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| format!("unix {t}")),
+        ),
+        _ => None,
     }
 }
 
@@ -423,28 +438,7 @@ pub async fn of_job(broker: &Broker, job_id: Uuid) -> anyhow::Result<Vec<DeadInf
 
 /// `producer dead …`.
 pub async fn run(settings: &Settings, command: DeadCommand) -> Result<(), Failure> {
-    // Usage errors first: nothing to connect for.
-    let target = |t: &Option<String>| t.as_deref().map(Target::parse).transpose();
-    match &command {
-        DeadCommand::Purge {
-            yes: false,
-            target: t,
-        } => {
-            let what = match target(t)? {
-                Some(_) => format!("`{}` for good", t.as_deref().unwrap_or_default()),
-                None => "every parked job for good".into(),
-            };
-            return Err(Failure::usage(format!(
-                "refusing to purge without --yes: it deletes {what}. Look first with \
-                 `producer dead list`, then add --yes"
-            )));
-        }
-        DeadCommand::Show { target: t, .. } => drop(Target::parse(t)?),
-        DeadCommand::Replay { target: t, .. } | DeadCommand::Purge { target: t, .. } => {
-            drop(target(t)?)
-        }
-        DeadCommand::List { .. } => {}
-    }
+    check_usage(&command)?;
     let broker = Broker::connect(settings).await?;
     let infra = Failure::Infra;
     let queue = broker.topology.dead();
@@ -457,34 +451,7 @@ pub async fn run(settings: &Settings, command: DeadCommand) -> Result<(), Failur
             print_list(&queue, &infos, json, wide);
             Ok(())
         }
-        DeadCommand::Show { target, json } => {
-            let target = Target::parse(&target)?;
-            let scan = Scan::take(&broker).await.map_err(infra)?;
-            let mut found: Vec<&(Delivery, DeadInfo)> = scan
-                .parked
-                .iter()
-                .filter(|(_, i)| target.matches(i))
-                .collect();
-            found.sort_by_cached_key(|(_, i)| {
-                (i.failed_at.as_deref().map(to_seconds), i.id.clone())
-            });
-            for (n, (delivery, info)) in found.iter().enumerate() {
-                if json {
-                    crate::say!("{}", show_json(delivery, info));
-                } else {
-                    if n > 0 {
-                        crate::say!();
-                    }
-                    crate::say!("{}", show_text(delivery, info));
-                }
-            }
-            let shown = found.len();
-            scan.release().await.map_err(infra)?;
-            if shown == 0 {
-                return Err(target.nothing_found(&queue));
-            }
-            Ok(())
-        }
+        DeadCommand::Show { target, json } => show(&broker, &Target::parse(&target)?, json).await,
         DeadCommand::Replay { target, all } => {
             let target = match (target, all) {
                 (_, true) => None,
@@ -509,27 +476,85 @@ pub async fn run(settings: &Settings, command: DeadCommand) -> Result<(), Failur
         DeadCommand::Purge {
             target: Some(target),
             ..
+        } => purge(&broker, &Target::parse(&target)?).await,
+    }
+}
+
+/// The usage errors of a `dead` command, found before anything connects.
+fn check_usage(command: &DeadCommand) -> Result<(), Failure> {
+    let target = |t: &Option<String>| t.as_deref().map(Target::parse).transpose();
+    match &command {
+        DeadCommand::Purge {
+            yes: false,
+            target: t,
         } => {
-            let target = Target::parse(&target)?;
-            let mut scan = Scan::take(&broker).await.map_err(infra)?;
-            let mut purged = 0;
-            for i in 0..scan.parked.len() {
-                if !target.matches(&scan.parked[i].1) {
-                    continue;
-                }
-                let id = scan.parked[i].1.id.clone();
-                scan.ack(i).await.map_err(infra)?;
-                purged += 1;
-                crate::say!("purged {id}");
+            let what = match target(t)? {
+                Some(_) => format!("`{}` for good", t.as_deref().unwrap_or_default()),
+                None => "every parked job for good".into(),
+            };
+            return Err(Failure::usage(format!(
+                "refusing to purge without --yes: it deletes {what}. Look first with \
+                 `producer dead list`, then add --yes"
+            )));
+        }
+        DeadCommand::Show { target: t, .. } => drop(Target::parse(t)?),
+        DeadCommand::Replay { target: t, .. } | DeadCommand::Purge { target: t, .. } => {
+            drop(target(t)?)
+        }
+        DeadCommand::List { .. } => {}
+    }
+    Ok(())
+}
+
+/// `dead show TARGET`: each parked message it matches, oldest first.
+async fn show(broker: &Broker, target: &Target, json: bool) -> Result<(), Failure> {
+    let infra = Failure::Infra;
+    let scan = Scan::take(broker).await.map_err(infra)?;
+    let mut found: Vec<&(Delivery, DeadInfo)> = scan
+        .parked
+        .iter()
+        .filter(|(_, i)| target.matches(i))
+        .collect();
+    found.sort_by_cached_key(|(_, i)| (i.failed_at.as_deref().map(to_seconds), i.id.clone()));
+    for (n, (delivery, info)) in found.iter().enumerate() {
+        if json {
+            crate::say!("{}", show_json(delivery, info));
+        } else {
+            if n > 0 {
+                crate::say!();
             }
-            scan.release().await.map_err(infra)?;
-            if purged == 0 {
-                return Err(target.nothing_found(&queue));
-            }
-            crate::say!("purged {purged} message(s) from `{queue}`");
-            Ok(())
+            crate::say!("{}", show_text(delivery, info));
         }
     }
+    let shown = found.len();
+    scan.release().await.map_err(infra)?;
+    if shown == 0 {
+        return Err(target.nothing_found(&broker.topology.dead()));
+    }
+    Ok(())
+}
+
+/// `dead purge TARGET --yes`: removes the parked messages it matches, leaving the rest.
+async fn purge(broker: &Broker, target: &Target) -> Result<(), Failure> {
+    let infra = Failure::Infra;
+    let queue = broker.topology.dead();
+    let mut scan = Scan::take(broker).await.map_err(infra)?;
+    let mut purged = 0;
+    for i in 0..scan.parked.len() {
+        if !target.matches(&scan.parked[i].1) {
+            continue;
+        }
+        let id = scan.parked[i].1.id.clone();
+        scan.ack(i).await.map_err(infra)?;
+        purged += 1;
+        crate::say!("purged {id}");
+    }
+    scan.release().await.map_err(infra)?;
+    if purged == 0 {
+        return Err(target.nothing_found(&queue));
+    }
+    crate::say!("purged {purged} message(s) from `{queue}`");
+    Ok(())
 }
 
 /// `dead show --json`: what we make of it, and everything it carries.
@@ -802,46 +827,65 @@ fn print_list(queue: &str, infos: &[DeadInfo], json: bool, wide: bool) {
     let mut reasons_cut = false;
     let rows: Vec<[String; 8]> = infos
         .iter()
-        .map(|i| {
-            // The note goes first so a cut reason never hides it.
-            let note = i
-                .truncated_from
-                .map(|original| format!("[body truncated: {} of {original} bytes kept] ", i.bytes))
-                .unwrap_or_default();
-            let reason = printable(&format!("{note}{}", i.reason));
-            let reason = if wide {
-                reason
-            } else {
-                let shown = cut(&reason, REASON_COLUMN);
-                reasons_cut |= shown != reason;
-                shown
-            };
-            let file = i.file.as_deref().unwrap_or("-");
-            [
-                i.id.clone(),
-                i.failed_at
-                    .as_deref()
-                    .map(to_seconds)
-                    .unwrap_or_else(|| "-".into()),
-                i.job_id
-                    .map(|j| j.to_string())
-                    .unwrap_or_else(|| "(not a job)".into()),
-                i.task.clone().unwrap_or_else(|| "?".into()),
-                i.attempts
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                printable(i.worker.as_deref().unwrap_or("-")),
-                if wide {
-                    file.to_owned()
-                } else {
-                    cut(file, FILE_COLUMN)
-                },
-                reason,
-            ]
-        })
+        .map(|i| list_row(i, wide, &mut reasons_cut))
         .collect();
+    print_table(header, &rows);
+    crate::say!(
+        "{} parked message(s) in `{queue}`, oldest first",
+        infos.len()
+    );
+    if reasons_cut {
+        crate::say!(
+            "reasons longer than {REASON_COLUMN} characters are cut (…): `producer dead list \
+             --wide` or `producer dead show ID` shows them whole"
+        );
+    }
+}
+
+/// One `dead list` row; a reason cut to fit sets `reasons_cut`.
+fn list_row(i: &DeadInfo, wide: bool, reasons_cut: &mut bool) -> [String; 8] {
+    // The note goes first so a cut reason never hides it.
+    let note = i
+        .truncated_from
+        .map(|original| format!("[body truncated: {} of {original} bytes kept] ", i.bytes))
+        .unwrap_or_default();
+    let reason = printable(&format!("{note}{}", i.reason));
+    let reason = if wide {
+        reason
+    } else {
+        let shown = cut(&reason, REASON_COLUMN);
+        *reasons_cut |= shown != reason;
+        shown
+    };
+    let file = i.file.as_deref().unwrap_or("-");
+    [
+        i.id.clone(),
+        i.failed_at
+            .as_deref()
+            .map(to_seconds)
+            .unwrap_or_else(|| "-".into()),
+        i.job_id
+            .map(|j| j.to_string())
+            .unwrap_or_else(|| "(not a job)".into()),
+        i.task.clone().unwrap_or_else(|| "?".into()),
+        i.attempts
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "?".into()),
+        printable(i.worker.as_deref().unwrap_or("-")),
+        if wide {
+            file.to_owned()
+        } else {
+            cut(file, FILE_COLUMN)
+        },
+        reason,
+    ]
+}
+
+/// The `dead list` table: columns padded to their widest cell, TRIES right-aligned,
+/// the reason last and unpadded.
+fn print_table(header: [&str; 8], rows: &[[String; 8]]) {
     let mut widths = header.map(|h| h.chars().count());
-    for row in &rows {
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -860,18 +904,8 @@ fn print_list(queue: &str, infos: &[DeadInfo], json: bool, wide: bool) {
         out
     };
     crate::say!("{}", line(header));
-    for row in &rows {
+    for row in rows {
         crate::say!("{}", line(row.each_ref().map(String::as_str)));
-    }
-    crate::say!(
-        "{} parked message(s) in `{queue}`, oldest first",
-        infos.len()
-    );
-    if reasons_cut {
-        crate::say!(
-            "reasons longer than {REASON_COLUMN} characters are cut (…): `producer dead list \
-             --wide` or `producer dead show ID` shows them whole"
-        );
     }
 }
 

@@ -12,14 +12,16 @@
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
 //! - [`split`]: split jobs: fan-out into parts, fan-in to one join, race-free.
 //! - [`events`]: job events on `video_events`.
-//! - [`storage`]: object storage with atomic commits.
+//! - [`storage`]: object storage with atomic commits; `anyhow` errors marked permanent
+//!   where retrying cannot help, classified once by the runtime.
 //! - [`manifest`]: the typed `manifest.json` that records a completed task.
 //! - [`sniff`]: uploads that are lists of other files (playlists, manifests), by their
 //!   first bytes, for the producer and the workers alike.
 //! - [`health`]: readiness, liveness and Prometheus metrics over HTTP.
 //! - [`shutdown`]: SIGTERM/SIGINT as a cancellation token.
 //! - [`app`]: the shared `main` of the worker binaries.
-//! - `media` (feature `media`): probing sources with FFmpeg, input limits.
+//! - `media` (feature `media`): the one source layer on FFmpeg: admission, probing (what
+//!   a kind needs by its `needs_video`), input limits, packets, keyframes, decoders.
 
 pub mod app;
 pub mod broker;

@@ -21,6 +21,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -42,7 +43,7 @@ use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::settings::Settings;
 use crate::split::{self, Inputs, PartRef};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 use crate::storage_key::StorageKey;
 use crate::topology::Topology;
 
@@ -411,13 +412,10 @@ async fn run_job<H: Handler>(
     let scratch = match tempfile::Builder::new()
         .prefix("job-")
         .tempdir_in(&worker.settings.worker.scratch_dir)
+        .context("creating a scratch directory")
     {
         Ok(dir) => dir,
-        Err(e) => {
-            return Outcome::Failed(JobError::transient(format!(
-                "creating a scratch directory: {e}"
-            )));
-        }
+        Err(e) => return failed(e),
     };
     let outcome = run_in_scratch(worker, job, run, cancel, scratch.path()).await;
     // Removing a big scratch tree is slow disk work: keep it off the async threads.
@@ -440,22 +438,23 @@ async fn run_in_scratch<H: Handler>(
     };
     worker.health.bytes_read.inc_by(input.bytes);
     let out_dir = scratch.join("out");
-    if let Err(e) = tokio::fs::create_dir_all(&out_dir).await {
-        return Outcome::Failed(JobError::transient(format!(
-            "creating the output directory: {e}"
-        )));
+    if let Err(e) = tokio::fs::create_dir_all(&out_dir)
+        .await
+        .context("creating the output directory")
+    {
+        return failed(e);
     }
     let started = Instant::now();
     let (joined, timed_out) = run_handler(worker, job, run, cancel, input, out_dir).await;
     match joined {
-        Err(join) => Outcome::Failed(JobError::Transient(format!("handler panicked: {join}"))),
+        Err(join) => failed(anyhow::Error::new(join).context("handler panicked")),
         Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
         Ok((_, Err(e))) => Outcome::Failed(e),
         Ok((_, Ok(output))) if !output.fan_out.is_empty() => {
             let exchange = worker.topology.tasks_exchange();
             match split::publish_all(run.publisher, &exchange, &output.fan_out).await {
                 Ok(()) => Outcome::FannedOut(output.fan_out.len()),
-                Err(e) => Outcome::Failed(JobError::transient(format!("{e:#}"))),
+                Err(e) => failed(e),
             }
         }
         Ok((job, Ok(output))) => {
@@ -490,7 +489,7 @@ async fn join_if_last<H: Handler>(
             committed
         }
         Ok(false) => committed,
-        Err(e) => Outcome::Failed(JobError::transient(format!("{e:#}"))),
+        Err(e) => failed(e),
     }
 }
 
@@ -522,16 +521,12 @@ async fn fetch_unless_done<H: Handler>(
                             tracing::info!("the task is already complete; this part is moot");
                             Outcome::Duplicate
                         }
-                        Err(e) => Outcome::Failed(e),
+                        Err(e) => failed(e),
                     },
                 );
             }
             Ok(None) => {}
-            Err(e) => {
-                return Err(Outcome::Failed(storage::job_error(
-                    e.context("checking for the task's manifest"),
-                )));
-            }
+            Err(e) => return Err(failed(e.context("checking for the task's manifest"))),
         }
     }
     // Idempotence: a redelivered job whose manifest exists is already done. The input
@@ -566,12 +561,10 @@ async fn fetch_unless_done<H: Handler>(
                 // A part that committed but crashed before its fan-in check checks now.
                 join_if_last(worker, job, run, Outcome::Duplicate).await
             }
-            Err(e) => Outcome::Failed(e),
+            Err(e) => failed(e),
         }),
-        (_, Err(e)) => Err(Outcome::Failed(e)),
-        (Err(e), Ok(_)) => Err(Outcome::Failed(storage::job_error(
-            e.context("checking for an existing manifest"),
-        ))),
+        (_, Err(e)) => Err(failed(e)),
+        (Err(e), Ok(_)) => Err(failed(e.context("checking for an existing manifest"))),
         (Ok(None), Ok(s)) => Ok(s),
     }
 }
@@ -685,17 +678,21 @@ async fn commit<H: Handler>(
                     );
                     Outcome::Duplicate
                 }
-                Err(e) => Outcome::Failed(e),
+                Err(e) => failed(e),
             },
-            Ok(None) => Outcome::Failed(JobError::transient(
-                "the manifest that won the commit race has disappeared",
+            Ok(None) => failed(anyhow::anyhow!(
+                "the manifest that won the commit race has disappeared"
             )),
-            Err(e) => Outcome::Failed(storage::job_error(
-                e.context("reading the manifest that won the commit race"),
-            )),
+            Err(e) => failed(e.context("reading the manifest that won the commit race")),
         },
-        Err(e) => Outcome::Failed(e),
+        Err(e) => failed(e),
     }
+}
+
+/// The one conversion of the runtime's own failures (storage's included) into a job's
+/// outcome: markers decide ([`JobError::classify`]), the cause chain is the reason.
+fn failed(err: anyhow::Error) -> Outcome {
+    Outcome::Failed(JobError::classify(err))
 }
 
 /// Whether a manifest found under this job's output prefix, committed by job `owner`,
@@ -706,11 +703,11 @@ async fn commit<H: Handler>(
 /// A `manifest.json` there that is not a manifest at all (no job recorded) never gets
 /// this far: reading it is an [`crate::manifest::UnreadableManifest`] error, permanent
 /// as well.
-fn claim_manifest(owner: Uuid, job_id: Uuid, prefix: &StorageKey) -> Result<(), JobError> {
+fn claim_manifest(owner: Uuid, job_id: Uuid, prefix: &StorageKey) -> anyhow::Result<()> {
     if owner == job_id {
         return Ok(());
     }
-    Err(JobError::Permanent(format!(
+    Err(crate::outcome::permanent(format!(
         "output prefix `{prefix}` already holds the committed outputs of job {owner}, not of \
          this job {job_id}; a job may only write under its own output prefix"
     )))
@@ -1055,23 +1052,13 @@ mod tests {
         let (mine, other) = (Uuid::new_v4(), Uuid::new_v4());
         assert!(claim_manifest(mine, mine, &prefix).is_ok());
 
-        let Err(JobError::Permanent(reason)) = claim_manifest(mine, other, &prefix) else {
+        let err = claim_manifest(mine, other, &prefix).unwrap_err();
+        let JobError::Permanent(reason) = JobError::classify(err) else {
             panic!("another job's manifest must be refused permanently");
         };
         assert!(
             reason.contains(&mine.to_string()) && reason.contains(&other.to_string()),
             "{reason}"
         );
-    }
-
-    /// A `manifest.json` naming no job cannot be claimed either: it does not read as a
-    /// manifest, and that is a permanent failure, not one to retry.
-    #[test]
-    fn an_anonymous_manifest_is_a_permanent_failure() {
-        let key = StorageKey::new("outputs/a/transcode/manifest.json").unwrap();
-        let err =
-            crate::manifest::Manifest::from_json(&key, br#"{"task": "transcode"}"#).unwrap_err();
-        let err = anyhow::Error::new(err).context("checking for an existing manifest");
-        assert!(matches!(storage::job_error(err), JobError::Permanent(_)));
     }
 }

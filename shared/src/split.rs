@@ -167,18 +167,18 @@ pub(crate) async fn fetch_parts(
     storage: &crate::storage::Storage,
     prefixes: &[StorageKey],
     scratch: &std::path::Path,
-) -> Result<(Vec<crate::handler::CommittedPart>, u64), crate::JobError> {
-    use crate::JobError;
+) -> anyhow::Result<(Vec<crate::handler::CommittedPart>, u64)> {
+    use anyhow::Context as _;
     let mut parts = Vec::with_capacity(prefixes.len());
     let mut bytes = 0;
     for (i, prefix) in prefixes.iter().enumerate() {
         let manifest = storage
             .manifest(prefix)
             .await
-            .map_err(|e| crate::storage::job_error(e.context(format!("reading part `{prefix}`"))))?
+            .with_context(|| format!("reading part `{prefix}`"))?
             // The fan-in saw it committed; gone now means the parts were cleaned up by a
             // join that won, and the retry will find the task's manifest.
-            .ok_or_else(|| JobError::transient(format!("part `{prefix}` has no manifest")))?;
+            .with_context(|| format!("part `{prefix}` has no manifest"))?;
         let mut files = Vec::with_capacity(manifest.outputs.len());
         for (j, output) in manifest.outputs.iter().enumerate() {
             let copy = scratch.join(format!("part-{i:05}-{j:03}"));

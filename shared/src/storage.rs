@@ -10,6 +10,13 @@
 //! - Nothing leaves the root: on the filesystem backend every key is resolved before it
 //!   is read, written, listed or deleted, and one whose path runs through a symlink to
 //!   somewhere outside `storage.root` is refused ([`OutsideRoot`], a permanent failure).
+//!
+//! Errors are `anyhow` with what was being done as context and the store's own error as
+//! the cause; what retrying cannot fix (a missing object or bucket, refused access, a
+//! path out of the root, a manifest that is not one) is marked
+//! [`permanent`](crate::permanent). The worker runtime turns them into a job's outcome
+//! once, with [`JobError::classify`](crate::JobError::classify), so a dead letter's
+//! reason keeps the whole chain.
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
@@ -28,10 +35,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::handler::TaskOutput;
-use crate::manifest::{
-    Completion, Manifest, ManifestOutput, RESERVED_OUTPUT_FIELDS, UnreadableManifest,
-};
-use crate::outcome::JobError;
+use crate::manifest::{Completion, Manifest, ManifestOutput, RESERVED_OUTPUT_FIELDS};
+use crate::outcome::{PermanentExt as _, mark_permanent, permanent};
 use crate::settings::{StorageBackend, StorageSettings};
 use crate::storage_key::StorageKey;
 
@@ -58,18 +63,6 @@ pub struct OutsideRoot {
     link: String,
     /// Where it leads, or why it leads nowhere (a dangling link).
     target: String,
-}
-
-/// A storage failure as a job failure: a path out of the root or a manifest that is not
-/// one is permanent (no retry can help); anything else may be a hiccup and is transient.
-pub fn job_error(err: anyhow::Error) -> JobError {
-    if let Some(outside) = err.downcast_ref::<OutsideRoot>() {
-        return JobError::Permanent(outside.to_string());
-    }
-    if err.downcast_ref::<UnreadableManifest>().is_some() {
-        return JobError::Permanent(format!("{err:#}"));
-    }
-    JobError::transient(err)
 }
 
 /// The media store. Cheap to clone.
@@ -189,8 +182,13 @@ impl Storage {
     ///
     /// This guards against links planted in the storage tree, not against a local user
     /// racing to plant one between the check and the use: whoever can write the root
-    /// directly is trusted.
-    fn confine(&self, key: &StorageKey) -> Result<(), OutsideRoot> {
+    /// directly is trusted. A refusal is an [`OutsideRoot`], marked permanent.
+    fn confine(&self, key: &StorageKey) -> anyhow::Result<()> {
+        self.confined(key).permanent()
+    }
+
+    /// [`Self::confine`]'s check, unmarked.
+    fn confined(&self, key: &StorageKey) -> Result<(), OutsideRoot> {
         if self.local.is_none() {
             return Ok(());
         }
@@ -297,22 +295,21 @@ impl Storage {
     /// Makes the source available as a local file. The filesystem backend reads it in
     /// place (after checking it really lies inside the root: no symlink escapes); other
     /// backends stream it into `scratch` (bounded disk use: one copy, removed with the
-    /// scratch directory). Missing source, no bucket, access denied → permanent; other
-    /// trouble (timeouts, throttling, 5xx) → transient.
-    pub async fn fetch(&self, key: &StorageKey, scratch: &FsPath) -> Result<LocalSource, JobError> {
+    /// scratch directory). Missing source, no bucket, access denied: marked permanent;
+    /// other trouble (timeouts, throttling, 5xx) is left transient.
+    pub async fn fetch(&self, key: &StorageKey, scratch: &FsPath) -> anyhow::Result<LocalSource> {
         self.fetch_as(key, &scratch.join("source")).await
     }
 
     /// [`Self::fetch`], with the scratch copy (backends other than the filesystem) at
     /// `copy`: a join fetches many objects into one scratch directory.
-    pub async fn fetch_as(&self, key: &StorageKey, copy: &FsPath) -> Result<LocalSource, JobError> {
+    pub async fn fetch_as(&self, key: &StorageKey, copy: &FsPath) -> anyhow::Result<LocalSource> {
         let location = Self::path(key);
         let what = format!("source `{key}`");
-        self.confine(key)
-            .map_err(|e| JobError::Permanent(format!("{what}: {e}")))?;
+        self.confine(key).with_context(|| what.clone())?;
         let meta = self.store.head(&location).await.map_err(|e| match e {
             object_store::Error::NotFound { .. } if !e.to_string().contains("NoSuchBucket") => {
-                JobError::Permanent(format!(
+                permanent(format!(
                     "{what} does not exist in {}; the producer must store uploads in the same \
                      place",
                     self.place
@@ -323,14 +320,13 @@ impl Storage {
         if let Some(local) = &self.local {
             let path = local
                 .path_to_filesystem(&location)
-                .map_err(|e| JobError::Permanent(format!("{what}: {e}")))?;
+                .with_context(|| what.clone())
+                .permanent()?;
             let real = path
                 .canonicalize()
-                .map_err(|e| JobError::transient(format!("resolving {what}: {e}")))?;
+                .with_context(|| format!("resolving {what}"))?;
             if !real.starts_with(&self.root) {
-                return Err(JobError::Permanent(format!(
-                    "{what} points outside the storage root"
-                )));
+                return Err(permanent(format!("{what} points outside the storage root")));
             }
             return Ok(LocalSource {
                 path: real,
@@ -346,16 +342,16 @@ impl Storage {
             .into_stream();
         let mut out = tokio::fs::File::create(&path)
             .await
-            .map_err(|e| JobError::transient(format!("creating scratch copy of {what}: {e}")))?;
+            .with_context(|| format!("creating scratch copy of {what}"))?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| classify(&what, e))?;
             out.write_all(&chunk)
                 .await
-                .map_err(|e| JobError::transient(format!("writing scratch copy of {what}: {e}")))?;
+                .with_context(|| format!("writing scratch copy of {what}"))?;
         }
         out.flush()
             .await
-            .map_err(|e| JobError::transient(format!("writing scratch copy of {what}: {e}")))?;
+            .with_context(|| format!("writing scratch copy of {what}"))?;
         Ok(LocalSource {
             path,
             size: meta.size,
@@ -380,24 +376,22 @@ impl Storage {
         prefix: &StorageKey,
         output: &TaskOutput,
         completion: Completion,
-    ) -> Result<Option<Manifest>, JobError> {
-        self.confine(prefix)
-            .map_err(|e| JobError::Permanent(e.to_string()))?;
+    ) -> anyhow::Result<Option<Manifest>> {
+        self.confine(prefix)?;
         let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let run_prefix = prefix
-            .join(&format!("{run}/"))
-            .map_err(|e| JobError::Permanent(e.to_string()))?;
+        let run_prefix = prefix.join(&format!("{run}/")).permanent()?;
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut written = Vec::with_capacity(output.files.len());
         for file in &output.files {
             let key = run_prefix
                 .join(&file.name)
-                .map_err(|e| JobError::Permanent(format!("output name `{}`: {e}", file.name)))?;
+                .with_context(|| format!("output name `{}`", file.name))
+                .permanent()?;
             let size = match self.put_file(&key, &file.path, &|_| {}).await {
                 Ok(size) => size,
                 Err(e) => {
                     self.delete_all(&written).await;
-                    return Err(job_error(e));
+                    return Err(e);
                 }
             };
             written.push(key.clone());
@@ -428,7 +422,7 @@ impl Storage {
         let key = Self::manifest_key(prefix);
         if let Err(e) = self.confine(&key) {
             self.delete_all(&written).await;
-            return Err(JobError::Permanent(e.to_string()));
+            return Err(e);
         }
         match self
             .store
@@ -469,7 +463,7 @@ impl Storage {
     /// Best-effort removal of keys (an abandoned run's files).
     async fn delete_all(&self, keys: &[StorageKey]) {
         for key in keys {
-            if let Err(e) = self.confine(key) {
+            if let Err(e) = self.confined(key) {
                 tracing::warn!(%key, error = %e, "not removing an abandoned output");
                 continue;
             }
@@ -497,11 +491,12 @@ impl Storage {
     }
 
     /// Reads a task's manifest, if the task has completed. A `manifest.json` that does
-    /// not parse is an [`UnreadableManifest`] error (permanent, see [`job_error`]).
+    /// not parse is an [`UnreadableManifest`](crate::manifest::UnreadableManifest) error,
+    /// marked permanent (no retry makes it one).
     pub async fn manifest(&self, prefix: &StorageKey) -> anyhow::Result<Option<Manifest>> {
         let key = Self::manifest_key(prefix);
         match self.get_bytes(&key).await? {
-            Some(bytes) => Ok(Some(Manifest::from_json(&key, &bytes)?)),
+            Some(bytes) => Ok(Some(Manifest::from_json(&key, &bytes).permanent()?)),
             None => Ok(None),
         }
     }
@@ -562,31 +557,27 @@ fn handler_facts(meta: &serde_json::Value) -> serde_json::Map<String, serde_json
     facts
 }
 
-/// Storage errors, named by what to do: a missing object or bucket and refused access
-/// will not fix themselves; everything else (timeouts, throttling, 5xx, resets) may.
-pub fn classify(what: &str, err: object_store::Error) -> JobError {
-    let text = err.to_string();
-    match err {
-        object_store::Error::NotFound { .. } if text.contains("NoSuchBucket") => {
-            JobError::Permanent(format!("{what}: the bucket does not exist ({text})"))
-        }
-        object_store::Error::NotFound { .. } => {
-            JobError::Permanent(format!("{what} does not exist in storage"))
-        }
+/// A store's error about `what` (`` source `k` ``), with the store's error (and its
+/// causes) kept as the cause, marked by what to do: a missing object or bucket and
+/// refused access will not fix themselves (permanent); everything else (timeouts,
+/// throttling, 5xx, resets) may, and is left unmarked.
+pub fn classify(what: &str, err: object_store::Error) -> anyhow::Error {
+    let no_bucket = err.to_string().contains("NoSuchBucket");
+    let (doing, lasting) = match err {
+        _ if no_bucket => (format!("{what}: the bucket does not exist"), true),
+        object_store::Error::NotFound { .. } => (format!("{what} does not exist in storage"), true),
         object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => {
-            JobError::Permanent(format!("{what}: access denied ({text})"))
-        }
-        _ if text.contains("NoSuchBucket") => {
-            JobError::Permanent(format!("{what}: the bucket does not exist ({text})"))
-        }
-        _ => JobError::Transient(format!("{what}: storage error ({text})")),
-    }
+        | object_store::Error::Unauthenticated { .. } => (format!("{what}: access denied"), true),
+        _ => (format!("{what}: storage error"), false),
+    };
+    let err = anyhow::Error::new(err).context(doing);
+    if lasting { mark_permanent(err) } else { err }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outcome::JobError;
 
     fn key(k: &str) -> StorageKey {
         StorageKey::new(k).unwrap()
@@ -638,7 +629,7 @@ mod tests {
         );
         link(&storage, "outputs/d/transcode", &dir.path().join("nowhere"));
 
-        let refused = |e: anyhow::Error| e.downcast_ref::<OutsideRoot>().is_some();
+        let refused = |e: anyhow::Error| matches!(JobError::classify(e), JobError::Permanent(r) if r.contains("outside the storage root"));
         let file = dir.path().join("out.txt");
         std::fs::write(&file, b"output").unwrap();
         for k in ["outputs/j/transcode/run-1/out.txt", "outputs/d/transcode/x"] {
@@ -677,6 +668,7 @@ mod tests {
             .commit(&key("outputs/j/transcode/"), &output, completion())
             .await
             .unwrap_err();
+        let err = JobError::classify(err);
         let JobError::Permanent(reason) = err else {
             panic!("a symlink out of the root is permanent: {err:?}");
         };
@@ -690,7 +682,9 @@ mod tests {
             .fetch(&key("uploads/j/source.mp4"), dir.path())
             .await
             .unwrap_err();
-        assert!(matches!(err, JobError::Permanent(_)), "{err:?}");
+        assert!(
+            matches!(JobError::classify(err), JobError::Permanent(r) if r.starts_with("source `uploads/j/source.mp4`: storage key")),
+        );
 
         // Nothing was written outside: only the two files this test put there.
         let mut left: Vec<_> = std::fs::read_dir(&elsewhere)
@@ -766,6 +760,57 @@ mod tests {
         assert_eq!(
             storage.get_bytes(&key("outputs/j/a.txt")).await.unwrap(),
             Some(b"x".to_vec())
+        );
+    }
+
+    /// A `manifest.json` naming no job cannot be claimed: it does not read as a manifest,
+    /// and that is a permanent failure, not one to retry.
+    #[tokio::test]
+    async fn an_anonymous_manifest_is_a_permanent_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, _) = store_and_elsewhere(dir.path());
+        let prefix = key("outputs/a/transcode/");
+        storage
+            .put_bytes(
+                &Storage::manifest_key(&prefix),
+                br#"{"task": "transcode"}"#.to_vec(),
+            )
+            .await
+            .unwrap();
+        let err = storage.manifest_owner(&prefix).await.unwrap_err();
+        let err = err.context("checking for an existing manifest");
+        assert!(matches!(
+            JobError::classify(err),
+            JobError::Permanent(r) if r.starts_with("checking for an existing manifest: ")
+        ));
+    }
+
+    /// A store's error stays the cause of the reason; only what cannot fix itself is
+    /// permanent.
+    #[test]
+    fn store_errors_keep_their_cause_and_say_what_to_do() {
+        let reset = object_store::Error::Generic {
+            store: "S3",
+            source: "connection reset by peer".into(),
+        };
+        let JobError::Transient(reason) = JobError::classify(classify("source `k`", reset)) else {
+            panic!("a reset is worth retrying");
+        };
+        assert!(
+            reason.starts_with("source `k`: storage error: ")
+                && reason.ends_with("connection reset by peer"),
+            "{reason}"
+        );
+        let denied = object_store::Error::PermissionDenied {
+            path: "k".into(),
+            source: "403 Forbidden".into(),
+        };
+        let JobError::Permanent(reason) = JobError::classify(classify("source `k`", denied)) else {
+            panic!("refused access is permanent");
+        };
+        assert!(
+            reason.starts_with("source `k`: access denied: ") && reason.contains("403 Forbidden"),
+            "{reason}"
         );
     }
 }

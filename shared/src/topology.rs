@@ -106,95 +106,59 @@ impl Topology {
 
     /// Declares everything. Idempotent; safe to call from every process at start.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        let durable_queue = QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-
-        channel
-            .exchange_declare(
-                self.tasks_exchange().into(),
-                ExchangeKind::Direct,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .exchange_declare(
-                self.events_exchange().into(),
-                ExchangeKind::Topic,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
-
-        // Parking lot.
-        channel
-            .exchange_declare(
-                self.dead().into(),
-                ExchangeKind::Fanout,
-                durable_exchange,
-                FieldTable::default(),
-            )
-            .await?;
-        let mut dead_args = FieldTable::default();
-        dead_args.insert("x-queue-type".into(), long_string("quorum"));
-        channel
-            .queue_declare(self.dead().into(), durable_queue, dead_args)
-            .await?;
-        bind(channel, &self.dead(), &self.dead(), "").await?;
-
-        // Work queues: quorum (replicated, poison-safe), dead-lettering to the parking
-        // lot when the broker gives up (delivery limit), never silently dropping.
+        exchange(channel, &self.tasks_exchange(), ExchangeKind::Direct).await?;
+        exchange(channel, &self.events_exchange(), ExchangeKind::Topic).await?;
+        self.declare_parking_lot(channel).await?;
         for task in self.registry.names() {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("quorum"));
-            args.insert("x-dead-letter-exchange".into(), long_string(&self.dead()));
-            args.insert(
-                "x-delivery-limit".into(),
-                AMQPValue::LongInt(self.delivery_limit as i32),
-            );
-            channel
-                .queue_declare(self.work_queue(task).into(), durable_queue, args)
-                .await?;
-            bind(
-                channel,
-                &self.work_queue(task),
-                &self.tasks_exchange(),
-                task,
-            )
-            .await?;
+            self.declare_work_queue(channel, task).await?;
         }
-
-        // Retry tiers: hold for the TTL, then dead-letter back into `video_tasks` with the
-        // routing key the message was published with (the task name).
         for tier in 0..self.retry_tiers() {
-            let name = self.retry(tier);
-            channel
-                .exchange_declare(
-                    name.clone().into(),
-                    ExchangeKind::Fanout,
-                    durable_exchange,
-                    FieldTable::default(),
-                )
-                .await?;
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("classic"));
-            args.insert("x-message-ttl".into(), AMQPValue::LongInt(self.retry_delays[tier].as_millis().min(i32::MAX as u128) as i32));
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                long_string(&self.tasks_exchange()),
-            );
-            channel
-                .queue_declare(name.clone().into(), durable_queue, args)
-                .await?;
-            bind(channel, &name, &name, "").await?;
+            self.declare_retry_tier(channel, tier).await?;
         }
         Ok(())
+    }
+
+    /// The parking lot: a fanout exchange and the quorum queue bound to it.
+    async fn declare_parking_lot(&self, channel: &Channel) -> lapin::Result<()> {
+        let dead = self.dead();
+        exchange(channel, &dead, ExchangeKind::Fanout).await?;
+        queue(channel, &dead, [("x-queue-type", long_string("quorum"))]).await?;
+        bind(channel, &dead, &dead, "").await
+    }
+
+    /// The work queue of `task`: quorum (replicated, poison-safe), dead-lettering to the
+    /// parking lot when the broker gives up (delivery limit), never silently dropping;
+    /// bound to `video_tasks` by the task's name.
+    async fn declare_work_queue(&self, channel: &Channel, task: &str) -> lapin::Result<()> {
+        let name = self.work_queue(task);
+        let args = [
+            ("x-queue-type", long_string("quorum")),
+            ("x-dead-letter-exchange", long_string(&self.dead())),
+            (
+                "x-delivery-limit",
+                AMQPValue::LongInt(self.delivery_limit as i32),
+            ),
+        ];
+        queue(channel, &name, args).await?;
+        bind(channel, &name, &self.tasks_exchange(), task).await
+    }
+
+    /// Retry tier `tier`: holds messages for its TTL, then dead-letters them back into
+    /// `video_tasks` with the routing key they were published with (the task name).
+    async fn declare_retry_tier(&self, channel: &Channel, tier: usize) -> lapin::Result<()> {
+        let name = self.retry(tier);
+        let ttl_ms = self.retry_delays[tier].as_millis().min(i32::MAX as u128) as i32;
+        exchange(channel, &name, ExchangeKind::Fanout).await?;
+        let args = [
+            ("x-queue-type", long_string("classic")),
+            ("x-message-ttl", AMQPValue::LongInt(ttl_ms)),
+            (
+                "x-dead-letter-exchange",
+                long_string(&self.tasks_exchange()),
+            ),
+        ];
+        queue(channel, &name, args).await?;
+        bind(channel, &name, &name, "").await
     }
 
     /// Declares everything, or with `declare = false` (least-privilege users) only checks
@@ -243,6 +207,37 @@ impl Topology {
         }
         Ok(())
     }
+}
+
+/// Declares a durable exchange.
+async fn exchange(channel: &Channel, name: &str, kind: ExchangeKind) -> lapin::Result<()> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(name.into(), kind, durable, FieldTable::default())
+        .await
+}
+
+/// Declares a durable queue with `args`.
+async fn queue<const N: usize>(
+    channel: &Channel,
+    name: &str,
+    args: [(&str, AMQPValue); N],
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    let mut table = FieldTable::default();
+    for (key, value) in args {
+        table.insert(key.into(), value);
+    }
+    channel
+        .queue_declare(name.into(), durable, table)
+        .await
+        .map(drop)
 }
 
 async fn bind(channel: &Channel, queue: &str, exchange: &str, key: &str) -> lapin::Result<()> {

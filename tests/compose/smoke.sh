@@ -129,7 +129,7 @@ else
   say "building $image from $bin_dir (docker/Dockerfile.prebuilt)"
   mkdir -p "$work/context/bin"
   cp "${bins[@]/#/$bin_dir/}" "$work/context/bin/"
-  cp docker/entrypoint.sh docker/secrets.sh "$work/context/"
+  cp docker/entrypoint.sh docker/secrets.sh docker/vidpipe-lib.sh "$work/context/"
   docker build -q -f docker/Dockerfile.prebuilt -t "$image" "$work/context" >"$work/build.log" 2>&1 \
     || { cat "$work/build.log" >&2; exit 1; }
 fi

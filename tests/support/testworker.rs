@@ -5,6 +5,8 @@
 //! how to fail, so each runtime behaviour can be provoked on purpose. With
 //! `VIDPIPE_TESTWORKER_TASK=copy` it consumes the tests' own kind instead ([`kind::COPY`],
 //! not a builtin kind): the proof that a worker kind is a crate plus one registration.
+//! A job with `probe` opens its source through `shared::media` as its kind's registry
+//! entry says: `copy` needs no video, `transcode` does.
 
 #[path = "kind.rs"]
 mod kind;
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use shared::app::{WorkerInfo, worker_main};
+use shared::media;
 use shared::messages::JobMessage;
 use shared::storage_key::StorageKey;
 use shared::tasks::{self, TaskKind};
@@ -36,6 +39,10 @@ pub struct TestJob {
     /// Fail permanently.
     #[serde(default)]
     pub permanent: bool,
+    /// Open the source through the media layer as the job's kind needs it (its registry
+    /// entry's `needs_video`, nothing else), and put what it found in the summary.
+    #[serde(default)]
+    pub probe: bool,
 }
 
 impl JobMessage for TestJob {
@@ -112,10 +119,16 @@ impl<J: JobMessage + AsRef<TestJob>> Handler for TestHandler<J> {
                 ctx.attempt
             )));
         }
+        let mut output = TaskOutput::default();
+        if job.probe {
+            let needs = media::Needs::of(&J::KIND);
+            let streams =
+                media::open_streams(&ctx.source_path, &media::MediaLimits::default(), needs)?;
+            output.summary = serde_json::json!({ "streams": streams.info });
+        }
         let source = std::fs::read(&ctx.source_path).map_err(JobError::transient)?;
         let out = ctx.scratch_dir.join("out.txt");
         std::fs::write(&out, &source).map_err(JobError::transient)?;
-        let mut output = TaskOutput::default();
         output.push(
             "out.txt",
             out,

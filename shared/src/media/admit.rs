@@ -18,7 +18,8 @@
 //!    source's own: no demuxer can reach another file, whatever it tries.
 //!
 //! The FFI calls of this crate live here, each with what it relies on (but the read of
-//! the keyframe index, in [`super::keyframes`]).
+//! the keyframe index, in [`super::keyframes`]): the restricted open, the decoder's pixel
+//! cap, and the read of a stream's codec parameters ([`codec_params`]).
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString};
@@ -273,6 +274,51 @@ unsafe fn c_str_or_empty(s: *const c_char) -> String {
     } else {
         // SAFETY: the caller promises a valid C string.
         unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
+    }
+}
+
+/// What a stream's codec parameters say, as the demuxer and FFmpeg's stream-info pass
+/// left them: read straight from them, so describing a stream opens no decoder (the one
+/// decoder context of a source is the worker's [`super::VideoDecoder`]).
+#[derive(Debug, Clone, Copy)]
+pub struct CodecParams {
+    pub width: u32,
+    pub height: u32,
+    /// Pixel aspect ratio; 0 in either part: unset (square).
+    pub sample_aspect_ratio: ffmpeg::Rational,
+    /// `None` (FFmpeg's `AV_PIX_FMT_NONE`) when unknown or not a video stream.
+    pub pixel_format: ffmpeg::format::Pixel,
+    pub sample_rate: u32,
+    pub channels: u16,
+}
+
+/// [`CodecParams`] of `stream`.
+pub fn codec_params(stream: &ffmpeg::format::stream::Stream) -> CodecParams {
+    let parameters = stream.parameters();
+    // SAFETY: `parameters` wraps the live AVCodecParameters of `stream`, whose input is
+    // borrowed for this call; plain fields are copied out and nothing is kept. `format`
+    // is turned into the pixel-format enum only for video and only within the enum's
+    // range (FFmpeg's AVPixelFormat numbers its members without gaps, from
+    // AV_PIX_FMT_NONE to AV_PIX_FMT_NB), so the transmute always yields a member.
+    unsafe {
+        let p = &*parameters.as_ptr();
+        let video = p.codec_type == ff::AVMediaType::AVMEDIA_TYPE_VIDEO;
+        let known = (ff::AVPixelFormat::AV_PIX_FMT_NONE as c_int
+            ..ff::AVPixelFormat::AV_PIX_FMT_NB as c_int)
+            .contains(&p.format);
+        let pixel_format = if video && known {
+            std::mem::transmute::<c_int, ff::AVPixelFormat>(p.format).into()
+        } else {
+            ffmpeg::format::Pixel::None
+        };
+        CodecParams {
+            width: u32::try_from(p.width).unwrap_or(0),
+            height: u32::try_from(p.height).unwrap_or(0),
+            sample_aspect_ratio: p.sample_aspect_ratio.into(),
+            pixel_format,
+            sample_rate: u32::try_from(p.sample_rate).unwrap_or(0),
+            channels: u16::try_from(p.ch_layout.nb_channels).unwrap_or(0),
+        }
     }
 }
 

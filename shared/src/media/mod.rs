@@ -5,11 +5,15 @@
 //! - [`admit`]: the one way a source is opened: an allow-listed container decided from
 //!   its bytes, no other file reachable (playlists, manifests and concat lists refused).
 //! - [`probe`]: open a source ([`open`]), describe it ([`SourceInfo`]) and enforce the
-//!   configured [`MediaLimits`] before any work, with reasons a person can act on.
+//!   configured [`MediaLimits`] before any work, with reasons a person can act on. What a
+//!   kind needs of its source is its registry entry's `needs_video` ([`Needs::of`]):
+//!   [`open`] is for kinds that need video (refusing a source without it);
+//!   [`open_streams`] takes an audio-only source for a kind that does not.
 //! - [`source`]: the opened source: packets with the read-error budget
 //!   ([`Source::packets`]), where its streams start, its frame rate (one rule), its
 //!   keyframe index (read once), its video decoder, and [`Reopen`] for more inputs on the
-//!   same file; also the one core count ([`cores`]).
+//!   same file; also the one core count ([`cores`]). [`Streams`] is the same for a source
+//!   whose video is optional.
 //! - [`keyframes`]: the container's keyframe index, the one FFI read outside `admit`.
 //! - [`decode`]: the video decoder both workers use (threading on, decode errors mapped to
 //!   clear permanent failures, every decoded frame held to the limits) and the
@@ -27,9 +31,11 @@ pub mod source;
 
 pub use admit::open_input;
 pub use decode::{FrameGraph, VideoDecoder};
-pub use probe::{AudioInfo, MediaLimits, SourceInfo, VideoInfo, open};
+pub use probe::{
+    AudioInfo, MediaLimits, Needs, SourceInfo, StreamsInfo, VideoInfo, open, open_streams,
+};
 pub use source::{
-    Corrupt, MAX_READ_ERRORS, Packets, Reopen, Source, cores, frame_rate, keyframe_before,
+    Corrupt, MAX_READ_ERRORS, Packets, Reopen, Source, Streams, cores, frame_rate, keyframe_before,
 };
 
 use std::sync::Once;

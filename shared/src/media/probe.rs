@@ -2,6 +2,10 @@
 //! limits every job is checked against: here on what the headers declare, and again by
 //! the decoder on every frame it actually produces ([`super::decode`]).
 //!
+//! The probe reads each stream's codec parameters ([`super::admit::codec_params`]) and
+//! opens no decoder: a source's one video decoder context is opened by
+//! [`super::Source::decoder`], with the worker's threads and the pixel cap set.
+//!
 //! Each refusal is a permanent failure whose text says what was found and what the limit
 //! is ("source is 7680x4320, limit is 3840x2160"), because it ends up in the dead-letter
 //! headers and in `producer status` for a person to act on.
@@ -14,9 +18,11 @@ use ffmpeg::media::Type as MediaType;
 use ffmpeg_next as ffmpeg;
 use serde::{Deserialize, Serialize};
 
-use super::source::Source;
+use super::admit::codec_params;
+use super::source::{Source, Streams};
 use super::{init, seconds};
 use crate::outcome::{PermanentExt as _, permanent};
+use crate::tasks::TaskKind;
 
 /// Limits on what a worker accepts (`[media]` in the settings file, `VIDPIPE__MEDIA__*`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,8 +136,52 @@ pub struct AudioInfo {
     pub channels: u16,
 }
 
-/// Opens `path`, probes it and checks it against `limits`.
+/// What a task kind needs of its source: its registry entry's
+/// [`needs_video`](crate::tasks::TaskKind::needs_video) decides, through [`Needs::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// A video stream: a source without one is refused, with what it has instead.
+    Video,
+    /// An audio or a video stream: an audio-only source is taken (a loudness task, say).
+    AudioOrVideo,
+}
+
+impl Needs {
+    /// What `kind` needs of its source, by its registry entry.
+    pub fn of(kind: &TaskKind) -> Self {
+        if kind.needs_video {
+            Self::Video
+        } else {
+            Self::AudioOrVideo
+        }
+    }
+}
+
+/// What a probe found when the video may be absent ([`open_streams`]): [`SourceInfo`]
+/// with the video optional.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamsInfo {
+    /// Container format as FFmpeg names it, e.g. `mov,mp4,m4a,3gp,3g2,mj2`.
+    pub container: String,
+    /// Seconds; 0 when the container does not say.
+    pub duration_s: f64,
+    pub size_bytes: u64,
+    pub video: Option<VideoInfo>,
+    pub audio: Option<AudioInfo>,
+}
+
+/// Opens `path` for a kind that needs video, probes it and checks it against `limits`; a
+/// source with no video stream is refused, saying what it has. The path of every builtin
+/// kind (their registry entries need video); [`open_streams`] is the path by kind.
 pub fn open(path: &Path, limits: &MediaLimits) -> anyhow::Result<Source> {
+    open_streams(path, limits, Needs::Video)?.into_source()
+}
+
+/// Opens `path` for a kind that needs `needs` ([`Needs::of`] its registry entry), probes
+/// it and checks it against `limits`. A video stream, when there is one, is held to the
+/// same limits as by [`open`]; without one, [`Needs::Video`] refuses the source and
+/// [`Needs::AudioOrVideo`] takes it if it has audio.
+pub fn open_streams(path: &Path, limits: &MediaLimits, needs: Needs) -> anyhow::Result<Streams> {
     init();
     let size_bytes = std::fs::metadata(path)
         .context("cannot read the source")
@@ -154,30 +204,60 @@ pub fn open(path: &Path, limits: &MediaLimits) -> anyhow::Result<Source> {
             limits.max_streams
         )));
     }
-    let video = video_info(&input, limits)?;
-    limits.check_picture("source", video.width, video.height)?;
-    limits.check_picture("source as shown", video.display_width, video.display_height)?;
+    let video = match main_video(&input) {
+        Some(stream) => Some(video_info(&stream, limits)?),
+        None if needs == Needs::Video => return Err(no_stream(&input, "video stream")),
+        None => None,
+    };
     let audio = audio_info(&input);
-    let duration_s = duration_of(&input, video.index);
+    let main = match (&video, &audio) {
+        (Some(v), _) => v.index,
+        (None, Some(a)) => a.index,
+        (None, None) => return Err(no_stream(&input, "audio or video stream")),
+    };
+    let duration_s = duration_of(&input, main);
     if duration_s > limits.max_duration_s {
         return Err(permanent(format!(
             "source is {duration_s:.1} s long, limit is {} s",
             limits.max_duration_s
         )));
     }
-    let info = SourceInfo {
+    let info = StreamsInfo {
         container: input.format().name().to_owned(),
         duration_s,
         size_bytes,
         video,
         audio,
     };
-    Ok(Source::new(path, input, info, limits))
+    Ok(Streams::new(path, input, info, limits))
 }
 
-/// The main video stream: FFmpeg's best pick, ignoring cover art.
-fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> {
-    let stream = input
+/// The refusal of a source without `what` ("video stream"), naming the streams it has.
+pub(super) fn no_stream(input: &Input, what: &str) -> anyhow::Error {
+    let kinds: Vec<String> = input
+        .streams()
+        .map(|s| {
+            format!(
+                "{:?} {}",
+                s.parameters().medium(),
+                s.parameters().id().name()
+            )
+        })
+        .collect();
+    permanent(if kinds.is_empty() {
+        format!("source has no {what} (no streams at all)")
+    } else {
+        format!(
+            "source has no {what} (it has: {})",
+            kinds.join(", ").to_lowercase()
+        )
+    })
+}
+
+/// The main video stream: FFmpeg's best pick, ignoring cover art; `None` when there is
+/// no video.
+fn main_video(input: &Input) -> Option<ffmpeg::format::stream::Stream<'_>> {
+    input
         .streams()
         .filter(|s| s.parameters().medium() == MediaType::Video)
         .filter(|s| {
@@ -187,33 +267,16 @@ fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> 
         .max_by_key(|s| {
             // Prefer FFmpeg's own choice, then the largest picture.
             let best = input.streams().best(MediaType::Video).map(|b| b.index()) == Some(s.index());
-            let p = s.parameters();
-            let ctx = ffmpeg::codec::context::Context::from_parameters(p).ok();
-            let pixels = ctx
-                .and_then(|c| c.decoder().video().ok())
-                .map_or(0, |d| u64::from(d.width()) * u64::from(d.height()));
-            (best, pixels)
+            let p = codec_params(s);
+            (best, u64::from(p.width) * u64::from(p.height))
         })
-        .ok_or_else(|| {
-            let kinds: Vec<String> = input
-                .streams()
-                .map(|s| {
-                    format!(
-                        "{:?} {}",
-                        s.parameters().medium(),
-                        s.parameters().id().name()
-                    )
-                })
-                .collect();
-            permanent(if kinds.is_empty() {
-                "source has no video stream (no streams at all)".into()
-            } else {
-                format!(
-                    "source has no video stream (it has: {})",
-                    kinds.join(", ").to_lowercase()
-                )
-            })
-        })?;
+}
+
+/// The video stream `stream` described and held to `limits`.
+fn video_info(
+    stream: &ffmpeg::format::stream::Stream,
+    limits: &MediaLimits,
+) -> anyhow::Result<VideoInfo> {
     let id = stream.parameters().id();
     if ffmpeg::decoder::find(id).is_none() || id == ffmpeg::codec::Id::None {
         return Err(permanent(format!(
@@ -221,19 +284,17 @@ fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> 
             id.name()
         )));
     }
-    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
-        .and_then(|c| c.decoder().video())
-        .context("cannot read the source video stream")
-        .permanent()?;
-    let (width, height) = (decoder.width(), decoder.height());
+    // Read from the stream's parameters: the one decoder is opened later, by the worker.
+    let params = codec_params(stream);
+    let (width, height) = (params.width, params.height);
     if width == 0 || height == 0 {
         return Err(permanent(format!(
             "source video stream (`{}`) has no picture size; the file is damaged or not a video",
             id.name()
         )));
     }
-    let rotation = rotation_of(&stream);
-    let sar = decoder.aspect_ratio();
+    let rotation = rotation_of(stream);
+    let sar = params.sample_aspect_ratio;
     limits.check_pixel_aspect("source", sar.numerator(), sar.denominator())?;
     let shown_w = shown_width(width, sar);
     let (display_width, display_height) = if rotation % 180 == 90 {
@@ -241,8 +302,8 @@ fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> 
     } else {
         (shown_w, height)
     };
-    let frame_rate = super::source::frame_rate(&stream).map_or(0.0, f64::from);
-    Ok(VideoInfo {
+    let frame_rate = super::source::frame_rate(stream).map_or(0.0, f64::from);
+    let info = VideoInfo {
         index: stream.index(),
         codec: id.name().to_owned(),
         width,
@@ -251,25 +312,26 @@ fn video_info(input: &Input, limits: &MediaLimits) -> anyhow::Result<VideoInfo> 
         display_height,
         rotation,
         frame_rate,
-        pixel_format: format!("{:?}", decoder.format()).to_lowercase(),
-    })
+        pixel_format: format!("{:?}", params.pixel_format).to_lowercase(),
+    };
+    limits.check_picture("source", info.width, info.height)?;
+    limits.check_picture("source as shown", info.display_width, info.display_height)?;
+    Ok(info)
 }
 
 fn audio_info(input: &Input) -> Option<AudioInfo> {
     let stream = input.streams().best(MediaType::Audio)?;
     let id = stream.parameters().id();
     ffmpeg::decoder::find(id)?;
-    let decoder = ffmpeg::codec::context::Context::from_parameters(stream.parameters())
-        .and_then(|c| c.decoder().audio())
-        .ok()?;
-    if decoder.rate() == 0 {
+    let params = codec_params(&stream);
+    if params.sample_rate == 0 {
         return None;
     }
     Some(AudioInfo {
         index: stream.index(),
         codec: id.name().to_owned(),
-        sample_rate: decoder.rate(),
-        channels: decoder.channels(),
+        sample_rate: params.sample_rate,
+        channels: params.channels,
     })
 }
 
@@ -285,14 +347,15 @@ pub fn shown_width(width: u32, sar: ffmpeg::Rational) -> u32 {
     .max(1)
 }
 
-/// Container duration, else the video stream's; 0 when neither is known.
-fn duration_of(input: &Input, video_index: usize) -> f64 {
+/// Container duration, else the main stream's (the video, else the audio); 0 when
+/// neither is known.
+fn duration_of(input: &Input, main_index: usize) -> f64 {
     let d = input.duration();
     if d > 0 {
         return d as f64 / f64::from(ffmpeg::ffi::AV_TIME_BASE);
     }
     input
-        .stream(video_index)
+        .stream(main_index)
         .filter(|s| s.duration() > 0)
         .map_or(0.0, |s| seconds(s.duration(), s.time_base()))
 }
@@ -334,6 +397,19 @@ fn rotation_from_matrix(m: &[f64]) -> u32 {
 mod tests {
     use super::*;
 
+    /// Runs `ffmpeg -y -loglevel error ARGS… DIR/NAME` (a fixture) and returns the file.
+    fn ffmpeg_cli(dir: &Path, name: &str, args: &[&str]) -> std::path::PathBuf {
+        let out = dir.join(name);
+        let made = std::process::Command::new("ffmpeg")
+            .args(["-y", "-loglevel", "error"])
+            .args(args)
+            .arg(&out)
+            .status()
+            .expect("this test needs the ffmpeg CLI (apt-get install ffmpeg)");
+        assert!(made.success(), "ffmpeg failed making {name}");
+        out
+    }
+
     /// Matrices as FFmpeg's `av_display_rotation_set(deg)` writes them (16.16 fixed); the
     /// `ffmpeg` CLI turns such a stream `deg` degrees clockwise to show it upright.
     fn matrix_for_clockwise(deg: f64) -> Vec<f64> {
@@ -358,6 +434,112 @@ mod tests {
         assert_eq!(rotation_from_matrix(&matrix_for_clockwise(90.0)), 90);
         assert_eq!(rotation_from_matrix(&matrix_for_clockwise(180.0)), 180);
         assert_eq!(rotation_from_matrix(&matrix_for_clockwise(270.0)), 270);
+    }
+
+    /// The registry's `needs_video` decides: an audio-only source is refused by a kind
+    /// that needs video, with what it has, and taken by one that does not.
+    #[test]
+    fn needs_video_decides_whether_an_audio_only_source_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let audio = ffmpeg_cli(
+            dir.path(),
+            "audio.m4a",
+            &["-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac"],
+        );
+        let limits = MediaLimits::default();
+        let loudness = TaskKind {
+            name: "loudness",
+            message: "LoudnessJob",
+            needs_video: false,
+            fans_out: false,
+            role: "loudness",
+        };
+        assert_eq!(Needs::of(&crate::tasks::TRANSCODE), Needs::Video);
+        assert_eq!(Needs::of(&loudness), Needs::AudioOrVideo);
+
+        let refused = |err: anyhow::Error| {
+            let reason = crate::JobError::classify(err).to_string();
+            assert_eq!(reason, "source has no video stream (it has: audio aac)");
+        };
+        refused(open(&audio, &limits).err().expect("refused"));
+        refused(
+            open_streams(&audio, &limits, Needs::of(&crate::tasks::TRANSCODE))
+                .err()
+                .expect("refused"),
+        );
+        let streams = open_streams(&audio, &limits, Needs::of(&loudness)).expect("taken");
+        assert!(streams.info.video.is_none());
+        let a = streams.info.audio.as_ref().expect("audio described");
+        assert_eq!((a.codec.as_str(), a.sample_rate), ("aac", 44100));
+        assert!(
+            (streams.info.duration_s - 1.0).abs() < 0.1,
+            "{}",
+            streams.info.duration_s
+        );
+        refused(streams.into_source().err().expect("no video, no Source"));
+
+        let srt = dir.path().join("subs.srt");
+        std::fs::write(&srt, "1\n00:00:00,000 --> 00:00:01,000\nhello\n").unwrap();
+        let subs = ffmpeg_cli(dir.path(), "subs.mkv", &["-i", srt.to_str().unwrap()]);
+        let err = open_streams(&subs, &limits, Needs::AudioOrVideo)
+            .err()
+            .expect("no audio, no video: refused");
+        assert_eq!(
+            err.to_string(),
+            "source has no audio or video stream (it has: subtitle ass)"
+        );
+    }
+
+    /// The probe describes streams from their parameters alone; what it says is what the
+    /// one decoder, opened later, sees.
+    #[test]
+    fn the_description_from_parameters_is_what_the_decoder_sees() {
+        let dir = tempfile::tempdir().unwrap();
+        let clip = ffmpeg_cli(
+            dir.path(),
+            "clip.mp4",
+            &[
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=320x240:rate=25:duration=1",
+                "-f",
+                "lavfi",
+                "-i",
+                "sine=duration=1:sample_rate=48000",
+                "-vf",
+                "setsar=4/3",
+                "-pix_fmt",
+                "yuv422p",
+                "-c:v",
+                "libx264",
+                "-c:a",
+                "aac",
+                "-ac",
+                "2",
+                "-shortest",
+            ],
+        );
+        let source = open(&clip, &MediaLimits::default()).unwrap();
+        let (video, audio) = (&source.info.video, source.info.audio.as_ref().unwrap());
+        assert_eq!((video.width, video.height), (320, 240));
+        assert_eq!((video.display_width, video.display_height), (427, 240));
+        assert_eq!(video.pixel_format, "yuv422p");
+        assert_eq!((audio.sample_rate, audio.channels), (48000, 2));
+
+        let decoder = source.decoder(1).unwrap();
+        let d = &decoder.decoder;
+        assert_eq!((d.width(), d.height()), (video.width, video.height));
+        assert_eq!(
+            format!("{:?}", d.format()).to_lowercase(),
+            video.pixel_format
+        );
+        assert_eq!(d.aspect_ratio(), ffmpeg::Rational::new(4, 3));
+        let a = source.audio_decoder(audio).unwrap();
+        assert_eq!(
+            (a.rate(), a.channels()),
+            (audio.sample_rate, audio.channels)
+        );
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! the container's keyframe index and a decoder for its video.
 //!
 //! A [`Source`] comes from [`super::open`] (admitted through [`super::admit`], probed,
-//! held to the [`MediaLimits`]). Work that reads the file in several places at once (the
+//! held to the [`MediaLimits`]); a kind that needs no video gets [`Streams`] from
+//! [`super::open_streams`], the same with the video optional. Work that reads the file in several places at once (the
 //! thumbnailer's lanes) opens more inputs through a [`Reopen`] handle: the same admitted
 //! path, the same description, and the keyframe index read once and shared, not read
 //! again per input.
@@ -16,7 +17,7 @@ use ffmpeg::{Packet, Rational};
 use ffmpeg_next as ffmpeg;
 
 use super::decode::VideoDecoder;
-use super::probe::{AudioInfo, MediaLimits, SourceInfo};
+use super::probe::{AudioInfo, MediaLimits, SourceInfo, StreamsInfo};
 use super::{keyframes, seconds};
 use crate::outcome::{mark_permanent, permanent};
 
@@ -115,10 +116,7 @@ impl Source {
 
     /// Reads packets of every stream with the read-error budget; see [`Packets`].
     pub fn packets(&mut self) -> Packets<'_> {
-        Packets {
-            input: &mut self.input,
-            errors: 0,
-        }
+        Packets::new(&mut self.input)
     }
 
     /// Seeks to the keyframe at or before `at_s` (container time, in seconds); `false`
@@ -138,6 +136,62 @@ impl Source {
             limits: self.limits.clone(),
             keyframes: Arc::clone(&self.keyframes),
         }
+    }
+}
+
+/// An opened, probed and accepted source whose video may be absent: what
+/// [`super::open_streams`] gives a kind that does not need video. Its audio and packets
+/// read as a [`Source`]'s do; [`Streams::into_source`] is the [`Source`] of a source with
+/// video.
+pub struct Streams {
+    input: Input,
+    pub info: StreamsInfo,
+    path: PathBuf,
+    limits: MediaLimits,
+}
+
+impl Streams {
+    /// Wraps an input [`super::open_streams`] admitted, probed and checked.
+    pub(super) fn new(path: &Path, input: Input, info: StreamsInfo, limits: &MediaLimits) -> Self {
+        Self {
+            input,
+            info,
+            path: path.to_owned(),
+            limits: limits.clone(),
+        }
+    }
+
+    /// A decoder for the audio stream `audio` (from [`StreamsInfo::audio`]).
+    pub fn audio_decoder(&self, audio: &AudioInfo) -> anyhow::Result<ffmpeg::decoder::Audio> {
+        super::decode::open_audio_decoder(&self.input, audio)
+    }
+
+    /// Reads packets of every stream with the read-error budget; see [`Packets`].
+    pub fn packets(&mut self) -> Packets<'_> {
+        Packets::new(&mut self.input)
+    }
+
+    /// The source as a [`Source`], which has a video stream; without one, refused as
+    /// [`super::open`] refuses it.
+    pub fn into_source(self) -> anyhow::Result<Source> {
+        let StreamsInfo {
+            container,
+            duration_s,
+            size_bytes,
+            video,
+            audio,
+        } = self.info;
+        let Some(video) = video else {
+            return Err(super::probe::no_stream(&self.input, "video stream"));
+        };
+        let info = SourceInfo {
+            container,
+            duration_s,
+            size_bytes,
+            video,
+            audio,
+        };
+        Ok(Source::new(&self.path, self.input, info, &self.limits))
     }
 }
 
@@ -173,7 +227,12 @@ pub struct Packets<'a> {
     errors: u32,
 }
 
-impl Packets<'_> {
+impl<'a> Packets<'a> {
+    /// A reading pass over `input`, with a full budget.
+    fn new(input: &'a mut Input) -> Self {
+        Self { input, errors: 0 }
+    }
+
     /// Reads the next packet into `packet`: `Ok(true)` for a packet, `Ok(false)` at the
     /// end of the source, [`Corrupt`] when the budget is spent.
     pub fn read(&mut self, packet: &mut Packet) -> Result<bool, Corrupt> {
