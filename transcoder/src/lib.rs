@@ -8,6 +8,10 @@
 //!   source through `shared::media::Source` (packets, start offset, frame rate, decoder).
 //! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
+//! - Segmented transcoding (one long source, many workers): [`segments`] plans
+//!   frame-exact ranges, [`segment_encode`] encodes one range's video or the whole audio
+//!   into [`parts`] files, [`stitch`] copies them into the same outputs a single pass
+//!   makes, checking every seam.
 //!
 //! The consume / ack / retry loop is not here: [`TranscodeHandler`] plugs into the shared
 //! worker runtime.
@@ -15,15 +19,22 @@
 pub mod encode;
 pub mod hls;
 pub mod ladder;
+pub mod parts;
 pub mod pipeline;
+pub mod segment_encode;
+pub mod segments;
 pub mod settings;
+pub mod stitch;
 
 use shared::media::MediaLimits;
 use shared::messages::TranscodeJob;
 use shared::settings::Loaded;
 use shared::{Handler, JobContext, JobError, TaskOutput};
 
+pub use segment_encode::{AudioPart, PartFile, encode_audio, encode_segment};
+pub use segments::{SegmentRange, plan_ranges};
 pub use settings::TranscoderSettings;
+pub use stitch::{SegmentParts, stitch};
 
 /// The transcoder's [`Handler`].
 #[derive(Debug, Clone, Default)]
