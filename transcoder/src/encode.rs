@@ -13,8 +13,8 @@ use shared::messages::OutputFormat;
 use shared::permanent;
 
 use crate::hls;
-use crate::parts::{PartInfo, PartWriter};
 use crate::ladder::Planned;
+use crate::parts::{PartInfo, PartWriter};
 use crate::settings::TranscoderSettings;
 
 /// The AAC encoder's frame size: the audio filter graph cuts frames to exactly this.
@@ -105,7 +105,12 @@ impl Muxers {
 
     /// Writes one packet (timestamps in `tb`) to every container: the video stream's, or
     /// with `audio` the audio stream's.
-    pub(crate) fn write(&mut self, packet: &Packet, audio: bool, tb: Rational) -> anyhow::Result<()> {
+    pub(crate) fn write(
+        &mut self,
+        packet: &Packet,
+        audio: bool,
+        tb: Rational,
+    ) -> anyhow::Result<()> {
         for m in &mut self.muxers {
             let mut p = packet.clone();
             let (index, to) = if audio {

@@ -27,8 +27,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use ffmpeg::format::context::{Input, Output};
 use ffmpeg::codec::packet::Ref as _;
+use ffmpeg::format::context::{Input, Output};
 use ffmpeg::{Dictionary, Packet, Rational, codec, encoder, format};
 use ffmpeg_next as ffmpeg;
 use shared::media::pipeline_error;

@@ -313,6 +313,9 @@ fn feed(
                 Err(corrupt) => return Err(corrupt.error(Some(video.last_s(vdec.time_base)))),
             }
             if packet.stream() == vdec.stream_index {
+                if !video.lands_well(&packet) {
+                    break;
+                }
                 vdec.send(&packet)?;
                 video.drain(vdec, &routes.video, ctx)?;
                 if video.reseek {
@@ -327,7 +330,6 @@ fn feed(
             }
         }
         // The seek landed after the window's start: try again from an earlier keyframe.
-        drop(packets);
         vdec.flush();
         video.seek(src)?;
     }
@@ -458,11 +460,12 @@ pub(crate) struct Window {
     start: Option<i64>,
     end: Option<i64>,
     /// Container times (seconds) to seek to, tried in turn while a seek lands after
-    /// `start`; the last is the source's first keyframe (decode from the beginning).
+    /// `start`; the last is the beginning of the source.
     seeks: Vec<f64>,
     tried: usize,
-    /// Whether the first frame decoded in this pass must come before `start` (it must
-    /// after a seek, or frames were skipped).
+    /// Whether the first video packet of this pass must be checked: after a seek it must
+    /// be a keyframe at or before `start`, or frames of the window would be skipped (or
+    /// decoded from references the seek skipped).
     check_first: bool,
 }
 
@@ -519,27 +522,40 @@ impl VideoPath {
         w.tried += 1;
         if !src.seek(at) {
             if retry {
-                return Err(permanent("the source cannot seek back to the segment's start"));
+                return Err(permanent(
+                    "the source cannot seek back to the segment's start",
+                ));
             }
             // Still at the beginning: nothing was read yet.
             w.check_first = false;
             return Ok(());
         }
-        // After seeking to the first keyframe, frames can only start at the beginning.
+        // After seeking to the beginning, there is nothing earlier to try.
         w.check_first = w.tried < w.seeks.len();
         Ok(())
     }
 
-    /// Whether the frame at `pts` is handed on: not a duplicate, inside the window.
-    /// Sets `reseek` or `done` when the pass must stop.
-    fn keep(&mut self, pts: i64) -> bool {
-        if let Some(w) = self.window.as_mut()
-            && std::mem::take(&mut w.check_first)
-            && w.start.is_some_and(|s| pts >= s)
-        {
-            self.reseek = true;
-            return false;
+    /// Whether a seek landed where decoding can start: the first video packet after it
+    /// is a keyframe at or before the window's start. Sets `reseek` when it is not.
+    fn lands_well(&mut self, packet: &Packet) -> bool {
+        let Some(w) = self.window.as_mut() else {
+            return true;
+        };
+        if !std::mem::take(&mut w.check_first) {
+            return true;
         }
+        let offset = self.offset;
+        let good = packet.is_key()
+            && packet
+                .pts()
+                .is_some_and(|p| w.start.is_none_or(|s| p - offset <= s));
+        self.reseek = !good;
+        good
+    }
+
+    /// Whether the frame at `pts` is handed on: not a duplicate, inside the window.
+    /// Sets `done` when the window's end is reached.
+    fn keep(&mut self, pts: i64) -> bool {
         // Encoders and muxers need strictly increasing timestamps; a repeated one is
         // a duplicate frame and is dropped.
         if self.last_pts.is_some_and(|last| pts <= last) {
@@ -586,7 +602,7 @@ impl VideoPath {
                 None => self.last_pts.map_or(0, |p| p + self.step),
             };
             if !self.keep(pts) {
-                if self.reseek || self.done {
+                if self.done {
                     return Ok(());
                 }
                 continue;

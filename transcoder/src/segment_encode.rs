@@ -89,24 +89,11 @@ pub fn encode_segment(
     let outputs = plan
         .iter()
         .zip(threads)
-        .map(|(p, t)| {
-            RenditionOutput::open_part(p.clone(), cfg, t, clock, &ctx.scratch_dir)
-        })
+        .map(|(p, t)| RenditionOutput::open_part(p.clone(), cfg, t, clock, &ctx.scratch_dir))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let finished = pipeline::run(
-        &mut src,
-        &mut decoder,
-        &mut video,
-        None,
-        plan,
-        outputs,
-        ctx,
-    )
-    .with_context(|| format!("segment {}", range.index))?;
-    finished
-        .into_iter()
-        .map(|f| part_file(range, f))
-        .collect()
+    let finished = pipeline::run(&mut src, &mut decoder, &mut video, None, plan, outputs, ctx)
+        .with_context(|| format!("segment {}", range.index))?;
+    finished.into_iter().map(|f| part_file(range, f)).collect()
 }
 
 /// The part file a rendition of `range` wrote, held to the plan's frame count.
@@ -136,26 +123,31 @@ fn part_file(range: &SegmentRange, f: Finished) -> anyhow::Result<PartFile> {
     })
 }
 
-/// Container times (seconds) to seek to for `range`: the last two keyframes that come
-/// strictly before its start (the latest first; an earlier one in case a seek lands too
-/// late), then the first keyframe (decode from the beginning). None for the first range.
+/// Container times (seconds) to seek to for `range`, tried in turn until one lands on a
+/// keyframe at or before its start (`pipeline::Window` checks): the nearest first, from
+/// the keyframes the container's index knows at or before the start and from plain times
+/// a little, 3 s and 10 s before it (a seek lands on the keyframe at or before its
+/// target; an index may be incomplete until the first seek, as Matroska's cues are); last
+/// of all the beginning. None for the first range, which decodes from the beginning.
 fn seek_points(src: &media::Source, range: &SegmentRange) -> Vec<f64> {
     if range.index == 0 {
         return Vec::new();
     }
-    let keyframes = src.keyframes();
-    // Keyframe times are from the start of the video; the range's from `start_s()`.
     let video_start = src.video_start_s();
-    let to_output = video_start - src.start_s();
-    let before: Vec<f64> = keyframes
+    // Keyframe times are from the start of the video; the range's from `start_s()`.
+    let start = range.start_s + src.start_s();
+    let keyframes = src.keyframes();
+    let indexed = keyframes
         .iter()
-        .filter(|k| *k + to_output < range.start_s - 1e-6)
         .map(|k| k + video_start)
-        .collect();
-    let mut seeks: Vec<f64> = before.iter().rev().take(2).copied().collect();
-    if let Some(first) = keyframes.first() {
-        seeks.push(first + video_start);
-    }
+        .filter(|t| *t <= start + 1e-6)
+        .rev()
+        .take(2);
+    let timed = [0.001, 3.0, 10.0].map(|back| start - back);
+    let mut seeks: Vec<f64> = indexed.chain(timed).filter(|t| *t > video_start).collect();
+    seeks.sort_by(|a, b| b.total_cmp(a));
+    seeks.dedup_by(|a, b| (*a - *b).abs() < 1e-3);
+    seeks.push(video_start.min(src.start_s()) + 0.001);
     seeks
 }
 

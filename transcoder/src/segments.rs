@@ -63,28 +63,30 @@ pub fn plan_ranges(
         "segment lengths must be positive (segment_s {segment_s}, hls_segment_s {hls_segment_s})"
     );
     let mut src = media::open(source, limits)?;
-    if src.keyframes().len() < 2 {
-        return Ok(None);
-    }
     let index = src.info.video.index;
     let tb = src.time_base(index)?;
     let offset = timestamp(src.start_s(), tb);
-    let Some(pts) = frame_times(&mut src, index, offset)? else {
+    let Some((pts, keyframes)) = frame_times(&mut src, index, offset)? else {
         return Ok(None);
     };
+    // One keyframe: every segment would decode the whole source before its range.
+    if keyframes < 2 {
+        return Ok(None);
+    }
     let step = (segment_s / hls_segment_s).round().max(1.0) * hls_segment_s;
     Ok(split(&pts, tb, step))
 }
 
 /// The video's frame timestamps on the output timeline, sorted, duplicates dropped: the
-/// frames the decoding path keeps. `None` when a packet has no timestamp or the stream
-/// does not start on a keyframe.
+/// frames the decoding path keeps; and how many keyframes there are. `None` when a packet
+/// has no timestamp or the stream does not start on a keyframe.
 fn frame_times(
     src: &mut media::Source,
     index: usize,
     offset: i64,
-) -> anyhow::Result<Option<Vec<i64>>> {
+) -> anyhow::Result<Option<(Vec<i64>, usize)>> {
     let mut pts = Vec::new();
+    let mut keyframes = 0;
     let mut packet = Packet::empty();
     let mut packets = src.packets();
     loop {
@@ -100,6 +102,7 @@ fn frame_times(
         if pts.is_empty() && !packet.is_key() {
             return Ok(None);
         }
+        keyframes += usize::from(packet.is_key());
         match packet.pts() {
             Some(p) => pts.push(p - offset),
             None => return Ok(None),
@@ -107,7 +110,7 @@ fn frame_times(
     }
     pts.sort_unstable();
     pts.dedup();
-    Ok(Some(pts))
+    Ok(Some((pts, keyframes)))
 }
 
 /// Ranges of `step` seconds over the sorted, distinct frame times `pts` (in `tb`); a

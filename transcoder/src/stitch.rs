@@ -213,7 +213,12 @@ fn survey(
 ) -> anyhow::Result<Survey> {
     let mut all: Vec<i64> = Vec::new();
     let mut delay = 0usize;
-    let mut first: Option<(Rational, Option<Rational>, ffmpeg::codec::Parameters, Vec<u8>)> = None;
+    let mut first: Option<(
+        Rational,
+        Option<Rational>,
+        ffmpeg::codec::Parameters,
+        Vec<u8>,
+    )> = None;
     let mut planned = 0u64;
     for (seg, part) in segments.iter().zip(parts) {
         let k = seg.range.index;
@@ -499,7 +504,11 @@ fn check_sync(
             seconds(audio.first_pts, a_tb) + priming,
             audio.source_audio_s.0,
         ),
-        ("audio end", seconds(audio.end_pts, a_tb), audio.source_audio_s.1),
+        (
+            "audio end",
+            seconds(audio.end_pts, a_tb),
+            audio.source_audio_s.1,
+        ),
     ];
     for (what, got, source) in checks {
         if (got - source).abs() > frame_s {
