@@ -312,7 +312,7 @@ impl RenditionOutput {
             }
             self.stats.add(&packet);
             if let Some(part) = self.part.as_mut() {
-                part.write(&packet, self.video_tb)?;
+                part.write(&packet)?;
             }
             self.muxers.write(&packet, false, self.video_tb)?;
         }

@@ -43,16 +43,20 @@ pub const PTS_BIAS: i64 = 1 << 40;
 pub(crate) struct PartWriter {
     ctx: Output,
     path: PathBuf,
-    /// The stream's time base as the muxer settled it (stored timestamps are in it).
+    /// The time base packets come in (the encoder's), which facts and readers use.
     time_base: Rational,
+    /// The stream's time base as the muxer settled it (NUT may pick a finer one that
+    /// divides it, e.g. 1/51200 for 1/12800): what is stored.
+    stored: Rational,
     stats: PacketStats,
 }
 
 /// What a finished part file holds.
 pub struct PartInfo {
     pub path: PathBuf,
+    /// The time base of its timestamps as written and as [`PartReader`] gives them back.
     pub time_base: Rational,
-    /// Packets written, first and last timestamps in `time_base` (without the bias).
+    /// Packets written, first and last timestamps in `time_base`.
     pub stats: PacketStats,
 }
 
@@ -75,6 +79,10 @@ impl PartWriter {
             ost.set_time_base(time_base);
             let mut meta = Dictionary::new();
             meta.set("vidpipe-pts-bias", &PTS_BIAS.to_string());
+            meta.set(
+                "vidpipe-time-base",
+                &format!("{}/{}", time_base.numerator(), time_base.denominator()),
+            );
             if let Some(r) = frame_rate {
                 meta.set(
                     "vidpipe-frame-rate",
@@ -88,22 +96,23 @@ impl PartWriter {
         opts.set("avoid_negative_ts", "disabled");
         ctx.write_header_with(opts)
             .map_err(|e| pipeline_error(&format!("writing {}", path.display()), e))?;
-        let time_base = ctx.stream(0).map_or(time_base, |s| s.time_base());
+        let stored = ctx.stream(0).map_or(time_base, |s| s.time_base());
         Ok(Self {
             ctx,
             path: path.to_owned(),
             time_base,
+            stored,
             stats: PacketStats::default(),
         })
     }
 
-    /// Writes `packet` (timestamps in `from`).
-    pub fn write(&mut self, packet: &Packet, from: Rational) -> anyhow::Result<()> {
+    /// Writes `packet` (timestamps in the time base the writer was created with).
+    pub fn write(&mut self, packet: &Packet) -> anyhow::Result<()> {
         let mut p = packet.clone();
         p.set_stream(0);
         p.set_position(-1);
-        p.rescale_ts(from, self.time_base);
         self.stats.add(&p);
+        p.rescale_ts(self.time_base, self.stored);
         p.set_pts(p.pts().map(|t| t + PTS_BIAS));
         p.set_dts(p.dts().map(|t| t + PTS_BIAS));
         p.write_interleaved(&mut self.ctx)
@@ -126,7 +135,10 @@ impl PartWriter {
 pub(crate) struct PartReader {
     input: Input,
     pub path: PathBuf,
+    /// The time base the writer was given: timestamps come back in it.
     pub time_base: Rational,
+    /// The time base they are stored in.
+    stored: Rational,
     pub params: codec::Parameters,
     /// The video's nominal frame rate, as recorded by the writer.
     pub frame_rate: Option<Rational>,
@@ -160,10 +172,18 @@ impl PartReader {
             let (n, d) = r.split_once('/')?;
             Some(Rational::new(n.parse().ok()?, d.parse().ok()?))
         });
-        let (time_base, params) = (stream.time_base(), stream.parameters());
+        let (stored, params) = (stream.time_base(), stream.parameters());
+        let time_base = meta
+            .get("vidpipe-time-base")
+            .and_then(|r| {
+                let (n, d) = r.split_once('/')?;
+                Some(Rational::new(n.parse().ok()?, d.parse().ok()?))
+            })
+            .unwrap_or(stored);
         Ok(Self {
             path: path.to_owned(),
             time_base,
+            stored,
             params,
             frame_rate,
             bias,
@@ -186,7 +206,16 @@ impl PartReader {
         let pts = packet
             .pts()
             .with_context(|| format!("a packet without a timestamp in {}", self.path.display()))?;
-        packet.set_pts(Some(pts - self.bias));
+        let pts =
+            exact_rescale(pts - self.bias, self.stored, self.time_base).with_context(|| {
+                format!(
+                    "{}: timestamp {pts} in {} is not whole in {}",
+                    self.path.display(),
+                    self.stored,
+                    self.time_base
+                )
+            })?;
+        packet.set_pts(Some(pts));
         packet.set_dts(None);
         packet.set_duration(0);
         packet.set_position(-1);
@@ -197,6 +226,17 @@ impl PartReader {
     pub fn extradata(&self) -> Vec<u8> {
         extradata(&self.params)
     }
+}
+
+/// `ts` in `from` as a whole number of `to` ticks; `None` when it is not one (the part's
+/// stored time base is a refinement of the writer's, so it always is).
+fn exact_rescale(ts: i64, from: Rational, to: Rational) -> Option<i64> {
+    if from == to {
+        return Some(ts);
+    }
+    let num = i128::from(ts) * i128::from(from.numerator()) * i128::from(to.denominator());
+    let den = i128::from(from.denominator()) * i128::from(to.numerator());
+    (den != 0 && num % den == 0).then(|| i64::try_from(num / den).ok())?
 }
 
 /// FFmpeg's NUT demuxer.

@@ -192,8 +192,7 @@ pub fn encode_audio(
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let enc_tb: Vec<_> = audio.encoders.iter().map(|e| e.time_base).collect();
-    let mut sink = |e: usize, packet: Packet| writers[e].write(&packet, enc_tb[e]);
+    let mut sink = |e: usize, packet: Packet| writers[e].write(&packet);
 
     let v_index = src.info.video.index;
     let v_tb = src.time_base(v_index)?;

@@ -38,6 +38,23 @@ fn agrees_with_single_pass(name: &str, source: &Path) -> std::path::PathBuf {
         let stitched = dir.join("stitched").join(format!("{r}.mp4"));
         let (a, b) = (video_times(&single), video_times(&stitched));
         assert_eq!(a.len(), b.len(), "{name} {r}: frame count");
+        // Not only as many frames: the same timestamps, in the same time base. (The
+        // decoding order may differ near a seam that the single pass did not have a
+        // keyframe on: there the segment's encoder starts afresh with an IDR picture.)
+        let pts = |p: &Path| {
+            let mut v: Vec<i64> = probe_rows(p, "v:0", "packet=pts")
+                .iter()
+                .map(|r| r[0].parse().unwrap())
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(pts(&single), pts(&stitched), "{name} {r}: video timestamps");
+        assert_eq!(
+            probe_rows(&single, "v:0", "stream=time_base"),
+            probe_rows(&stitched, "v:0", "stream=time_base"),
+            "{name} {r}: video time base"
+        );
         let frame = (a[a.len() - 1] - a[0]) / (a.len() - 1) as f64;
         for stream in ["v:0", "a:0"] {
             let (s, t) = (span(&single, stream), span(&stitched, stream));
