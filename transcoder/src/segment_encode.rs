@@ -75,6 +75,19 @@ pub fn encode_segment(
     limits: &MediaLimits,
     ctx: &JobContext,
 ) -> anyhow::Result<Vec<PartFile>> {
+    encode_range(source, range, plan, cfg, limits, ctx, seek_points)
+}
+
+/// [`encode_segment`] with the seek points `seeks` gives.
+fn encode_range(
+    source: &Path,
+    range: &SegmentRange,
+    plan: &[Planned],
+    cfg: &TranscoderSettings,
+    limits: &MediaLimits,
+    ctx: &JobContext,
+    seeks: impl Fn(&media::Source, &SegmentRange) -> Vec<f64>,
+) -> anyhow::Result<Vec<PartFile>> {
     anyhow::ensure!(!plan.is_empty(), "segment {}: no renditions", range.index);
     let mut src = media::open(source, limits)?;
     let VideoSetup {
@@ -83,7 +96,7 @@ pub fn encode_segment(
         clock,
     } = VideoSetup::open(&src, cfg)?;
     let (start, end) = range.bounds(clock.time_base);
-    let window = Window::new(start, end, seek_points(&src, range));
+    let window = Window::new(start, end, seeks(&src, range));
     let mut video = VideoPath::new(&src, clock, upright, Some(window));
     let threads = pipeline::encoder_threads(plan, cfg.threads);
     let outputs = plan
@@ -264,5 +277,57 @@ impl Span {
     }
     fn get(&self) -> (f64, f64) {
         self.0.unwrap_or((0.0, 0.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ladder;
+    use crate::segments::plan_ranges;
+    use tokio_util::sync::CancellationToken;
+
+    /// A seek that lands after the range's start (an index that lies, a demuxer that
+    /// rounds) is caught on the first packet, and the next, earlier seek point is tried:
+    /// the segment still has exactly its planned frames.
+    #[test]
+    fn a_seek_that_lands_late_is_retried_from_earlier() {
+        media::init();
+        let dir = std::env::temp_dir().join(format!("vidpipe-seek-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = dir.join("clip.mp4");
+        let made = std::process::Command::new("ffmpeg")
+            .args(["-y", "-v", "error", "-f", "lavfi", "-i"])
+            .arg("testsrc2=size=160x120:rate=25:duration=6")
+            .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "25"])
+            .arg(&source)
+            .status()
+            .expect("the tests need the ffmpeg CLI");
+        assert!(made.success());
+        let limits = MediaLimits::default();
+        let cfg = TranscoderSettings {
+            keyframe_interval_s: 1.0,
+            hls_segment_s: 1.0,
+            threads: 1,
+            ..TranscoderSettings::default()
+        };
+        let ranges = plan_ranges(&source, &limits, 2.0, 1.0).unwrap().unwrap();
+        let range = &ranges[1];
+        let (plan, _) = ladder::plan(&[], 160, 120);
+        let ctx = JobContext::standalone(&source, &dir, CancellationToken::new());
+        let tried = std::sync::Mutex::new(Vec::new());
+        // Past the start first (lands on the keyframe at 3 s), then just before it.
+        let late_first = |src: &media::Source, r: &SegmentRange| {
+            let seeks = vec![r.start_s + 1.2, r.start_s - 0.001, src.video_start_s()];
+            tried.lock().unwrap().extend(seeks.clone());
+            seeks
+        };
+        let parts = encode_range(&source, range, &plan, &cfg, &limits, &ctx, late_first)
+            .expect("the segment encodes");
+        assert_eq!(parts[0].frames, range.frames);
+        assert_eq!(parts[0].frames, 50);
+        // Its first frame is the range's first (2 s at 1/12800).
+        assert_eq!(parts[0].first_pts, 25_600);
+        assert_eq!(tried.lock().unwrap().len(), 3);
     }
 }

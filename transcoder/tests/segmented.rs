@@ -429,3 +429,45 @@ fn a_segment_off_its_plan_fails_transiently() {
         other => panic!("expected a transient error, got {other:?}"),
     }
 }
+
+/// The stitch refuses parts that do not fit their seams, permanently (a bug in how they
+/// were made, not something a retry fixes), before writing a finished output: here the
+/// last segment is handed the parts of the one before it (every part matches its own
+/// facts; only the seams are wrong).
+#[test]
+fn a_stitch_with_a_misplaced_part_is_refused_permanently() {
+    let dir = scratch("misplaced");
+    let source = indexed_clip(&dir, "indexed.mp4", 8, 25, &["-g", "25"]);
+    let cfg = settings();
+    let limits = MediaLimits::default();
+    let plan = plan_for(&source, &two_renditions());
+    let mut segments: Vec<transcoder::SegmentParts> = ranges(&source, 2.0, &cfg)
+        .into_iter()
+        .map(|r| {
+            let work = dir.join(format!("seg-{}", r.index));
+            std::fs::create_dir_all(&work).unwrap();
+            let ctx = shared::JobContext::standalone(&source, &work, CancellationToken::new());
+            let parts = transcoder::encode_segment(&source, &r, &plan, &cfg, &limits, &ctx)
+                .expect("segment");
+            transcoder::SegmentParts { range: r, parts }
+        })
+        .collect();
+    let n = segments.len();
+    segments[n - 1].parts = segments[n - 2].parts.clone();
+    segments[n - 1].range.frames = segments[n - 2].range.frames;
+    let out = dir.join("stitched");
+    std::fs::create_dir_all(&out).unwrap();
+    let ctx = shared::JobContext::standalone(&source, &out, CancellationToken::new());
+    let Err(err) = transcoder::stitch(&plan, &[OutputFormat::Mp4], &segments, &[], &cfg, &ctx)
+    else {
+        panic!("misplaced parts were stitched");
+    };
+    match JobError::classify(err) {
+        JobError::Permanent(reason) => assert!(reason.contains("seam error"), "{reason}"),
+        other => panic!("expected a permanent error, got {other:?}"),
+    }
+    assert!(
+        !out.join("240p.mp4").exists(),
+        "nothing written before the checks"
+    );
+}
