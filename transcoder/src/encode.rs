@@ -14,6 +14,7 @@ use shared::permanent;
 
 use crate::hls;
 use crate::ladder::Planned;
+use crate::parts::{PartInfo, PartWriter};
 use crate::settings::TranscoderSettings;
 
 /// The AAC encoder's frame size: the audio filter graph cuts frames to exactly this.
@@ -28,58 +29,25 @@ struct Muxer {
     audio_tb: Rational,
 }
 
-/// Everything one rendition writes.
-pub struct RenditionOutput {
-    pub plan: Planned,
-    pub level: u32,
-    video: encoder::Video,
-    video_tb: Rational,
-    /// One frame at the nominal rate, in `video_tb`: the duration of packets the encoder
-    /// leaves without one (the last frame would otherwise have none, and the output would
-    /// be a frame short).
-    frame_duration: i64,
-    /// Time base of the AAC packets this rendition muxes (encoded by an [`AudioEncoder`]
-    /// shared by the renditions of one audio bit rate).
-    audio: Option<Rational>,
+/// One rendition's MP4 and/or HLS containers: what the single pass writes its encoders'
+/// packets into, and what the stitch of a segmented transcode copies the segments'
+/// packets into (so both make the same files, with the same muxer options).
+pub(crate) struct Muxers {
     muxers: Vec<Muxer>,
-    /// End of the last video packet, seconds.
-    video_end_s: f64,
 }
 
-/// What a finished rendition wrote.
-pub struct Finished {
-    pub plan: Planned,
-    pub level: u32,
-    pub duration_s: f64,
-    pub has_audio: bool,
-    /// `(format, path)` of each container's main file (the MP4, or the media playlist).
-    pub files: Vec<(OutputFormat, PathBuf)>,
-}
-
-/// The video frames a rendition is fed: their nominal rate, and the time base of their
-/// timestamps (the decoder's, or the rotation filter graph's).
-#[derive(Debug, Clone, Copy)]
-pub struct FrameClock {
-    pub rate: Rational,
-    pub time_base: Rational,
-}
-
-impl RenditionOutput {
-    /// Opens the encoders (x264 with `threads` threads) and writes each container's
-    /// header.
-    pub fn open(
-        plan: Planned,
+impl Muxers {
+    /// Writes the header of each container `formats` asks for, under `dir`, with a video
+    /// stream of `video` (timestamps in `video_tb`) and an audio stream of `audio`.
+    pub(crate) fn open(
+        name: &str,
         cfg: &TranscoderSettings,
-        threads: usize,
-        clock: FrameClock,
-        audio: Option<&AudioEncoder>,
+        video: &codec::Parameters,
+        video_tb: Rational,
+        audio: Option<(&codec::Parameters, Rational)>,
         formats: &[OutputFormat],
         dir: &Path,
     ) -> anyhow::Result<Self> {
-        let (frame_rate, video_tb) = (clock.rate, clock.time_base);
-        let fps = f64::from(frame_rate);
-        let level = hls::h264_level(plan.width, plan.height, fps);
-        let video = open_video_encoder(&plan, cfg, threads, frame_rate, video_tb, level)?;
         let mut muxers = Vec::new();
         for &kind in formats {
             let (path, fmt, opts) = match kind {
@@ -87,10 +55,10 @@ impl RenditionOutput {
                     let mut o = Dictionary::new();
                     // The index (moov) at the front: plays while still downloading.
                     o.set("movflags", "+faststart");
-                    (dir.join(format!("{}.mp4", plan.name)), "mp4", o)
+                    (dir.join(format!("{name}.mp4")), "mp4", o)
                 }
                 OutputFormat::Hls => {
-                    let hls_dir = dir.join("hls").join(&plan.name);
+                    let hls_dir = dir.join("hls").join(name);
                     std::fs::create_dir_all(&hls_dir).context("scratch space")?;
                     let mut o = Dictionary::new();
                     o.set("hls_time", &format!("{}", cfg.hls_segment_s));
@@ -110,15 +78,15 @@ impl RenditionOutput {
                 let mut ost = ctx
                     .add_stream(encoder::find_by_name("libx264"))
                     .map_err(|e| pipeline_error("adding the video stream", e))?;
-                ost.set_parameters(&video);
+                ost.set_parameters(video.clone());
                 ost.set_time_base(video_tb);
             }
-            if let Some(a) = audio {
+            if let Some((params, tb)) = audio {
                 let mut ost = ctx
                     .add_stream(encoder::find(codec::Id::AAC))
                     .map_err(|e| pipeline_error("adding the audio stream", e))?;
-                ost.set_parameters(&a.encoder);
-                ost.set_time_base(a.time_base);
+                ost.set_parameters(params.clone());
+                ost.set_time_base(tb);
             }
             ctx.write_header_with(opts)
                 .map_err(|e| pipeline_error(&format!("writing the {fmt} header"), e))?;
@@ -132,16 +100,197 @@ impl RenditionOutput {
                 audio_tb,
             });
         }
-        let frame_duration = shared::media::timestamp(1.0 / fps.max(1.0), video_tb).max(1);
+        Ok(Self { muxers })
+    }
+
+    /// Writes one packet (timestamps in `tb`) to every container: the video stream's, or
+    /// with `audio` the audio stream's.
+    pub(crate) fn write(
+        &mut self,
+        packet: &Packet,
+        audio: bool,
+        tb: Rational,
+    ) -> anyhow::Result<()> {
+        for m in &mut self.muxers {
+            let mut p = packet.clone();
+            let (index, to) = if audio {
+                (1, m.audio_tb)
+            } else {
+                (0, m.video_tb)
+            };
+            p.set_stream(index);
+            p.set_position(-1);
+            p.rescale_ts(tb, to);
+            p.write_interleaved(&mut m.ctx)
+                .map_err(|e| pipeline_error(&format!("writing {}", m.path.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes every container: `(format, path)` of each one's main file.
+    pub(crate) fn finish(mut self) -> anyhow::Result<Vec<(OutputFormat, PathBuf)>> {
+        let mut files = Vec::new();
+        for m in &mut self.muxers {
+            m.ctx
+                .write_trailer()
+                .map_err(|e| pipeline_error(&format!("finishing {}", m.path.display()), e))?;
+            files.push((m.kind, m.path.clone()));
+        }
+        Ok(files)
+    }
+}
+
+/// Everything one rendition writes: the MP4/HLS containers of a single pass, or (for one
+/// segment of a segmented transcode) a video-only part file.
+pub struct RenditionOutput {
+    pub plan: Planned,
+    pub level: u32,
+    video: encoder::Video,
+    video_tb: Rational,
+    /// One frame at the nominal rate, in `video_tb`: the duration of packets the encoder
+    /// leaves without one (the last frame would otherwise have none, and the output would
+    /// be a frame short).
+    frame_duration: i64,
+    /// Time base of the AAC packets this rendition muxes (encoded by an [`AudioEncoder`]
+    /// shared by the renditions of one audio bit rate).
+    audio: Option<Rational>,
+    muxers: Muxers,
+    /// The segment's part file, when this is one segment of a segmented transcode.
+    part: Option<PartWriter>,
+    /// End of the last video packet, seconds.
+    video_end_s: f64,
+    /// What came out of the video encoder: packets, first and last timestamps.
+    stats: PacketStats,
+}
+
+/// What a finished rendition wrote.
+pub struct Finished {
+    pub plan: Planned,
+    pub level: u32,
+    pub duration_s: f64,
+    pub has_audio: bool,
+    /// `(format, path)` of each container's main file (the MP4, or the media playlist).
+    pub files: Vec<(OutputFormat, PathBuf)>,
+    /// The part file, for one segment of a segmented transcode.
+    pub part: Option<PartInfo>,
+    /// Video packets written, with their first and last presentation timestamps (in the
+    /// encoder's time base, the frames' own).
+    pub video: PacketStats,
+}
+
+/// Packets written to one stream and where they start and end, in its time base.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PacketStats {
+    pub packets: u64,
+    pub first_pts: Option<i64>,
+    pub last_pts: Option<i64>,
+    /// The end of the latest packet: its timestamp plus its duration.
+    pub end_pts: Option<i64>,
+}
+
+impl PacketStats {
+    /// Counts `packet` in.
+    pub fn add(&mut self, packet: &Packet) {
+        self.packets += 1;
+        if let Some(pts) = packet.pts() {
+            self.first_pts = Some(self.first_pts.map_or(pts, |f| f.min(pts)));
+            self.last_pts = Some(self.last_pts.map_or(pts, |l| l.max(pts)));
+            let end = pts + packet.duration().max(0);
+            self.end_pts = Some(self.end_pts.map_or(end, |e| e.max(end)));
+        }
+    }
+}
+
+/// The video frames a rendition is fed: their nominal rate, and the time base of their
+/// timestamps (the decoder's, or the rotation filter graph's).
+#[derive(Debug, Clone, Copy)]
+pub struct FrameClock {
+    pub rate: Rational,
+    pub time_base: Rational,
+}
+
+impl FrameClock {
+    /// One frame at the nominal rate in the clock's time base (at least one tick).
+    pub fn frame_duration(&self) -> i64 {
+        frame_duration(self.rate, self.time_base)
+    }
+}
+
+/// One frame at `rate` in `time_base` (at least one tick): the duration every video
+/// packet gets.
+pub fn frame_duration(rate: Rational, time_base: Rational) -> i64 {
+    shared::media::timestamp(1.0 / f64::from(rate).max(1.0), time_base).max(1)
+}
+
+impl RenditionOutput {
+    /// Opens the encoders (x264 with `threads` threads) and writes each container's
+    /// header.
+    pub fn open(
+        plan: Planned,
+        cfg: &TranscoderSettings,
+        threads: usize,
+        clock: FrameClock,
+        audio: Option<&AudioEncoder>,
+        formats: &[OutputFormat],
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut out = Self::open_encoder(plan, cfg, threads, clock)?;
+        let video = codec::Parameters::from(&out.video);
+        let audio_params = audio.map(|a| (codec::Parameters::from(&a.encoder), a.time_base));
+        out.muxers = Muxers::open(
+            &out.plan.name,
+            cfg,
+            &video,
+            clock.time_base,
+            audio_params.as_ref().map(|(p, tb)| (p, *tb)),
+            formats,
+            dir,
+        )?;
+        out.audio = audio.map(|a| a.time_base);
+        Ok(out)
+    }
+
+    /// Opens the encoder of one segment of a segmented transcode: the same x264 settings
+    /// as [`Self::open`], video only, into the part file `<dir>/<rendition>.nut`.
+    pub fn open_part(
+        plan: Planned,
+        cfg: &TranscoderSettings,
+        threads: usize,
+        clock: FrameClock,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut out = Self::open_encoder(plan, cfg, threads, clock)?;
+        let path = dir.join(format!("{}.nut", out.plan.name));
+        let params = codec::Parameters::from(&out.video);
+        out.part = Some(PartWriter::create(
+            &path,
+            &params,
+            clock.time_base,
+            Some(clock.rate),
+        )?);
+        Ok(out)
+    }
+
+    fn open_encoder(
+        plan: Planned,
+        cfg: &TranscoderSettings,
+        threads: usize,
+        clock: FrameClock,
+    ) -> anyhow::Result<Self> {
+        let (frame_rate, video_tb) = (clock.rate, clock.time_base);
+        let level = hls::h264_level(plan.width, plan.height, f64::from(frame_rate));
+        let video = open_video_encoder(&plan, cfg, threads, frame_rate, video_tb, level)?;
         Ok(Self {
             plan,
             level,
             video,
             video_tb,
-            frame_duration,
-            audio: audio.map(|a| a.time_base),
-            muxers,
+            frame_duration: clock.frame_duration(),
+            audio: None,
+            muxers: Muxers { muxers: Vec::new() },
+            part: None,
             video_end_s: 0.0,
+            stats: PacketStats::default(),
         })
     }
 
@@ -161,57 +310,39 @@ impl RenditionOutput {
                 let end = seconds(pts + packet.duration().max(0), self.video_tb);
                 self.video_end_s = self.video_end_s.max(end);
             }
-            self.write(&packet, false)?;
+            self.stats.add(&packet);
+            if let Some(part) = self.part.as_mut() {
+                part.write(&packet)?;
+            }
+            self.muxers.write(&packet, false, self.video_tb)?;
         }
         Ok(())
     }
 
     /// Muxes one AAC packet from this rendition's [`AudioEncoder`].
     pub fn write_audio(&mut self, packet: &Packet) -> anyhow::Result<()> {
-        if self.audio.is_none() {
-            return Ok(());
+        match self.audio {
+            Some(tb) => self.muxers.write(packet, true, tb),
+            None => Ok(()),
         }
-        self.write(packet, true)
-    }
-
-    fn write(&mut self, packet: &Packet, audio: bool) -> anyhow::Result<()> {
-        let enc_tb = if audio {
-            self.audio.unwrap_or(self.video_tb)
-        } else {
-            self.video_tb
-        };
-        for m in &mut self.muxers {
-            let mut p = packet.clone();
-            let (index, tb) = if audio {
-                (1, m.audio_tb)
-            } else {
-                (0, m.video_tb)
-            };
-            p.set_stream(index);
-            p.set_position(-1);
-            p.rescale_ts(enc_tb, tb);
-            p.write_interleaved(&mut m.ctx)
-                .map_err(|e| pipeline_error(&format!("writing {}", m.path.display()), e))?;
-        }
-        Ok(())
     }
 
     /// Drains the encoders and closes every container.
     pub fn finish(mut self) -> anyhow::Result<Finished> {
         self.encode_video(None)?;
-        let mut files = Vec::new();
-        for m in &mut self.muxers {
-            m.ctx
-                .write_trailer()
-                .map_err(|e| pipeline_error(&format!("finishing {}", m.path.display()), e))?;
-            files.push((m.kind, m.path.clone()));
-        }
+        let files = self.muxers.finish()?;
+        let part = match self.part {
+            Some(part) => Some(part.finish()?),
+            None => None,
+        };
         Ok(Finished {
             plan: self.plan,
             level: self.level,
             duration_s: self.video_end_s,
             has_audio: self.audio.is_some(),
             files,
+            part,
+            video: self.stats,
         })
     }
 }
@@ -269,7 +400,7 @@ fn open_video_encoder(
 /// sound again.
 pub struct AudioEncoder {
     pub kbps: u32,
-    encoder: encoder::Audio,
+    pub(crate) encoder: encoder::Audio,
     pub time_base: Rational,
 }
 

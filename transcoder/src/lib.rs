@@ -6,12 +6,13 @@
 //! - [`ladder`]: the default ladder and each rendition's size (never upscaling).
 //! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass, reading the
 //!   source through `shared::media::Source` (packets, start offset, frame rate, decoder).
-//! - [`segmented`]: segment-parallel mode: a long source planned into segment and audio
-//!   parts (fanned out to every transcoder), each part run, the parts stitched.
-//! - [`segments`]: frame-exact segment ranges, a segment's encode, the audio encoded once.
-//! - [`stitch`]: the parts joined into MP4 and HLS by stream copy, seams checked.
 //! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
+//! - Segmented transcoding (one long source, many workers): [`segments`] plans
+//!   frame-exact ranges, [`segment_encode`] encodes one range's video or the whole audio
+//!   into [`parts`] files, [`stitch`] copies them into the same outputs a single pass
+//!   makes, checking every seam; [`segmented`] turns a job into those parts (the plan
+//!   fanned out to every transcoder) and runs each one.
 //!
 //! The consume / ack / retry loop is not here: [`TranscodeHandler`] plugs into the shared
 //! worker runtime.
@@ -19,7 +20,9 @@
 pub mod encode;
 pub mod hls;
 pub mod ladder;
+pub mod parts;
 pub mod pipeline;
+pub mod segment_encode;
 pub mod segmented;
 pub mod segments;
 pub mod settings;
@@ -30,7 +33,10 @@ use shared::messages::TranscodeJob;
 use shared::settings::Loaded;
 use shared::{Handler, JobContext, JobError, TaskOutput};
 
+pub use segment_encode::{AudioPart, PartFile, encode_audio, encode_segment};
+pub use segments::{SegmentRange, plan_ranges};
 pub use settings::TranscoderSettings;
+pub use stitch::{SegmentParts, stitch};
 
 /// The transcoder's [`Handler`].
 #[derive(Debug, Clone, Default)]

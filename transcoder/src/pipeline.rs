@@ -66,25 +66,16 @@ pub fn transcode(
         info.video.display_width,
         info.video.display_height,
     );
-    let v_tb = src.time_base(info.video.index)?;
-    // An unknown rate only clocks frames without timestamps; 30 fps is a fair guess.
-    let frame_rate = src.frame_rate().unwrap_or(Rational::new(30, 1));
+    let VideoSetup {
+        decoder: mut vdec,
+        upright,
+        clock,
+    } = VideoSetup::open(&src, cfg)?;
+    let frame_rate = clock.rate;
 
-    let mut vdec = src.decoder(cfg.threads)?;
-    // Only rotated video goes through a filter graph here (to turn it upright once);
-    // scaling happens in the rendition threads.
-    let upright = match info.video.rotation {
-        0 => None,
-        r => Some(FrameGraph::video(
-            &vdec.decoder,
-            v_tb,
-            r,
-            &["null".to_owned()],
-        )?),
-    };
-
+    let rates: Vec<u32> = plan.iter().map(|p| p.audio_kbps).collect();
     let mut audio = match &info.audio {
-        Some(a) => Some(AudioPath::open(&src, a, &plan, cfg)?),
+        Some(a) => Some(AudioPath::open(&src, a, &rates, cfg)?),
         None => None,
     };
     // Every stream is shifted by the earliest start: outputs begin at 0.
@@ -93,20 +84,9 @@ pub fn transcode(
         a.offset = timestamp(start_s, a.time_base);
     }
 
-    let clock = FrameClock {
-        rate: frame_rate,
-        time_base: v_tb,
-    };
     let outputs = open_outputs(job, &plan, audio.as_ref(), clock, cfg, ctx)?;
 
-    let mut video = VideoPath {
-        offset: timestamp(start_s, v_tb),
-        last_pts: None,
-        step: timestamp(1.0 / f64::from(frame_rate).max(1.0), v_tb).max(1),
-        frames: 0,
-        duration_s: info.duration_s,
-        upright,
-    };
+    let mut video = VideoPath::new(&src, clock, upright, None);
     let finished = run(
         &mut src,
         &mut vdec,
@@ -123,9 +103,46 @@ pub fn transcode(
     collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
 }
 
+/// The source's video, ready to decode: its decoder, the graph that turns rotated video
+/// upright, and the clock its frames come with.
+pub(crate) struct VideoSetup {
+    pub decoder: VideoDecoder,
+    pub upright: Option<FrameGraph>,
+    pub clock: FrameClock,
+}
+
+impl VideoSetup {
+    pub(crate) fn open(src: &Source, cfg: &TranscoderSettings) -> anyhow::Result<Self> {
+        let info = &src.info;
+        let v_tb = src.time_base(info.video.index)?;
+        // An unknown rate only clocks frames without timestamps; 30 fps is a fair guess.
+        let frame_rate = src.frame_rate().unwrap_or(Rational::new(30, 1));
+        let decoder = src.decoder(cfg.threads)?;
+        // Only rotated video goes through a filter graph here (to turn it upright once);
+        // scaling happens in the rendition threads.
+        let upright = match info.video.rotation {
+            0 => None,
+            r => Some(FrameGraph::video(
+                &decoder.decoder,
+                v_tb,
+                r,
+                &["null".to_owned()],
+            )?),
+        };
+        Ok(Self {
+            decoder,
+            upright,
+            clock: FrameClock {
+                rate: frame_rate,
+                time_base: v_tb,
+            },
+        })
+    }
+}
+
 /// Runs the renditions, one thread each, while this thread demuxes and decodes the
 /// source into them; what each rendition finished, or the error that explains the failure.
-fn run(
+pub(crate) fn run(
     src: &mut Source,
     vdec: &mut VideoDecoder,
     video: &mut VideoPath,
@@ -246,7 +263,7 @@ fn open_outputs(
 /// 2/1/1/1: the renditions run side by side, so giving each x264 its own full set of
 /// frame threads (as "auto" would) only adds threads fighting over the same cores, and
 /// measured slower (and more memory) than sharing them out.
-fn encoder_threads(plan: &[ladder::Planned], threads: usize) -> Vec<usize> {
+pub(crate) fn encoder_threads(plan: &[ladder::Planned], threads: usize) -> Vec<usize> {
     let cores = media::cores(threads);
     let pixels = |p: &ladder::Planned| f64::from(p.width) * f64::from(p.height);
     let total: f64 = plan.iter().map(pixels).sum::<f64>().max(1.0);
@@ -273,27 +290,56 @@ fn feed(
     ctx: &JobContext,
 ) -> anyhow::Result<()> {
     let mut packet = Packet::empty();
-    let mut packets = src.packets();
-    loop {
-        ctx.check_cancelled()?;
-        match packets.read(&mut packet) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(corrupt) => return Err(corrupt.error(Some(video.last_s(vdec.time_base)))),
+    let route = audio.as_ref().map(|a| a.route.clone()).unwrap_or_default();
+    // AAC packets go to the renditions of their bit rate.
+    let mut sink = |e: usize, packet: Packet| -> anyhow::Result<()> {
+        let packet = Arc::new(packet);
+        for (tx, r) in routes.all.iter().zip(&route) {
+            if *r == e {
+                tx.send(Msg::Audio(Arc::clone(&packet)))
+                    .map_err(|_| StoppedEarly)?;
+            }
         }
-        if packet.stream() == vdec.stream_index {
-            vdec.send(&packet)?;
-            video.drain(vdec, &routes.video, ctx)?;
-        } else if let Some(a) = audio.as_deref_mut().filter(|a| a.index == packet.stream()) {
-            a.send(&packet);
-            a.drain(&routes.all)?;
+        Ok(())
+    };
+    video.seek(src)?;
+    'pass: loop {
+        let mut packets = src.packets();
+        loop {
+            ctx.check_cancelled()?;
+            match packets.read(&mut packet) {
+                Ok(true) => {}
+                Ok(false) => break 'pass,
+                Err(corrupt) => return Err(corrupt.error(Some(video.last_s(vdec.time_base)))),
+            }
+            if packet.stream() == vdec.stream_index {
+                if !video.lands_well(&packet) {
+                    break;
+                }
+                vdec.send(&packet)?;
+                video.drain(vdec, &routes.video, ctx)?;
+                if video.reseek {
+                    break;
+                }
+                if video.done {
+                    break 'pass;
+                }
+            } else if let Some(a) = audio.as_deref_mut().filter(|a| a.index == packet.stream()) {
+                a.send(&packet);
+                a.drain(&mut sink)?;
+            }
         }
+        // The seek landed after the window's start: try again from an earlier keyframe.
+        vdec.flush();
+        video.seek(src)?;
     }
-    vdec.send_eof();
-    video.drain(vdec, &routes.video, ctx)?;
+    if !video.done {
+        vdec.send_eof();
+        video.drain(vdec, &routes.video, ctx)?;
+    }
     video.flush(&routes.video)?;
     if let Some(a) = audio {
-        a.finish(&routes.all)?;
+        a.finish(&mut sink)?;
     }
     Ok(())
 }
@@ -389,7 +435,7 @@ fn encode_rendition(
 }
 
 /// Decoded video on its way to the renditions.
-struct VideoPath {
+pub(crate) struct VideoPath {
     offset: i64,
     last_pts: Option<i64>,
     /// One frame in the stream's time base, for frames without a timestamp.
@@ -398,9 +444,148 @@ struct VideoPath {
     duration_s: f64,
     /// Turns rotated video upright; `None` for video stored upright.
     upright: Option<FrameGraph>,
+    /// For one segment of a segmented transcode: the frames to hand on.
+    window: Option<Window>,
+    /// The window's end is reached: nothing more to decode.
+    done: bool,
+    /// The seek landed after the window's start: seek earlier and decode again.
+    reseek: bool,
+}
+
+/// The frames one segment encodes: those whose timestamps (output timeline, the
+/// decoder's time base) lie in `[start, end)`. Frames before `start` are decoded (from
+/// the keyframe before it) and dropped, but count for the duplicate rule as in the single
+/// pass, so the segment keeps exactly the frames the single pass keeps there.
+pub(crate) struct Window {
+    start: Option<i64>,
+    end: Option<i64>,
+    /// Container times (seconds) to seek to, tried in turn while a seek lands after
+    /// `start`; the last is the beginning of the source.
+    seeks: Vec<f64>,
+    tried: usize,
+    /// Whether the first video packet of this pass must be checked: after a seek it must
+    /// be a keyframe at or before `start`, or frames of the window would be skipped (or
+    /// decoded from references the seek skipped).
+    check_first: bool,
+}
+
+impl Window {
+    pub(crate) fn new(start: Option<i64>, end: Option<i64>, seeks: Vec<f64>) -> Self {
+        Self {
+            start,
+            end,
+            seeks,
+            tried: 0,
+            check_first: false,
+        }
+    }
 }
 
 impl VideoPath {
+    pub(crate) fn new(
+        src: &Source,
+        clock: FrameClock,
+        upright: Option<FrameGraph>,
+        window: Option<Window>,
+    ) -> Self {
+        let tb = clock.time_base;
+        Self {
+            offset: timestamp(src.start_s(), tb),
+            last_pts: None,
+            step: timestamp(1.0 / f64::from(clock.rate).max(1.0), tb).max(1),
+            frames: 0,
+            duration_s: src.info.duration_s,
+            upright,
+            window,
+            done: false,
+            reseek: false,
+        }
+    }
+
+    /// Before a pass over the source: seeks to the window's next keyframe, if it has one
+    /// to try. A first pass without a window (or a window without seeks) reads from the
+    /// start.
+    fn seek(&mut self, src: &mut Source) -> anyhow::Result<()> {
+        let Some(w) = self.window.as_mut() else {
+            return Ok(());
+        };
+        let retry = self.reseek;
+        (self.last_pts, self.frames, self.done, self.reseek) = (None, 0, false, false);
+        let Some(&at) = w.seeks.get(w.tried) else {
+            if retry {
+                return Err(permanent(
+                    "cannot seek the source to the segment's start: every seek landed after it",
+                ));
+            }
+            return Ok(());
+        };
+        w.tried += 1;
+        if !src.seek(at) {
+            if retry {
+                return Err(permanent(
+                    "the source cannot seek back to the segment's start",
+                ));
+            }
+            // Still at the beginning: nothing was read yet.
+            w.check_first = false;
+            return Ok(());
+        }
+        // After seeking to the beginning, there is nothing earlier to try.
+        w.check_first = w.tried < w.seeks.len();
+        Ok(())
+    }
+
+    /// Whether a seek landed where decoding can start: the first video packet after it
+    /// is a keyframe at or before the window's start. Sets `reseek` when it is not.
+    fn lands_well(&mut self, packet: &Packet) -> bool {
+        let Some(w) = self.window.as_mut() else {
+            return true;
+        };
+        if !std::mem::take(&mut w.check_first) {
+            return true;
+        }
+        let offset = self.offset;
+        let good = packet.is_key()
+            && packet
+                .pts()
+                .is_some_and(|p| w.start.is_none_or(|s| p - offset <= s));
+        self.reseek = !good;
+        good
+    }
+
+    /// Whether the frame at `pts` is handed on: not a duplicate, inside the window.
+    /// Sets `done` when the window's end is reached.
+    fn keep(&mut self, pts: i64) -> bool {
+        // Encoders and muxers need strictly increasing timestamps; a repeated one is
+        // a duplicate frame and is dropped.
+        if self.last_pts.is_some_and(|last| pts <= last) {
+            return false;
+        }
+        self.last_pts = Some(pts);
+        if let Some(w) = &self.window {
+            if w.start.is_some_and(|s| pts < s) {
+                return false;
+            }
+            if w.end.is_some_and(|e| pts >= e) {
+                self.done = true;
+                return false;
+            }
+        }
+        true
+    }
+
+    fn percent(&self, pts: i64, tb: Rational) -> Option<f64> {
+        let t = seconds(pts, tb);
+        match &self.window {
+            None => (self.duration_s > 0.0).then(|| t / self.duration_s * 100.0),
+            Some(w) => {
+                let start = w.start.map_or(0.0, |s| seconds(s, tb));
+                let end = w.end.map_or(self.duration_s, |e| seconds(e, tb));
+                (end > start).then(|| (t - start) / (end - start) * 100.0)
+            }
+        }
+    }
+
     fn drain(
         &mut self,
         dec: &mut VideoDecoder,
@@ -416,12 +601,12 @@ impl VideoPath {
                 Some(ts) => ts - self.offset,
                 None => self.last_pts.map_or(0, |p| p + self.step),
             };
-            // Encoders and muxers need strictly increasing timestamps; a repeated one is
-            // a duplicate frame and is dropped.
-            if self.last_pts.is_some_and(|last| pts <= last) {
+            if !self.keep(pts) {
+                if self.done {
+                    return Ok(());
+                }
                 continue;
             }
-            self.last_pts = Some(pts);
             self.frames += 1;
             frame.set_pts(Some(pts));
             // Keyframes are placed by the fixed GOP, not copied from the source (x264
@@ -434,8 +619,8 @@ impl VideoPath {
                 let frame = Arc::new(frame);
                 broadcast(senders, || Msg::Video(Arc::clone(&frame)))?;
             }
-            if self.duration_s > 0.0 {
-                ctx.progress(seconds(pts, dec.time_base) / self.duration_s * 100.0);
+            if let Some(percent) = self.percent(pts, dec.time_base) {
+                ctx.progress(percent);
             }
         }
     }
@@ -470,24 +655,27 @@ impl VideoPath {
 
 /// Decoded audio on its way to the renditions: resampled once, AAC-encoded once per bit
 /// rate, each packet handed to the renditions of that bit rate.
-struct AudioPath {
-    index: usize,
+pub(crate) struct AudioPath {
+    pub index: usize,
     decoder: ffmpeg::decoder::Audio,
     graph: FrameGraph,
-    encoders: Vec<AudioEncoder>,
+    pub encoders: Vec<AudioEncoder>,
     /// Rendition i's encoder is `encoders[route[i]]`.
-    route: Vec<usize>,
-    time_base: Rational,
-    offset: i64,
+    pub route: Vec<usize>,
+    pub time_base: Rational,
+    pub offset: i64,
 }
+
+/// Where the audio path's AAC packets go: `(encoder index, packet)`.
+pub(crate) type AudioSink<'a> = dyn FnMut(usize, Packet) -> anyhow::Result<()> + 'a;
 
 impl AudioPath {
     /// The source's audio, decoded and resampled once, with one AAC encoder per distinct
-    /// bit rate of `plan`.
-    fn open(
+    /// bit rate of `rates` (rendition i's audio bit rate is `rates[i]`).
+    pub(crate) fn open(
         src: &Source,
         a: &media::AudioInfo,
-        plan: &[ladder::Planned],
+        rates: &[u32],
         cfg: &TranscoderSettings,
     ) -> anyhow::Result<Self> {
         let a_tb = src.time_base(a.index)?;
@@ -499,12 +687,12 @@ impl AudioPath {
         let graph = FrameGraph::audio(&dec, a_tb, &[chain], AAC_FRAME_SIZE)?;
         // One AAC encoder per distinct bit rate; `route[i]` is rendition i's.
         let mut encoders: Vec<AudioEncoder> = Vec::new();
-        let mut route = Vec::with_capacity(plan.len());
-        for p in plan {
-            let at = match encoders.iter().position(|e| e.kbps == p.audio_kbps) {
+        let mut route = Vec::with_capacity(rates.len());
+        for &kbps in rates {
+            let at = match encoders.iter().position(|e| e.kbps == kbps) {
                 Some(at) => at,
                 None => {
-                    encoders.push(AudioEncoder::open(p.audio_kbps, cfg.audio_sample_rate)?);
+                    encoders.push(AudioEncoder::open(kbps, cfg.audio_sample_rate)?);
                     encoders.len() - 1
                 }
             };
@@ -521,67 +709,59 @@ impl AudioPath {
         })
     }
 
-    fn send(&mut self, packet: &Packet) {
+    pub(crate) fn send(&mut self, packet: &Packet) {
         // A damaged audio packet costs a few milliseconds of sound; the video decides
         // whether the source is corrupt.
         let _ = self.decoder.send_packet(packet);
     }
 
-    fn drain(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
+    pub(crate) fn drain(&mut self, sink: &mut AudioSink<'_>) -> anyhow::Result<()> {
         let mut frame = frame::Audio::empty();
         while self.decoder.receive_frame(&mut frame).is_ok() {
             let pts = frame.timestamp().map(|t| t - self.offset);
             frame.set_pts(pts);
             self.graph.push(&frame)?;
-            self.pull(senders)?;
+            self.pull(sink)?;
         }
         Ok(())
     }
 
-    fn pull(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
+    fn pull(&mut self, sink: &mut AudioSink<'_>) -> anyhow::Result<()> {
         loop {
             let mut out = frame::Audio::empty();
             if !self.graph.pull(0, &mut out)? {
                 return Ok(());
             }
-            self.encode(Some(&out), senders)?;
+            self.encode(Some(&out), sink)?;
         }
     }
 
-    /// Encodes `frame` (or drains, with `None`) with every encoder and routes the packets.
+    /// Encodes `frame` (or drains, with `None`) with every encoder and hands the packets
+    /// to `sink`.
     fn encode(
         &mut self,
         frame: Option<&frame::Audio>,
-        senders: &[SyncSender<Msg>],
+        sink: &mut AudioSink<'_>,
     ) -> anyhow::Result<()> {
         for (e, encoder) in self.encoders.iter_mut().enumerate() {
             for packet in encoder.encode(frame)? {
-                let packet = Arc::new(packet);
-                let mine = senders
-                    .iter()
-                    .zip(&self.route)
-                    .filter(|(_, r)| **r == e)
-                    .map(|(tx, _)| tx);
-                for tx in mine {
-                    tx.send(Msg::Audio(Arc::clone(&packet)))
-                        .map_err(|_| StoppedEarly)?;
-                }
+                sink(e, packet)?;
             }
         }
         Ok(())
     }
 
-    fn finish(&mut self, senders: &[SyncSender<Msg>]) -> anyhow::Result<()> {
+    pub(crate) fn finish(&mut self, sink: &mut AudioSink<'_>) -> anyhow::Result<()> {
         let _ = self.decoder.send_eof();
-        self.drain(senders)?;
+        self.drain(sink)?;
         self.graph.flush()?;
-        self.pull(senders)?;
-        self.encode(None, senders)
+        self.pull(sink)?;
+        self.encode(None, sink)
     }
 }
 
 /// Writes the HLS master playlist and lists every file for the manifest.
-fn collect_outputs(
+pub(crate) fn collect_outputs(
     job: &TranscodeJob,
     info: &media::SourceInfo,
     finished: &[Finished],

@@ -33,8 +33,10 @@ use shared::split::FollowUp;
 use shared::{JobContext, TaskOutput, permanent};
 
 use crate::ladder::{self, Planned};
+use crate::segment_encode;
 use crate::segments::{self, SegmentRange};
 use crate::settings::TranscoderSettings;
+use crate::stitch::SegmentParts;
 
 /// Runs one transcode job: the whole source in one pass, its plan (fan-out), or one of
 /// its parts.
@@ -169,7 +171,7 @@ fn segment(
     limits: &MediaLimits,
 ) -> anyhow::Result<TaskOutput> {
     let started = Instant::now();
-    let files = segments::encode_segment(&ctx.source_path, range, ladder, cfg, limits, ctx)?;
+    let files = segment_encode::encode_segment(&ctx.source_path, range, ladder, cfg, limits, ctx)?;
     let mut out = TaskOutput::default();
     for f in &files {
         out.push(
@@ -212,7 +214,7 @@ fn audio(
     let mut kbps: Vec<u32> = ladder.iter().map(|p| p.audio_kbps).collect();
     kbps.sort_unstable();
     kbps.dedup();
-    let parts = segments::encode_audio(&ctx.source_path, &kbps, cfg, limits, ctx)?;
+    let parts = segment_encode::encode_audio(&ctx.source_path, &kbps, cfg, limits, ctx)?;
     let mut out = TaskOutput::default();
     for a in &parts {
         out.push(
@@ -243,21 +245,22 @@ fn stitch(
             ctx.parts.len()
         )));
     }
-    let mut ranges = Vec::with_capacity(segments);
-    let mut videos = Vec::with_capacity(segments);
+    let mut joined = Vec::with_capacity(segments);
     for (i, p) in ctx.parts[..segments].iter().enumerate() {
         let range: SegmentRange =
             serde_json::from_value(p.manifest.summary.get("range").cloned().unwrap_or_default())
                 .with_context(|| format!("segment {i}'s manifest has no readable range"))
                 .map_err(shared::outcome::mark_permanent)?;
-        ranges.push(range);
-        videos.push(part_files::<segments::PartFile>(p, "part_file")?);
+        joined.push(SegmentParts {
+            range,
+            parts: part_files::<segment_encode::PartFile>(p, "part_file")?,
+        });
     }
     let audio = match ctx.parts.get(segments) {
-        Some(p) => part_files::<segments::AudioPart>(p, "audio_part")?,
+        Some(p) => part_files::<segment_encode::AudioPart>(p, "audio_part")?,
         None => Vec::new(),
     };
-    let finished = crate::stitch::stitch(ladder, &job.formats, &ranges, &videos, &audio, cfg, ctx)?;
+    let finished = crate::stitch::stitch(ladder, &job.formats, &joined, &audio, cfg, ctx)?;
     let source = ctx.parts[0]
         .manifest
         .summary
@@ -311,13 +314,13 @@ pub trait WithPath {
     fn set_path(&mut self, path: PathBuf);
 }
 
-impl WithPath for segments::PartFile {
+impl WithPath for segment_encode::PartFile {
     fn set_path(&mut self, path: PathBuf) {
         self.path = path;
     }
 }
 
-impl WithPath for segments::AudioPart {
+impl WithPath for segment_encode::AudioPart {
     fn set_path(&mut self, path: PathBuf) {
         self.path = path;
     }
