@@ -78,7 +78,11 @@ async fn scenario(name: &str, source: &Path, pins: &[Pin], mode: &str, seg: (f64
     let conn = shared::broker::try_connect(&url(), "segbench")
         .await
         .unwrap();
-    let topology = Topology::new(&prefix, vec![Duration::from_secs(1)], 5);
+    // The workers' own topology (default retry tiers and delivery limit): a queue
+    // declared with other arguments would refuse them.
+    let mut settings = shared::settings::Settings::default();
+    settings.topology.prefix = prefix.clone();
+    let topology = Topology::from_settings(&settings);
     let setup = conn.create_channel().await.unwrap();
     topology.declare(&setup).await.unwrap();
 
