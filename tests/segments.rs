@@ -319,12 +319,20 @@ async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
         true
     })
     .await;
+    // Status reads the progress of a split task from the parts' manifests.
+    let id = job.job_id.to_string();
+    let status = env.producer(&["status", &id, "--json"]).await;
+    let status: Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(
+        status["tasks"]["transcode"],
+        json!({"state": "pending", "segments": {"done": 3, "of": 4}}),
+        "{status:#}"
+    );
     // The source goes missing: the held segment fails permanently.
     let source_path = env.storage_root().join(job.source.as_str());
     let saved = std::fs::read(&source_path).unwrap();
     std::fs::remove_file(&source_path).unwrap();
     env.publish(held).await;
-    let id = job.job_id.to_string();
     eventually(PATIENCE, "the transcode reported dead", async || {
         let out = env.producer(&["status", &id, "--json"]).await;
         let text = String::from_utf8_lossy(&out.stdout).to_string();

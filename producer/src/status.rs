@@ -1,7 +1,8 @@
 //! `producer status JOB_ID`: each task's state. Completed is the presence of its
 //! manifest (`outputs/<job_id>/<task>/manifest.json`, written last by the worker); dead is
 //! a message of the job in the parking lot (looked at, never taken out); anything else is
-//! pending (queued, running or waiting for a retry).
+//! pending (queued, running or waiting for a retry), with the segments done of a transcode
+//! split into segments (from the parts' manifests).
 
 use serde::Serialize;
 use shared::manifest::{Manifest, ManifestOutput};
@@ -28,7 +29,95 @@ pub enum TaskStatus {
         dropped_renditions: Vec<String>,
     },
     Dead(DeadInfo),
-    Pending,
+    /// Queued, running or waiting for a retry; for a transcode split into segments, how
+    /// many of them are done.
+    Pending {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        segments: Option<crate::wait::SegmentsDone>,
+    },
+}
+
+/// How many segments of a split task are committed, of how many: read from the parts'
+/// manifests (`parts/<plan>/seg-NNNNN/manifest.json`), the record that survives any
+/// lost event. `None` if the task is not split (or no segment is done yet).
+async fn segments_done(
+    storage: &Storage,
+    prefix: &StorageKey,
+) -> anyhow::Result<Option<crate::wait::SegmentsDone>> {
+    let parts = prefix.join("parts/")?;
+    let mut per_plan: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for key in storage.list(&parts).await? {
+        let rest = key.strip_prefix(parts.as_str()).unwrap_or(&key);
+        if let [plan, seg, "manifest.json"] = rest.split('/').collect::<Vec<_>>()[..]
+            && seg.starts_with("seg-")
+        {
+            per_plan
+                .entry(plan.to_owned())
+                .or_default()
+                .push(format!("{}{plan}/{seg}/", parts.as_str()));
+        }
+    }
+    // Two plans of one job only happen after a redelivery to other settings: show the
+    // one further along.
+    let Some(done) = per_plan.into_values().max_by_key(Vec::len) else {
+        return Ok(None);
+    };
+    let Some(manifest) = storage.manifest(&StorageKey::new(done[0].clone())?).await? else {
+        return Ok(None);
+    };
+    let of = manifest
+        .summary
+        .pointer("/part/segments")
+        .and_then(serde_json::Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok());
+    Ok(of.map(|of| crate::wait::SegmentsDone {
+        done: u32::try_from(done.len()).unwrap_or(u32::MAX),
+        of,
+    }))
+}
+
+/// One task's lines of `producer status`.
+fn print_task(task: &str, status: &TaskStatus) {
+    match status {
+        TaskStatus::Completed {
+            manifest,
+            outputs,
+            dropped_renditions,
+        } => {
+            crate::say!(
+                "  {task:<10} completed ({} outputs, {manifest}){}",
+                outputs.len(),
+                dropped_note(dropped_renditions)
+            );
+            for o in outputs {
+                crate::say!("               {}  {} bytes", o.key, o.size_bytes);
+            }
+        }
+        TaskStatus::Dead(d) => crate::say!(
+            "  {task:<10} dead after {} attempt(s){}{}: {}",
+            d.attempts
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "?".into()),
+            d.worker
+                .as_ref()
+                .map(|w| format!(" on {w}"))
+                .unwrap_or_default(),
+            d.failed_at
+                .as_deref()
+                .map(|t| format!(" at {}", dead::shown_time(t)))
+                .unwrap_or_default(),
+            d.reason
+        ),
+        TaskStatus::Pending { segments: None } => {
+            crate::say!("  {task:<10} pending (queued, running or waiting for a retry)")
+        }
+        TaskStatus::Pending { segments: Some(s) } => crate::say!(
+            "  {task:<10} running: split into {} segments, segments done {}/{}",
+            s.of,
+            s.done,
+            s.of
+        ),
+    }
 }
 
 /// The renditions a transcode manifest lists as asked for but not made (the transcoder
@@ -89,7 +178,9 @@ pub async fn job_status(
             task,
             match dead {
                 Some(d) => TaskStatus::Dead(d.clone()),
-                None => TaskStatus::Pending,
+                None => TaskStatus::Pending {
+                    segments: segments_done(storage, &prefix).await?,
+                },
             },
         ));
     }
@@ -110,8 +201,10 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
         .map_err(Failure::Infra)?;
     let uploads = StorageKey::new(format!("uploads/{job_id}/")).expect("a uuid makes a valid key");
     let uploaded = storage.list(&uploads).await.map_err(Failure::Infra)?;
-    let known =
-        !uploaded.is_empty() || tasks.iter().any(|(_, s)| !matches!(s, TaskStatus::Pending));
+    let known = !uploaded.is_empty()
+        || tasks
+            .iter()
+            .any(|(_, s)| !matches!(s, TaskStatus::Pending { .. }));
     if !known {
         return Err(Failure::JobsFailed(format!(
             "no job {job_id}: nothing under {uploads} in storage (setting `storage.root`), no \
@@ -135,40 +228,7 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
         crate::say!("  source     {source}");
     }
     for (task, status) in &tasks {
-        match status {
-            TaskStatus::Completed {
-                manifest,
-                outputs,
-                dropped_renditions,
-            } => {
-                crate::say!(
-                    "  {task:<10} completed ({} outputs, {manifest}){}",
-                    outputs.len(),
-                    dropped_note(dropped_renditions)
-                );
-                for o in outputs {
-                    crate::say!("               {}  {} bytes", o.key, o.size_bytes);
-                }
-            }
-            TaskStatus::Dead(d) => crate::say!(
-                "  {task:<10} dead after {} attempt(s){}{}: {}",
-                d.attempts
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                d.worker
-                    .as_ref()
-                    .map(|w| format!(" on {w}"))
-                    .unwrap_or_default(),
-                d.failed_at
-                    .as_deref()
-                    .map(|t| format!(" at {}", dead::shown_time(t)))
-                    .unwrap_or_default(),
-                d.reason
-            ),
-            TaskStatus::Pending => {
-                crate::say!("  {task:<10} pending (queued, running or waiting for a retry)")
-            }
-        }
+        print_task(task, status);
     }
     Ok(())
 }

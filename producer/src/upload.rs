@@ -322,24 +322,11 @@ pub async fn store_and_publish(
     Ok(bytes)
 }
 
-/// `producer upload`.
+/// `producer upload`: check every file, store and publish them (a few at once), report
+/// each, then follow them with `--wait`.
 pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
     let options = JobOptions::from_args(&args)?;
-    let mut sizes = Vec::with_capacity(args.files.len());
-    let mut problems = Vec::new();
-    for file in &args.files {
-        match check_file(file) {
-            Ok(size) => sizes.push(size),
-            Err(e) => problems.push(e),
-        }
-    }
-    if !problems.is_empty() {
-        return Err(Failure::usage(format!(
-            "{}\nnothing was uploaded or published",
-            problems.join("\n")
-        )));
-    }
-
+    let sizes = check_files(&args.files)?;
     let storage = Storage::from_settings(&settings.storage).map_err(|e| {
         Failure::Infra(
             e.context("opening storage (settings `storage.*`, e.g. VIDPIPE__STORAGE__ROOT)"),
@@ -370,69 +357,12 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
     } else {
         ProgressDrawTarget::hidden()
     });
-    let style = ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-    )
-    .expect("valid template")
-    .progress_chars("=> ");
-
-    let results: Vec<(usize, anyhow::Result<u64>)> =
-        futures::stream::iter(plans.iter().zip(&args.files).zip(&sizes).enumerate())
-            .map(|(i, ((plan, file), size))| {
-                let bar = multi.add(ProgressBar::new(*size));
-                bar.set_style(style.clone());
-                bar.set_prefix(short_name(file));
-                let (storage, broker) = (&storage, &broker);
-                async move {
-                    let result = store_and_publish(storage, broker, plan, file, &bar).await;
-                    bar.finish_and_clear();
-                    (i, result)
-                }
-            })
-            .buffered(CONCURRENT_UPLOADS)
-            .collect()
-            .await;
+    let results = store_all(&storage, &broker, &plans, &args.files, &sizes, &multi).await;
 
     // From here on a Ctrl-C stops only the following: listen before the job ids are
     // printed, so whoever saw them can interrupt cleanly.
     let stop = follower.is_some().then(wait::interrupted);
-    let mut published = Vec::new();
-    let mut failed = 0;
-    for (i, result) in results {
-        let (plan, file) = (&plans[i], &args.files[i]);
-        match result {
-            Ok(bytes) => {
-                if args.json && !args.wait {
-                    crate::say!(
-                        "{}",
-                        serde_json::json!({
-                            "job_id": plan.job_id, "file": file, "source": plan.source.as_str(),
-                            "bytes": bytes, "tasks": plan.tasks(),
-                        })
-                    );
-                } else if !args.json {
-                    crate::say!("{}", plan.job_id);
-                }
-                if !args.json {
-                    eprintln!(
-                        "producer: {} stored as {} ({bytes} bytes); jobs published: {}",
-                        file.display(),
-                        plan.source,
-                        plan.tasks().join(", ")
-                    );
-                }
-                published.push(wait::TrackedJob {
-                    job_id: plan.job_id,
-                    file: file.clone(),
-                    tasks: plan.tasks().iter().map(|t| t.to_string()).collect(),
-                });
-            }
-            Err(e) => {
-                failed += 1;
-                eprintln!("producer: {}: {e:#}", file.display());
-            }
-        }
-    }
+    let (published, failed) = report(&args, &plans, results);
 
     let waited = match (follower, stop) {
         (Some(follower), Some(stop)) if !published.is_empty() => {
@@ -460,6 +390,100 @@ pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
         )));
     }
     waited.unwrap_or(Ok(()))
+}
+
+/// Every file's size, or a usage error naming every problem (nothing is uploaded then).
+fn check_files(files: &[std::path::PathBuf]) -> Result<Vec<u64>, Failure> {
+    let mut sizes = Vec::with_capacity(files.len());
+    let mut problems = Vec::new();
+    for file in files {
+        match check_file(file) {
+            Ok(size) => sizes.push(size),
+            Err(e) => problems.push(e),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::usage(format!(
+            "{}\nnothing was uploaded or published",
+            problems.join("\n")
+        )));
+    }
+    Ok(sizes)
+}
+
+/// Stores and publishes every plan, [`CONCURRENT_UPLOADS`] at a time, each with its
+/// progress bar; each file's index with its result.
+async fn store_all(
+    storage: &Storage,
+    broker: &Broker,
+    plans: &[JobPlan],
+    files: &[std::path::PathBuf],
+    sizes: &[u64],
+    multi: &MultiProgress,
+) -> Vec<(usize, anyhow::Result<u64>)> {
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    )
+    .expect("valid template")
+    .progress_chars("=> ");
+    futures::stream::iter(plans.iter().zip(files).zip(sizes).enumerate())
+        .map(|(i, ((plan, file), size))| {
+            let bar = multi.add(ProgressBar::new(*size));
+            bar.set_style(style.clone());
+            bar.set_prefix(short_name(file));
+            async move {
+                let result = store_and_publish(storage, broker, plan, file, &bar).await;
+                bar.finish_and_clear();
+                (i, result)
+            }
+        })
+        .buffered(CONCURRENT_UPLOADS)
+        .collect()
+        .await
+}
+
+/// Prints each upload's job id (or its error); the jobs to follow, and how many failed.
+fn report(
+    args: &UploadArgs,
+    plans: &[JobPlan],
+    results: Vec<(usize, anyhow::Result<u64>)>,
+) -> (Vec<wait::TrackedJob>, usize) {
+    let mut published = Vec::new();
+    let mut failed = 0;
+    for (i, result) in results {
+        let (plan, file) = (&plans[i], &args.files[i]);
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                failed += 1;
+                eprintln!("producer: {}: {e:#}", file.display());
+                continue;
+            }
+        };
+        if args.json && !args.wait {
+            crate::say!(
+                "{}",
+                serde_json::json!({
+                    "job_id": plan.job_id, "file": file, "source": plan.source.as_str(),
+                    "bytes": bytes, "tasks": plan.tasks(),
+                })
+            );
+        } else if !args.json {
+            crate::say!("{}", plan.job_id);
+            eprintln!(
+                "producer: {} stored as {} ({bytes} bytes); jobs published: {}",
+                file.display(),
+                plan.source,
+                plan.tasks().join(", ")
+            );
+        }
+        published.push(wait::TrackedJob {
+            job_id: plan.job_id,
+            file: file.clone(),
+            tasks: plan.tasks().iter().map(|t| t.to_string()).collect(),
+        });
+    }
+    (published, failed)
 }
 
 /// A file's name for a progress bar.

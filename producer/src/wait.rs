@@ -445,3 +445,26 @@ fn describe(p: &TaskProgress, with_percent: bool) -> String {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::split::PartRef;
+
+    #[test]
+    fn a_split_task_shows_its_segments_summed_and_counted() {
+        let mut p = TaskProgress::queued();
+        p.apply_part(&PartRef::segment(0, 4), Some(100.0));
+        p.apply_part(&PartRef::segment(1, 4), Some(50.0));
+        // A late, smaller percent of a redelivered segment does not move the bar back.
+        p.apply_part(&PartRef::segment(0, 4), Some(10.0));
+        // Audio is not a segment.
+        p.apply_part(&PartRef::audio(4), Some(100.0));
+        assert_eq!(p.segments, Some(SegmentsDone { done: 1, of: 4 }));
+        let percent = p.percent.unwrap();
+        assert!((percent - 150.0 / 4.0 * 0.95).abs() < 1e-9, "{percent}");
+        p.state = "progress".into();
+        p.attempt = 1;
+        assert_eq!(describe(&p, true), "progress 35%, segments done 1/4");
+    }
+}

@@ -240,28 +240,40 @@ pub fn encode_audio(
         }
     }
     audio.finish(&mut sink)?;
-    let mut parts = Vec::with_capacity(writers.len());
-    for (w, kbps) in writers.into_iter().zip(&rates) {
-        let info = w.finish()?;
-        let s = info.stats;
-        let (Some(first_pts), Some(last_pts), Some(end_pts)) = (s.first_pts, s.last_pts, s.end_pts)
-        else {
-            return Err(shared::permanent("source audio has no decodable samples"));
-        };
-        parts.push(AudioPart {
-            kbps: *kbps,
-            path: info.path,
-            packets: s.packets,
-            first_pts,
-            last_pts,
-            end_pts,
-            time_base: (info.time_base.numerator(), info.time_base.denominator()),
-            source_video_s: video_span.get(),
-            source_audio_s: audio_span.get(),
-        });
-    }
+    let spans = (video_span.get(), audio_span.get());
+    let parts = writers
+        .into_iter()
+        .zip(&rates)
+        .map(|(w, kbps)| finish_audio_part(w, *kbps, spans))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     ctx.progress(100.0);
     Ok(parts)
+}
+
+/// Closes one bit rate's part file and describes it; `spans` are where the source's
+/// video and audio start and end (seconds), for the stitch's sync check.
+fn finish_audio_part(
+    writer: PartWriter,
+    kbps: u32,
+    (source_video_s, source_audio_s): ((f64, f64), (f64, f64)),
+) -> anyhow::Result<AudioPart> {
+    let info = writer.finish()?;
+    let s = info.stats;
+    let (Some(first_pts), Some(last_pts), Some(end_pts)) = (s.first_pts, s.last_pts, s.end_pts)
+    else {
+        return Err(shared::permanent("source audio has no decodable samples"));
+    };
+    Ok(AudioPart {
+        kbps,
+        path: info.path,
+        packets: s.packets,
+        first_pts,
+        last_pts,
+        end_pts,
+        time_base: (info.time_base.numerator(), info.time_base.denominator()),
+        source_video_s,
+        source_audio_s,
+    })
 }
 
 /// The earliest start and latest end of some packets, seconds.

@@ -171,6 +171,8 @@ fn segment(
     limits: &MediaLimits,
 ) -> anyhow::Result<TaskOutput> {
     let started = Instant::now();
+    let src = media::open(&ctx.source_path, limits)?;
+    check_ladder(ladder, &src.info)?;
     let files = segment_encode::encode_segment(&ctx.source_path, range, ladder, cfg, limits, ctx)?;
     let mut out = TaskOutput::default();
     for f in &files {
@@ -182,7 +184,6 @@ fn segment(
     }
     // The first segment carries what the task's manifest says about the source.
     let source = if range.index == 0 {
-        let src = media::open(&ctx.source_path, limits)?;
         let (_, dropped) = ladder::plan(
             &job.renditions,
             src.info.video.display_width,
@@ -202,6 +203,24 @@ fn segment(
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
     Ok(out)
+}
+
+/// A part's ladder comes in its message: a hostile one must not make a worker encode
+/// pictures larger than the source (the planner never upscales; 2 pixels of slack for
+/// the even rounding of sizes).
+fn check_ladder(ladder: &[Planned], info: &media::SourceInfo) -> anyhow::Result<()> {
+    let (w, h) = (info.video.display_width, info.video.display_height);
+    let (long, short) = (w.max(h) + 2, w.min(h) + 2);
+    for r in ladder {
+        if r.width.max(r.height) > long || r.width.min(r.height) > short {
+            return Err(permanent(format!(
+                "the part's rendition `{}` ({}x{}) is larger than the source ({w}x{h}); the \
+                 planner never upscales, so this part was not made by it",
+                r.name, r.width, r.height
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Encodes the whole audio once per distinct bit rate of the ladder.
@@ -358,5 +377,68 @@ impl From<&Planned> for PlannedRendition {
             video_kbps: p.video_kbps,
             audio_kbps: p.audio_kbps,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::JobError;
+
+    fn source(w: u32, h: u32) -> media::SourceInfo {
+        media::SourceInfo {
+            container: "mov,mp4,m4a,3gp,3g2,mj2".into(),
+            duration_s: 600.0,
+            size_bytes: 1,
+            video: media::VideoInfo {
+                index: 0,
+                codec: "h264".into(),
+                width: w,
+                height: h,
+                display_width: w,
+                display_height: h,
+                rotation: 0,
+                frame_rate: 25.0,
+                pixel_format: "yuv420p".into(),
+            },
+            audio: None,
+        }
+    }
+
+    #[test]
+    fn a_part_may_not_ask_for_pictures_larger_than_the_source() {
+        let (planned, _) = ladder::plan(&[], 1280, 720);
+        check_ladder(&planned, &source(1280, 720)).expect("the planner's own ladder");
+        let (portrait, _) = ladder::plan(&[], 720, 1280);
+        check_ladder(&portrait, &source(720, 1280)).expect("portrait");
+        let hostile = Planned {
+            name: "huge".into(),
+            width: 7680,
+            height: 4320,
+            video_kbps: 50_000,
+            audio_kbps: 128,
+        };
+        let err = check_ladder(&[hostile], &source(1280, 720)).unwrap_err();
+        assert!(err.to_string().contains("larger than the source"), "{err}");
+        assert!(matches!(JobError::classify(err), JobError::Permanent(_)));
+    }
+
+    #[test]
+    fn plan_ids_follow_what_shapes_the_parts() {
+        let ranges = |frames| {
+            vec![SegmentRange {
+                index: 0,
+                start_s: 0.0,
+                end_s: None,
+                frames,
+            }]
+        };
+        let cfg = TranscoderSettings::default();
+        let id = plan_id(&ranges(10), &[], &cfg);
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, plan_id(&ranges(10), &[], &cfg), "stable");
+        assert_ne!(id, plan_id(&ranges(11), &[], &cfg));
+        let crf = TranscoderSettings { crf: 30, ..cfg };
+        assert_ne!(id, plan_id(&ranges(10), &[], &crf));
     }
 }

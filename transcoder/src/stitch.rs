@@ -114,6 +114,8 @@ struct Survey {
     params: ffmpeg::codec::Parameters,
 }
 
+/// One rendition: its parts surveyed and checked, then copied (with its audio) into its
+/// containers, decoding times rebuilt.
 fn stitch_rendition(
     plan: &Planned,
     formats: &[OutputFormat],
@@ -130,16 +132,8 @@ fn stitch_rendition(
 
     let mut video_params = survey.params.clone();
     clear_codec_tag(&mut video_params);
-    // The audio stream's parameters as the single pass gives them: from an AAC encoder
-    // of the same settings (NUT does not keep the encoder's priming, which the MP4 muxer
-    // reads from them).
     let mut sound = match audio {
-        Some(a) => {
-            let reader = PartReader::open(&a.path)?;
-            let encoder = AudioEncoder::open(a.kbps, cfg.audio_sample_rate)?;
-            let params = ffmpeg::codec::Parameters::from(&encoder.encoder);
-            Some(AudioCopy::new(a, reader, params)?)
-        }
+        Some(a) => Some(open_sound(a, cfg)?),
         None => None,
     };
     let mut muxers = Muxers::open(
@@ -180,15 +174,10 @@ fn stitch_rendition(
             g += 1;
         }
     }
-    if let Some(s) = sound.as_mut() {
+    if let (Some(s), Some(a)) = (sound.as_mut(), audio) {
         s.copy_until(f64::INFINITY, &mut muxers)?;
-        s.check(audio.expect("sound comes from the audio part"))?;
-        check_sync(
-            audio.expect("sound comes from the audio part"),
-            &stats,
-            tb,
-            frame,
-        )?;
+        s.check(a)?;
+        check_sync(a, &stats, tb, frame)?;
     }
     let files = muxers.finish()?;
     let end = stats.end_pts.unwrap_or(0);
@@ -203,6 +192,16 @@ fn stitch_rendition(
     })
 }
 
+/// The audio part's packets, ready to copy, with the stream's parameters as the single
+/// pass gives them: from an AAC encoder of the same settings (NUT does not keep the
+/// encoder's priming, which the MP4 muxer reads from them).
+fn open_sound(audio: &AudioPart, cfg: &TranscoderSettings) -> anyhow::Result<AudioCopy> {
+    let reader = PartReader::open(&audio.path)?;
+    let encoder = AudioEncoder::open(audio.kbps, cfg.audio_sample_rate)?;
+    let params = ffmpeg::codec::Parameters::from(&encoder.encoder);
+    AudioCopy::new(audio, reader, params)
+}
+
 /// Pass one over a rendition's parts: each is what its facts say and what its segment's
 /// plan counted, the seams have no gap or overlap, and the parts fit together as one
 /// stream. Returns every frame's timestamp and the reorder depth.
@@ -213,12 +212,7 @@ fn survey(
 ) -> anyhow::Result<Survey> {
     let mut all: Vec<i64> = Vec::new();
     let mut delay = 0usize;
-    let mut first: Option<(
-        Rational,
-        Option<Rational>,
-        ffmpeg::codec::Parameters,
-        Vec<u8>,
-    )> = None;
+    let mut first: Option<Stream> = None;
     let mut planned = 0u64;
     for (seg, part) in segments.iter().zip(parts) {
         let k = seg.range.index;
@@ -229,74 +223,8 @@ fn survey(
                 part.frames, seg.range.frames
             )));
         }
-        let mut reader = PartReader::open(&part.path)?;
-        let tb = reader.time_base;
-        if (tb.numerator(), tb.denominator()) != part.time_base {
-            anyhow::bail!(
-                "part {} has time base {tb}, its facts say {}/{}",
-                part.path.display(),
-                part.time_base.0,
-                part.time_base.1
-            );
-        }
-        let extradata = reader.extradata();
-        match &first {
-            None => {
-                first = Some((tb, reader.frame_rate, reader.params.clone(), extradata));
-            }
-            Some((tb0, _, _, extra0)) => {
-                if *tb0 != tb {
-                    return Err(permanent(format!(
-                        "seam error: segment {k} has time base {tb}, segment 0 {tb0}"
-                    )));
-                }
-                if *extra0 != extradata {
-                    return Err(permanent(format!(
-                        "seam error: segment {k} was encoded with other settings (its SPS/PPS \
-                         differ from segment 0's)"
-                    )));
-                }
-            }
-        }
-        // Decoding order as stored; presentation order is the sorted timestamps.
-        let mut order: Vec<i64> = Vec::with_capacity(part.frames as usize);
-        let mut first_key = None;
-        while let Some(packet) = reader.next()? {
-            ctx.check_cancelled()?;
-            if first_key.is_none() {
-                first_key = Some(packet.is_key());
-            }
-            order.push(packet.pts().unwrap_or_default());
-        }
-        let mut sorted = order.clone();
-        sorted.sort_unstable();
-        let (got_first, got_last) = (sorted.first().copied(), sorted.last().copied());
-        if order.len() as u64 != part.frames
-            || got_first != Some(part.first_pts)
-            || got_last != Some(part.last_pts)
-        {
-            // Transient: the file is not the one its facts describe (a partial download).
-            anyhow::bail!(
-                "part {} holds {} frames from {got_first:?} to {got_last:?}; its facts say {} \
-                 from {} to {}",
-                part.path.display(),
-                order.len(),
-                part.frames,
-                part.first_pts,
-                part.last_pts
-            );
-        }
-        if first_key != Some(true) {
-            return Err(permanent(format!(
-                "seam error: segment {k} does not start on a keyframe"
-            )));
-        }
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(permanent(format!(
-                "seam error: segment {k} shows two frames at one time"
-            )));
-        }
-        check_range(&seg.range, &sorted, tb, first.as_ref().and_then(|f| f.1))?;
+        let (order, sorted) = read_part(k, part, &mut first, ctx)?;
+        check_range(&seg.range, &sorted, first_tb(&first), first_rate(&first))?;
         if let (Some(prev), Some(now)) = (all.last(), sorted.first())
             && now <= prev
         {
@@ -319,15 +247,119 @@ fn survey(
             all.len()
         )));
     }
-    let (time_base, frame_rate, params, _) = first.expect("at least one segment");
-    let frame_rate = frame_rate.context("the video part does not record its frame rate")?;
+    let first = first.expect("at least one segment");
+    let frame_rate = first
+        .frame_rate
+        .context("the video part does not record its frame rate")?;
     Ok(Survey {
         pts: all,
         delay,
-        time_base,
+        time_base: first.time_base,
         frame_rate,
-        params,
+        params: first.params,
     })
+}
+
+/// What every part of one rendition must share with the first: one stream.
+struct Stream {
+    time_base: Rational,
+    frame_rate: Option<Rational>,
+    params: ffmpeg::codec::Parameters,
+    /// SPS/PPS: parts encoded with other settings differ here.
+    extradata: Vec<u8>,
+}
+
+fn first_tb(first: &Option<Stream>) -> Rational {
+    first.as_ref().map_or(Rational::new(1, 1), |f| f.time_base)
+}
+
+fn first_rate(first: &Option<Stream>) -> Option<Rational> {
+    first.as_ref().and_then(|f| f.frame_rate)
+}
+
+/// Reads one part of segment `k`: checks it is the file its facts describe (else
+/// transient: a partial download), shares one stream with the first part (recorded in
+/// `first` when there is none yet), starts on a keyframe and shows no two frames at one
+/// time. Its timestamps in decoding order, and sorted.
+fn read_part(
+    k: u32,
+    part: &PartFile,
+    first: &mut Option<Stream>,
+    ctx: &JobContext,
+) -> anyhow::Result<(Vec<i64>, Vec<i64>)> {
+    let mut reader = PartReader::open(&part.path)?;
+    let tb = reader.time_base;
+    if (tb.numerator(), tb.denominator()) != part.time_base {
+        anyhow::bail!(
+            "part {} has time base {tb}, its facts say {}/{}",
+            part.path.display(),
+            part.time_base.0,
+            part.time_base.1
+        );
+    }
+    let extradata = reader.extradata();
+    match first {
+        None => {
+            *first = Some(Stream {
+                time_base: tb,
+                frame_rate: reader.frame_rate,
+                params: reader.params.clone(),
+                extradata,
+            });
+        }
+        Some(f) if f.time_base != tb => {
+            return Err(permanent(format!(
+                "seam error: segment {k} has time base {tb}, segment 0 {}",
+                f.time_base
+            )));
+        }
+        Some(f) if f.extradata != extradata => {
+            return Err(permanent(format!(
+                "seam error: segment {k} was encoded with other settings (its SPS/PPS \
+                 differ from segment 0's)"
+            )));
+        }
+        Some(_) => {}
+    }
+    // Decoding order as stored; presentation order is the sorted timestamps.
+    let mut order: Vec<i64> = Vec::with_capacity(part.frames as usize);
+    let mut first_key = None;
+    while let Some(packet) = reader.next()? {
+        ctx.check_cancelled()?;
+        if first_key.is_none() {
+            first_key = Some(packet.is_key());
+        }
+        order.push(packet.pts().unwrap_or_default());
+    }
+    let mut sorted = order.clone();
+    sorted.sort_unstable();
+    let (got_first, got_last) = (sorted.first().copied(), sorted.last().copied());
+    if order.len() as u64 != part.frames
+        || got_first != Some(part.first_pts)
+        || got_last != Some(part.last_pts)
+    {
+        // Transient: the file is not the one its facts describe (a partial download).
+        anyhow::bail!(
+            "part {} holds {} frames from {got_first:?} to {got_last:?}; its facts say {} \
+             from {} to {}",
+            part.path.display(),
+            order.len(),
+            part.frames,
+            part.first_pts,
+            part.last_pts
+        );
+    }
+    if first_key != Some(true) {
+        return Err(permanent(format!(
+            "seam error: segment {k} does not start on a keyframe"
+        )));
+    }
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(permanent(format!(
+            "seam error: segment {k} shows two frames at one time"
+        )));
+    }
+    Ok((order, sorted))
 }
 
 /// Each frame of a segment lies in its range (within half a frame of its bounds, for a
