@@ -233,8 +233,8 @@ async fn a_worker_killed_mid_segment_leaves_the_job_to_complete_once() {
     assert_eq!(completions(&events), 1, "{:?}", events.seen);
 }
 
-/// Three stitches of one job at once (the fan-in's own and two more, as two last
-/// segments finishing together or a redelivery would make): one result, one
+/// Two last segments finishing together (both may see every part committed and publish
+/// a stitch), then one more stitch after the task is done (a redelivery): one result, one
 /// `completed`, and nothing under the output prefix but that result.
 #[tokio::test]
 async fn stitches_racing_make_one_result() {
@@ -246,15 +246,16 @@ async fn stitches_racing_make_one_result() {
         env.spawn_worker(WORKER, name, &SPLIT);
     }
     let parts = parts_of(&job, &clip);
-    let mut stitch = parts[0].clone();
-    if let Some(p) = stitch.part.as_mut() {
-        p.stage = Stage::Stitch;
+    // Hold back two segments of equal length; the rest are committed first.
+    let (last_two, rest): (Vec<_>, Vec<_>) = parts
+        .iter()
+        .enumerate()
+        .partition(|(i, _)| [1, 2].contains(i));
+    for (_, part) in &rest {
+        env.publish(*part).await;
     }
-    for part in &parts {
-        env.publish(part).await;
-    }
-    let prefixes: Vec<StorageKey> = parts.iter().map(JobMessage::commit_prefix).collect();
-    eventually(PATIENCE, "every part committed", async || {
+    let prefixes: Vec<StorageKey> = rest.iter().map(|(_, p)| p.commit_prefix()).collect();
+    eventually(PATIENCE, "the other parts committed", async || {
         for p in &prefixes {
             if !env.storage_committed(p).await {
                 return false;
@@ -263,15 +264,35 @@ async fn stitches_racing_make_one_result() {
         true
     })
     .await;
-    env.publish(&stitch).await;
-    env.publish(&stitch).await;
+    for (_, part) in &last_two {
+        env.publish(*part).await;
+    }
     let manifest = env.wait_manifest(&job.output_prefix, PATIENCE).await;
-    stays(Duration::from_secs(4), "one completed event", async || {
+    let mut stitch = parts[0].clone();
+    if let Some(p) = stitch.part.as_mut() {
+        p.stage = Stage::Stitch;
+    }
+    env.publish(&stitch).await;
+    eventually(
+        PATIENCE,
+        "the extra stitch handled as a duplicate",
+        async || {
+            let logs = env.logs();
+            logs.contains("already committed by an earlier delivery")
+                || logs.contains("committed first")
+        },
+    )
+    .await;
+    stays(Duration::from_secs(3), "one completed event", async || {
         events.poll(Duration::from_millis(50)).await;
         completions(&events) <= 1
     })
     .await;
     assert_eq!(completions(&events), 1, "{:?}", events.seen);
+    assert_eq!(
+        env.wait_manifest(&job.output_prefix, PATIENCE).await,
+        manifest
+    );
     eventually(
         Duration::from_secs(30),
         "only the result is left",

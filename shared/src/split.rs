@@ -145,20 +145,42 @@ pub(crate) async fn join_when_complete<J: JobMessage>(
     fan_in: &FanIn<J>,
 ) -> anyhow::Result<bool> {
     use anyhow::Context as _;
-    let checks = fan_in.awaits.iter().map(|p| storage.is_committed(p));
-    for (prefix, committed) in fan_in
+    // One listing per folder of parts (all of a plan's parts share one), not a metadata
+    // call per part: each part checks, so per-part calls would grow with the square of
+    // the segments. Listings are strongly consistent on S3 and the filesystem alike.
+    let mut stored = std::collections::HashSet::new();
+    let mut listed = std::collections::HashSet::new();
+    for prefix in &fan_in.awaits {
+        let parent = parent_of(prefix);
+        if listed.insert(parent.clone()) {
+            let keys = storage
+                .list(&parent)
+                .await
+                .with_context(|| format!("listing the parts under `{parent}`"))?;
+            stored.extend(keys);
+        }
+    }
+    let all_committed = fan_in
         .awaits
         .iter()
-        .zip(futures::future::join_all(checks).await)
-    {
-        if !committed.with_context(|| format!("checking part `{prefix}`"))? {
-            return Ok(false);
-        }
+        .all(|p| stored.contains(crate::storage::Storage::manifest_key(p).as_str()));
+    if !all_committed {
+        return Ok(false);
     }
     publish_all(channel, exchange, &[FollowUp::of(&fan_in.then)])
         .await
         .context("publishing the join of the completed parts")?;
     Ok(true)
+}
+
+/// The folder holding a part's folder: `…/parts/<plan>/` of `…/parts/<plan>/seg-00003/`.
+fn parent_of(prefix: &StorageKey) -> StorageKey {
+    let trimmed = prefix.as_str().trim_end_matches('/');
+    let parent = match trimmed.rfind('/') {
+        Some(at) => &trimmed[..=at],
+        None => "",
+    };
+    StorageKey::new(parent.to_owned()).unwrap_or_else(|_| prefix.clone())
 }
 
 /// A join's inputs: each part's manifest and its outputs as local files (read in place
@@ -189,4 +211,30 @@ pub(crate) async fn fetch_parts(
         parts.push(crate::handler::CommittedPart { manifest, files });
     }
     Ok((parts, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_parts_folder_is_listed_once_for_all_its_parts() {
+        let key = |k: &str| StorageKey::new(k.to_owned()).unwrap();
+        assert_eq!(
+            parent_of(&key(
+                "outputs/j/transcode/parts/0123456789abcdef/seg-00003/"
+            )),
+            key("outputs/j/transcode/parts/0123456789abcdef/")
+        );
+        assert_eq!(
+            parent_of(&key("outputs/j/transcode/parts/0123456789abcdef/audio/")),
+            key("outputs/j/transcode/parts/0123456789abcdef/")
+        );
+    }
+
+    #[test]
+    fn parts_are_named_for_people() {
+        assert_eq!(PartRef::segment(2, 10).label(), "segment 3/10");
+        assert_eq!(PartRef::audio(10).label(), "audio");
+    }
 }
