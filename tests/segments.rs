@@ -371,3 +371,47 @@ async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
     let probe = ffprobe(&output(&env, &manifest, "hls/240p/index.m3u8"));
     assert_eq!(probe["streams"][0]["codec_name"], "h264", "{probe:#}");
 }
+
+/// `producer upload --wait` on a source the transcoders split: one transcode task,
+/// followed through its segments (`segments done 4/4` in the report) to one `completed`;
+/// with `--segments off` the same upload is not split.
+#[tokio::test]
+async fn upload_wait_follows_a_split_transcode_as_one_task() {
+    let mut env = TestEnv::new().await;
+    let clip = clip(env.data.path());
+    env.spawn_worker(WORKER, "w1", &SPLIT);
+    env.spawn_worker(WORKER, "w2", &SPLIT);
+    env.spawn_worker("thumbnailer", "thumbs", &[]);
+    let upload = |mode: &'static str| {
+        let clip = clip.to_str().unwrap().to_owned();
+        let env = &env;
+        async move {
+            let args = [
+                "upload",
+                &clip,
+                "--wait",
+                "--timeout",
+                "240",
+                "--json",
+                "--segments",
+                mode,
+            ];
+            let out = env.producer(&args).await;
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                env.logs()
+            );
+            let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+            report["tasks"]["transcode"].clone()
+        }
+    };
+    let split = upload("auto").await;
+    assert_eq!(split["state"], "completed", "{split}");
+    assert_eq!(split["segments"], json!({"done": 4, "of": 4}), "{split}");
+    let whole = upload("off").await;
+    assert_eq!(whole["state"], "completed", "{whole}");
+    assert!(whole["segments"].is_null(), "{whole}");
+}
