@@ -27,6 +27,34 @@ if ! python3 -c "import moto.server" >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check "moto[s3]" flask flask-cors
 fi
 
+# The deployment files' offline validation (tests/k8s/validate.sh): `kubectl kustomize`,
+# `docker-compose config` and a venv with kubernetes-validate, jsonschema and pyyaml
+# (pinned in tests/k8s/requirements.txt). Debian 12 has no `kubectl` package of its own:
+# its `kubernetes-client` (kubectl 1.20) is taken where no `kubectl` package is offered.
+tools=()
+command -v kubectl >/dev/null 2>&1 || tools+=(kubectl)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || tools+=(docker-compose)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || tools+=(python3-venv)
+if [ ${#tools[@]} -gt 0 ]; then
+  as_root apt-get update -qq
+  if [[ " ${tools[*]} " == *" kubectl "* ]] && [ -z "$(apt-cache policy kubectl | awk '/Candidate:/ && $2 != "(none)"')" ]; then
+    tools=("${tools[@]/#kubectl/kubernetes-client}")
+  fi
+  echo "setup: installing ${tools[*]} (deployment validation)"
+  # No recommends: docker-compose's would pull in the Docker engine, which only the
+  # compose smoke test needs (it installs it itself).
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${tools[@]}" >/dev/null
+fi
+k8s_venv=${VIDPIPE_K8S_VENV:-$HOME/.cache/vidpipe-k8s-venv}
+k8s_reqs=$(dirname "$0")/../tests/k8s/requirements.txt
+if ! cmp -s "$k8s_reqs" "$k8s_venv/requirements.txt" || [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
+  echo "setup: making $k8s_venv (kubernetes-validate, jsonschema, pyyaml)"
+  rm -rf "$k8s_venv"
+  python3 -m venv "$k8s_venv"
+  "$k8s_venv/bin/pip" install -q --disable-pip-version-check -r "$k8s_reqs"
+  cp "$k8s_reqs" "$k8s_venv/requirements.txt"
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is missing; install Rust (rustup) first" >&2
   exit 1
