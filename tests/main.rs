@@ -5,6 +5,7 @@
 
 mod support;
 
+mod broker_list;
 mod broker_refusal;
 mod chaos;
 mod health;
