@@ -10,9 +10,10 @@
 //!
 //! Settings made for tests (each said where it matters): the Erlang distribution tick is
 //! `net_ticktime` = [`NET_TICKTIME_SECS`] instead of 60 s, so a frozen node is declared
-//! down in about that long, and `cluster_partition_handling = autoheal`, so a node thawed
+//! down in about that long; `cluster_partition_handling = autoheal`, so a node thawed
 //! after being declared down restarts itself and rejoins (as production clusters that
-//! can be partitioned should be configured).
+//! can be partitioned should be configured); and the at-least-once dead-letter worker's
+//! confirm timeout is [`DLX_CONFIRM_TIMEOUT_MS`] instead of two minutes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -23,6 +24,11 @@ use tempfile::TempDir;
 /// The nodes' Erlang distribution tick, seconds: a node that answers nothing for about
 /// this long is declared down by the others (default 60).
 pub const NET_TICKTIME_SECS: u64 = 10;
+
+/// How long a quorum queue's at-least-once dead-letter worker waits for the target's
+/// confirm before it sends again, ms (RabbitMQ's default is 120 000: a retry whose
+/// return to `video_tasks` was in flight when a node was lost would wait two minutes).
+pub const DLX_CONFIRM_TIMEOUT_MS: u64 = 5000;
 
 /// A running three-node cluster; stopped (and its files removed) on drop.
 pub struct Cluster {
@@ -118,7 +124,14 @@ impl Cluster {
             )
             .unwrap();
             std::fs::write(base.join("enabled_plugins"), "[].\n").unwrap();
-            std::fs::write(base.join("advanced.config"), "[].\n").unwrap();
+            std::fs::write(
+                base.join("advanced.config"),
+                format!(
+                    "[{{rabbit, [{{dead_letter_worker_publisher_confirm_timeout, \
+                     {DLX_CONFIRM_TIMEOUT_MS}}}]}}].\n"
+                ),
+            )
+            .unwrap();
         }
         // Together: each node waits for the others to form the cluster.
         std::thread::scope(|s| {
@@ -250,6 +263,26 @@ impl Cluster {
             ),
             other => other.to_string(),
         })
+    }
+
+    /// Every queue as node `via` sees it (messages, ready, unacked, leader, members,
+    /// online members), for failure messages.
+    pub fn queues_report(&self, via: usize) -> String {
+        text(&self.ctl(
+            via,
+            &[
+                "list_queues",
+                "name",
+                "type",
+                "messages",
+                "messages_ready",
+                "messages_unacknowledged",
+                "consumers",
+                "leader",
+                "online",
+                "-q",
+            ],
+        ))
     }
 
     /// The node's operating-system process id (its pid file).
