@@ -351,6 +351,20 @@ async fn no_job_is_lost_when_cluster_nodes_are_killed_and_frozen() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     dead.extend(env.take_all(&env.topology.dead()).await);
     let healed = healing.await.unwrap();
+    let thawed_at = freeze_started + freeze_for;
+    if healed > thawed_at + Duration::from_secs(30) {
+        let c = cluster.clone();
+        let log = tokio::task::spawn_blocking(move || c.log(frozen))
+            .await
+            .unwrap();
+        // RabbitMQ 3.10's autoheal sometimes waits its 60 s safe-to-start timeout.
+        let autoheal: Vec<&str> = log.lines().filter(|l| l.contains("Autoheal")).collect();
+        println!(
+            "the thawed node took {:.0} s to rejoin:\n{}",
+            (healed - thawed_at).as_secs_f64(),
+            autoheal.join("\n")
+        );
+    }
 
     let dead_ids: Vec<Uuid> = dead
         .iter()
