@@ -61,7 +61,7 @@ pub async fn connect(
                 }
                 None => {
                     let brokers = settings.redacted_addresses();
-                    tracing::warn!(%brokers, error = %e, retry_in = ?delay, "no broker reachable; waiting before trying again");
+                    tracing::warn!(%brokers, error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
                 }
             },
         }
