@@ -5,8 +5,10 @@
 
 mod support;
 
+mod broker_list;
 mod broker_refusal;
 mod chaos;
+mod cluster;
 mod health;
 mod hostile;
 mod producer;

@@ -147,7 +147,13 @@ fn declare_topology(settings: &crate::settings::Settings, kind: TaskKind) -> Exi
             ExitCode::SUCCESS
         }
         Err(e) => {
-            match crate::broker::refusal(settings.amqp.url.expose(), &e.to_string()) {
+            let first = settings
+                .amqp
+                .addresses()
+                .first()
+                .copied()
+                .unwrap_or_default();
+            match crate::broker::refusal(first, &e.to_string()) {
                 Some(why) => tracing::error!("{why}; could not declare the topology"),
                 None => tracing::error!(error = %e, "could not declare the topology"),
             }

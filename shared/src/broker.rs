@@ -9,12 +9,20 @@
 //! user and the vhost, never the password. A worker keeps trying anyway, once per backoff
 //! step, since a password may be in the middle of being rotated.
 //!
+//! Several brokers (the nodes of a cluster, `amqp.urls`) are one setting: every
+//! connection attempt goes through the list in turn, starting after the node connected
+//! to last, so a process that lost its node reconnects to another live one at once, and
+//! waits with backoff only when none answers. Each attempt is bounded by
+//! `amqp.connect_timeout_secs`, since a frozen node accepts the TCP connection and then
+//! never answers.
+//!
 //! `amqps://` URLs connect over TLS (rustls with ring). The server is verified against the
 //! system's native roots plus, when set, `amqp.tls_ca_file`; `amqp.tls_client_cert_file`
 //! and `amqp.tls_client_key_file` give a client certificate for brokers that ask for one.
 //! The files are read at every connection attempt, so renewed certificates are picked up
-//! on the next reconnect.
+//! on the next reconnect. The TLS settings apply to every address of the list.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -27,26 +35,33 @@ use tokio_util::sync::CancellationToken;
 use crate::settings::{AmqpSettings, redact_url};
 
 /// Connects, retrying with backoff until it works or `shutdown` fires (then `None`).
+/// Each round tries every address of the settings ([`AmqpSettings::addresses`]) once,
+/// starting after the one connected to last ([`try_connect`]): a worker that lost its
+/// node goes to the next live one at once, and waits only when none answers.
 pub async fn connect(
     settings: &AmqpSettings,
     name: &str,
     shutdown: &CancellationToken,
 ) -> Option<Connection> {
-    let url = settings.url.expose();
     let max = Duration::from_secs_f64(settings.max_backoff_secs.max(0.1));
     let mut delay = Duration::from_millis(200);
     loop {
-        match try_connect(settings, name).await {
-            Ok(conn) => {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            attempt = connect_any(settings, name) => attempt,
+        };
+        match attempt {
+            Ok((conn, url)) => {
                 tracing::info!(broker = %redact_url(url), tls = is_tls(url), "connected to the broker");
                 return Some(conn);
             }
-            Err(e) => match refusal(url, &e.to_string()) {
+            Err((url, e)) => match refusal(url, &e.to_string()) {
                 Some(why) => {
                     tracing::warn!(broker = %redact_url(url), retry_in = ?delay, "{why}; trying again, in case the password is being changed");
                 }
                 None => {
-                    tracing::warn!(broker = %redact_url(url), error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
+                    let brokers = settings.redacted_addresses();
+                    tracing::warn!(%brokers, error = %e, retry_in = ?delay, "broker unreachable; waiting before trying again");
                 }
             },
         }
@@ -93,17 +108,24 @@ pub fn refusal(url: &str, error: &str) -> Option<String> {
 
 /// What [`try_connect`] connects to: a bare URL (an `amqps://` one is verified against
 /// the system's native roots only, without a client certificate), or the `amqp`
-/// settings (the URL with the TLS files).
+/// settings (every address of `amqp.urls` or `amqp.url`, each with the TLS files).
 pub trait Target {
-    /// The broker URL (a secret: never log it unredacted).
-    fn url(&self) -> &str;
-    /// The TLS configuration for an `amqps://` URL.
+    /// The broker URLs, at least one (secrets: never log them unredacted).
+    fn addresses(&self) -> Vec<&str>;
+    /// The TLS configuration for an `amqps://` URL (the same for every address).
     fn tls_config(&self) -> std::io::Result<OwnedTLSConfig>;
+    /// Longest wait for one connection attempt, handshake included.
+    fn connect_timeout(&self) -> Duration {
+        DEFAULT_CONNECT_TIMEOUT
+    }
 }
 
+/// [`Target::connect_timeout`] of a bare URL (`amqp.connect_timeout_secs`' default).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Target for str {
-    fn url(&self) -> &str {
-        self
+    fn addresses(&self) -> Vec<&str> {
+        vec![self]
     }
     fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
         Ok(OwnedTLSConfig::default())
@@ -111,8 +133,8 @@ impl Target for str {
 }
 
 impl Target for String {
-    fn url(&self) -> &str {
-        self
+    fn addresses(&self) -> Vec<&str> {
+        vec![self]
     }
     fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
         Ok(OwnedTLSConfig::default())
@@ -120,11 +142,14 @@ impl Target for String {
 }
 
 impl Target for AmqpSettings {
-    fn url(&self) -> &str {
-        self.url.expose()
+    fn addresses(&self) -> Vec<&str> {
+        AmqpSettings::addresses(self)
     }
     fn tls_config(&self) -> std::io::Result<OwnedTLSConfig> {
         tls_config(self)
+    }
+    fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs.max(0.1))
     }
 }
 
@@ -177,19 +202,91 @@ fn is_tls(url: &str) -> bool {
         .is_some_and(|scheme| scheme.eq_ignore_ascii_case("amqps://"))
 }
 
-/// One connection attempt, to a URL or with the `amqp` settings (see [`Target`]).
+/// Where the next connection attempt starts in a list of addresses: just after the one
+/// connected to last, process-wide. A connection is only opened again after the last one
+/// was lost, most likely with its node, so that node gets its turn last; and the
+/// producer's connections spread over the nodes.
+static NEXT_ADDRESS: AtomicUsize = AtomicUsize::new(0);
+
+/// One connection attempt per address of `target` (see [`Target`]), in turn from where
+/// the last connection left off, each bounded by the target's connect timeout: the first
+/// that connects wins. The error is a refused login if any address refused (it says
+/// more than an unreachable node), else the last address's.
+///
 /// lapin's own auto-recovery stays off: [`crate::runtime`] reconnects itself (see its
 /// module docs for why), and a publisher that loses its connection must learn it rather
 /// than wait on a replay.
 pub async fn try_connect<T: Target + ?Sized>(target: &T, name: &str) -> lapin::Result<Connection> {
-    let url = target.url();
+    connect_any(target, name)
+        .await
+        .map(|(conn, _)| conn)
+        .map_err(|(_, e)| e)
+}
+
+/// [`try_connect`], also naming the address that connected or, on error, that failed.
+async fn connect_any<'a, T: Target + ?Sized>(
+    target: &'a T,
+    name: &str,
+) -> Result<(Connection, &'a str), (&'a str, lapin::Error)> {
+    let addresses = target.addresses();
+    let count = addresses.len().max(1);
+    let start = NEXT_ADDRESS.load(Ordering::Relaxed) % count;
+    let mut failure: Option<(&str, lapin::Error)> = None;
+    for k in 0..count {
+        let i = (start + k) % count;
+        let Some(url) = addresses.get(i).copied() else {
+            break;
+        };
+        match connect_one(target, url, name).await {
+            Ok(conn) => {
+                NEXT_ADDRESS.store(i + 1, Ordering::Relaxed);
+                return Ok((conn, url));
+            }
+            Err(e) => {
+                if count > 1 {
+                    tracing::warn!(broker = %redact_url(url), error = %e, "broker node unavailable; trying the next address");
+                }
+                let keep_earlier = failure
+                    .as_ref()
+                    .is_some_and(|(_, earlier)| is_refusal(&earlier.to_string()));
+                if !keep_earlier {
+                    failure = Some((url, e));
+                }
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| {
+        (
+            "",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no broker address").into(),
+        )
+    }))
+}
+
+/// One attempt at one address, bounded by the target's connect timeout: a frozen node
+/// accepts TCP connections and never answers the handshake.
+async fn connect_one<T: Target + ?Sized>(
+    target: &T,
+    url: &str,
+    name: &str,
+) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.to_owned().into());
     let tls = if is_tls(url) {
         target.tls_config()?
     } else {
         OwnedTLSConfig::default()
     };
-    Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?).await
+    let timeout = target.connect_timeout();
+    let attempt =
+        Connection::connect_with_config(url, props, tls, lapin::runtime::default_runtime()?);
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )
+        .into()),
+    }
 }
 
 /// A channel in publisher-confirm mode.

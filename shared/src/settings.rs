@@ -78,8 +78,18 @@ pub fn redact_url(url: &str) -> String {
 #[cfg_attr(test, derive(Serialize))]
 #[serde(default)]
 pub struct AmqpSettings {
-    /// Broker URL, `amqp://` or `amqps://`.
+    /// Broker URL, `amqp://` or `amqps://`. Use [`Self::addresses`], which also covers
+    /// [`Self::urls`].
     pub url: Secret,
+    /// Several broker URLs (the nodes of a cluster), in place of `url`: connections go
+    /// to the first live one, rotating through the list on loss. From the environment,
+    /// comma separated. Setting both `url` and `urls` is an error.
+    #[serde(deserialize_with = "url_list")]
+    pub urls: Vec<Secret>,
+    /// Longest wait for one connection attempt (TCP, TLS and the AMQP handshake): a
+    /// frozen node accepts the TCP connection but never answers, and the next address
+    /// must get its turn.
+    pub connect_timeout_secs: f64,
     /// Longest wait between connection attempts while the broker is away.
     pub max_backoff_secs: f64,
     /// PEM file of the CA certificate(s) to trust for `amqps://`, in addition to the
@@ -97,6 +107,8 @@ impl Default for AmqpSettings {
     fn default() -> Self {
         Self {
             url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            urls: Vec::new(),
+            connect_timeout_secs: 10.0,
             max_backoff_secs: 10.0,
             tls_ca_file: None,
             tls_client_cert_file: None,
@@ -106,6 +118,73 @@ impl Default for AmqpSettings {
 }
 
 impl AmqpSettings {
+    /// The broker addresses to connect to, in order: `urls` when given, else `url`.
+    /// Never empty (validation refuses an empty `urls`). Secrets: never log them
+    /// unredacted.
+    pub fn addresses(&self) -> Vec<&str> {
+        if self.urls.is_empty() {
+            vec![self.url.expose()]
+        } else {
+            self.urls.iter().map(Secret::expose).collect()
+        }
+    }
+
+    /// The setting the addresses come from, for messages: `amqp.urls` or `amqp.url`.
+    pub fn addresses_key(&self) -> &'static str {
+        if self.urls.is_empty() {
+            "amqp.url"
+        } else {
+            "amqp.urls"
+        }
+    }
+
+    /// The addresses with their passwords hidden, comma separated, for messages.
+    pub fn redacted_addresses(&self) -> String {
+        self.addresses()
+            .into_iter()
+            .map(redact_url)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Checks every address: `amqp://` or `amqps://`, and a URL lapin can parse. The
+    /// error names the setting and the entry (1-based, for `urls`), with the password
+    /// redacted; the parser's own words are kept only when they cannot hold the URL.
+    pub fn validate_addresses(&self) -> anyhow::Result<()> {
+        let many = !self.urls.is_empty();
+        for (i, url) in self.addresses().into_iter().enumerate() {
+            let which = if many {
+                format!(
+                    "invalid setting `amqp.urls`: entry {} ({})",
+                    i + 1,
+                    redact_url(url)
+                )
+            } else {
+                format!("invalid setting `amqp.url` ({})", redact_url(url))
+            };
+            anyhow::ensure!(!url.trim().is_empty(), "{which}: empty");
+            let lower = url.to_ascii_lowercase();
+            anyhow::ensure!(
+                lower.starts_with("amqp://") || lower.starts_with("amqps://"),
+                "{which}: must start with amqp:// or amqps://"
+            );
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                // The parser may quote its input (`Invalid URL: '…'`): say it without.
+                let why = if e.contains(url) || e.contains('\'') || e.contains('@') {
+                    "not a valid URL".to_owned()
+                } else {
+                    e
+                };
+                anyhow::bail!("{which}: {why}");
+            }
+        }
+        anyhow::ensure!(
+            self.connect_timeout_secs.is_finite() && self.connect_timeout_secs > 0.0,
+            "invalid setting `amqp.connect_timeout_secs`: must be a positive number of seconds"
+        );
+        Ok(())
+    }
+
     /// Checks the TLS files: each one given must exist and hold what it should, and a
     /// client certificate needs its key (and the other way round). Errors name the key.
     /// Key material never appears in an error.
@@ -257,6 +336,42 @@ impl<'de> serde::de::Visitor<'de> for Seconds {
 
 impl<'de> serde::de::DeserializeSeed<'de> for Seconds {
     type Value = Vec<f64>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A list of broker URLs given as a list (from a file) or a comma-separated string
+/// (from the environment, which also hands a list over as untrimmed strings). Entries
+/// are trimmed; an empty one is kept, so validation can name it.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    d.deserialize_any(Urls)
+}
+
+/// Visits any of [`url_list`]'s forms. Errors never quote a value (it holds passwords).
+struct Urls;
+
+impl<'de> serde::de::Visitor<'de> for Urls {
+    type Value = Vec<Secret>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(
+            "broker URLs, e.g. [\"amqp://a:5672\", \"amqp://b:5672\"] or \"amqp://a,amqp://b\"",
+        )
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.split(',').map(|s| Secret::new(s.trim())).collect())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element_seed(Urls)? {
+            out.extend(item);
+        }
+        Ok(out)
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Urls {
+    type Value = Vec<Secret>;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_any(self)
     }
@@ -518,6 +633,8 @@ impl Loaded {
 /// `thumbnailer.*` in their crates, `media.*` in `media::probe`.
 pub const KNOWN_KEYS: &[&str] = &[
     "amqp.url",
+    "amqp.urls",
+    "amqp.connect_timeout_secs",
     "amqp.max_backoff_secs",
     "amqp.tls_ca_file",
     "amqp.tls_client_cert_file",
@@ -729,25 +846,35 @@ fn load_with_env(
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("retry.delays_secs")
+            .with_list_parse_key("amqp.urls")
             .source(env.clone()),
     );
     let raw = builder.build().context("reading settings")?;
     check_unknown_keys(&raw, file.as_deref(), env.as_ref())?;
+    anyhow::ensure!(
+        !(is_set(&raw, "amqp.url") && is_set(&raw, "amqp.urls")),
+        "settings `amqp.url` and `amqp.urls` are both set: give one (`amqp.urls` lists \
+         every broker node, `amqp.url` is one broker)"
+    );
     let settings: Settings = raw
         .clone()
         .try_deserialize()
         .map_err(|e| anyhow::anyhow!("invalid setting: {e}"))?;
+    anyhow::ensure!(
+        !(is_set(&raw, "amqp.urls") && settings.amqp.urls.is_empty()),
+        "invalid setting `amqp.urls`: the list is empty; give at least one broker URL"
+    );
     validate(&settings)?;
     Ok(Loaded { settings, raw })
 }
 
+/// Whether a file or the environment gave `key` (defaults are not in `raw`).
+fn is_set(raw: &config::Config, key: &str) -> bool {
+    raw.get::<serde::de::IgnoredAny>(key).is_ok()
+}
+
 fn validate(s: &Settings) -> anyhow::Result<()> {
-    let url = s.amqp.url.expose();
-    anyhow::ensure!(
-        url.starts_with("amqp://") || url.starts_with("amqps://"),
-        "invalid setting `amqp.url`: must start with amqp:// or amqps:// (got {})",
-        redact_url(url)
-    );
+    s.amqp.validate_addresses()?;
     s.amqp.validate_tls()?;
     if s.storage.backend == StorageBackend::S3 {
         anyhow::ensure!(
@@ -1085,6 +1212,101 @@ mod tests {
         assert_eq!(nearest_key("storage.bucket"), Some("storage.s3.bucket"));
         assert_eq!(nearest_key("completely.different"), None);
         assert_eq!(edit_distance("wroker", "worker"), 1);
+    }
+
+    #[test]
+    fn broker_urls_come_as_a_list_or_comma_separated_and_replace_the_url() {
+        let env = |pairs: &[(&str, &str)]| load_with_env(None, Some(env_map(pairs)));
+        let loaded = env(&[(
+            "VIDPIPE__AMQP__URLS",
+            "amqp://a:1/%2f, amqp://u:pw@b:2/%2f ,amqps://c:3/%2f",
+        )])
+        .unwrap();
+        assert_eq!(
+            loaded.settings.amqp.addresses(),
+            ["amqp://a:1/%2f", "amqp://u:pw@b:2/%2f", "amqps://c:3/%2f"]
+        );
+        assert_eq!(loaded.settings.amqp.addresses_key(), "amqp.urls");
+        let one = env(&[("VIDPIPE__AMQP__URLS", "amqp://a:1/%2f")]).unwrap();
+        assert_eq!(one.settings.amqp.addresses(), ["amqp://a:1/%2f"]);
+        let default = env(&[]).unwrap();
+        assert_eq!(
+            default.settings.amqp.addresses(),
+            ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+        );
+        assert_eq!(default.settings.amqp.addresses_key(), "amqp.url");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vidpipe.toml");
+        std::fs::write(
+            &file,
+            "[amqp]\nurls = [\"amqp://a/%2f\", \"amqp://b/%2f\"]\n",
+        )
+        .unwrap();
+        let loaded = load_with_env(Some(&file), Some(env_map(&[]))).unwrap();
+        assert_eq!(
+            loaded.settings.amqp.addresses(),
+            ["amqp://a/%2f", "amqp://b/%2f"]
+        );
+        std::fs::write(&file, "[amqp]\nurls = []\n").unwrap();
+        let err = format!(
+            "{:#}",
+            load_with_env(Some(&file), Some(env_map(&[]))).unwrap_err()
+        );
+        assert!(
+            err.contains("`amqp.urls`") && err.contains("empty"),
+            "{err}"
+        );
+
+        let err = format!(
+            "{:#}",
+            env(&[
+                ("VIDPIPE__AMQP__URL", "amqp://a/%2f"),
+                ("VIDPIPE__AMQP__URLS", "amqp://b/%2f"),
+            ])
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("`amqp.url` and `amqp.urls` are both set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bad_broker_url_is_named_by_its_place_in_the_list_without_its_password() {
+        let env = |list: &str| {
+            format!(
+                "{:#}",
+                load_with_env(None, Some(env_map(&[("VIDPIPE__AMQP__URLS", list)]))).unwrap_err()
+            )
+        };
+        let err = env("amqp://a/%2f,http://app:hunter2@b:5672/");
+        assert!(
+            err.contains("`amqp.urls`: entry 2 (http://app:***@b:5672/)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("amqp:// or amqps://") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = env("amqp://app:hunter2@b:99999/%2f,amqp://a/%2f");
+        assert!(err.contains("entry 1") && !err.contains("hunter2"), "{err}");
+        let err = env("amqp://a/%2f,,amqp://b/%2f");
+        assert!(err.contains("entry 2") && err.contains("empty"), "{err}");
+        let err = env("amqp://a/%2f,amqp://app:hunter2@b:1/%2f?heartbeat=soon");
+        assert!(err.contains("entry 2") && !err.contains("hunter2"), "{err}");
+        let single = format!(
+            "{:#}",
+            load_with_env(
+                None,
+                Some(env_map(&[("VIDPIPE__AMQP__URL", "http://app:hunter2@b/")]))
+            )
+            .unwrap_err()
+        );
+        assert!(
+            single.contains("`amqp.url` (http://app:***@b/)"),
+            "{single}"
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! producer ──► video_tasks (direct) ──transcode──► video_tasks.transcode (quorum) ──► transcoder
 //!                  ▲                └─thumbnail──► video_tasks.thumbnail (quorum) ──► thumbnailer
 //!                  │ TTL expires, original routing key kept
-//!   video_tasks.retry.<delay> (fanout exchange + classic queue with x-message-ttl)
+//!   video_tasks.retry.quorum.<delay> (fanout exchange + quorum queue with x-message-ttl)
 //!                  ▲ worker republishes a transient failure with x-vidpipe-attempt
 //! video_tasks.dead (fanout exchange + quorum queue): poison, permanent, exhausted,
 //!                  and the work queues' own dead letters (delivery limit overflow)
@@ -13,8 +13,14 @@
 //!
 //! One work queue per task kind of the topology's [`Registry`] (the builtin kinds, plus
 //! the kind of the worker's own handler): the two above are `shared::tasks::BUILTIN`.
-//! Retry tiers are named after their delay (`video_tasks.retry.5s`), so changing the
-//! configured delays declares new queues instead of clashing with existing arguments.
+//! Retry tiers are named after their delay (`video_tasks.retry.quorum.5s`), so changing
+//! the configured delays declares new queues instead of clashing with existing arguments.
+//! They are quorum queues, like the work queues and the parking lot, so a job waiting for
+//! its retry survives the loss of a cluster node; their expired messages go back to
+//! `video_tasks` at least once (`x-dead-letter-strategy = at-least-once`, which needs
+//! `x-overflow = reject-publish`). Earlier versions declared classic tiers named
+//! `video_tasks.retry.<delay>`: they still send what they hold back to `video_tasks`, and
+//! may be deleted once empty.
 //! Everything is declared by every process at start; declaring twice is a no-op.
 
 use std::time::Duration;
@@ -96,10 +102,10 @@ impl Topology {
     pub fn retry_tiers(&self) -> usize {
         self.retry_delays.len()
     }
-    /// `video_tasks.retry.<delay>`: exchange and queue of retry tier `tier`.
+    /// `video_tasks.retry.quorum.<delay>`: exchange and queue of retry tier `tier`.
     pub fn retry(&self, tier: usize) -> String {
         self.name(&format!(
-            "video_tasks.retry.{}",
+            "video_tasks.retry.quorum.{}",
             delay_label(self.retry_delays[tier])
         ))
     }
@@ -144,14 +150,18 @@ impl Topology {
     }
 
     /// Retry tier `tier`: holds messages for its TTL, then dead-letters them back into
-    /// `video_tasks` with the routing key they were published with (the task name).
+    /// `video_tasks` with the routing key they were published with (the task name). A
+    /// quorum queue (replicated), dead-lettering at least once: a message is removed from
+    /// the tier only once `video_tasks` confirmed it.
     async fn declare_retry_tier(&self, channel: &Channel, tier: usize) -> lapin::Result<()> {
         let name = self.retry(tier);
         let ttl_ms = self.retry_delays[tier].as_millis().min(i32::MAX as u128) as i32;
         exchange(channel, &name, ExchangeKind::Fanout).await?;
         let args = [
-            ("x-queue-type", long_string("classic")),
+            ("x-queue-type", long_string("quorum")),
             ("x-message-ttl", AMQPValue::LongInt(ttl_ms)),
+            ("x-dead-letter-strategy", long_string("at-least-once")),
+            ("x-overflow", long_string("reject-publish")),
             (
                 "x-dead-letter-exchange",
                 long_string(&self.tasks_exchange()),
@@ -292,9 +302,9 @@ mod tests {
         assert_eq!(
             (0..3).map(|i| t.retry(i)).collect::<Vec<_>>(),
             [
-                "video_tasks.retry.5s",
-                "video_tasks.retry.30s",
-                "video_tasks.retry.5m"
+                "video_tasks.retry.quorum.5s",
+                "video_tasks.retry.quorum.30s",
+                "video_tasks.retry.quorum.5m"
             ]
         );
     }
@@ -303,6 +313,6 @@ mod tests {
     fn prefix_applies_to_every_name() {
         let t = Topology::new("t1.", vec![Duration::from_millis(500)], 20);
         assert_eq!(t.work_queue("transcode"), "t1.video_tasks.transcode");
-        assert_eq!(t.retry(0), "t1.video_tasks.retry.500ms");
+        assert_eq!(t.retry(0), "t1.video_tasks.retry.quorum.500ms");
     }
 }

@@ -26,6 +26,7 @@ use shared::storage_key::StorageKey;
 use shared::topology::Topology;
 use uuid::Uuid;
 
+pub mod cluster;
 pub mod fixtures;
 pub mod kind;
 pub mod node;
@@ -77,6 +78,8 @@ pub struct TestEnv {
     pub amqp_url: String,
     /// Settings every worker of this environment gets besides the defaults above.
     extra_env: Vec<(String, String)>,
+    /// `amqp.urls` for the processes this environment starts, in place of `amqp.url`.
+    broker_list: Option<String>,
     workers: Vec<WorkerProcess>,
 }
 
@@ -179,6 +182,7 @@ impl TestEnv {
             delivery_limit,
             amqp_url,
             extra_env: Vec::new(),
+            broker_list: None,
             workers: Vec::new(),
         }
     }
@@ -189,11 +193,21 @@ impl TestEnv {
         self.extra_env = env;
     }
 
+    /// Points the processes this environment starts at several brokers (`amqp.urls`,
+    /// comma separated) instead of its own one (`amqp.url`).
+    pub fn use_broker_list(&mut self, urls: &str) {
+        self.broker_list = Some(urls.to_owned());
+    }
+
     /// The environment variables that point a process at this test's world.
     pub fn env_vars(&self) -> Vec<(String, String)> {
         let delays = TEST_RETRY_DELAYS.map(|d| d.to_string()).join(",");
+        let broker = match &self.broker_list {
+            Some(list) => ("VIDPIPE__AMQP__URLS".into(), list.clone()),
+            None => ("VIDPIPE__AMQP__URL".into(), self.amqp_url.clone()),
+        };
         let mut vars = vec![
-            ("VIDPIPE__AMQP__URL".into(), self.amqp_url.clone()),
+            broker,
             ("VIDPIPE__AMQP__MAX_BACKOFF_SECS".into(), "1".into()),
             ("VIDPIPE__TOPOLOGY__PREFIX".into(), self.prefix.clone()),
             ("VIDPIPE__RETRY__DELAYS_SECS".into(), delays),
