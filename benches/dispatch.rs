@@ -155,10 +155,11 @@ impl Bench {
         let shutdown = CancellationToken::new();
         let start = Instant::now();
         let worker = tokio::spawn(run(EmptyHandler, options, shutdown.clone()));
-        let done = health
-            .jobs
-            .get_or_create(&Health::labels("transcode", "completed"));
-        while (done.get() as usize) < n {
+        // The series' guard is a read lock on the family: take it afresh each time, as
+        // holding it would block the worker creating its series at start.
+        let labels = Health::labels("transcode", "completed");
+        let done = || health.jobs.get_or_create(&labels).get() as usize;
+        while done() < n {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let took = start.elapsed();
