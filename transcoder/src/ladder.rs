@@ -6,18 +6,11 @@
 //! source are dropped, and a source smaller than every rung gets one rendition at its own
 //! size. Sizes are even (4:2:0 chroma needs it) and keep the display aspect ratio.
 
-use serde::Serialize;
 use shared::messages::{DEFAULT_LADDER, Rendition, Rung};
 
-/// One rendition with its final picture size.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Planned {
-    pub name: String,
-    pub width: u32,
-    pub height: u32,
-    pub video_kbps: u32,
-    pub audio_kbps: u32,
-}
+/// One rendition with its final picture size: the type a split transcode's parts carry
+/// in their messages, so the planner's ladder is what every part encodes, unconverted.
+pub use shared::messages::PlannedRendition as Planned;
 
 /// What to encode for a source shown at `display_w`x`display_h`. `requested` empty means
 /// the default ladder. Returns the plan and the names of requested renditions that were

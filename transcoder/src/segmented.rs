@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde_json::json;
 use shared::media::{self, MediaLimits};
-use shared::messages::{PlannedRendition, Segmenting, Stage, TranscodeJob, TranscodePart};
+use shared::messages::{Segmenting, Stage, TranscodeJob, TranscodePart};
 use shared::split::FollowUp;
 use shared::{JobContext, TaskOutput, permanent};
 
@@ -55,7 +55,7 @@ pub fn run(
             None => crate::pipeline::transcode(job, ctx, cfg, limits),
         };
     };
-    let ladder: Vec<Planned> = part.ladder.iter().map(Planned::from).collect();
+    let ladder = &part.ladder;
     match &part.stage {
         Stage::Segment {
             index,
@@ -69,10 +69,10 @@ pub fn run(
                 end_s: *end_s,
                 frames: *frames,
             };
-            segment(job, &range, &ladder, ctx, cfg, limits)
+            segment(job, &range, ladder, ctx, cfg, limits)
         }
-        Stage::Audio => audio(&ladder, ctx, cfg, limits),
-        Stage::Stitch => stitch(job, part, &ladder, ctx, cfg),
+        Stage::Audio => audio(ladder, ctx, cfg, limits),
+        Stage::Stitch => stitch(job, part, ladder, ctx, cfg),
     }
 }
 
@@ -101,15 +101,11 @@ pub fn plan(
         tracing::info!("source cannot be split frame-exactly; transcoding it in one pass");
         return Ok(None);
     };
-    if ranges.len() < 2 {
-        return Ok(None);
-    }
     let (ladder, _) = ladder::plan(
         &job.renditions,
         info.video.display_width,
         info.video.display_height,
     );
-    let ladder: Vec<PlannedRendition> = ladder.iter().map(PlannedRendition::from).collect();
     let segments = u32::try_from(ranges.len()).context("segment count")?;
     let plan_id = plan_id(&ranges, &ladder, cfg);
     let part = |stage: Stage| {
@@ -144,11 +140,7 @@ pub fn plan(
 /// The plan's id: 16 hex digits of a digest of everything that shapes the parts' output
 /// (ranges, ladder, encoder settings). Two plans of one job that differ (a redelivery to
 /// a worker with other settings) get different part folders and never mix.
-fn plan_id(
-    ranges: &[SegmentRange],
-    ladder: &[PlannedRendition],
-    cfg: &TranscoderSettings,
-) -> String {
+fn plan_id(ranges: &[SegmentRange], ladder: &[Planned], cfg: &TranscoderSettings) -> String {
     let text = json!({"ranges": ranges, "ladder": ladder, "settings": cfg}).to_string();
     // FNV-1a, 64 bits: stable across builds and machines, which is all an id needs here
     // (it is not a security boundary: parts are validated when they are read).
@@ -354,30 +346,6 @@ fn string_list(value: Option<&serde_json::Value>) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-impl From<&PlannedRendition> for Planned {
-    fn from(r: &PlannedRendition) -> Self {
-        Planned {
-            name: r.name.clone(),
-            width: r.width,
-            height: r.height,
-            video_kbps: r.video_kbps,
-            audio_kbps: r.audio_kbps,
-        }
-    }
-}
-
-impl From<&Planned> for PlannedRendition {
-    fn from(p: &Planned) -> Self {
-        PlannedRendition {
-            name: p.name.clone(),
-            width: p.width,
-            height: p.height,
-            video_kbps: p.video_kbps,
-            audio_kbps: p.audio_kbps,
-        }
-    }
 }
 
 #[cfg(test)]
