@@ -14,19 +14,12 @@ use serde_json::json;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
-use crate::support::TestEnv;
 use crate::support::fixtures::{self, ffprobe};
 use crate::support::node::PrivateNode;
+use crate::support::{TestEnv, assert_dead_exactly, env_number};
 
 /// The private node's AMQP port (its distribution port is this + 20000).
 const NODE_PORT: u16 = 5681;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Connections of the workers (everything but the test's own), closed by the broker.
 fn close_worker_connections(node: &PrivateNode) -> usize {
@@ -163,29 +156,13 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     dead.extend(env.take_all(&env.topology.dead()).await);
 
-    let dead_ids: Vec<Uuid> = dead
-        .iter()
-        .map(|d| {
-            let v: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
-            v["job_id"].as_str().unwrap().parse().unwrap()
-        })
-        .collect();
     println!(
         "chaos: {submitted} jobs submitted, {} completed, {} dead; {kills} workers SIGKILLed, \
          {cuts} connections closed, {restarts} broker restart(s)",
         completed.len(),
         dead.len()
     );
-    for d in &dead {
-        assert!(!d.reason().is_empty(), "a dead letter without a reason");
-    }
-    assert_eq!(
-        dead_ids.iter().copied().collect::<BTreeSet<_>>(),
-        expect_dead,
-        "dead letters: {:?}",
-        dead.iter().map(|d| d.reason()).collect::<Vec<_>>()
-    );
-    assert_eq!(dead_ids.len(), expect_dead.len(), "a job was parked twice");
+    assert_dead_exactly(&dead, &expect_dead);
     assert_eq!(completed.len(), expect_ok.len(), "a job was lost");
 
     // Every completed job's outputs exist whole: sizes match the manifest, videos and

@@ -24,7 +24,7 @@ use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
 use crate::support::cluster::{Cluster, NET_TICKTIME_SECS, server_scripts};
-use crate::support::{TestEnv, job_keys, test_job};
+use crate::support::{DeadLetter, TestEnv, assert_dead_exactly, env_number, job_keys, test_job};
 
 /// AMQP, Erlang distribution and `rabbitmqctl` ports: clear of the machine's broker
 /// (5672/25672), `chaos.rs` (5681/25681, 25781-25791) and `tls.rs` (5691/25691,
@@ -36,13 +36,6 @@ const CTL_PORTS: (u16, u16) = (25721, 25740);
 const QUERY: &str = "?heartbeat=4";
 const WORKERS: usize = 3;
 const WORK_MS: u64 = 1200;
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// One submitted job and what it should become.
 struct Job {
@@ -366,13 +359,7 @@ async fn no_job_is_lost_when_cluster_nodes_are_killed_and_frozen() {
         );
     }
 
-    let dead_ids: Vec<Uuid> = dead
-        .iter()
-        .map(|d| {
-            let v: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
-            v["job_id"].as_str().unwrap().parse().unwrap()
-        })
-        .collect();
+    let dead_ids: Vec<Uuid> = dead.iter().map(DeadLetter::job_id).collect();
     let lost = jobs.len() - done.seen.len() - dead_ids.iter().collect::<BTreeSet<_>>().len();
     println!(
         "node loss: {} jobs on a 3-node cluster (formed in {:.1} s, freeze at {:.0} s), {} completed, {} dead, \
@@ -400,16 +387,7 @@ async fn no_job_is_lost_when_cluster_nodes_are_killed_and_frozen() {
         healed.as_secs_f64(),
         settled.as_secs_f64(),
     );
-    for d in &dead {
-        assert!(!d.reason().is_empty(), "a dead letter without a reason");
-    }
-    assert_eq!(
-        dead_ids.iter().copied().collect::<BTreeSet<_>>(),
-        expect_dead,
-        "dead letters: {:?}",
-        dead.iter().map(|d| d.reason()).collect::<Vec<_>>()
-    );
-    assert_eq!(dead_ids.len(), expect_dead.len(), "a job was parked twice");
+    assert_dead_exactly(&dead, &expect_dead);
     assert_eq!(done.seen.len(), ok, "a job was lost");
     assert!(
         !on_killed.is_empty() && kill_moves == on_killed,

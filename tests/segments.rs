@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use shared::events::JobState;
-use shared::manifest::Manifest;
 use shared::messages::{JobMessage, Stage, TranscodeJob};
 use shared::storage_key::StorageKey;
 
@@ -86,14 +85,17 @@ fn frame_count(path: &Path) -> u64 {
         .unwrap_or_else(|e| panic!("frame count of {}: {e}", path.display()))
 }
 
-/// Local path of a manifest output.
-fn output(env: &TestEnv, manifest: &Manifest, name: &str) -> std::path::PathBuf {
-    let o = manifest
-        .outputs
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no output {name} in {manifest:#?}"));
-    env.storage_root().join(o.key.as_str())
+/// Waits until a manifest exists under every one of `prefixes`.
+async fn all_committed(env: &TestEnv, prefixes: &[StorageKey], what: &str) {
+    eventually(PATIENCE, what, async || {
+        for p in prefixes {
+            if !env.storage_committed(p).await {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
 }
 
 /// The parts a transcoder would fan `job` out into, planned here with the same code and
@@ -176,7 +178,7 @@ async fn a_long_source_is_split_over_two_workers_and_completes_once() {
         "{:#?}",
         manifest.summary
     );
-    let mp4 = output(&env, &manifest, "240p.mp4");
+    let mp4 = env.output_path(&manifest, "240p.mp4");
     assert_eq!(
         frame_count(&mp4),
         frame_count(&clip),
@@ -222,7 +224,7 @@ async fn a_worker_killed_mid_segment_leaves_the_job_to_complete_once() {
     env.spawn_worker(WORKER, "survivor", &SPLIT);
     let manifest = env.wait_manifest(&job.output_prefix, PATIENCE).await;
     assert_eq!(
-        frame_count(&output(&env, &manifest, "240p.mp4")),
+        frame_count(&env.output_path(&manifest, "240p.mp4")),
         frame_count(&clip)
     );
     stays(Duration::from_secs(3), "one completed event", async || {
@@ -255,15 +257,7 @@ async fn stitches_racing_make_one_result() {
         env.publish(*part).await;
     }
     let prefixes: Vec<StorageKey> = rest.iter().map(|(_, p)| p.commit_prefix()).collect();
-    eventually(PATIENCE, "the other parts committed", async || {
-        for p in &prefixes {
-            if !env.storage_committed(p).await {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    all_committed(&env, &prefixes, "the other parts committed").await;
     for (_, part) in &last_two {
         env.publish(*part).await;
     }
@@ -311,7 +305,7 @@ async fn stitches_racing_make_one_result() {
     )
     .await;
     assert_eq!(
-        frame_count(&output(&env, &manifest, "240p.mp4")),
+        frame_count(&env.output_path(&manifest, "240p.mp4")),
         frame_count(&clip)
     );
 }
@@ -331,15 +325,7 @@ async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
         env.publish(part).await;
     }
     let prefixes: Vec<StorageKey> = rest.iter().map(JobMessage::commit_prefix).collect();
-    eventually(PATIENCE, "the other parts committed", async || {
-        for p in &prefixes {
-            if !env.storage_committed(p).await {
-                return false;
-            }
-        }
-        true
-    })
-    .await;
+    all_committed(&env, &prefixes, "the other parts committed").await;
     // Status reads the progress of a split task from the parts' manifests.
     let id = job.job_id.to_string();
     let status = env.producer(&["status", &id, "--json"]).await;
@@ -368,7 +354,7 @@ async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
         String::from_utf8_lossy(&replay.stderr)
     );
     let manifest = env.wait_manifest(&job.output_prefix, PATIENCE).await;
-    let probe = ffprobe(&output(&env, &manifest, "hls/240p/index.m3u8"));
+    let probe = ffprobe(&env.output_path(&manifest, "hls/240p/index.m3u8"));
     assert_eq!(probe["streams"][0]["codec_name"], "h264", "{probe:#}");
 }
 

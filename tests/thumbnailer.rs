@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use image::RgbImage;
 use serde_json::{Value, json};
-use shared::manifest::Manifest;
 use shared::storage_key::StorageKey;
 
 use crate::support::TestEnv;
@@ -18,15 +17,6 @@ const PATIENCE: Duration = Duration::from_secs(120);
 /// Uploads `file` and publishes a thumbnail job for it with `extra` fields.
 async fn submit(env: &TestEnv, file: &Path, extra: Value) -> StorageKey {
     env.submit_file("thumbnail", file, extra).await.1
-}
-
-fn path_of(env: &TestEnv, manifest: &Manifest, name: &str) -> PathBuf {
-    let o = manifest
-        .outputs
-        .iter()
-        .find(|o| o.name == name)
-        .unwrap_or_else(|| panic!("no output {name} in {manifest:#?}"));
-    env.storage_root().join(o.key.as_str())
 }
 
 fn load(path: &Path) -> RgbImage {
@@ -75,7 +65,7 @@ async fn outputs_have_the_requested_count_width_and_format() {
         ]
     );
     for name in names {
-        let path = path_of(&env, &manifest, name);
+        let path = env.output_path(&manifest, name);
         assert_eq!(
             image::ImageFormat::from_path(&path).unwrap(),
             image::ImageFormat::Png
@@ -90,7 +80,7 @@ async fn outputs_have_the_requested_count_width_and_format() {
     )
     .await;
     let manifest = env.wait_manifest(&webp, PATIENCE).await;
-    let img = image::ImageReader::open(path_of(&env, &manifest, "thumb_001.webp"))
+    let img = image::ImageReader::open(env.output_path(&manifest, "thumb_001.webp"))
         .unwrap()
         .with_guessed_format()
         .unwrap();
@@ -114,11 +104,7 @@ async fn thumbnail_at_a_named_time_shows_that_frame() {
     // [r, g, b] of each expected colour; thumbnails are numbered in the job's order.
     let expected = [[0, 0, 255], [255, 0, 0], [255, 255, 255], [0, 255, 0]];
     for (i, want) in expected.iter().enumerate() {
-        let img = load(&path_of(
-            &env,
-            &manifest,
-            &format!("thumb_{:03}.jpg", i + 1),
-        ));
+        let img = load(&env.output_path(&manifest, &format!("thumb_{:03}.jpg", i + 1)));
         let p = img.get_pixel(80, 60);
         for c in 0..3 {
             assert!(
@@ -144,7 +130,7 @@ async fn poster_is_not_the_black_intro() {
     env.spawn_worker(WORKER, "th1", &[]);
     let prefix = submit(&env, &clip, json!({"count": 0})).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let poster = load(&path_of(&env, &manifest, "poster.jpg"));
+    let poster = load(&env.output_path(&manifest, "poster.jpg"));
     let lumas: Vec<f64> = poster
         .pixels()
         .map(|p| 0.299 * f64::from(p[0]) + 0.587 * f64::from(p[1]) + 0.114 * f64::from(p[2]))
@@ -197,7 +183,7 @@ async fn sprite_vtt_covers_the_video_and_points_inside_the_sheets() {
         "sprite": {"interval_s": 1.0, "columns": 3, "width": 160}});
     let prefix = submit(&env, &clip, sprite).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let vtt_path = path_of(&env, &manifest, "sprite/sprite.vtt");
+    let vtt_path = env.output_path(&manifest, "sprite/sprite.vtt");
     let cues = parse_vtt(&std::fs::read_to_string(&vtt_path).unwrap());
     assert_eq!(cues.len(), 10);
     assert_eq!(cues[0].0, 0.0);
@@ -239,7 +225,7 @@ async fn every_sprite_tile_shows_a_frame_of_its_own_range() {
         "sprite": {"interval_s": 1.0, "columns": 4, "width": 80}});
     let prefix = submit(&env, &clip, sprite).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let sheet = load(&path_of(&env, &manifest, "sprite/sheet_000.jpg"));
+    let sheet = load(&env.output_path(&manifest, "sprite/sheet_000.jpg"));
     assert_eq!(sheet.dimensions(), (4 * 80, 60));
     let expected = [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]];
     for (k, want) in expected.iter().enumerate() {
@@ -263,11 +249,11 @@ async fn keyframes_only_sprite_still_covers_the_video() {
         "sprite": {"interval_s": 2.0, "columns": 5, "width": 96, "keyframes_only": true}});
     let prefix = submit(&env, &clip, sprite).await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let vtt = std::fs::read_to_string(path_of(&env, &manifest, "sprite/sprite.vtt")).unwrap();
+    let vtt = std::fs::read_to_string(env.output_path(&manifest, "sprite/sprite.vtt")).unwrap();
     let cues = parse_vtt(&vtt);
     assert_eq!(cues.len(), 3);
     assert!((cues[2].1 - 6.0).abs() < 0.05);
-    let sheet = load(&path_of(&env, &manifest, "sprite/sheet_000.jpg"));
+    let sheet = load(&env.output_path(&manifest, "sprite/sheet_000.jpg"));
     assert_eq!(sheet.dimensions(), (3 * 96, 54));
 }
 
@@ -291,7 +277,7 @@ async fn rotated_input_gives_upright_images() {
     )
     .await;
     let manifest = env.wait_manifest(&prefix, PATIENCE).await;
-    let ours = load(&path_of(&env, &manifest, "thumb_001.jpg"));
+    let ours = load(&env.output_path(&manifest, "thumb_001.jpg"));
     assert_eq!(ours.dimensions(), (120, 160), "portrait after rotation");
     let cli = fixtures::first_frame_rgb(env.data.path(), &rotated, "cli.png");
     assert_eq!(cli.dimensions(), (240, 320));

@@ -464,6 +464,16 @@ impl TestEnv {
         q.message_count()
     }
 
+    /// Local path of the output named `name` in a manifest (filesystem storage).
+    pub fn output_path(&self, manifest: &Manifest, name: &str) -> PathBuf {
+        let o = manifest
+            .outputs
+            .iter()
+            .find(|o| o.name == name)
+            .unwrap_or_else(|| panic!("no output {name} in {manifest:#?}"));
+        self.storage_root().join(o.key.as_str())
+    }
+
     /// Keys stored under `prefix`.
     pub async fn storage_list(&self, prefix: &StorageKey) -> Vec<String> {
         self.storage.list(prefix).await.expect("listing storage")
@@ -532,6 +542,44 @@ impl DeadLetter {
     pub fn header(&self, name: &str) -> Option<String> {
         shared::runtime::header_str(Some(&self.headers), name)
     }
+    /// The job id in the parked body.
+    pub fn job_id(&self) -> Uuid {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("a JSON body");
+        v["job_id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("a job id")
+    }
+}
+
+/// The chaos suites' dead-letter conservation: every dead letter has a reason, exactly
+/// the `expected` jobs are parked, each once. Returns the parked jobs' ids.
+pub fn assert_dead_exactly(
+    dead: &[DeadLetter],
+    expected: &std::collections::BTreeSet<Uuid>,
+) -> Vec<Uuid> {
+    for d in dead {
+        assert!(!d.reason().is_empty(), "a dead letter without a reason");
+    }
+    let ids: Vec<Uuid> = dead.iter().map(DeadLetter::job_id).collect();
+    assert_eq!(
+        &ids.iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<_>>(),
+        expected,
+        "dead letters: {:?}",
+        dead.iter().map(|d| d.reason()).collect::<Vec<_>>()
+    );
+    assert_eq!(ids.len(), expected.len(), "a job was parked twice");
+    ids
+}
+
+/// A number from the environment (soak sizes), else `default`.
+pub fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// Events of one job, as they arrive.
