@@ -245,8 +245,8 @@ fn secrets_script_writes_the_registry_users_into_the_broker_definitions() {
     }
 }
 
-/// `producer tasks --json` is the registry for scripts: every builtin kind with its queue,
-/// routing key and role, and nothing else; it needs no broker and no settings.
+/// `producer tasks --json` is the registry for scripts: every builtin kind with its queues
+/// and routing keys (normal and high), and role, and nothing else; it needs no broker and no settings.
 #[test]
 fn producer_tasks_prints_the_builtin_registry() {
     let out = std::process::Command::new(crate::support::bin("producer"))
@@ -265,6 +265,8 @@ fn producer_tasks_prints_the_builtin_registry() {
         .map(|k| {
             json!({
                 "name": k.name, "routing_key": k.name, "queue": format!("p.video_tasks.{}", k.name),
+                "high_routing_key": format!("{}.high", k.name),
+                "high_queue": format!("p.video_tasks.{}.high", k.name),
                 "message": k.message, "needs_video": k.needs_video, "role": k.role,
                 "user": format!("vidpipe-{}", k.role),
             })

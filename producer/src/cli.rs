@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use shared::messages::Segmenting;
+use shared::priority::Priority;
 
 /// Upload videos to vidpipe, follow their jobs and administer parked (dead) jobs.
 #[derive(Debug, Parser)]
@@ -38,7 +39,8 @@ pub enum Command {
         "Examples:\n",
         "  producer upload holiday.mp4\n",
         "  producer upload a.mp4 b.mov --renditions 720p,360p --formats hls --wait\n",
-        "  producer upload talk.mp4 --renditions hd:720:2500:128,sd:360:700:96 --thumbnails 5 --no-sprite\n\n",
+        "  producer upload talk.mp4 --renditions hd:720:2500:128,sd:360:700:96 --thumbnails 5 --no-sprite\n",
+        "  producer upload urgent.mp4 --priority high --wait\n\n",
         "Every file is checked before anything is published. Without options the transcoder derives\n",
         "its default ladder from the source (never upscaling), writes MP4 and HLS, and the thumbnailer\n",
         "writes a poster, 10 thumbnails and a sprite sheet with WebVTT.\n\n",
@@ -46,9 +48,28 @@ pub enum Command {
         "progress goes to stderr and the exit code says how the tasks ended: 0 all completed,\n",
         "1 a task is dead (its reason is printed), 4 --timeout ran out, 5 stopped by Ctrl-C or\n",
         "SIGTERM (the jobs keep running; follow them with `producer status JOB_ID`). 2 usage\n",
-        "error, 3 broker or storage trouble.",
+        "error, 3 broker or storage trouble.\n\n",
+        "--priority high: under a backlog the jobs start before every normal job queued before\n",
+        "them; normal work still gets one start in every 5 while it waits. Retries keep it.",
     ))]
     Upload(UploadArgs),
+    /// Upload every video file that appears in a folder, once it is fully written; move it
+    /// to done/ (or failed/, with the reason beside it). Runs until Ctrl-C or SIGTERM.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  producer watch /srv/incoming\n",
+        "  producer watch ./watch --settle 10 --priority high --wait\n",
+        "  producer watch ./watch --renditions 720p,360p --thumbnails 5\n\n",
+        "A file is uploaded once its size and modification time have been unchanged for --settle\n",
+        "seconds. Skipped: dotfiles, names ending in .part, .tmp, .crdownload, .partial or ~,\n",
+        "symbolic links, folders. Files that are not videos by their extension (mp4 mov m4v mkv\n",
+        "webm avi mpg mpeg ts m2ts mts flv wmv 3gp ogv) and files the upload check refuses move\n",
+        "to failed/ with a NAME.reason.txt beside them. Each uploaded file moves to done/ and its\n",
+        "job id is printed (JOB_ID<TAB>NAME). The state file .vidpipe-watch.json remembers an\n",
+        "upload in progress, so a restart after a crash publishes it again under the same job id\n",
+        "(which the workers treat as one job) instead of making a second one.",
+    ))]
+    Watch(WatchArgs),
     /// Show each task of a job: completed (with its outputs), dead (with the reason) or pending.
     #[command(after_help = concat!(
         "Example:\n",
@@ -103,6 +124,54 @@ pub struct UploadArgs {
     /// Video files to upload (uploaded concurrently)
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// What to make of each file
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Follow the jobs until every task is completed or dead; the exit code says which
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds (exit code 4)
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    pub timeout: Option<f64>,
+    /// Machine-readable output: one JSON object per job on stdout, no progress bars
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The folder to watch (only its top level; `done/` and `failed/` are made in it)
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// What to make of each file
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// A file counts as fully written once its size and modification time have not
+    /// changed for this many seconds
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = positive_secs)]
+    pub settle: f64,
+    /// How often the folder is looked at, in seconds
+    #[arg(long, value_name = "SECS", default_value_t = 1.0, value_parser = positive_secs)]
+    pub poll: f64,
+    /// Follow each upload's jobs with live progress; a file whose task ends dead moves
+    /// from done/ to failed/
+    #[arg(long)]
+    pub wait: bool,
+}
+
+/// A positive, finite number of seconds.
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a number of seconds between 0 and 86400"
+        )),
+    }
+}
+
+/// What every job asks for: shared by `upload` and `watch`.
+#[derive(Debug, Args)]
+pub struct JobArgs {
     /// Rendition ladder: preset names (1080p, 720p, 480p, 360p, 240p) or
     /// name:height:video_kbps:audio_kbps, comma separated. Default: derived from the source
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -134,15 +203,10 @@ pub struct UploadArgs {
     /// No sprite sheet
     #[arg(long, overrides_with = "sprite")]
     pub no_sprite: bool,
-    /// Follow the jobs until every task is completed or dead; the exit code says which
-    #[arg(long)]
-    pub wait: bool,
-    /// With --wait: give up after this many seconds (exit code 4)
-    #[arg(long, value_name = "SECS", requires = "wait")]
-    pub timeout: Option<f64>,
-    /// Machine-readable output: one JSON object per job on stdout, no progress bars
-    #[arg(long)]
-    pub json: bool,
+    /// `high` or `normal`: high jobs start before the normal backlog (at most 4 high starts
+    /// in a row while normal jobs wait)
+    #[arg(long, value_name = "PRIORITY", default_value = "normal")]
+    pub priority: Priority,
 }
 
 /// `--thumbnails N`: negative numbers reach this parser (instead of clap's "did you mean

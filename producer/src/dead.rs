@@ -23,6 +23,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::Serialize;
+use shared::priority::Priority;
 use shared::runtime::{
     ATTEMPT_HEADER, ATTEMPTS_HEADER, FAILED_AT_HEADER, LAST_ERROR_HEADER, REASON_HEADER,
     TASK_HEADER, TRUNCATED_FROM_HEADER, WORKER_HEADER, header_str, header_u32,
@@ -73,8 +74,11 @@ pub struct DeadInfo {
     pub id: String,
     /// From the body; `None` when the body is not a job (poison).
     pub job_id: Option<Uuid>,
-    /// The task it was for, and the routing key a replay uses.
+    /// The task it was for (without a priority suffix).
     pub task: Option<String>,
+    /// `high` or `normal`: the routing key it was parked with (a worker's dead letter) or
+    /// dead-lettered from (the broker's) says. A replay routes by task and priority.
+    pub priority: Priority,
     pub reason: String,
     pub attempts: Option<u32>,
     pub worker: Option<String>,
@@ -110,10 +114,16 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
         }),
         _ => None,
     };
+    let routing_key = delivery.routing_key.as_str();
+    let priority = match &death_routing_key {
+        Some(key) => Priority::of_routing_key(key),
+        None => Priority::of_routing_key(routing_key),
+    };
     let task = header_str(headers, TASK_HEADER)
         .or(death_routing_key)
         .or_else(|| body_str("task"))
-        .or_else(|| Some(delivery.routing_key.as_str().to_owned()).filter(|k| !k.is_empty()));
+        .or_else(|| Some(routing_key.to_owned()).filter(|k| !k.is_empty()))
+        .map(|t| Priority::task_of(&t).to_owned());
     let (reason, parked_by) = parked_reason(headers, death);
     let attempts = header_u32(headers, ATTEMPTS_HEADER).or_else(|| death_count(death));
     let failed_at = header_str(headers, FAILED_AT_HEADER).or_else(|| death_time(death));
@@ -121,6 +131,7 @@ pub fn describe(delivery: &Delivery) -> DeadInfo {
         id: message_id(delivery),
         job_id,
         task,
+        priority,
         reason,
         attempts,
         worker: header_str(headers, WORKER_HEADER),
@@ -334,8 +345,8 @@ fn first_x_death(headers: Option<&FieldTable>) -> Option<&FieldTable> {
     }
 }
 
-/// The message a replay publishes: same body and properties, original routing key,
-/// attempt 1, no death headers.
+/// The message a replay publishes: same body and properties, original routing key (task
+/// and priority), attempt 1, no death headers.
 pub fn replay_message(
     delivery: &Delivery,
     info: &DeadInfo,
@@ -353,7 +364,7 @@ pub fn replay_message(
     headers.insert(ATTEMPT_HEADER.into(), AMQPValue::LongInt(1));
     Some(Outgoing {
         exchange: tasks_exchange.to_owned(),
-        routing_key: task,
+        routing_key: info.priority.routing_key(&task),
         body: delivery.data.clone(),
         properties: delivery
             .properties
@@ -600,6 +611,7 @@ fn show_text(delivery: &Delivery, info: &DeadInfo) -> String {
             .unwrap_or_else(|| "(not a job: the body names no job id)".into()),
     );
     field("task", or_unknown(info.task.clone()));
+    field("priority", info.priority.to_string());
     field("file", or_unknown(info.file.clone()));
     field(
         "failed at",

@@ -5,6 +5,9 @@
 //! - [`exit`]: how a command ends and the exit code for each ending.
 //! - [`publisher`]: broker access: deadpool-lapin pool, topology, confirmed publishing.
 //! - [`upload`]: checking files, building the jobs, storing and publishing them.
+//! - [`settle`]: which files of a watched folder count, when they are fully written, the
+//!   watch state file.
+//! - [`watch`]: uploading what appears in a folder, once, when fully written.
 //! - [`wait`]: following `video_events` until every task is completed or dead.
 //! - [`status`]: one job's state from its manifests and the dead-letter queue.
 //! - [`dead`]: listing, showing, replaying and purging parked messages.
@@ -14,10 +17,12 @@ pub mod cli;
 pub mod dead;
 pub mod exit;
 pub mod publisher;
+pub mod settle;
 pub mod status;
 pub mod tasks;
 pub mod upload;
 pub mod wait;
+pub mod watch;
 
 use std::process::ExitCode;
 
@@ -68,6 +73,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
 pub async fn run(command: Command, settings: &Settings) -> Result<(), Failure> {
     match command {
         Command::Upload(args) => upload::run(settings, args).await,
+        Command::Watch(args) => watch::run(settings, args).await,
         Command::Status(args) => status::run(settings, args).await,
         Command::Dead(cmd) => dead::run(settings, cmd).await,
         Command::Tasks(args) => {

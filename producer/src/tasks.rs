@@ -4,6 +4,7 @@
 //! the compose stack's broker definitions (`docker/secrets.sh`) come from here: the
 //! registry stays the one place a task kind is declared.
 
+use shared::priority::Priority;
 use shared::tasks::{self, Registry};
 use shared::topology::Topology;
 
@@ -43,6 +44,8 @@ pub fn run(args: &TasksArgs) {
                 serde_json::json!({
                     "name": k.name, "routing_key": k.routing_key(),
                     "queue": topology.work_queue(k.name), "message": k.message,
+                    "high_routing_key": Priority::High.routing_key(k.routing_key()),
+                    "high_queue": topology.priority_queue(k.name, Priority::High),
                     "needs_video": k.needs_video, "role": k.role, "user": k.user(),
                 })
             })

@@ -17,6 +17,7 @@ use shared::messages::{
     self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, Segmenting, SpriteSpec,
     ThumbnailJob, TranscodeJob,
 };
+use shared::priority::Priority;
 use shared::settings::Settings;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
@@ -24,7 +25,7 @@ use shared::tasks::{THUMBNAIL, TRANSCODE, TaskKind};
 use shared::topology::Topology;
 use uuid::Uuid;
 
-use crate::cli::UploadArgs;
+use crate::cli::{JobArgs, UploadArgs};
 use crate::exit::Failure;
 use crate::publisher::{Broker, Outgoing};
 use crate::wait;
@@ -67,6 +68,8 @@ pub struct JobOptions {
     pub thumbnails: u32,
     pub sprite: bool,
     pub segments: Segmenting,
+    /// Which work queue of each kind the jobs go to ([`shared::priority`]).
+    pub priority: Priority,
 }
 
 impl Default for JobOptions {
@@ -77,13 +80,14 @@ impl Default for JobOptions {
             thumbnails: 10,
             sprite: true,
             segments: Segmenting::Auto,
+            priority: Priority::Normal,
         }
     }
 }
 
 impl JobOptions {
     /// From the command line; every problem is a usage error saying what is accepted.
-    pub fn from_args(args: &UploadArgs) -> Result<Self, Failure> {
+    pub fn from_args(args: &JobArgs) -> Result<Self, Failure> {
         // `--renditions ,,` or `--renditions ""` is a slip, not a request for the default
         // ladder: the default is asked for by leaving the flag out.
         if args.renditions.iter().any(|r| r.trim().is_empty()) {
@@ -127,6 +131,7 @@ impl JobOptions {
             thumbnails: args.thumbnails,
             sprite: !args.no_sprite,
             segments: args.segments,
+            priority: args.priority,
         };
         // The workers' own validation, run here so a bad ladder never reaches the queue.
         let plan = JobPlan::new(Uuid::nil(), "mp4", &options);
@@ -219,6 +224,8 @@ pub struct JobPlan {
     pub source: StorageKey,
     /// The uploaded file's name ([`source_name`]); empty: none sent.
     pub source_name: String,
+    /// Routes every message to its kind's normal or high queue.
+    pub priority: Priority,
     pub transcode: TranscodeJob,
     pub thumbnail: ThumbnailJob,
 }
@@ -231,6 +238,7 @@ impl JobPlan {
         let source = key(format!("uploads/{job_id}/source.{extension}"));
         Self {
             job_id,
+            priority: options.priority,
             transcode: TranscodeJob {
                 job_id,
                 source: source.clone(),
@@ -285,7 +293,8 @@ impl JobPlan {
         self.bodies().iter().map(|(kind, _)| kind.name).collect()
     }
 
-    /// One persistent message per task, routed by task name to `video_tasks`.
+    /// One persistent message per task, routed to `video_tasks` by task name, with
+    /// `.high` for high-priority jobs.
     pub fn messages(&self, topology: &Topology) -> Vec<Outgoing> {
         let mut headers = FieldTable::default();
         if !self.source_name.is_empty() {
@@ -298,7 +307,7 @@ impl JobPlan {
             .into_iter()
             .map(|(kind, body)| Outgoing {
                 exchange: topology.tasks_exchange(),
-                routing_key: kind.routing_key().to_owned(),
+                routing_key: self.priority.routing_key(kind.routing_key()),
                 body,
                 properties: persistent_json(headers.clone()),
             })
@@ -325,7 +334,7 @@ pub async fn store_and_publish(
 /// `producer upload`: check every file, store and publish them (a few at once), report
 /// each, then follow them with `--wait`.
 pub async fn run(settings: &Settings, args: UploadArgs) -> Result<(), Failure> {
-    let options = JobOptions::from_args(&args)?;
+    let options = JobOptions::from_args(&args.job)?;
     let sizes = check_files(&args.files)?;
     let storage = Storage::from_settings(&settings.storage).map_err(|e| {
         Failure::Infra(
@@ -577,6 +586,22 @@ mod tests {
             .map(|m| m.routing_key)
             .collect();
         assert_eq!(keys, builtin);
+    }
+
+    /// `--priority high` routes every task to its `.high` queue.
+    #[test]
+    fn high_priority_jobs_are_routed_to_the_high_queues() {
+        let options = JobOptions {
+            priority: Priority::High,
+            ..JobOptions::default()
+        };
+        let plan = JobPlan::new(Uuid::new_v4(), "mp4", &options);
+        let keys: Vec<String> = plan
+            .messages(&Topology::new("", vec![], 20))
+            .into_iter()
+            .map(|m| m.routing_key)
+            .collect();
+        assert_eq!(keys, ["transcode.high", "thumbnail.high"]);
     }
 
     #[test]

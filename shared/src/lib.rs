@@ -5,6 +5,8 @@
 //! - [`storage_key`], [`messages`]: the message contract and its validation.
 //! - [`tasks`]: the task registry: every task kind, declared once, and the broker users
 //!   derived from it.
+//! - [`priority`]: high and normal jobs: the second work queue per kind and the
+//!   worker's start gate that prefers high deliveries without starving normal ones.
 //! - [`topology`]: exchange and queue names and their idempotent declaration.
 //! - [`broker`]: connecting with backoff, publishing with confirms.
 //! - [`outcome`]: job errors and the pure outcome → broker action decision.
@@ -28,11 +30,13 @@ pub mod broker;
 pub mod events;
 pub mod handler;
 pub mod health;
+mod intake;
 pub mod manifest;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod messages;
 pub mod outcome;
+pub mod priority;
 pub mod runtime;
 pub mod settings;
 pub mod shutdown;

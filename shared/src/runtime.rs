@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-};
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection};
 use tokio_util::sync::CancellationToken;
@@ -38,9 +36,11 @@ use crate::broker;
 use crate::events::{EventPublisher, JobState, now_rfc3339};
 use crate::handler::{Handler, JobContext, TaskOutput};
 use crate::health::Health;
+use crate::intake::Intake;
 use crate::manifest::Completion;
 use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
+use crate::priority::Priority;
 use crate::settings::Settings;
 use crate::split::{self, Inputs, PartRef};
 use crate::storage::Storage;
@@ -220,7 +220,8 @@ async fn drain<H: Handler>(
     }
 }
 
-/// One connection's consume session.
+/// One connection's consume session: both priority queues of the task through the
+/// [`Intake`]'s start gate (high deliveries first, see [`crate::priority`]).
 async fn consume<H: Handler>(
     worker: &Arc<Worker<H>>,
     conn: &Connection,
@@ -235,56 +236,55 @@ async fn consume<H: Handler>(
             .topology
             .ensure(&channel, worker.settings.topology.declare, &queue)
             .await?;
-        channel
-            .basic_qos(worker.concurrency, BasicQosOptions::default())
-            .await?;
         let publisher = broker::confirm_channel(conn).await?;
         let events = EventPublisher::new(
-            conn.create_channel().await?,
+            channel,
             worker.topology.events_exchange(),
             worker.name.clone(),
         );
-        let consumer = channel
-            .basic_consume(
-                worker.topology.work_queue(H::Job::TASK).into(),
-                format!("{}-{}", worker.name, Uuid::new_v4().simple()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok::<_, anyhow::Error>((channel, publisher, events, consumer))
+        let intake = Intake::open(
+            conn,
+            &worker.topology,
+            H::Job::TASK,
+            &worker.name,
+            worker.concurrency,
+        )
+        .await?;
+        Ok::<_, anyhow::Error>((publisher, events, intake))
     };
-    let (channel, publisher, events, mut consumer) = match setup.await {
+    let (publisher, events, mut intake) = match setup.await {
         Ok(s) => s,
         Err(e) => {
             return SessionEnd::Lost(e.context("setting up the consumer"));
         }
     };
     worker.health.set_ready(true);
-    tracing::info!(queue = %worker.topology.work_queue(H::Job::TASK), prefetch = worker.concurrency, "consuming");
+    tracing::info!(queue = %worker.topology.work_queue(H::Job::TASK), prefetch = worker.concurrency, "consuming (and its .high queue first)");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            next = consumer.next() => match next {
-                Some(Ok(delivery)) => {
+            next = intake.next() => match next {
+                Ok(start) => {
                     let worker = worker.clone();
                     let (publisher, events, cancel) = (publisher.clone(), events.clone(), cancel_jobs.clone());
-                    jobs.spawn(async move { process(&worker, delivery, &publisher, &events, cancel).await });
+                    jobs.spawn(async move {
+                        let _slot = start.slot;
+                        process(&worker, start.delivery, &publisher, &events, cancel).await
+                    });
                 }
-                Some(Err(e)) => return SessionEnd::Lost(anyhow::Error::new(e).context("consumer failed")),
-                None => return SessionEnd::Lost(anyhow::anyhow!("the broker cancelled our consumer")),
+                Err(e) => return SessionEnd::Lost(e),
             },
         }
     }
     // Shutdown. Every channel of the session stays open until its jobs are settled:
-    // dropping `channel` (or `consumer`) would close it, and the acks of jobs that
-    // finish within the grace period would be lost, their messages redelivered.
+    // dropping a consumer's channel would close it, and the acks of jobs that finish
+    // within the grace period would be lost, their messages redelivered.
     worker.health.set_ready(false);
-    stop_consuming(&channel, consumer).await;
+    let consumed = intake.stop().await;
     jobs.close();
     drain(worker, jobs, cancel_jobs).await;
     events.finish(Duration::from_secs(5)).await;
-    for ch in [&publisher, &channel] {
+    for ch in consumed.iter().chain([&publisher]) {
         if let Err(e) = ch.close(200, "worker shutting down".into()).await {
             tracing::warn!(error = %e, "closing a channel failed");
         }
@@ -295,7 +295,7 @@ async fn consume<H: Handler>(
 /// Stops deliveries (`basic.cancel`) and returns at once the ones already prefetched
 /// but not started, so other workers can take them during the grace period instead of
 /// after it. After the cancel-ok the consumer yields what it buffered, then ends.
-async fn stop_consuming(channel: &Channel, mut consumer: lapin::Consumer) {
+pub(crate) async fn stop_consuming(channel: &Channel, mut consumer: lapin::Consumer) {
     if let Err(e) = channel
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await
@@ -331,6 +331,7 @@ async fn process<H: Handler>(
 ) {
     let task = H::Job::TASK;
     let attempt = attempt_of(&delivery);
+    let priority = Priority::of_routing_key(delivery.routing_key.as_str());
     worker.health.in_flight.inc();
     let parsed =
         check_content_type(&delivery).and_then(|()| messages::parse::<H::Job>(&delivery.data));
@@ -344,6 +345,7 @@ async fn process<H: Handler>(
                 publisher,
                 part: part.as_ref(),
                 attempt,
+                priority,
             };
             (
                 run_job(worker, job, &run, cancel).instrument(span).await,
@@ -363,6 +365,7 @@ async fn process<H: Handler>(
         publisher,
         part: part.as_ref(),
         attempt,
+        priority,
     };
     settle(worker, &delivery, job_id, &outcome, &run)
         .instrument(span)
@@ -378,6 +381,8 @@ struct Run<'a> {
     publisher: &'a Channel,
     part: Option<&'a PartRef>,
     attempt: u32,
+    /// The job's priority (its routing key's): parts and joins it publishes inherit it.
+    priority: Priority,
 }
 
 impl Run<'_> {
@@ -452,7 +457,8 @@ async fn run_in_scratch<H: Handler>(
         Ok((_, Err(e))) => Outcome::Failed(e),
         Ok((_, Ok(output))) if !output.fan_out.is_empty() => {
             let exchange = worker.topology.tasks_exchange();
-            match split::publish_all(run.publisher, &exchange, &output.fan_out).await {
+            match split::publish_all(run.publisher, &exchange, &output.fan_out, run.priority).await
+            {
                 Ok(()) => Outcome::FannedOut(output.fan_out.len()),
                 Err(e) => failed(e),
             }
@@ -480,7 +486,15 @@ async fn join_if_last<H: Handler>(
         return committed;
     };
     let exchange = worker.topology.tasks_exchange();
-    match split::join_when_complete(&worker.storage, run.publisher, &exchange, &fan_in).await {
+    match split::join_when_complete(
+        &worker.storage,
+        run.publisher,
+        &exchange,
+        &fan_in,
+        run.priority,
+    )
+    .await
+    {
         Ok(true) => {
             tracing::info!(
                 parts = fan_in.awaits.len(),
@@ -844,7 +858,8 @@ async fn retry<H: Handler>(
         p.delivery,
         &p.delivery.data,
         &target,
-        task,
+        // The tier dead-letters it back with this key: a retry keeps its priority.
+        &p.run.priority.routing_key(task),
         headers,
         "for retry",
     )
@@ -884,7 +899,8 @@ async fn dead<H: Handler>(worker: &Worker<H>, p: Parked<'_>, reason: String) {
         p.delivery,
         body,
         &dead,
-        task,
+        // `producer dead replay` routes by it: a replayed job keeps its priority.
+        &p.run.priority.routing_key(task),
         headers,
         "in the dead-letter queue",
     )
@@ -952,7 +968,7 @@ async fn ack(delivery: &Delivery) {
     }
 }
 
-async fn nack_requeue(delivery: &Delivery) {
+pub(crate) async fn nack_requeue(delivery: &Delivery) {
     let options = BasicNackOptions {
         requeue: true,
         ..Default::default()

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::messages::{self, JobMessage};
+use crate::priority::Priority;
 use crate::storage_key::StorageKey;
 
 /// Which part of a split task a job is, as events and dead letters name it.
@@ -112,18 +113,24 @@ impl FollowUp {
     }
 }
 
-/// Publishes a handler's fan-out, each with the broker's confirm (persistent, mandatory:
+/// Publishes a handler's fan-out with the priority of the job it came from (parts of a
+/// high job are high, [`crate::priority`]), each with the broker's confirm (persistent, mandatory:
 /// an unroutable part is an error, not a silent drop). The job is acked only after this
 /// returns Ok.
 pub(crate) async fn publish_all(
     channel: &lapin::Channel,
     exchange: &str,
     jobs: &[FollowUp],
+    priority: Priority,
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let sends = jobs.iter().map(|job| {
+    let keys: Vec<String> = jobs
+        .iter()
+        .map(|j| priority.routing_key(j.routing_key))
+        .collect();
+    let sends = jobs.iter().zip(&keys).map(|(job, key)| {
         let props = crate::broker::persistent_json(lapin::types::FieldTable::default());
-        crate::broker::publish_confirmed(channel, exchange, job.routing_key, &job.body, props)
+        crate::broker::publish_confirmed(channel, exchange, key, &job.body, props)
     });
     // Confirms are awaited together: one round trip for the lot, not one per part.
     for (i, sent) in futures::future::join_all(sends)
@@ -143,6 +150,7 @@ pub(crate) async fn join_when_complete<J: JobMessage>(
     channel: &lapin::Channel,
     exchange: &str,
     fan_in: &FanIn<J>,
+    priority: Priority,
 ) -> anyhow::Result<bool> {
     use anyhow::Context as _;
     // One listing per folder of parts (all of a plan's parts share one), not a metadata
@@ -167,7 +175,7 @@ pub(crate) async fn join_when_complete<J: JobMessage>(
     if !all_committed {
         return Ok(false);
     }
-    publish_all(channel, exchange, &[FollowUp::of(&fan_in.then)])
+    publish_all(channel, exchange, &[FollowUp::of(&fan_in.then)], priority)
         .await
         .context("publishing the join of the completed parts")?;
     Ok(true)

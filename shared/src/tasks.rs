@@ -16,6 +16,7 @@
 
 use serde::Serialize;
 
+use crate::priority::Priority;
 use crate::topology::Topology;
 
 /// One task kind. See the module docs.
@@ -182,11 +183,12 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
         }
     }
     for name in worker_roles {
+        // Both priorities of each kind ([`crate::priority`]).
         let queues: Vec<String> = registry
             .kinds()
             .iter()
             .filter(|k| k.role == name)
-            .map(|k| re(topology.work_queue(k.name)))
+            .flat_map(|k| Priority::ALL.map(|p| re(topology.priority_queue(k.name, p))))
             .collect();
         let read = match queues.as_slice() {
             [one] => format!("^{one}$"),
@@ -274,8 +276,8 @@ mod tests {
         Topology::new(prefix, vec![Duration::from_secs(5)], 20)
     }
 
-    /// The regexes are exactly those the scripts hard-coded before the registry, so
-    /// existing brokers keep their permissions.
+    /// The regexes are those the scripts hard-coded before the registry, plus each
+    /// kind's high-priority queue, so existing brokers keep their permissions.
     #[test]
     fn broker_roles_are_the_least_privilege_users() {
         let roles = broker_roles(&Registry::builtin(), &topology(""));
@@ -310,9 +312,13 @@ mod tests {
                 worker(
                     "vidpipe-transcoder",
                     "video_tasks|",
-                    r"^video_tasks\.transcode$"
+                    r"^(video_tasks\.transcode\.high|video_tasks\.transcode)$"
                 ),
-                worker("vidpipe-thumbnailer", "", r"^video_tasks\.thumbnail$"),
+                worker(
+                    "vidpipe-thumbnailer",
+                    "",
+                    r"^(video_tasks\.thumbnail\.high|video_tasks\.thumbnail)$"
+                ),
                 ["vidpipe-ops", "management", ops, ops, ops].map(str::to_owned),
             ]
         );
@@ -321,7 +327,10 @@ mod tests {
     #[test]
     fn a_prefix_is_matched_literally() {
         let roles = broker_roles(&Registry::builtin(), &topology("t1."));
-        assert_eq!(roles[1].read, r"^t1\.video_tasks\.transcode$");
+        assert_eq!(
+            roles[1].read,
+            r"^(t1\.video_tasks\.transcode\.high|t1\.video_tasks\.transcode)$"
+        );
     }
 
     #[test]
@@ -344,7 +353,10 @@ mod tests {
             names,
             ["producer", "transcoder", "thumbnailer", "loudness", "ops"]
         );
-        assert_eq!(roles[3].read, r"^video_tasks\.loudness$");
+        assert_eq!(
+            roles[3].read,
+            r"^(video_tasks\.loudness\.high|video_tasks\.loudness)$"
+        );
     }
 
     #[test]
@@ -369,6 +381,9 @@ mod tests {
             hashes,
             ["@producer@", "@transcoder@", "@thumbnailer@", "@ops@"]
         );
-        assert_eq!(defs["permissions"][1]["read"], r"^video_tasks\.transcode$");
+        assert_eq!(
+            defs["permissions"][1]["read"],
+            r"^(video_tasks\.transcode\.high|video_tasks\.transcode)$"
+        );
     }
 }

@@ -13,6 +13,9 @@
 //!
 //! One work queue per task kind of the topology's [`Registry`] (the builtin kinds, plus
 //! the kind of the worker's own handler): the two above are `shared::tasks::BUILTIN`.
+//! Each kind also has its high-priority queue `video_tasks.<task>.high` (routing key
+//! `<task>.high`, same arguments), derived from the same registry: see
+//! [`crate::priority`] for why priorities are a second queue.
 //! Retry tiers are named after their delay (`video_tasks.retry.quorum.5s`), so changing
 //! the configured delays declares new queues instead of clashing with existing arguments.
 //! They are quorum queues, like the work queues and the parking lot, so a job waiting for
@@ -32,6 +35,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+use crate::priority::Priority;
 use crate::settings::Settings;
 use crate::tasks::{Registry, TaskKind};
 
@@ -90,6 +94,18 @@ impl Topology {
     pub fn work_queue(&self, task: &str) -> String {
         self.name(&format!("video_tasks.{task}"))
     }
+    /// `video_tasks.<task>` or `video_tasks.<task>.high`: the queue of one task's jobs of
+    /// one priority (named after the routing key that leads to it).
+    pub fn priority_queue(&self, task: &str, priority: Priority) -> String {
+        self.work_queue(&priority.routing_key(task))
+    }
+    /// Every work queue of the registry, both priorities of each kind.
+    pub fn work_queues(&self) -> Vec<String> {
+        self.registry
+            .names()
+            .flat_map(|t| Priority::ALL.map(|p| self.priority_queue(t, p)))
+            .collect()
+    }
     /// `video_tasks.dead`: the parking lot (exchange and queue share the name).
     pub fn dead(&self) -> String {
         self.name("video_tasks.dead")
@@ -116,7 +132,10 @@ impl Topology {
         exchange(channel, &self.events_exchange(), ExchangeKind::Topic).await?;
         self.declare_parking_lot(channel).await?;
         for task in self.registry.names() {
-            self.declare_work_queue(channel, task).await?;
+            for priority in Priority::ALL {
+                self.declare_work_queue(channel, &priority.routing_key(task))
+                    .await?;
+            }
         }
         for tier in 0..self.retry_tiers() {
             self.declare_retry_tier(channel, tier).await?;
@@ -132,11 +151,11 @@ impl Topology {
         bind(channel, &dead, &dead, "").await
     }
 
-    /// The work queue of `task`: quorum (replicated, poison-safe), dead-lettering to the
-    /// parking lot when the broker gives up (delivery limit), never silently dropping;
-    /// bound to `video_tasks` by the task's name.
-    async fn declare_work_queue(&self, channel: &Channel, task: &str) -> lapin::Result<()> {
-        let name = self.work_queue(task);
+    /// The work queue of routing key `key` (`<task>` or `<task>.high`): quorum
+    /// (replicated, poison-safe), dead-lettering to the parking lot when the broker gives
+    /// up (delivery limit), never silently dropping; bound to `video_tasks` by `key`.
+    async fn declare_work_queue(&self, channel: &Channel, key: &str) -> lapin::Result<()> {
+        let name = self.work_queue(key);
         let args = [
             ("x-queue-type", long_string("quorum")),
             ("x-dead-letter-exchange", long_string(&self.dead())),
@@ -146,7 +165,7 @@ impl Topology {
             ),
         ];
         queue(channel, &name, args).await?;
-        bind(channel, &name, &self.tasks_exchange(), task).await
+        bind(channel, &name, &self.tasks_exchange(), key).await
     }
 
     /// Retry tier `tier`: holds messages for its TTL, then dead-letters them back into
@@ -198,7 +217,7 @@ impl Topology {
     /// Deletes everything [`declare`](Self::declare) made. For tests with a private
     /// prefix; never call it on a production prefix.
     pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
-        let mut queues: Vec<String> = self.registry.names().map(|t| self.work_queue(t)).collect();
+        let mut queues = self.work_queues();
         queues.push(self.dead());
         let mut exchanges = vec![self.tasks_exchange(), self.events_exchange(), self.dead()];
         for tier in 0..self.retry_tiers() {
@@ -297,6 +316,15 @@ mod tests {
         assert_eq!(t.tasks_exchange(), "video_tasks");
         assert_eq!(t.work_queue("transcode"), "video_tasks.transcode");
         assert_eq!(t.work_queue("thumbnail"), "video_tasks.thumbnail");
+        assert_eq!(
+            t.work_queues(),
+            [
+                "video_tasks.transcode.high",
+                "video_tasks.transcode",
+                "video_tasks.thumbnail.high",
+                "video_tasks.thumbnail"
+            ]
+        );
         assert_eq!(t.dead(), "video_tasks.dead");
         assert_eq!(t.events_exchange(), "video_events");
         assert_eq!(

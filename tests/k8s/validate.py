@@ -431,7 +431,7 @@ def main():
     ap.add_argument("--crds", required=True)
     ap.add_argument("--core-out", required=True)
     ap.add_argument("--settings-rs", required=True)
-    ap.add_argument("--queues", default="video_tasks.transcode,video_tasks.thumbnail")
+    ap.add_argument("--queues", default="video_tasks.transcode,video_tasks.transcode.high,video_tasks.thumbnail,video_tasks.thumbnail.high")
     ap.add_argument("--secrets", choices=["provided", "absent"], required=True)
     args = ap.parse_args()
 

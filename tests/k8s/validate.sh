@@ -61,9 +61,10 @@ producer=${VIDPIPE_PRODUCER_BIN:-}
 for p in "$root/target/debug/producer" "$root/target/release/producer"; do
   [ -n "$producer" ] || { [ -x "$p" ] && producer=$p; } || true
 done
-queues=video_tasks.transcode,video_tasks.thumbnail
+# Both priorities of each kind (shared::priority): each queue needs its KEDA trigger.
+queues=video_tasks.transcode,video_tasks.transcode.high,video_tasks.thumbnail,video_tasks.thumbnail.high
 if [ -n "$producer" ]; then
-  queues=$("$producer" tasks --json | "$py" -c 'import json,sys; print(",".join(k["queue"] for k in json.load(sys.stdin)))')
+  queues=$("$producer" tasks --json | "$py" -c 'import json,sys; print(",".join(q for k in json.load(sys.stdin) for q in (k["queue"], k.get("high_queue")) if q))')
 fi
 
 # check NAME DIR SECRETS: renders DIR and runs every stage on it. Sets $stages to the

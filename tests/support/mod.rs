@@ -251,9 +251,22 @@ impl TestEnv {
 
     /// Starts a worker binary with this environment plus `extra` settings.
     pub fn spawn_worker(&mut self, binary: &str, name: &str, extra: &[(&str, &str)]) -> usize {
+        self.spawn_process(binary, name, &[], extra)
+    }
+
+    /// Starts any binary (with `args`) as [`Self::spawn_worker`] does: this environment's
+    /// settings, output in its log, stopped when the environment drops.
+    pub fn spawn_process(
+        &mut self,
+        binary: &str,
+        name: &str,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> usize {
         let log = self.data.path().join(format!("{name}.log"));
         let mut cmd = Command::new(bin(binary));
-        cmd.envs(self.env_vars())
+        cmd.args(args)
+            .envs(self.env_vars())
             .env("VIDPIPE__WORKER__NAME", name)
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdin(Stdio::null());
@@ -376,6 +389,24 @@ impl TestEnv {
         )
         .await
         .expect("subscribing to the job's events");
+        EventStream {
+            _channel: channel,
+            consumer,
+            seen: Vec::new(),
+        }
+    }
+
+    /// A consumer of every job event of this environment, bound before anything is
+    /// published (the order events arrive in is the order workers sent them).
+    pub async fn follow_all_events(&self) -> EventStream {
+        let (channel, consumer) = shared::events::subscribe(
+            &self.conn,
+            &self.topology.events_exchange(),
+            &["job.#".to_owned()],
+            "",
+        )
+        .await
+        .expect("subscribing to every event");
         EventStream {
             _channel: channel,
             consumer,
