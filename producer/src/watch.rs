@@ -172,6 +172,8 @@ impl Watcher {
             .set(name, Some(pending))
             .map_err(Failure::Infra)?;
         let shown = Path::new(name);
+        // Names come from whoever writes into the folder: printed only made printable.
+        let printable = upload::source_name(shown);
         let plan = JobPlan::new(job_id, &upload::extension(shown), &self.options).named(shown);
         let bar = self.multi.add(ProgressBar::new(version.size));
         bar.set_prefix(upload::source_name(shown));
@@ -180,10 +182,10 @@ impl Watcher {
             .put_file(&plan.source, read_from, &|n| bar.set_position(n))
             .await;
         bar.finish_and_clear();
-        stored.map_err(|e| Failure::Infra(e.context(format!("storing {name}"))))?;
+        stored.map_err(|e| Failure::Infra(e.context(format!("storing {printable}"))))?;
         if !opened.metadata().is_ok_and(|m| Version::of(&m) == version) {
             eprintln!(
-                "producer: {name} changed while it was uploaded; it will go again once it settles"
+                "producer: {printable} changed while it was uploaded; it will go again once it settles"
             );
             return Ok(Handled::Changed);
         }
@@ -199,12 +201,14 @@ impl Watcher {
         self.broker
             .publish_all(&plan.messages(&self.broker.topology))
             .await
-            .map_err(|e| Failure::Infra(e.context(format!("publishing the jobs of {name}"))))?;
+            .map_err(|e| {
+                Failure::Infra(e.context(format!("publishing the jobs of {printable}")))
+            })?;
         let done = self.move_to(name, DONE).map_err(Failure::Infra)?;
         self.state.set(name, None).map_err(Failure::Infra)?;
-        crate::say!("{job_id}\t{}", upload::source_name(shown));
+        crate::say!("{job_id}\t{printable}");
         eprintln!(
-            "producer: {name} stored as {}; jobs published: {}",
+            "producer: {printable} stored as {}; jobs published: {}",
             plan.source,
             plan.tasks().join(", ")
         );
@@ -258,8 +262,10 @@ impl Watcher {
 
     /// Moves `name` into the subfolder `sub`, never over an existing file there.
     fn move_to(&self, name: &str, sub: &str) -> anyhow::Result<PathBuf> {
-        move_into(&self.dir.join(name), &self.dir.join(sub), Path::new(name))
-            .map_err(|e| anyhow::anyhow!("moving {name} to {sub}/: {e}"))
+        move_into(&self.dir.join(name), &self.dir.join(sub), Path::new(name)).map_err(|e| {
+            let printable = upload::source_name(Path::new(name));
+            anyhow::anyhow!("moving {printable} to {sub}/: {e}")
+        })
     }
 }
 
