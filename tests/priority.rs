@@ -111,3 +111,31 @@ async fn a_retried_high_job_keeps_its_priority() {
     })
     .await;
 }
+
+/// A dead high job replayed with `producer dead replay` goes back to the high queue.
+#[tokio::test]
+async fn a_replayed_dead_high_job_goes_back_to_the_high_queue() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(WORKER, "prio-dead", &[]);
+    let id = submit(&env, Priority::High, json!({ "permanent": true })).await;
+    let dead = env.topology.dead();
+    eventually(PATIENCE, "the high job to be dead", async || {
+        env.queue_depth(&dead).await == 1
+    })
+    .await;
+    env.worker(w).signal("TERM");
+    assert!(env.worker(w).wait_exit(PATIENCE).is_some());
+    let out = env.producer(&["dead", "replay", &id.to_string()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let high = env.topology.priority_queue("transcode", Priority::High);
+    eventually(PATIENCE, "the replayed job in the high queue", async || {
+        env.queue_depth(&high).await == 1
+    })
+    .await;
+    let normal = env.topology.work_queue("transcode");
+    assert_eq!(env.queue_depth(&normal).await, 0);
+}
