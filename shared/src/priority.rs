@@ -140,7 +140,9 @@ impl<T> StartGate<T> {
     /// [`HIGH_BURST`] high starts in a row while normal work waited.
     pub fn pop(&mut self) -> Option<(Priority, T)> {
         let normal_waits = !self.normal.is_empty();
-        let high_turn = !self.high.is_empty() && !(normal_waits && self.high_streak >= HIGH_BURST);
+        // The anti-starvation rule: a normal delivery is due after a burst of high starts.
+        let normal_due = normal_waits && self.high_streak >= HIGH_BURST;
+        let high_turn = !self.high.is_empty() && !normal_due;
         if high_turn {
             if normal_waits {
                 self.high_streak += 1;
