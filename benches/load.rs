@@ -1,6 +1,10 @@
 //! Load: pushes thousands of small real jobs through several real worker processes and
-//! reports jobs/s, p50/p99 latency from publish to completion, and whether every job
-//! completed. Not a test.
+//! reports jobs/s, p50/p99 latency from publish to completion, whether every job
+//! completed, and what each job cost the broker: messages (the job's publish, delivery and
+//! ack, and every event the workers sent, counted by following them all, as a dashboard
+//! would) and the broker's CPU time (of the process listening on the broker's port, read
+//! from /proc; the broker is shared, so the same idle-time rate measured just before is
+//! taken off). Not a test.
 //!
 //! ```sh
 //! cargo build --release --bins
@@ -12,7 +16,9 @@
 //! manifests, events — with a real decode in every job. Workers are the release
 //! `thumbnailer` binaries next to this benchmark, each with `worker.concurrency = 2`,
 //! on the broker at `AMQP_URL` (default the local one) under a private topology prefix
-//! that is deleted afterwards.
+//! that is deleted afterwards. `LOAD_WORKER_BIN` runs another thumbnailer binary (an
+//! older build, for a before/after), `BROKER_PID` names the broker's process when it is
+//! not found by its port.
 
 // Only its clip maker is used here; the measuring half serves the media benchmarks.
 #[allow(dead_code)]
@@ -28,7 +34,7 @@ use futures::StreamExt;
 use lapin::options::BasicPublishOptions;
 use lapin::types::FieldTable;
 use shared::broker;
-use shared::events::JobEvent;
+use shared::events::{JobEvent, JobState};
 use shared::messages::{self, ImageFormat, ThumbnailJob};
 use shared::settings::StorageSettings;
 use shared::storage::Storage;
@@ -47,8 +53,12 @@ fn url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
-/// The release `thumbnailer` next to this benchmark binary (target/release/deps/..).
+/// The release `thumbnailer` next to this benchmark binary (target/release/deps/..), or
+/// `LOAD_WORKER_BIN`.
 fn thumbnailer_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LOAD_WORKER_BIN") {
+        return bin.into();
+    }
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().unwrap().parent().unwrap().join("thumbnailer");
     assert!(
@@ -57,6 +67,45 @@ fn thumbnailer_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// The broker's process: `BROKER_PID`, else the one listening on port 5672 (from `ss`).
+fn broker_pid() -> Option<u32> {
+    if let Some(pid) = std::env::var("BROKER_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+    {
+        return Some(pid);
+    }
+    let out = Command::new("ss")
+        .args(["-ltnpH", "sport = :5672"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let at = text.find("pid=")? + 4;
+    text[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// CPU time (user + system) a process has used so far, from /proc.
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces), from field 3 on.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ: 100 on every Linux this runs on.
+    Some(ticks / 100.0)
+}
+
+/// The broker's CPU seconds per wall second over `for_`, with nothing of ours running:
+/// what other users of a shared broker cost it meanwhile.
+async fn idle_cpu_rate(pid: u32, for_: Duration) -> Option<f64> {
+    let before = cpu_secs(pid)?;
+    tokio::time::sleep(for_).await;
+    Some((cpu_secs(pid)? - before) / for_.as_secs_f64())
 }
 
 #[tokio::main]
@@ -89,18 +138,23 @@ async fn main() {
     let source = StorageKey::new("uploads/load/source.mp4").unwrap();
     storage.put_file(&source, &clip, &|_| {}).await.unwrap();
 
-    // Completion events, bound before anything is published.
+    // Every event, bound before anything is published: completions end the wait, and the
+    // count of all of them is the events' share of the broker's work.
     let (_events, mut consumer) = shared::events::subscribe(
         &conn,
         &topology.events_exchange(),
-        &[
-            "job.*.thumbnail.completed".to_owned(),
-            "job.*.thumbnail.dead".to_owned(),
-        ],
+        &["job.#".to_owned()],
         "load",
     )
     .await
     .unwrap();
+
+    // The broker's load from everyone else, measured before our workers start.
+    let broker = broker_pid();
+    let idle_rate = match broker {
+        Some(pid) => idle_cpu_rate(pid, Duration::from_secs(3)).await,
+        None => None,
+    };
 
     let bin = thumbnailer_bin();
     let scratch = data.path().join("scratch");
@@ -124,6 +178,7 @@ async fn main() {
         .collect();
 
     println!("load: {jobs} thumbnail jobs through {workers} thumbnailer processes (concurrency 2)");
+    let cpu_before = broker.and_then(cpu_secs);
     let mut published: HashMap<Uuid, Instant> = HashMap::with_capacity(jobs);
     let started = Instant::now();
     let mut confirms = Vec::with_capacity(jobs);
@@ -160,6 +215,7 @@ async fn main() {
 
     let mut latencies = Vec::with_capacity(jobs);
     let (mut completed, mut dead) = (0, 0);
+    let mut events: HashMap<String, usize> = HashMap::new();
     let deadline = Instant::now() + Duration::from_secs(60 + jobs as u64 / 5);
     while completed + dead < jobs && Instant::now() < deadline {
         let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(5), consumer.next()).await
@@ -170,16 +226,21 @@ async fn main() {
         let Ok(event) = serde_json::from_slice::<JobEvent>(&d.data) else {
             continue;
         };
+        *events.entry(event.state.as_str().to_owned()).or_default() += 1;
+        if !event.state.is_terminal() {
+            continue;
+        }
         if let Some(t) = published.get(&event.job_id) {
             latencies.push(now - *t);
         }
-        if d.routing_key.as_str().ends_with(".dead") {
+        if event.state == JobState::Dead {
             dead += 1;
         } else {
             completed += 1;
         }
     }
     let elapsed = started.elapsed();
+    let cpu_after = broker.and_then(cpu_secs);
     // Events are best effort; the manifests are the record of truth.
     let mut manifests = 0;
     for id in published.keys() {
@@ -207,6 +268,7 @@ async fn main() {
             "NOT every job completed"
         }
     );
+    print_broker_cost(jobs, &events, elapsed, (cpu_before, cpu_after), idle_rate);
     if manifests < jobs {
         for i in 0..workers {
             let log = std::fs::read_to_string(data.path().join(format!("worker-{i}.log")));
@@ -223,4 +285,47 @@ async fn main() {
         let _ = c.wait();
     }
     let _ = topology.delete(&ch).await;
+}
+
+/// What the jobs cost the broker: messages per job, and CPU per job when the broker's
+/// process could be read.
+fn print_broker_cost(
+    jobs: usize,
+    events: &HashMap<String, usize>,
+    elapsed: Duration,
+    (cpu_before, cpu_after): (Option<f64>, Option<f64>),
+    idle_rate: Option<f64>,
+) {
+    let per_job = |n: usize| n as f64 / jobs as f64;
+    let sent: usize = events.values().sum();
+    let mut by_state: Vec<_> = events.iter().collect();
+    by_state.sort();
+    let by_state: Vec<String> = by_state
+        .iter()
+        .map(|(state, n)| format!("{state} {:.2}", per_job(**n)))
+        .collect();
+    // A retried job is published, delivered and acked again.
+    let retries = events.get("retrying").copied().unwrap_or(0);
+    let job_messages = per_job(3 * (jobs + retries));
+    println!(
+        "load: broker messages per job {:.2}: {job_messages:.2} publish+deliver+ack, {:.2} events \
+         ({}), and one delivery per event to each follower (this bench follows all)",
+        job_messages + per_job(sent),
+        per_job(sent),
+        by_state.join(", ")
+    );
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        let used = after - before;
+        let others = idle_rate.unwrap_or(0.0) * elapsed.as_secs_f64();
+        println!(
+            "load: broker CPU {:.2} ms per job ({:.2} ms before taking off {:.2} s of other \
+             users' load, measured idle just before at {:.0}% of a core)",
+            (used - others).max(0.0) * 1000.0 / jobs as f64,
+            used * 1000.0 / jobs as f64,
+            others,
+            idle_rate.unwrap_or(0.0) * 100.0
+        );
+    } else {
+        println!("load: broker CPU not measured (its process not found; set BROKER_PID)");
+    }
 }

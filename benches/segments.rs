@@ -111,6 +111,8 @@ async fn scenario(name: &str, source: &Path, pins: &[Pin], mode: &str, seg: (f64
                 .env("VIDPIPE__WORKER__SCRATCH_DIR", data.path().join("scratch"))
                 .env("VIDPIPE__WORKER__NAME", format!("{name}-{i}"))
                 .env("VIDPIPE__WORKER__JOB_TIMEOUT_SECS", "7200")
+                // Each segment's time is measured from its `started` event.
+                .env("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0")
                 .env("VIDPIPE__TRANSCODER__THREADS", pin.threads)
                 .env(
                     "VIDPIPE__TRANSCODER__SEGMENT_THRESHOLD_SECS",

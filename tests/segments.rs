@@ -17,12 +17,14 @@ use crate::support::{TestEnv, eventually, stays};
 const WORKER: &str = "transcoder";
 const PATIENCE: Duration = Duration::from_secs(180);
 
-/// Settings that split an 8-second clip into 2-second segments.
-const SPLIT: [(&str, &str); 4] = [
+/// Settings that split an 8-second clip into 2-second segments, each announced by a
+/// `started` event however quickly it runs (a test kills a worker once it has one).
+const SPLIT: [(&str, &str); 5] = [
     ("VIDPIPE__TRANSCODER__SEGMENT_THRESHOLD_SECS", "3"),
     ("VIDPIPE__TRANSCODER__SEGMENT_SECS", "2"),
     ("VIDPIPE__TRANSCODER__HLS_SEGMENT_S", "1"),
     ("VIDPIPE__TRANSCODER__KEYFRAME_INTERVAL_S", "1"),
+    ("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0"),
 ];
 
 fn one_rendition() -> Value {

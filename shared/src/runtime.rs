@@ -405,7 +405,10 @@ impl Run<'_> {
     }
 }
 
-/// Does the work of one parsed job and says how it went.
+/// Does the work of one parsed job and says how it went: prepare (storage checks, input,
+/// scratch), run the handler, commit. On the filesystem backend that is three trips to a
+/// blocking thread in all, one per step: each trip costs about as much as the broker's
+/// routing of a message, so for a small job they, not the broker, set the pace.
 async fn run_job<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
@@ -413,64 +416,115 @@ async fn run_job<H: Handler>(
     cancel: CancellationToken,
 ) -> Outcome {
     let job_id = job.job_id();
-    run.emit::<H>(job_id, JobState::Started, None, None);
-    let scratch = match tempfile::Builder::new()
-        .prefix("job-")
-        .tempdir_in(&worker.settings.worker.scratch_dir)
-        .context("creating a scratch directory")
-    {
-        Ok(dir) => dir,
-        Err(e) => return failed(e),
-    };
-    let outcome = run_in_scratch(worker, job, run, cancel, scratch.path()).await;
-    // Removing a big scratch tree is slow disk work: keep it off the async threads.
-    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
-    outcome
+    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0.0f64);
+    let steps = run_steps(worker, job, run, cancel, progress_tx);
+    with_events::<H, _>(worker, run, job_id, progress_rx, steps).await
 }
 
-/// [`run_job`]'s body, with its scratch directory made (and removed) by the caller:
-/// fetch the source (unless the job is already done), run the handler, commit.
-async fn run_in_scratch<H: Handler>(
+/// Drives a job's `steps` and sends its events while they run: `started` once it has run
+/// for `worker.started_event_after_secs` (0.5 s by default), then its progress at most
+/// once a second, from this task (none is spawned per job).
+///
+/// A job over sooner sends neither. Nothing needs them: `--wait` and `status` follow a
+/// task to its outcome (`completed`, `failed`, `retrying`, `dead`, all still sent by
+/// [`settle`]) and read the manifests besides, and a `started` is only shown while it is
+/// the latest word. Every event is a message the broker routes; for small jobs `started`
+/// was a third of what each job cost it.
+async fn with_events<H: Handler, F: std::future::Future<Output = Outcome>>(
+    worker: &Worker<H>,
+    run: &Run<'_>,
+    job_id: Uuid,
+    mut progress: tokio::sync::watch::Receiver<f64>,
+    steps: F,
+) -> Outcome {
+    const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+    tokio::pin!(steps);
+    let after = Duration::from_secs_f64(worker.settings.worker.started_event_after_secs);
+    let mut next = tokio::time::Instant::now() + after;
+    let mut announced = false;
+    loop {
+        tokio::select! {
+            biased;
+            outcome = &mut steps => return outcome,
+            _ = tokio::time::sleep_until(next) => {
+                if !announced {
+                    run.emit::<H>(job_id, JobState::Started, None, None);
+                    announced = true;
+                } else if progress.has_changed().unwrap_or(false) {
+                    let percent = *progress.borrow_and_update();
+                    run.emit::<H>(job_id, JobState::Progress, Some(percent), None);
+                }
+                next += PROGRESS_EVERY;
+            }
+        }
+    }
+}
+
+/// [`run_job`]'s steps.
+async fn run_steps<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
     run: &Run<'_>,
     cancel: CancellationToken,
-    scratch: &std::path::Path,
+    progress: tokio::sync::watch::Sender<f64>,
 ) -> Outcome {
-    let input = match fetch_unless_done(worker, &job, run, scratch).await {
-        Ok(input) => input,
-        Err(done_or_failed) => return done_or_failed,
+    let ready = match prepare(worker, &job).await {
+        Ok(ready) => ready,
+        Err(Skip::Failed(e)) => return failed(e),
+        Err(Skip::TaskJoined) => {
+            tracing::info!("the task is already complete; this part is moot");
+            return Outcome::Duplicate;
+        }
+        Err(Skip::Committed) => {
+            tracing::info!("outputs already committed by an earlier delivery; skipping");
+            // A part that committed but crashed before its fan-in check checks now.
+            return join_if_last(worker, &job, run, Outcome::Duplicate).await;
+        }
     };
-    worker.health.bytes_read.inc_by(input.bytes);
-    let out_dir = scratch.join("out");
-    if let Err(e) = tokio::fs::create_dir_all(&out_dir)
-        .await
-        .context("creating the output directory")
-    {
-        return failed(e);
-    }
+    worker.health.bytes_read.inc_by(ready.input.bytes);
     let started = Instant::now();
-    let (joined, timed_out) = run_handler(worker, job, run, cancel, input, out_dir).await;
-    match joined {
-        Err(join) => failed(anyhow::Error::new(join).context("handler panicked")),
-        Ok((_, Err(JobError::Cancelled))) if timed_out => Outcome::TimedOut(worker.job_timeout),
-        Ok((_, Err(e))) => Outcome::Failed(e),
-        Ok((_, Ok(output))) if !output.fan_out.is_empty() => {
+    let Ready {
+        scratch,
+        input,
+        out_dir,
+    } = ready;
+    let (joined, timed_out) =
+        run_handler(worker, job, run.attempt, cancel, (input, out_dir), progress).await;
+    let (job, output) = match joined {
+        Ok((job, Ok(output))) if output.fan_out.is_empty() => (job, output),
+        Ok((_, Ok(output))) => {
+            remove_scratch(scratch).await;
             let exchange = worker.topology.tasks_exchange();
-            match split::publish_all(run.publisher, &exchange, &output.fan_out, run.priority).await
+            return match split::publish_all(run.publisher, &exchange, &output.fan_out, run.priority)
+                .await
             {
                 Ok(()) => Outcome::FannedOut(output.fan_out.len()),
                 Err(e) => failed(e),
-            }
+            };
         }
-        Ok((job, Ok(output))) => {
-            let committed = commit(worker, &job, run.attempt, &output, started).await;
-            join_if_last(worker, &job, run, committed).await
+        Ok((_, Err(JobError::Cancelled))) if timed_out => {
+            remove_scratch(scratch).await;
+            return Outcome::TimedOut(worker.job_timeout);
         }
-    }
+        Ok((_, Err(e))) => {
+            remove_scratch(scratch).await;
+            return Outcome::Failed(e);
+        }
+        Err(join) => {
+            remove_scratch(scratch).await;
+            return failed(anyhow::Error::new(join).context("handler panicked"));
+        }
+    };
+    let committed = commit(worker, &job, run.attempt, output, started, scratch).await;
+    join_if_last(worker, &job, run, committed).await
 }
 
-/// A committed part's fan-in check ([`split`]): if it completed the set, the join is
+/// Removes a job's scratch directory on a blocking thread: a big tree is slow disk work.
+async fn remove_scratch(scratch: tempfile::TempDir) {
+    let _ = tokio::task::spawn_blocking(move || drop(scratch)).await;
+}
+
+/// A part's fan-in check ([`split`]): if it completed the set, the join is
 /// published (confirmed) before the part is acked; if that fails, the part is retried,
 /// finds itself committed, and checks again. Other outcomes pass through.
 async fn join_if_last<H: Handler>(
@@ -514,49 +568,122 @@ struct Input {
     bytes: u64,
 }
 
-/// The fetched input, or the outcome that makes fetching moot: `Duplicate` when an
-/// earlier delivery already committed this job's outputs (or, for a part, when its task
-/// is already joined), a failure when the input or the manifest cannot be read.
-async fn fetch_unless_done<H: Handler>(
-    worker: &Worker<H>,
-    job: &H::Job,
-    run: &Run<'_>,
-    scratch: &std::path::Path,
-) -> Result<Input, Outcome> {
-    let prefix = job.commit_prefix();
-    if &prefix != job.output_prefix() {
-        // A part whose task is already joined is moot (a late redelivery, a replayed
-        // dead part of a job that was re-run whole).
-        match worker.storage.manifest_owner(job.output_prefix()).await {
-            Ok(Some(owner)) => {
-                return Err(
-                    match claim_manifest(owner, job.job_id(), job.output_prefix()) {
-                        Ok(()) => {
-                            tracing::info!("the task is already complete; this part is moot");
-                            Outcome::Duplicate
-                        }
-                        Err(e) => failed(e),
-                    },
-                );
-            }
-            Ok(None) => {}
-            Err(e) => return Err(failed(e.context("checking for the task's manifest"))),
+/// A job ready for its handler.
+struct Ready {
+    /// Removed when dropped (see [`remove_scratch`]).
+    scratch: tempfile::TempDir,
+    input: Input,
+    /// Empty, inside `scratch`: where the handler writes its outputs.
+    out_dir: std::path::PathBuf,
+}
+
+/// Why a job is not run.
+enum Skip {
+    /// A part whose task is already joined (a late redelivery, a replayed dead part of a
+    /// job that was re-run whole).
+    TaskJoined,
+    /// An earlier delivery of this job committed its outputs.
+    Committed,
+    /// Its input or a manifest could not be read, or another job's manifest is there.
+    Failed(anyhow::Error),
+}
+
+/// The storage keys [`prepare`] looks at, owned, so a blocking thread can take them.
+struct Lookups {
+    job_id: Uuid,
+    /// Where this job commits.
+    prefix: StorageKey,
+    /// For a part: its task's prefix, whose manifest makes the part moot.
+    task_prefix: Option<StorageKey>,
+    source: StorageKey,
+}
+
+impl Lookups {
+    fn of<J: crate::messages::JobMessage>(job: &J) -> Self {
+        let prefix = job.commit_prefix();
+        Self {
+            job_id: job.job_id(),
+            task_prefix: (&prefix != job.output_prefix()).then(|| job.output_prefix().clone()),
+            prefix,
+            source: job.source().clone(),
         }
     }
-    // Idempotence: a redelivered job whose manifest exists is already done. The input
-    // lookup runs alongside; its answer matters only when there is work to do.
+
+    /// A part's first check: is its task already joined?
+    fn task_joined(&self, owner: anyhow::Result<Option<Uuid>>) -> Result<(), Skip> {
+        let Some(task_prefix) = &self.task_prefix else {
+            return Ok(());
+        };
+        match owner {
+            Ok(Some(owner)) => match claim_manifest(owner, self.job_id, task_prefix) {
+                Ok(()) => Err(Skip::TaskJoined),
+                Err(e) => Err(Skip::Failed(e)),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(Skip::Failed(e.context("checking for the task's manifest"))),
+        }
+    }
+
+    /// Whether the job still has to run, from its own manifest's owner and its input.
+    /// A permanent source problem (missing object, no such bucket) decides before an
+    /// unreadable manifest, which would only make the job retry in vain.
+    fn still_to_run(
+        &self,
+        owner: anyhow::Result<Option<Uuid>>,
+        input: anyhow::Result<Input>,
+    ) -> Result<Input, Skip> {
+        match (owner, input) {
+            (Ok(Some(owner)), _) => match claim_manifest(owner, self.job_id, &self.prefix) {
+                Ok(()) => Err(Skip::Committed),
+                Err(e) => Err(Skip::Failed(e)),
+            },
+            (_, Err(e)) => Err(Skip::Failed(e)),
+            (Err(e), Ok(_)) => Err(Skip::Failed(e.context("checking for an existing manifest"))),
+            (Ok(None), Ok(input)) => Ok(input),
+        }
+    }
+}
+
+/// Before the handler: is the job still to do, and if so its input and scratch.
+/// Idempotence: a redelivered job whose manifest exists is already done. On the
+/// filesystem backend every step is done in one trip to a blocking thread; on S3 (and
+/// for a join, which reads many parts) the requests go out async, the input lookup
+/// alongside the manifest check.
+async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, Skip> {
+    let lookups = Lookups::of(job);
+    let scratch_root = worker.settings.worker.scratch_dir.clone();
+    let storage = worker.storage.clone();
+    if storage.is_local() && matches!(job.inputs(), Inputs::Source) {
+        return tokio::task::spawn_blocking(move || {
+            prepare_local(&storage, &lookups, &scratch_root)
+        })
+        .await
+        .unwrap_or_else(|join| {
+            Err(Skip::Failed(
+                anyhow::Error::new(join).context("preparing the job panicked"),
+            ))
+        });
+    }
+    if let Some(task_prefix) = &lookups.task_prefix {
+        lookups.task_joined(storage.manifest_owner(task_prefix).await)?;
+    }
+    let scratch = tokio::task::spawn_blocking(move || make_scratch(&scratch_root))
+        .await
+        .unwrap_or_else(|join| {
+            Err(anyhow::Error::new(join).context("creating a scratch directory panicked"))
+        })
+        .map_err(Skip::Failed)?;
     let fetch = async {
         match job.inputs() {
-            Inputs::Source => worker
-                .storage
-                .fetch(job.source(), scratch)
+            Inputs::Source => storage
+                .fetch(job.source(), scratch.0.path())
                 .await
                 .map(|s| Input {
                     source: s.path,
                     parts: Vec::new(),
                     bytes: s.size,
                 }),
-            Inputs::Parts(prefixes) => split::fetch_parts(&worker.storage, &prefixes, scratch)
+            Inputs::Parts(prefixes) => split::fetch_parts(&storage, &prefixes, scratch.0.path())
                 .await
                 .map(|(parts, bytes)| Input {
                     source: std::path::PathBuf::new(),
@@ -565,60 +692,82 @@ async fn fetch_unless_done<H: Handler>(
                 }),
         }
     };
-    let (existing, source) = tokio::join!(worker.storage.manifest_owner(&prefix), fetch);
-    // A permanent source problem (missing object, no such bucket) decides before an
-    // unreadable manifest, which would only make the job retry in vain.
-    match (existing, source) {
-        (Ok(Some(owner)), _) => Err(match claim_manifest(owner, job.job_id(), &prefix) {
-            Ok(()) => {
-                tracing::info!("outputs already committed by an earlier delivery; skipping");
-                // A part that committed but crashed before its fan-in check checks now.
-                join_if_last(worker, job, run, Outcome::Duplicate).await
-            }
-            Err(e) => failed(e),
+    let (owner, input) = tokio::join!(storage.manifest_owner(&lookups.prefix), fetch);
+    match lookups.still_to_run(owner, input) {
+        Ok(input) => Ok(Ready {
+            scratch: scratch.0,
+            input,
+            out_dir: scratch.1,
         }),
-        (_, Err(e)) => Err(failed(e)),
-        (Err(e), Ok(_)) => Err(failed(e.context("checking for an existing manifest"))),
-        (Ok(None), Ok(s)) => Ok(s),
+        Err(skip) => {
+            remove_scratch(scratch.0).await;
+            Err(skip)
+        }
     }
+}
+
+/// [`prepare`] on the filesystem backend, synchronously: the checks first, then the
+/// scratch directory (the source is read in place, so a job that will not run never
+/// makes one).
+fn prepare_local(
+    storage: &Storage,
+    lookups: &Lookups,
+    scratch_root: &std::path::Path,
+) -> Result<Ready, Skip> {
+    if let Some(task_prefix) = &lookups.task_prefix {
+        lookups.task_joined(storage.manifest_owner_blocking(task_prefix))?;
+    }
+    let owner = storage.manifest_owner_blocking(&lookups.prefix);
+    let input = storage
+        .local_source_blocking(&lookups.source)
+        .map(|s| Input {
+            source: s.path,
+            parts: Vec::new(),
+            bytes: s.size,
+        });
+    let input = lookups.still_to_run(owner, input)?;
+    let (scratch, out_dir) = make_scratch(scratch_root).map_err(Skip::Failed)?;
+    Ok(Ready {
+        scratch,
+        input,
+        out_dir,
+    })
+}
+
+/// A job's scratch directory (`job-*` under `worker.scratch_dir`) and the empty output
+/// directory inside it.
+fn make_scratch(root: &std::path::Path) -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf)> {
+    let scratch = tempfile::Builder::new()
+        .prefix("job-")
+        .tempdir_in(root)
+        .context("creating a scratch directory")?;
+    let out_dir = scratch.path().join("out");
+    std::fs::create_dir(&out_dir).context("creating the output directory")?;
+    Ok((scratch, out_dir))
 }
 
 /// What [`run_handler`] gives back: the job and the handler's result, or the panic.
 type Joined<J> = Result<(J, Result<TaskOutput, JobError>), tokio::task::JoinError>;
 
-/// Runs the handler on a blocking thread within the job's time limit, forwarding its
-/// progress as events; how it ended, and whether the time limit cancelled it.
+/// Runs the handler on a blocking thread within the job's time limit, its progress
+/// into `progress`; how it ended, and whether the time limit cancelled it.
 async fn run_handler<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
-    run: &Run<'_>,
+    attempt: u32,
     cancel: CancellationToken,
-    input: Input,
-    out_dir: std::path::PathBuf,
+    (input, out_dir): (Input, std::path::PathBuf),
+    progress: tokio::sync::watch::Sender<f64>,
 ) -> (Joined<H::Job>, bool) {
-    let task = H::Job::TASK;
-    let job_id = job.job_id();
-    let attempt = run.attempt;
-    // Progress: the handler reports on its thread; events go out at most once a second.
-    let (progress_tx, progress_rx) = tokio::sync::watch::channel(0.0f64);
-    let done = CancellationToken::new();
-    let forwarder = tokio::spawn(forward_progress(
-        run.events.clone(),
-        (job_id, task, run.part.cloned()),
-        attempt,
-        progress_rx,
-        done.clone(),
-    ));
-
     let job_token = cancel.child_token();
     let mut ctx = JobContext::new(
-        job_id,
+        job.job_id(),
         attempt,
         input.source,
         out_dir,
         job_token.clone(),
         Arc::new(move |p| {
-            let _ = progress_tx.send(p);
+            let _ = progress.send(p);
         }),
     );
     ctx.parts = input.parts;
@@ -640,24 +789,24 @@ async fn run_handler<H: Handler>(
             handle.await
         }
     };
-    done.cancel();
-    let _ = forwarder.await;
     worker
         .health
         .job_seconds
-        .get_or_create(&Health::task(task))
+        .get_or_create(&Health::task(H::Job::TASK))
         .observe(started.elapsed().as_secs_f64());
     (joined, timed_out)
 }
 
-/// Commits a successful handler's outputs and manifest; losing the commit race to
-/// another delivery of the same job still counts as done.
+/// Commits a successful handler's outputs and manifest, and removes the scratch
+/// directory (on the filesystem backend both in one trip to a blocking thread); losing
+/// the commit race to another delivery of the same job still counts as done.
 async fn commit<H: Handler>(
     worker: &Worker<H>,
     job: &H::Job,
     attempt: u32,
-    output: &TaskOutput,
+    output: TaskOutput,
     started: Instant,
+    scratch: tempfile::TempDir,
 ) -> Outcome {
     let job_id = job.job_id();
     let completion = Completion {
@@ -671,7 +820,21 @@ async fn commit<H: Handler>(
         duration_s: started.elapsed().as_secs_f64(),
     };
     let prefix = job.commit_prefix();
-    match worker.storage.commit(&prefix, output, completion).await {
+    let committed = if worker.storage.is_local() {
+        let (storage, prefix) = (worker.storage.clone(), prefix.clone());
+        tokio::task::spawn_blocking(move || {
+            let committed = storage.commit_blocking(&prefix, &output, completion);
+            drop(scratch);
+            committed
+        })
+        .await
+        .unwrap_or_else(|join| Err(anyhow::Error::new(join).context("committing panicked")))
+    } else {
+        let committed = worker.storage.commit(&prefix, &output, completion).await;
+        remove_scratch(scratch).await;
+        committed
+    };
+    match committed {
         Ok(Some(written)) => {
             worker.health.bytes_written.inc_by(written.output_bytes());
             if let Inputs::Parts(parts) = job.inputs() {
@@ -725,28 +888,6 @@ fn claim_manifest(owner: Uuid, job_id: Uuid, prefix: &StorageKey) -> anyhow::Res
         "output prefix `{prefix}` already holds the committed outputs of job {owner}, not of \
          this job {job_id}; a job may only write under its own output prefix"
     )))
-}
-
-async fn forward_progress(
-    events: EventPublisher,
-    (job_id, task, part): (Uuid, &'static str, Option<PartRef>),
-    attempt: u32,
-    mut rx: tokio::sync::watch::Receiver<f64>,
-    done: CancellationToken,
-) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = done.cancelled() => return,
-            _ = tick.tick() => {
-                if rx.has_changed().unwrap_or(false) {
-                    let percent = *rx.borrow_and_update();
-                    events.emit(job_id, task, part.as_ref(), JobState::Progress, attempt, Some(percent), None);
-                }
-            }
-        }
-    }
 }
 
 /// Carries out the decided action on the broker.

@@ -406,6 +406,11 @@ pub struct WorkerSettings {
     pub name: Option<String>,
     /// Where jobs get their scratch directories.
     pub scratch_dir: PathBuf,
+    /// A job still running after this long gets its `started` event; a shorter one goes
+    /// from queued to its outcome without it. Every event is a message the broker routes,
+    /// and most of a small job's broker cost was this one: nothing that follows jobs
+    /// (`--wait`, `status`) needs it. 0 announces every job at once.
+    pub started_event_after_secs: f64,
 }
 
 impl Default for WorkerSettings {
@@ -416,6 +421,7 @@ impl Default for WorkerSettings {
             shutdown_grace_secs: 60.0,
             name: None,
             scratch_dir: std::env::temp_dir().join("vidpipe-scratch"),
+            started_event_after_secs: 0.5,
         }
     }
 }
@@ -649,6 +655,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "worker.shutdown_grace_secs",
     "worker.name",
     "worker.scratch_dir",
+    "worker.started_event_after_secs",
     "storage.backend",
     "storage.root",
     "storage.upload_buffer_bytes",
@@ -912,6 +919,10 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(
         s.worker.shutdown_grace_secs.is_finite() && s.worker.shutdown_grace_secs >= 0.0,
         "invalid setting `worker.shutdown_grace_secs`: must be zero or more"
+    );
+    anyhow::ensure!(
+        s.worker.started_event_after_secs.is_finite() && s.worker.started_event_after_secs >= 0.0,
+        "invalid setting `worker.started_event_after_secs`: must be zero or more"
     );
     s.health.validate()?;
     anyhow::ensure!(

@@ -11,6 +11,12 @@
 //!   is read, written, listed or deleted, and one whose path runs through a symlink to
 //!   somewhere outside `storage.root` is refused ([`OutsideRoot`], a permanent failure).
 //!
+//! - On the filesystem backend a job's storage steps also come synchronously
+//!   ([`Storage::manifest_owner_blocking`], [`Storage::local_source_blocking`],
+//!   [`Storage::commit_blocking`]), for the runtime to run several of them in one trip to
+//!   a blocking thread: each trip costs about as much as routing a message through the
+//!   broker, and a small job made six. The async methods use the same code.
+//!
 //! Errors are `anyhow` with what was being done as context and the store's own error as
 //! the cause; what retrying cannot fix (a missing object or bucket, refused access, a
 //! path out of the root, a manifest that is not one) is marked
@@ -304,35 +310,19 @@ impl Storage {
     /// [`Self::fetch`], with the scratch copy (backends other than the filesystem) at
     /// `copy`: a join fetches many objects into one scratch directory.
     pub async fn fetch_as(&self, key: &StorageKey, copy: &FsPath) -> anyhow::Result<LocalSource> {
+        if self.local.is_some() {
+            let (this, key) = (self.clone(), key.clone());
+            return blocking(move || this.local_source_blocking(&key)).await;
+        }
         let location = Self::path(key);
         let what = format!("source `{key}`");
         self.confine(key).with_context(|| what.clone())?;
         let meta = self.store.head(&location).await.map_err(|e| match e {
             object_store::Error::NotFound { .. } if !e.to_string().contains("NoSuchBucket") => {
-                permanent(format!(
-                    "{what} does not exist in {}; the producer must store uploads in the same \
-                     place",
-                    self.place
-                ))
+                self.missing(&what)
             }
             e => classify(&what, e),
         })?;
-        if let Some(local) = &self.local {
-            let path = local
-                .path_to_filesystem(&location)
-                .with_context(|| what.clone())
-                .permanent()?;
-            let real = path
-                .canonicalize()
-                .with_context(|| format!("resolving {what}"))?;
-            if !real.starts_with(&self.root) {
-                return Err(permanent(format!("{what} points outside the storage root")));
-            }
-            return Ok(LocalSource {
-                path: real,
-                size: meta.size,
-            });
-        }
         let path = copy.to_path_buf();
         let mut stream = self
             .store
@@ -358,6 +348,140 @@ impl Storage {
         })
     }
 
+    /// A missing source: permanent, naming where it was looked for.
+    fn missing(&self, what: &str) -> anyhow::Error {
+        permanent(format!(
+            "{what} does not exist in {}; the producer must store uploads in the same place",
+            self.place
+        ))
+    }
+
+    /// Whether this is the filesystem backend, whose `*_blocking` methods a caller on a
+    /// blocking thread may use.
+    pub fn is_local(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Where `key` is on disk (filesystem backend only; a permanent error on S3).
+    fn local_path(&self, key: &StorageKey) -> anyhow::Result<PathBuf> {
+        let local = self
+            .local
+            .as_ref()
+            .ok_or_else(|| permanent("not the filesystem storage backend"))?;
+        local
+            .path_to_filesystem(&Self::path(key))
+            .with_context(|| format!("`{key}`"))
+            .permanent()
+    }
+
+    /// [`Self::fetch`] on the filesystem backend, synchronously: the source is read in
+    /// place, so this only checks it (a file, inside the root once every link is followed)
+    /// and resolves its path.
+    pub fn local_source_blocking(&self, key: &StorageKey) -> anyhow::Result<LocalSource> {
+        let what = format!("source `{key}`");
+        self.confine(key).with_context(|| what.clone())?;
+        let path = self.local_path(key).with_context(|| what.clone())?;
+        let size = match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => meta.len(),
+            // A directory is no object, as the store sees it.
+            Ok(_) => return Err(self.missing(&what)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(self.missing(&what)),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(mark_permanent(
+                    anyhow::Error::new(e).context(format!("{what}: access denied")),
+                ));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("{what}: storage error"))),
+        };
+        let real = path
+            .canonicalize()
+            .with_context(|| format!("resolving {what}"))?;
+        if !real.starts_with(&self.root) {
+            return Err(permanent(format!("{what} points outside the storage root")));
+        }
+        Ok(LocalSource { path: real, size })
+    }
+
+    /// [`Self::manifest_owner`] on the filesystem backend, synchronously: one read of the
+    /// manifest, absent or not (local files carry no owner metadata).
+    pub fn manifest_owner_blocking(&self, prefix: &StorageKey) -> anyhow::Result<Option<Uuid>> {
+        let key = Self::manifest_key(prefix);
+        self.confine(&key)?;
+        let bytes = match std::fs::read(self.local_path(&key)?) {
+            Ok(bytes) => bytes,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::IsADirectory
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading `{key}` from storage")),
+        };
+        let manifest = Manifest::from_json(&key, &bytes).permanent()?;
+        Ok(Some(manifest.completion.job_id))
+    }
+
+    /// [`Self::commit`] on the filesystem backend, synchronously, with the same guarantees:
+    /// each output is copied under a staging name and renamed into place, then the manifest
+    /// is hard-linked into place, which fails if one is there (create-if-absent, atomic).
+    /// The loser of a race, or a failed commit, removes its own run directory.
+    pub fn commit_blocking(
+        &self,
+        prefix: &StorageKey,
+        output: &TaskOutput,
+        completion: Completion,
+    ) -> anyhow::Result<Option<Manifest>> {
+        self.confine(prefix)?;
+        let (run, run_prefix) = new_run(prefix)?;
+        let run_dir = self.local_path(&run_prefix)?;
+        let committed = self.commit_run_blocking(prefix, &run_prefix, run, output, completion);
+        if !matches!(committed, Ok(Some(_))) {
+            // Only this attempt ever wrote there (the run id is fresh).
+            let _ = std::fs::remove_dir_all(&run_dir);
+        }
+        committed
+    }
+
+    /// [`Self::commit_blocking`]'s writes, the run directory's removal left to it.
+    fn commit_run_blocking(
+        &self,
+        prefix: &StorageKey,
+        run_prefix: &StorageKey,
+        run: String,
+        output: &TaskOutput,
+        completion: Completion,
+    ) -> anyhow::Result<Option<Manifest>> {
+        let mut outputs = Vec::with_capacity(output.files.len());
+        for file in &output.files {
+            let key = run_prefix
+                .join(&file.name)
+                .with_context(|| format!("output name `{}`", file.name))
+                .permanent()?;
+            self.confine(&key)?;
+            let size = copy_into_place(&file.path, &self.local_path(&key)?)
+                .with_context(|| format!("writing `{key}` to storage"))?;
+            outputs.push(ManifestOutput {
+                name: file.name.clone(),
+                key,
+                size_bytes: size,
+                facts: handler_facts(&file.meta),
+            });
+        }
+        let manifest = Manifest {
+            completion,
+            run,
+            outputs,
+            summary: output.summary.clone(),
+        };
+        let key = Self::manifest_key(prefix);
+        self.confine(&key)?;
+        let created = link_if_absent(&manifest.to_json(), &self.local_path(&key)?)
+            .with_context(|| format!("writing `{key}` to storage"))?;
+        Ok(created.then_some(manifest))
+    }
+
     /// Key of a task's manifest.
     pub fn manifest_key(prefix: &StorageKey) -> StorageKey {
         prefix
@@ -377,9 +501,12 @@ impl Storage {
         output: &TaskOutput,
         completion: Completion,
     ) -> anyhow::Result<Option<Manifest>> {
+        if self.local.is_some() {
+            let (this, prefix, output) = (self.clone(), prefix.clone(), output.clone());
+            return blocking(move || this.commit_blocking(&prefix, &output, completion)).await;
+        }
         self.confine(prefix)?;
-        let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
-        let run_prefix = prefix.join(&format!("{run}/")).permanent()?;
+        let (run, run_prefix) = new_run(prefix)?;
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut written = Vec::with_capacity(output.files.len());
         for file in &output.files {
@@ -412,13 +539,10 @@ impl Storage {
             mode: PutMode::Create,
             ..Default::default()
         };
-        // The filesystem store keeps no object metadata (and refuses a put that has some).
-        if self.local.is_none() {
-            opts.attributes.insert(
-                Attribute::Metadata(OWNER_METADATA.into()),
-                manifest.completion.job_id.to_string().into(),
-            );
-        }
+        opts.attributes.insert(
+            Attribute::Metadata(OWNER_METADATA.into()),
+            manifest.completion.job_id.to_string().into(),
+        );
         let key = Self::manifest_key(prefix);
         if let Err(e) = self.confine(&key) {
             self.delete_all(&written).await;
@@ -515,32 +639,88 @@ impl Storage {
     /// there is a manifest) a read of it, since local files carry no metadata. A manifest
     /// without the metadata (written before it existed, or by hand) is read as well.
     pub async fn manifest_owner(&self, prefix: &StorageKey) -> anyhow::Result<Option<Uuid>> {
+        if self.local.is_some() {
+            let (this, prefix) = (self.clone(), prefix.clone());
+            return blocking(move || this.manifest_owner_blocking(&prefix)).await;
+        }
         let key = Self::manifest_key(prefix);
         self.confine(&key)?;
-        if self.local.is_some() {
-            if !self.exists(&key).await? {
-                return Ok(None);
-            }
-        } else {
-            let head = GetOptions {
-                head: true,
-                ..Default::default()
-            };
-            let found = match self.store.get_opts(&Self::path(&key), head).await {
-                Ok(found) => found,
-                Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                Err(e) => return Err(e).with_context(|| format!("checking `{key}` in storage")),
-            };
-            let owner = found
-                .attributes
-                .get(&Attribute::Metadata(OWNER_METADATA.into()))
-                .and_then(|v| v.parse::<Uuid>().ok());
-            if owner.is_some() {
-                return Ok(owner);
-            }
+        let head = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let found = match self.store.get_opts(&Self::path(&key), head).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("checking `{key}` in storage")),
+        };
+        let owner = found
+            .attributes
+            .get(&Attribute::Metadata(OWNER_METADATA.into()))
+            .and_then(|v| v.parse::<Uuid>().ok());
+        if owner.is_some() {
+            return Ok(owner);
         }
         Ok(self.manifest(prefix).await?.map(|m| m.completion.job_id))
     }
+}
+
+/// Runs a synchronous storage step on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    step: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(step)
+        .await
+        .context("a storage step panicked")?
+}
+
+/// A fresh run id for one commit attempt, and its prefix under the task's.
+fn new_run(prefix: &StorageKey) -> anyhow::Result<(String, StorageKey)> {
+    let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let run_prefix = prefix.join(&format!("{run}/")).permanent()?;
+    Ok((run, run_prefix))
+}
+
+/// A staging name beside `dest`: `<name>#<digits>`, the filesystem store's own form,
+/// which its listings skip, so a half-written object is never listed.
+fn staging_path(dest: &FsPath) -> PathBuf {
+    let mut name = dest.as_os_str().to_owned();
+    name.push(format!("#{}", Uuid::new_v4().as_u64_pair().0));
+    PathBuf::from(name)
+}
+
+/// Copies `from` to `dest` so that `dest` appears only complete (staged, then renamed);
+/// the bytes copied.
+fn copy_into_place(from: &FsPath, dest: &FsPath) -> std::io::Result<u64> {
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let staged = staging_path(dest);
+    let copied = std::fs::copy(from, &staged).and_then(|n| {
+        std::fs::rename(&staged, dest)?;
+        Ok(n)
+    });
+    if copied.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    copied
+}
+
+/// Writes `bytes` to `dest` only if nothing is there: staged, then hard-linked into place
+/// (a link never replaces a name). False if `dest` existed.
+fn link_if_absent(bytes: &[u8], dest: &FsPath) -> std::io::Result<bool> {
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let staged = staging_path(dest);
+    std::fs::write(&staged, bytes)?;
+    let linked = match std::fs::hard_link(&staged, dest) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(&staged);
+    linked
 }
 
 /// A handler's facts about one file as manifest fields: its JSON object's fields, less

@@ -221,8 +221,8 @@ class Checker:
             self.fail(where, f"no emptyDir with a sizeLimit mounted at the scratch dir ({scratch!r})")
         if "cpu" not in c.get("resources", {}).get("limits", {}):
             self.fail(where, "no cpu limit (the worker's threads setting is sized to it)")
-        if env.get("VIDPIPE__AMQP__URL", {}).get("valueFrom", {}).get("secretKeyRef") is None:
-            self.fail(where, "VIDPIPE__AMQP__URL must come from a secretKeyRef")
+        if env.get("VIDPIPE__AMQP__URLS", {}).get("valueFrom", {}).get("secretKeyRef") is None:
+            self.fail(where, "VIDPIPE__AMQP__URLS (the broker nodes, for failover) must come from a secretKeyRef")
         labels = d["spec"]["template"]["metadata"]["labels"]
         if not any(self.selects(p["spec"]["selector"], labels) for p in self.objs("PodDisruptionBudget").values()):
             self.fail(where, "no PodDisruptionBudget selects its pods")
@@ -404,8 +404,8 @@ def check_compose(path, known):
             errors.append(f"{name}: no no-new-privileges")
         if env.get("VIDPIPE__STORAGE__BACKEND") != "s3":
             errors.append(f"{name}: storage backend is not s3")
-        if not env.get("VIDPIPE__AMQP__URL"):
-            errors.append(f"{name}: no broker URL")
+        if not env.get("VIDPIPE__AMQP__URLS"):
+            errors.append(f"{name}: no broker URLs (VIDPIPE__AMQP__URLS, the nodes to fail over between)")
         if env.get("VIDPIPE__TOPOLOGY__DECLARE") != "false":
             errors.append(f"{name}: declares the topology (its user may not)")
         grace = float(env.get("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", 60))

@@ -111,11 +111,12 @@ if [ -n "$producer" ]; then
   overlay=$tmp/repo/deploy/kubernetes/overlays/example
   if env VIDPIPE_PRODUCER_BIN="$producer" VIDPIPE_S3_ACCESS_KEY_ID=placeholder-key-id \
     VIDPIPE_S3_SECRET_ACCESS_KEY=placeholder-secret "$overlay/make-secrets.sh" >"$tmp/make-secrets.log" 2>&1 &&
-    [ "$(find "$overlay/secrets" -maxdepth 1 -type f -size +0 | wc -l)" = 7 ]; then
-    pass "make-secrets.sh: 7 secret files from docker/secrets.sh and the task registry"
+    [ "$(find "$overlay/secrets" -maxdepth 1 -type f -size +0 | wc -l)" = 11 ] &&
+    [ "$(tr ',' '\n' <"$overlay/secrets/transcoder.amqp-urls" | grep -c '@vidpipe-rabbitmq-server-[0-2]\.vidpipe-rabbitmq-nodes\.vidpipe\.svc:5672/')" = 3 ]; then
+    pass "make-secrets.sh: 11 secret files from docker/secrets.sh and the task registry; amqp-urls lists the 3 broker nodes"
   else
     cat "$tmp/make-secrets.log"
-    fail "make-secrets.sh did not write the overlay's 7 secret files"
+    fail "make-secrets.sh did not write the overlay's 11 secret files, or amqp-urls does not list the 3 broker nodes"
   fi
   tree=$tmp/repo/deploy/kubernetes
 else
@@ -123,6 +124,8 @@ else
   mkdir -p "$overlay/secrets"
   for r in producer transcoder thumbnailer ops; do
     printf 'amqp://vidpipe-%s:PLACEHOLDER@vidpipe-rabbitmq.vidpipe.svc:5672/%%2f' "$r" >"$overlay/secrets/$r.amqp-url"
+    printf 'amqp://vidpipe-%s:PLACEHOLDER@vidpipe-rabbitmq-server-%s.vidpipe-rabbitmq-nodes.vidpipe.svc:5672/%%2f,' "$r" 0 "$r" 1 "$r" 2 |
+      sed 's/,$//' >"$overlay/secrets/$r.amqp-urls"
   done
   printf placeholder >"$overlay/secrets/s3-access-key-id"
   printf placeholder >"$overlay/secrets/s3-secret-access-key"
@@ -176,7 +179,7 @@ broken grace-below-drain policy Deployment apps v1 vidpipe-thumbnailer \
 broken scale-down-faster-than-a-job policy ScaledObject keda.sh v1alpha1 vidpipe-transcoder \
   '- {op: replace, path: /spec/advanced/horizontalPodAutoscalerConfig/behavior/scaleDown/stabilizationWindowSeconds, value: 300}'
 broken inlined-broker-password policy Deployment apps v1 vidpipe-transcoder \
-  '- {op: replace, path: /spec/template/spec/containers/0/env/0, value: {name: VIDPIPE__AMQP__URL, value: "amqp://vidpipe-transcoder:hunter2@vidpipe-rabbitmq:5672/%2f"}}'
+  '- {op: replace, path: /spec/template/spec/containers/0/env/0, value: {name: VIDPIPE__AMQP__URLS, value: "amqp://vidpipe-transcoder:hunter2@vidpipe-rabbitmq:5672/%2f"}}'
 
 # --- 5: the compose file for workers on other machines ---------------------------------------
 compose_cmds=()

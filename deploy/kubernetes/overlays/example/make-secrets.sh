@@ -8,13 +8,17 @@
 # The broker users, passwords and definitions are made exactly as for compose, by
 # docker/secrets.sh and the task registry (`producer tasks --broker-users`,
 # `--broker-definitions`): a random password per role (or VIDPIPE_<ROLE>_PASSWORD), kept
-# on later runs in secrets/state/; the broker gets salted hashes only. Then one AMQP URL
-# per role for the cluster's broker Service, the password URL-encoded:
-#   secrets/<role>.amqp-url              role = producer transcoder thumbnailer ops
+# on later runs in secrets/state/; the broker gets salted hashes only. Then, per role, the
+# password URL-encoded:
+#   secrets/<role>.amqp-urls             the three broker nodes, for amqp.urls
+#   secrets/<role>.amqp-url              the broker's Service, for KEDA (one URL)
+#                                        role = producer transcoder thumbnailer ops
 #   secrets/s3-access-key-id, secrets/s3-secret-access-key   (from the environment)
 #   secrets/definitions.json             users, vhost, permissions for the broker
-# The URL names the Service by its full name (vidpipe-rabbitmq.NAMESPACE.svc), since
-# KEDA's operator resolves it from its own namespace.
+# Names are full (….NAMESPACE.svc): KEDA's operator resolves them from its own namespace.
+# The nodes are the operator's pods, vidpipe-rabbitmq-server-N.vidpipe-rabbitmq-nodes
+# (N = 0 1 2, the RabbitmqCluster's replicas), each role starting at another node so
+# that connections spread over the three; a worker whose node goes tries the next at once.
 #
 # Needs the producer binary: $VIDPIPE_PRODUCER_BIN, else `producer` on PATH, else this
 # checkout's target/release or target/debug. Prints no secret.
@@ -25,7 +29,7 @@ namespace=vidpipe
 while [ $# -gt 0 ]; do
   case $1 in
     --namespace) namespace=$2; shift 2 ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "make-secrets: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -57,10 +61,20 @@ VIDPIPE_SECRETS_ROOT=$state VIDPIPE_PRODUCER_BIN=$producer "$repo/docker/secrets
 # shellcheck source=docker/vidpipe-lib.sh
 . "$repo/docker/vidpipe-lib.sh"
 put() { printf '%s' "$2" >"$out/$1.tmp" && mv -f "$out/$1.tmp" "$out/$1"; }
+replicas=3
+first=0
 for role in "${roles[@]}"; do
   user=$(<"$state/$role/amqp-user")
   password=$(<"$state/$role/amqp-password")
-  put "$role.amqp-url" "amqp://$(urlencode "$user"):$(urlencode "$password")@vidpipe-rabbitmq.$namespace.svc:5672/%2f"
+  login="amqp://$(urlencode "$user"):$(urlencode "$password")"
+  put "$role.amqp-url" "$login@vidpipe-rabbitmq.$namespace.svc:5672/%2f"
+  urls=()
+  for ((i = 0; i < replicas; i++)); do
+    node=$(((first + i) % replicas))
+    urls+=("$login@vidpipe-rabbitmq-server-$node.vidpipe-rabbitmq-nodes.$namespace.svc:5672/%2f")
+  done
+  put "$role.amqp-urls" "$(IFS=,; echo "${urls[*]}")"
+  first=$(((first + 1) % replicas))
 done
 put s3-access-key-id "$VIDPIPE_S3_ACCESS_KEY_ID"
 put s3-secret-access-key "$VIDPIPE_S3_SECRET_ACCESS_KEY"
