@@ -201,7 +201,7 @@ compose_v2() {
     local tmp=/var/tmp/vidpipe-compose-v2
     as_root cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
     as_root chroot "$rootfs" sh -c "set -e; apt-get update -qq; rm -rf $tmp; mkdir -p $tmp; cd $tmp;
-      apt-get download -qq docker-compose; dpkg-deb -x docker-compose_*.deb x"
+      apt-get download -qq -o APT::Sandbox::User=root docker-compose; dpkg-deb -x docker-compose_*.deb x"
     as_root mkdir -p "$cache/compose-v2"
     as_root cp "$rootfs$tmp/x/usr/libexec/docker/cli-plugins/docker-compose" "$bin.tmp"
     as_root rm -rf "$rootfs$tmp" "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/*.bin
