@@ -307,10 +307,18 @@ for u in d["users"]:
     assert set(u) == {"name", "password_hash", "hashing_algorithm", "tags"}, u["name"]
     assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256"
 ' && [ "$(rabbitmqctl list_users | awk '{print $1}' | grep -c '^vidpipe-')" = 4 ] &&
-    ! rabbitmqctl list_users | awk '{print $1}' | grep -qx guest
+    ! rabbitmqctl list_users | awk '{print $1}' | grep -qx guest &&
+    parking_lot_policy_ok
+}
+# The definitions' policy holds the parking lot: on RabbitMQ 4.x a parked job looked at
+# 20 times (`dead list` returns what it shows) would otherwise be dropped.
+parking_lot_policy_ok() {
+  local p
+  p=$(rabbitmqctl list_queues name policy | awk '$1 == "video_tasks.dead" {print $2}')
+  [ "$p" = vidpipe-dead-letters-kept ] || { echo "video_tasks.dead has policy '$p', not vidpipe-dead-letters-kept" >&2; return 1; }
 }
 if secrets_digests >"$work/secrets.1" 2>"$work/secrets.err" && secrets_ok "$work/secrets.1" && definitions_ok; then
-  pass "secrets generated: a password per role (0600, uid 10001, own volume), broker definitions with salted hashes only, 4 users, no guest"
+  pass "secrets generated: a password per role (0600, uid 10001, own volume), broker definitions with salted hashes only, 4 users, no guest, the parking lot's policy"
 else
   cat "$work/secrets.err" >&2
   fail "generated secrets"
