@@ -46,7 +46,9 @@ pub fn amqp_url() -> String {
 pub fn broker_ctl(args: &[&str]) -> std::process::Output {
     let ctl = std::env::var("VIDPIPE_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
     let mut words = ctl.split_whitespace();
-    let program = words.next().expect("VIDPIPE_TEST_RABBITMQCTL names a command");
+    let program = words
+        .next()
+        .expect("VIDPIPE_TEST_RABBITMQCTL names a command");
     Command::new(program)
         .args(words)
         .args(args)

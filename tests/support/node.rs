@@ -154,8 +154,8 @@ impl PrivateNode {
                 let mut cmd = Command::new("chroot");
                 cmd.arg(root).arg(self.sbin.join(script));
                 // The 4.x node's own epmd, never the machine's.
-                let epmd = std::env::var("VIDPIPE_RABBITMQ4_EPMD_PORT")
-                    .unwrap_or_else(|_| "4370".into());
+                let epmd =
+                    std::env::var("VIDPIPE_RABBITMQ4_EPMD_PORT").unwrap_or_else(|_| "4370".into());
                 cmd.env("ERL_EPMD_PORT", epmd)
                     .env("ERL_EPMD_ADDRESS", "127.0.0.1")
                     .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
