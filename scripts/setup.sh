@@ -7,6 +7,9 @@ set -euo pipefail
 PACKAGES=(
   libavcodec-dev libavformat-dev libavutil-dev libavfilter-dev libavdevice-dev
   libswscale-dev libswresample-dev clang libclang-dev pkg-config ffmpeg rabbitmq-server
+  # The RabbitMQ 4.x test node (tests/rabbitmq4/node.sh): a Debian trixie rootfs made with
+  # debootstrap (its keyring comes with debian-archive-keyring), run with chroot.
+  debootstrap debian-archive-keyring
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }

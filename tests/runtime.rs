@@ -9,7 +9,7 @@ use shared::storage::Storage;
 use shared::storage_key::StorageKey;
 use uuid::Uuid;
 
-use crate::support::{TestEnv, eventually, job_keys, stays, test_job};
+use crate::support::{TestEnv, broker_ctl, eventually, job_keys, stays, test_job};
 
 const WORKER: &str = "vidpipe-testworker";
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -445,12 +445,10 @@ async fn parallel_test_environments_are_isolated() {
     assert!(b.storage.manifest(&b_prefix).await.unwrap().is_none());
 }
 
-/// Closes every broker connection whose client-provided name is `name` (`rabbitmqctl`).
+/// Closes every broker connection whose client-provided name is `name` (`rabbitmqctl` of
+/// the broker under test, [`broker_ctl`]).
 fn close_connections_named(name: &str) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .expect("rabbitmqctl (the broker runs on this machine)");
+    let out = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
     let text = String::from_utf8_lossy(&out.stdout);
     let pids: Vec<&str> = text
         .lines()
@@ -459,11 +457,8 @@ fn close_connections_named(name: &str) {
         .collect();
     assert!(!pids.is_empty(), "no connection named {name} in:\n{text}");
     for pid in pids {
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", pid, "closed by vidpipe test"])
-            .status()
-            .expect("rabbitmqctl");
-        assert!(status.success());
+        let out = broker_ctl(&["-q", "close_connection", pid, "closed by vidpipe test"]);
+        assert!(out.status.success(), "{out:?}");
     }
 }
 

@@ -19,7 +19,7 @@ pub fn run(args: &TasksArgs) {
     if args.broker_users || args.broker_definitions {
         let roles = tasks::broker_roles(&registry, &topology);
         if args.broker_definitions {
-            let defs = tasks::broker_definitions(&roles);
+            let defs = tasks::broker_definitions(&roles, &topology);
             say!(
                 "{}",
                 serde_json::to_string_pretty(&defs).expect("JSON values serialise")

@@ -227,10 +227,18 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
     roles
 }
 
-/// The broker definitions (users, vhost `/`, permissions) the compose stack's broker
-/// imports, with `@<role>@` where each user's password hash goes (filled in by
+/// The broker definitions (users, vhost `/`, permissions, one policy) the compose stack's
+/// broker imports, with `@<role>@` where each user's password hash goes (filled in by
 /// `docker/secrets.sh`, which alone sees the passwords).
-pub fn broker_definitions(roles: &[BrokerRole]) -> serde_json::Value {
+///
+/// The policy keeps the parking lot's messages however often they are looked at. Its
+/// quorum queue is declared without `x-delivery-limit` (an argument cannot be added to an
+/// existing queue), and on RabbitMQ 4.0–4.2 every return counts towards the delivery
+/// limit, which defaults to 20 since 4.0: `dead list` returns each message it shows, and a
+/// parked job looked at 20 times would be dropped (it has no dead-letter exchange). The
+/// highest limit there is, not `-1`: 4.x reads `-1` as "no limit", 3.x as "dead-letter at
+/// the first return". Imported at every broker start, so existing stacks get it too.
+pub fn broker_definitions(roles: &[BrokerRole], topology: &Topology) -> serde_json::Value {
     let users: Vec<serde_json::Value> = roles
         .iter()
         .map(|r| {
@@ -251,8 +259,22 @@ pub fn broker_definitions(roles: &[BrokerRole]) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "users": users, "vhosts": [{ "name": "/" }], "permissions": permissions })
+    let policies = [serde_json::json!({
+        "vhost": "/",
+        "name": PARKING_LOT_POLICY,
+        "pattern": format!("^{}$", regex_escape(&topology.dead())),
+        "apply-to": "queues",
+        "priority": 0,
+        "definition": { "delivery-limit": i32::MAX },
+    })];
+    serde_json::json!({
+        "users": users, "vhosts": [{ "name": "/" }], "permissions": permissions,
+        "policies": policies,
+    })
 }
+
+/// The name of the parking lot's policy in [`broker_definitions`].
+pub const PARKING_LOT_POLICY: &str = "vidpipe-dead-letters-kept";
 
 /// `s` as a regular expression matching exactly `s` (RabbitMQ permissions are regexes).
 fn regex_escape(s: &str) -> String {
@@ -370,7 +392,10 @@ mod tests {
 
     #[test]
     fn definitions_leave_a_hash_placeholder_per_role() {
-        let defs = broker_definitions(&broker_roles(&Registry::builtin(), &topology("")));
+        let defs = broker_definitions(
+            &broker_roles(&Registry::builtin(), &topology("")),
+            &topology(""),
+        );
         let hashes: Vec<&str> = defs["users"]
             .as_array()
             .unwrap()
@@ -384,6 +409,12 @@ mod tests {
         assert_eq!(
             defs["permissions"][1]["read"],
             r"^(video_tasks\.transcode\.high|video_tasks\.transcode)$"
+        );
+        // The parking lot keeps what `dead list` looks at (RabbitMQ 4.x counts returns).
+        assert_eq!(defs["policies"][0]["pattern"], r"^video_tasks\.dead$");
+        assert_eq!(
+            defs["policies"][0]["definition"]["delivery-limit"],
+            i32::MAX
         );
     }
 }

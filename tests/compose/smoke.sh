@@ -9,9 +9,10 @@
 #   2. makes debian:bookworm-slim with debootstrap if the image is absent (cached as a
 #      `docker save` tarball under $VIDPIPE_CACHE_DIR, default /var/cache/vidpipe);
 #   3. builds the release binaries on the host (or takes them from $BIN_DIR) and the
-#      runtime image from them (docker/Dockerfile.prebuilt), and the RabbitMQ image of
-#      docker/rabbitmq/ unless $VIDPIPE_RABBITMQ_IMAGE names one that exists locally
-#      (rabbitmq:4-management is used when it is already there);
+#      runtime image from them (docker/Dockerfile.prebuilt), and the RabbitMQ 4.x image of
+#      docker/rabbitmq/ FROM the trixie rootfs of tests/rabbitmq4/node.sh (RabbitMQ 4.0.5)
+#      unless $VIDPIPE_RABBITMQ_IMAGE names one that exists locally (rabbitmq:4-management
+#      is used when it is already there);
 #   4. with a private compose project: no fixed password in the repository; `up -d`
 #      until healthy; the generated secrets (one volume per role, modes, definitions with
 #      hashes only); every vidpipe container contained (uid 10001, read-only root
@@ -29,7 +30,10 @@
 # Environment: BIN_DIR (prebuilt producer/transcoder/thumbnailer), IMAGE (a local vidpipe
 # image to test instead, e.g. one built from the Dockerfile), VIDPIPE_RABBITMQ_IMAGE,
 # VIDPIPE_CACHE_DIR, COMPOSE (the compose command; default docker-compose, else
-# `docker compose`), KEEP=1 (leave the project up for a look; prints how to remove it).
+# `docker compose`; the test command gives Compose v2's binary from
+# `tests/rabbitmq4/node.sh compose-v2`), SMOKE_SCOPE=up (only `up -d` until healthy and
+# the secrets checks, then `down -v`), KEEP=1 (leave the project up for a look; prints how
+# to remove it).
 # Exit code 0 when every check passed.
 set -euo pipefail
 # A command that ends the script under set -e says which one it was.
@@ -140,9 +144,23 @@ if [ -n "$rabbit_image" ]; then
 elif have_image rabbitmq:4-management; then
   rabbit_image=rabbitmq:4-management
 else
-  rabbit_image=vidpipe-rabbitmq:debian
-  say "building $rabbit_image (docker/rabbitmq)"
-  docker build -q -t "$rabbit_image" docker/rabbitmq >"$work/build-rabbitmq.log" 2>&1 \
+  # RabbitMQ 4.x like the official image users get: docker/rabbitmq/Dockerfile built FROM
+  # the trixie root filesystem of the 4.x test node (tests/rabbitmq4/node.sh: debootstrap,
+  # cached; rabbitmq-server 4.0.5 already in it), imported as a local image. Nothing is
+  # pulled or downloaded once the rootfs exists.
+  rabbit_image=vidpipe-rabbitmq:4-trixie
+  rootfs=$(tests/rabbitmq4/node.sh rootfs)
+  rabbit_base="vidpipe-trixie-rabbitmq:$(cat "$rootfs/.vidpipe-rootfs-ready")"
+  if ! have_image "$rabbit_base"; then
+    say "importing $rootfs as $rabbit_base"
+    # Without the test node's own state (data, logs, cookie, a mounted /proc).
+    as_root tar --numeric-owner -C "$rootfs" --exclude='./proc/*' --exclude=./var/lib/rabbitmq/mnesia \
+      --exclude=./var/lib/rabbitmq/.erlang.cookie --exclude='./var/log/rabbitmq/*' \
+      --exclude='./tmp/*' --exclude=./.vidpipe-rootfs-ready -c . |
+      docker import -c 'CMD ["bash"]' - "$rabbit_base" >/dev/null
+  fi
+  say "building $rabbit_image FROM $rabbit_base (docker/rabbitmq)"
+  docker build -q --build-arg BASE="$rabbit_base" -t "$rabbit_image" docker/rabbitmq >"$work/build-rabbitmq.log" 2>&1 \
     || { cat "$work/build-rabbitmq.log" >&2; exit 1; }
 fi
 
@@ -190,7 +208,8 @@ clip() { # name seconds size
     -c:a aac -shortest "$work/input/$1"
 }
 clip short.mp4 4 320x240
-clip long.mp4 "${LONG_CLIP_SECS:-60}" "${LONG_CLIP_SIZE:-1280x720}"
+# The long clip only serves the stop-a-busy-transcoder check (not in SMOKE_SCOPE=up).
+[ "${SMOKE_SCOPE:-all}" = up ] || clip long.mp4 "${LONG_CLIP_SECS:-60}" "${LONG_CLIP_SIZE:-1280x720}"
 chmod 755 "$work" "$work/input"; chmod 644 "$work"/input/*.mp4
 
 ids() { compose ps -q "$1" 2>/dev/null; }
@@ -288,13 +307,28 @@ for u in d["users"]:
     assert set(u) == {"name", "password_hash", "hashing_algorithm", "tags"}, u["name"]
     assert u["hashing_algorithm"] == "rabbit_password_hashing_sha256"
 ' && [ "$(rabbitmqctl list_users | awk '{print $1}' | grep -c '^vidpipe-')" = 4 ] &&
-    ! rabbitmqctl list_users | awk '{print $1}' | grep -qx guest
+    ! rabbitmqctl list_users | awk '{print $1}' | grep -qx guest &&
+    parking_lot_policy_ok
+}
+# The definitions' policy holds the parking lot: on RabbitMQ 4.x a parked job looked at
+# 20 times (`dead list` returns what it shows) would otherwise be dropped.
+parking_lot_policy_ok() {
+  local p
+  p=$(rabbitmqctl list_queues name policy | awk '$1 == "video_tasks.dead" {print $2}')
+  [ "$p" = vidpipe-dead-letters-kept ] || { echo "video_tasks.dead has policy '$p', not vidpipe-dead-letters-kept" >&2; return 1; }
 }
 if secrets_digests >"$work/secrets.1" 2>"$work/secrets.err" && secrets_ok "$work/secrets.1" && definitions_ok; then
-  pass "secrets generated: a password per role (0600, uid 10001, own volume), broker definitions with salted hashes only, 4 users, no guest"
+  pass "secrets generated: a password per role (0600, uid 10001, own volume), broker definitions with salted hashes only, 4 users, no guest, the parking lot's policy"
 else
   cat "$work/secrets.err" >&2
   fail "generated secrets"
+fi
+
+# SMOKE_SCOPE=up: only the start (up -d until healthy, the generated secrets and the
+# broker's users), then down: the test command's cheaper second check with Compose v1.
+if [ "${SMOKE_SCOPE:-all}" = up ]; then
+  say "SMOKE_SCOPE=up: stopping after the start checks"
+  exit 0
 fi
 
 # --- containment ------------------------------------------------------------------------------

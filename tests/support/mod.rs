@@ -40,6 +40,22 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `rabbitmqctl ARGS…` against the broker at [`amqp_url`]: the machine's `rabbitmqctl`, or
+/// the command line in `VIDPIPE_TEST_RABBITMQCTL` when the tests run on another broker
+/// (the test command's RabbitMQ 4.x pass sets it to `tests/rabbitmq4/node.sh ctl`).
+pub fn broker_ctl(args: &[&str]) -> std::process::Output {
+    let ctl = std::env::var("VIDPIPE_TEST_RABBITMQCTL").unwrap_or_else(|_| "rabbitmqctl".into());
+    let mut words = ctl.split_whitespace();
+    let program = words
+        .next()
+        .expect("VIDPIPE_TEST_RABBITMQCTL names a command");
+    Command::new(program)
+        .args(words)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {ctl}: {e}"))
+}
+
 /// Directory holding the workspace's binaries (next to the test worker).
 pub fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_vidpipe-testworker"))

@@ -5,6 +5,13 @@
 //!
 //! Starting a node takes about ten seconds; tests that need one share nothing else with
 //! the other tests.
+//!
+//! With `VIDPIPE_TEST_RABBITMQ_ROOTFS` set to the root filesystem of
+//! `tests/rabbitmq4/node.sh` (Debian trixie's RabbitMQ 4.x and its own Erlang, with `/proc`
+//! mounted: `node.sh start` does it), the node is that RabbitMQ run in a chroot instead of
+//! the machine's own one: the test command's RabbitMQ 4.x pass runs the chaos suite so.
+//! Its files are then under the rootfs's `/tmp`, and it registers with the 4.x node's
+//! own epmd (`VIDPIPE_RABBITMQ4_EPMD_PORT`, default 4370). Needs root (chroot).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,7 +24,10 @@ pub struct PrivateNode {
     pub name: String,
     pub port: u16,
     dir: TempDir,
+    /// The server's `sbin` as the node sees it (inside the chroot in rootfs mode).
     sbin: PathBuf,
+    /// The chroot of rootfs mode (see the module's doc), else `None`.
+    rootfs: Option<PathBuf>,
 }
 
 impl PrivateNode {
@@ -25,21 +35,32 @@ impl PrivateNode {
     /// `extra_conf` appended to its `rabbitmq.conf` (e.g. a TLS listener). Blocks until it
     /// answers.
     pub fn start(port: u16, extra_conf: &str) -> Self {
-        let sbin = std::fs::read_dir("/usr/lib/rabbitmq/lib")
-            .expect("rabbitmq-server is installed (scripts/setup.sh)")
+        let rootfs = std::env::var_os("VIDPIPE_TEST_RABBITMQ_ROOTFS").map(PathBuf::from);
+        let root = rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
+        if rootfs.is_some() {
+            assert!(
+                root.join("proc/self").exists(),
+                "{}/proc is not mounted: start the 4.x node first (tests/rabbitmq4/node.sh start)",
+                root.display()
+            );
+        }
+        let sbin = std::fs::read_dir(root.join("usr/lib/rabbitmq/lib"))
+            .expect("rabbitmq-server is installed (scripts/setup.sh, or the rootfs)")
             .filter_map(Result::ok)
             .map(|e| e.path().join("sbin"))
             .find(|p| p.join("rabbitmq-server").is_file())
             .expect("rabbitmq_server-*/sbin");
+        let sbin = Path::new("/").join(sbin.strip_prefix(&root).expect("under the root"));
         let dir = tempfile::Builder::new()
             .prefix("vidpipe-node-")
-            .tempdir()
+            .tempdir_in(root.join("tmp"))
             .expect("node dir");
         let node = Self {
             name: format!("vp{port}@localhost"),
             port,
             dir,
             sbin,
+            rootfs,
         };
         let base = node.dir.path();
         for sub in ["home", "mnesia", "log", "plugins-expand"] {
@@ -105,21 +126,44 @@ impl PrivateNode {
         }
     }
 
-    /// Directory for files the node's configuration refers to (certificates, …).
+    /// Directory for files the node's configuration refers to (certificates, …). In
+    /// rootfs mode the node sees it elsewhere (under its `/tmp`): not for such files.
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The node's directory as the node sees it (inside the chroot in rootfs mode).
+    fn inner_dir(&self) -> PathBuf {
+        match &self.rootfs {
+            Some(root) => Path::new("/").join(self.dir.path().strip_prefix(root).unwrap()),
+            None => self.dir.path().to_path_buf(),
+        }
+    }
+
+    /// The pid file, as the node and `rabbitmqctl` see it.
     fn pid_file(&self) -> PathBuf {
-        self.dir.path().join("node.pid")
+        self.inner_dir().join("node.pid")
     }
 
     fn run(&self, script: &str, args: &[&str]) -> Output {
-        let base = self.dir.path();
+        let base = self.inner_dir();
         let p = |sub: &str| base.join(sub).display().to_string();
         let dist = self.port + 20000;
-        Command::new(self.sbin.join(script))
-            .args(args)
+        let mut cmd = match &self.rootfs {
+            Some(root) => {
+                let mut cmd = Command::new("chroot");
+                cmd.arg(root).arg(self.sbin.join(script));
+                // The 4.x node's own epmd, never the machine's.
+                let epmd =
+                    std::env::var("VIDPIPE_RABBITMQ4_EPMD_PORT").unwrap_or_else(|_| "4370".into());
+                cmd.env("ERL_EPMD_PORT", epmd)
+                    .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+                    .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+                cmd
+            }
+            None => Command::new(self.sbin.join(script)),
+        };
+        cmd.args(args)
             .env("HOME", p("home"))
             .env("RABBITMQ_NODENAME", &self.name)
             .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
