@@ -7,6 +7,7 @@ mod support;
 
 mod broker_list;
 mod broker_refusal;
+mod cancel;
 mod chaos;
 mod cluster;
 mod health;
@@ -21,3 +22,4 @@ mod settings;
 mod thumbnailer;
 mod tls;
 mod transcoder;
+mod workers;

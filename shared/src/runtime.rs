@@ -84,6 +84,10 @@ struct Worker<H: Handler> {
     policy: RetryPolicy,
     name: String,
     job_timeout: Duration,
+    /// Running deliveries, shared with the cancel listener and the heartbeats.
+    in_flight: crate::inflight::InFlight,
+    /// Who this worker is, for its announcements.
+    identity: crate::workers::Identity,
 }
 
 /// Why a consume session ended.
@@ -110,6 +114,13 @@ pub async fn run<H: Handler>(
         name: settings.worker.name(),
         job_timeout: Duration::from_secs_f64(settings.worker.job_timeout_secs),
         concurrency: options.concurrency,
+        in_flight: Default::default(),
+        identity: crate::workers::Identity::new(
+            settings.worker.name(),
+            H::Job::TASK,
+            options.concurrency,
+            Duration::from_secs_f64(settings.worker.heartbeat_secs),
+        ),
         storage: options.storage,
         health: options.health,
         settings,
@@ -243,7 +254,8 @@ async fn consume<H: Handler>(
             conn.create_channel().await?,
             worker.topology.events_exchange(),
             worker.name.clone(),
-        );
+        )
+        .with_progress_to(worker.in_flight.clone());
         let consumer = channel
             .basic_consume(
                 worker.topology.work_queue(H::Job::TASK).into(),
@@ -252,9 +264,17 @@ async fn consume<H: Handler>(
                 FieldTable::default(),
             )
             .await?;
-        Ok::<_, anyhow::Error>((channel, publisher, events, consumer))
+        let operator = crate::operator::OperatorChannel::start(
+            conn,
+            &worker.topology.events_exchange(),
+            worker.identity.clone(),
+            &events,
+            &worker.in_flight,
+        )
+        .await?;
+        Ok::<_, anyhow::Error>((channel, publisher, events, consumer, operator))
     };
-    let (channel, publisher, events, mut consumer) = match setup.await {
+    let (channel, publisher, events, mut consumer, operator) = match setup.await {
         Ok(s) => s,
         Err(e) => {
             return SessionEnd::Lost(e.context("setting up the consumer"));
@@ -283,6 +303,7 @@ async fn consume<H: Handler>(
     stop_consuming(&channel, consumer).await;
     jobs.close();
     drain(worker, jobs, cancel_jobs).await;
+    operator.end();
     events.finish(Duration::from_secs(5)).await;
     for ch in [&publisher, &channel] {
         if let Err(e) = ch.close(200, "worker shutting down".into()).await {
@@ -345,11 +366,14 @@ async fn process<H: Handler>(
                 part: part.as_ref(),
                 attempt,
             };
-            (
-                run_job(worker, job, &run, cancel).instrument(span).await,
-                job_id,
-                part,
-            )
+            let tracked = worker.in_flight.track(job_id, task, part.as_ref(), &cancel);
+            let parts = crate::cancel::parts_of(&job);
+            let outcome = run_job(worker, job, &run, tracked.token()).instrument(span).await;
+            let outcome = tracked.settle(outcome);
+            if outcome == Outcome::CancelledByOperator {
+                crate::cancel::remove_parts(&worker.storage, &parts).await;
+            }
+            (outcome, job_id, part)
         }
         Err(poison) => (
             Outcome::Poison(poison.to_string()),
@@ -551,9 +575,12 @@ async fn fetch_unless_done<H: Handler>(
                 }),
         }
     };
-    let (existing, source) = tokio::join!(worker.storage.manifest_owner(&prefix), fetch);
-    // A permanent source problem (missing object, no such bucket) decides before an
-    // unreadable manifest, which would only make the job retry in vain.
+    let cancelled = crate::cancel::is_cancelled(&worker.storage, job.job_id(), H::Job::TASK);
+    let (existing, cancelled, source) =
+        tokio::join!(worker.storage.manifest_owner(&prefix), cancelled, fetch);
+    // A committed manifest wins over a cancel marker (see `cancel`); a cancelled job needs
+    // no source. A permanent source problem (missing object, no such bucket) decides
+    // before an unreadable manifest, which would only make the job retry in vain.
     match (existing, source) {
         (Ok(Some(owner)), _) => Err(match claim_manifest(owner, job.job_id(), &prefix) {
             Ok(()) => {
@@ -563,9 +590,16 @@ async fn fetch_unless_done<H: Handler>(
             }
             Err(e) => failed(e),
         }),
+        _ if matches!(cancelled, Ok(true)) => {
+            tracing::info!("an operator cancelled this job; dropping it");
+            Err(Outcome::CancelledByOperator)
+        }
         (_, Err(e)) => Err(failed(e)),
         (Err(e), Ok(_)) => Err(failed(e.context("checking for an existing manifest"))),
-        (Ok(None), Ok(s)) => Ok(s),
+        (Ok(None), Ok(s)) => match cancelled {
+            Ok(_) => Ok(s),
+            Err(e) => Err(failed(e.context("checking for a cancel marker"))),
+        },
     }
 }
 
@@ -774,6 +808,17 @@ async fn settle<H: Handler>(
                     run.emit::<H>(job_id, JobState::Completed, Some(100.0), None);
                 }
             }
+        }
+        Action::Discard => {
+            tracing::info!("job cancelled by an operator; acked, not retried");
+            ack(delivery).await;
+            count(worker, "cancelled");
+            run.emit::<H>(
+                job_id,
+                JobState::Cancelled,
+                None,
+                Some("cancelled by an operator".into()),
+            );
         }
         Action::Requeue => {
             tracing::info!("job cancelled; returning it to the queue");

@@ -406,6 +406,11 @@ pub struct WorkerSettings {
     pub name: Option<String>,
     /// Where jobs get their scratch directories.
     pub scratch_dir: PathBuf,
+    /// How often a worker announces itself on `video_events` (the worker registry).
+    pub heartbeat_secs: f64,
+    /// `producer workers` shows a worker silent for longer than this as gone. Keep it a
+    /// few heartbeats long: one lost announcement must not make a worker look gone.
+    pub gone_after_secs: f64,
 }
 
 impl Default for WorkerSettings {
@@ -416,6 +421,8 @@ impl Default for WorkerSettings {
             shutdown_grace_secs: 60.0,
             name: None,
             scratch_dir: std::env::temp_dir().join("vidpipe-scratch"),
+            heartbeat_secs: 5.0,
+            gone_after_secs: 15.0,
         }
     }
 }
@@ -649,6 +656,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "worker.shutdown_grace_secs",
     "worker.name",
     "worker.scratch_dir",
+    "worker.heartbeat_secs",
+    "worker.gone_after_secs",
     "storage.backend",
     "storage.root",
     "storage.upload_buffer_bytes",
@@ -912,6 +921,15 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(
         s.worker.shutdown_grace_secs.is_finite() && s.worker.shutdown_grace_secs >= 0.0,
         "invalid setting `worker.shutdown_grace_secs`: must be zero or more"
+    );
+    anyhow::ensure!(
+        s.worker.heartbeat_secs.is_finite() && s.worker.heartbeat_secs >= 0.1,
+        "invalid setting `worker.heartbeat_secs`: must be at least 0.1 seconds"
+    );
+    anyhow::ensure!(
+        s.worker.gone_after_secs.is_finite()
+            && s.worker.gone_after_secs > s.worker.heartbeat_secs,
+        "invalid setting `worker.gone_after_secs`: must be longer than `worker.heartbeat_secs`"
     );
     s.health.validate()?;
     anyhow::ensure!(
