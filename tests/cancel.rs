@@ -94,15 +94,21 @@ async fn a_running_transcode_stops_fast_with_nothing_partial_and_no_retry() {
     let took = asked.elapsed();
     // About two seconds is the promise; the margin is for a loaded test machine.
     assert!(took < Duration::from_secs(6), "took {took:?} to stop");
-    eventually(Duration::from_secs(10), "scratch to be removed", async || {
-        env.scratch_leftovers().is_empty()
-    })
+    eventually(
+        Duration::from_secs(10),
+        "scratch to be removed",
+        async || env.scratch_leftovers().is_empty(),
+    )
     .await;
     assert!(only_the_marker(&env, &prefix).await);
-    stays(Duration::from_secs(2), "no retry, no dead letter", async || {
-        env.queue_depth(&env.topology.dead()).await == 0
-            && env.queue_depth(&env.topology.work_queue("transcode")).await == 0
-    })
+    stays(
+        Duration::from_secs(2),
+        "no retry, no dead letter",
+        async || {
+            env.queue_depth(&env.topology.dead()).await == 0
+                && env.queue_depth(&env.topology.work_queue("transcode")).await == 0
+        },
+    )
     .await;
     events.poll(Duration::from_millis(200)).await;
     let retried = events
@@ -229,9 +235,11 @@ async fn hostile_control_messages_change_nothing() {
         .await
         .expect("publishing a hostile control message");
     }
-    stays(Duration::from_secs(2), "the job to keep running", async || {
-        !env.storage_committed(&prefix).await
-    })
+    stays(
+        Duration::from_secs(2),
+        "the job to keep running",
+        async || !env.storage_committed(&prefix).await,
+    )
     .await;
     events.poll(Duration::from_millis(100)).await;
     assert!(

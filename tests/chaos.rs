@@ -209,7 +209,10 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
         dead.len()
     );
     assert_dead_exactly(&dead, &expect_dead);
-    assert!(cancelled.is_subset(&may_cancel), "only cancelled jobs end cancelled");
+    assert!(
+        cancelled.is_subset(&may_cancel),
+        "only cancelled jobs end cancelled"
+    );
     assert_eq!(
         completed.len() + cancelled.len(),
         expect_ok.len(),

@@ -46,8 +46,18 @@ async fn workers_lists_live_workers_and_drops_a_killed_one() {
     );
     let version = env!("CARGO_PKG_VERSION").to_owned();
     let both = vec![
-        ("w-alpha".to_owned(), "transcode".to_owned(), version.clone(), 1),
-        ("w-beta".to_owned(), "transcode".to_owned(), version.clone(), 3),
+        (
+            "w-alpha".to_owned(),
+            "transcode".to_owned(),
+            version.clone(),
+            1,
+        ),
+        (
+            "w-beta".to_owned(),
+            "transcode".to_owned(),
+            version.clone(),
+            3,
+        ),
     ];
     eventually(Duration::from_secs(60), "both workers listed", async || {
         listed(&env).await == both
@@ -57,8 +67,10 @@ async fn workers_lists_live_workers_and_drops_a_killed_one() {
     env.worker(0)
         .wait_exit(Duration::from_secs(10))
         .expect("a SIGKILLed worker exits");
-    eventually(Duration::from_secs(30), "the killed worker gone", async || {
-        listed(&env).await == both[1..]
-    })
+    eventually(
+        Duration::from_secs(30),
+        "the killed worker gone",
+        async || listed(&env).await == both[1..],
+    )
     .await;
 }

@@ -186,7 +186,10 @@ fn report(job_id: Uuid, results: &[(&'static str, Outcome)], json: bool) {
             .iter()
             .map(|(t, r)| ((*t).to_owned(), serde_json::to_value(r).expect("JSON")))
             .collect();
-        crate::say!("{}", serde_json::json!({ "job_id": job_id, "tasks": tasks }));
+        crate::say!(
+            "{}",
+            serde_json::json!({ "job_id": job_id, "tasks": tasks })
+        );
         return;
     }
     crate::say!("job {job_id}");

@@ -28,7 +28,11 @@ pub fn default_listen(settings: &Settings) -> Duration {
 pub async fn run(settings: &Settings, args: WorkersArgs) -> Result<(), Failure> {
     let listen = match args.listen {
         Some(s) if s.is_finite() && s > 0.0 => Duration::from_secs_f64(s),
-        Some(s) => return Err(Failure::usage(format!("--listen {s}: must be a positive number of seconds"))),
+        Some(s) => {
+            return Err(Failure::usage(format!(
+                "--listen {s}: must be a positive number of seconds"
+            )));
+        }
         None => default_listen(settings),
     };
     let gone_after = Duration::from_secs_f64(settings.worker.gone_after_secs);
@@ -84,7 +88,13 @@ fn print_table(listed: &[Listed], listen: Duration) {
     }
     crate::say!(
         "{:<24} {:<10} {:<8} {:<20} {:>5} {:>8} {:<8} state",
-        "WORKER", "KIND", "VERSION", "HOST", "JOBS", "UPTIME", "HEARD"
+        "WORKER",
+        "KIND",
+        "VERSION",
+        "HOST",
+        "JOBS",
+        "UPTIME",
+        "HEARD"
     );
     for l in listed {
         let a = &l.announcement;
@@ -108,7 +118,10 @@ fn print_table(listed: &[Listed], listen: Duration) {
                 "    {} {}{} {:.0}% ({:.0}s)",
                 job.job_id,
                 job.task,
-                job.part.as_deref().map(|p| format!(" {p}")).unwrap_or_default(),
+                job.part
+                    .as_deref()
+                    .map(|p| format!(" {p}"))
+                    .unwrap_or_default(),
                 job.percent,
                 job.running_s
             );

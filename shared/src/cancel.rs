@@ -104,12 +104,14 @@ pub async fn marker(
         return Ok(None);
     };
     // A marker is a marker even if a person wrote it by hand: its presence decides.
-    Ok(Some(serde_json::from_slice(&bytes).unwrap_or(CancelMarker {
-        job_id,
-        task: task.to_owned(),
-        requested_at: String::new(),
-        requested_by: String::new(),
-    })))
+    Ok(Some(serde_json::from_slice(&bytes).unwrap_or(
+        CancelMarker {
+            job_id,
+            task: task.to_owned(),
+            requested_at: String::new(),
+            requested_by: String::new(),
+        },
+    )))
 }
 
 /// The part prefixes of a split task that `job` belongs to (a part's siblings, a
@@ -262,7 +264,11 @@ mod tests {
             br#"{"schema":1,"job_id":"00000000-0000-0000-0000-000000000000"}"#,
             &huge,
         ] {
-            assert!(parse_request(bad).is_err(), "{:?}", &bad[..bad.len().min(40)]);
+            assert!(
+                parse_request(bad).is_err(),
+                "{:?}",
+                &bad[..bad.len().min(40)]
+            );
         }
         let deep = "[".repeat(3000);
         let err = parse_request(deep.as_bytes()).unwrap_err();
@@ -293,13 +299,27 @@ mod tests {
             requested_at: "2026-11-30T19:00:00Z".into(),
             requested_by: "ops@host".into(),
         };
-        assert!(!is_cancelled(&storage, marker.job_id, "transcode").await.unwrap());
+        assert!(
+            !is_cancelled(&storage, marker.job_id, "transcode")
+                .await
+                .unwrap()
+        );
         assert!(write_marker(&storage, &marker).await.unwrap());
         assert!(!write_marker(&storage, &marker).await.unwrap());
-        assert!(is_cancelled(&storage, marker.job_id, "transcode").await.unwrap());
-        assert!(!is_cancelled(&storage, marker.job_id, "thumbnail").await.unwrap());
+        assert!(
+            is_cancelled(&storage, marker.job_id, "transcode")
+                .await
+                .unwrap()
+        );
+        assert!(
+            !is_cancelled(&storage, marker.job_id, "thumbnail")
+                .await
+                .unwrap()
+        );
         assert_eq!(
-            super::marker(&storage, marker.job_id, "transcode").await.unwrap(),
+            super::marker(&storage, marker.job_id, "transcode")
+                .await
+                .unwrap(),
             Some(marker)
         );
     }

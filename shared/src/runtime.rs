@@ -368,7 +368,9 @@ async fn process<H: Handler>(
             };
             let tracked = worker.in_flight.track(job_id, task, part.as_ref(), &cancel);
             let parts = crate::cancel::parts_of(&job);
-            let outcome = run_job(worker, job, &run, tracked.token()).instrument(span).await;
+            let outcome = run_job(worker, job, &run, tracked.token())
+                .instrument(span)
+                .await;
             let outcome = tracked.settle(outcome);
             if outcome == Outcome::CancelledByOperator {
                 crate::cancel::remove_parts(&worker.storage, &parts).await;

@@ -927,8 +927,7 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
         "invalid setting `worker.heartbeat_secs`: must be at least 0.1 seconds"
     );
     anyhow::ensure!(
-        s.worker.gone_after_secs.is_finite()
-            && s.worker.gone_after_secs > s.worker.heartbeat_secs,
+        s.worker.gone_after_secs.is_finite() && s.worker.gone_after_secs > s.worker.heartbeat_secs,
         "invalid setting `worker.gone_after_secs`: must be longer than `worker.heartbeat_secs`"
     );
     s.health.validate()?;

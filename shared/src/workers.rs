@@ -207,7 +207,8 @@ impl Roster {
             })
             .collect();
         out.sort_by(|a, b| {
-            (&a.announcement.kind, &a.announcement.id).cmp(&(&b.announcement.kind, &b.announcement.id))
+            (&a.announcement.kind, &a.announcement.id)
+                .cmp(&(&b.announcement.kind, &b.announcement.id))
         });
         out
     }
@@ -252,6 +253,9 @@ mod tests {
         let a: Announcement = serde_json::from_slice(&body("w", Presence::Alive)).unwrap();
         assert_eq!((a.kind.as_str(), a.concurrency), ("transcode", 2));
         assert_eq!(a.version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(routing_key("transcode", Presence::Alive), "worker.transcode.alive");
+        assert_eq!(
+            routing_key("transcode", Presence::Alive),
+            "worker.transcode.alive"
+        );
     }
 }
