@@ -149,8 +149,7 @@ pub fn parse_request(body: &[u8]) -> Result<CancelRequest, String> {
         ));
     }
     let request: CancelRequest = serde_json::from_slice(body).map_err(|e| {
-        let mut reason = e.to_string();
-        reason.truncate(200);
+        let reason: String = e.to_string().chars().take(200).collect();
         format!("not a cancel request: {reason}")
     })?;
     if request.schema != crate::messages::SCHEMA_VERSION {
@@ -262,7 +261,7 @@ mod tests {
             br#"{"schema":1,"job_id":"nope"}"#,
             br#"{"schema":9,"job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e"}"#,
             br#"{"schema":1,"job_id":"00000000-0000-0000-0000-000000000000"}"#,
-            &huge,
+            huge.as_slice(),
         ] {
             assert!(
                 parse_request(bad).is_err(),

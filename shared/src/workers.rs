@@ -241,9 +241,9 @@ mod tests {
         assert_eq!(
             listed,
             [
-                ("a".into(), Liveness::Gone),
-                ("b".into(), Liveness::Stopped),
-                ("c".into(), Liveness::Live)
+                (String::from("a"), Liveness::Gone),
+                (String::from("b"), Liveness::Stopped),
+                (String::from("c"), Liveness::Live)
             ]
         );
     }
