@@ -2,7 +2,9 @@
 //! on a private broker node, while workers are SIGKILLed and replaced, their broker
 //! connections are closed, and the broker itself restarts once. Afterwards every
 //! submitted job must be in exactly one terminal state — completed with valid outputs,
-//! or dead with a reason — and the dead ones must be exactly the ones built to fail.
+//! dead with a reason, or cancelled (some are cancelled with `producer cancel` while
+//! things break) with no manifest — and the dead ones must be exactly
+//! the ones built to fail.
 //!
 //! CI-sized here; `CHAOS_JOBS=200 CHAOS_SECS=600 cargo test --test integration chaos::
 //! -- --nocapture` is the longer soak.
@@ -42,8 +44,13 @@ fn close_worker_connections(node: &PrivateNode) -> usize {
 /// Jobs expected to complete, by output prefix: `(job id, task, prefix)`.
 type Expected = BTreeMap<String, (Uuid, &'static str, StorageKey)>;
 
-/// Submits one good transcode and one good thumbnail job of `clip`.
-async fn submit_pair(env: &TestEnv, clip: &std::path::Path, expect_ok: &mut Expected) {
+/// Submits one good transcode and one good thumbnail job of `clip`; returns the
+/// transcode's job id and prefix.
+async fn submit_pair(
+    env: &TestEnv,
+    clip: &std::path::Path,
+    expect_ok: &mut Expected,
+) -> (Uuid, StorageKey) {
     let jobs = [
         (
             "transcode",
@@ -55,10 +62,39 @@ async fn submit_pair(env: &TestEnv, clip: &std::path::Path, expect_ok: &mut Expe
             json!({"count": 3, "sprite": {"interval_s": 1, "columns": 4, "width": 64}}),
         ),
     ];
+    let mut first = None;
     for (task, extra) in jobs {
         let (id, prefix) = env.submit_file(task, clip, extra).await;
+        first.get_or_insert((id, prefix.clone()));
         expect_ok.insert(prefix.as_str().to_owned(), (id, task, prefix));
     }
+    first.expect("two jobs were submitted")
+}
+
+/// Cancels a job's transcode with `producer cancel`; true if the producer says it did
+/// (a cancel during the broker restart may fail: the job then must complete).
+async fn cancel_transcode(env: &TestEnv, id: Uuid) -> bool {
+    let out = env
+        .producer(&["cancel", &id.to_string(), "--task", "transcode"])
+        .await;
+    out.status.success()
+}
+
+/// The cancelled jobs (of `may_cancel`): a cancel marker and no manifest. One that is
+/// also committed counts as completed only: a committed manifest wins.
+async fn settled_cancels(
+    env: &TestEnv,
+    may_cancel: &BTreeSet<String>,
+    completed: &BTreeMap<String, shared::manifest::Manifest>,
+) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for name in may_cancel.iter().filter(|n| !completed.contains_key(*n)) {
+        let marker = StorageKey::new(format!("{name}{}", shared::cancel::MARKER)).unwrap();
+        if env.storage.exists(&marker).await.unwrap() {
+            out.insert(name.clone());
+        }
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,6 +139,8 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     let (mut kills, mut cuts, mut restarts) = (0, 0, 0);
     let started = Instant::now();
     let mut round = 0u64;
+    // Jobs the producer cancelled: each ends cancelled, or completed if it won the race.
+    let mut may_cancel: BTreeSet<String> = BTreeSet::new();
     while started.elapsed() < chaos_for {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         round += 1;
@@ -122,8 +160,11 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
             let w = spawn(&mut env, binary);
             live.push(w);
         }
-        // Keep work flowing while things break.
-        submit_pair(&env, &clip, &mut expect_ok).await;
+        // Keep work flowing while things break; cancel some of it.
+        let (id, prefix) = submit_pair(&env, &clip, &mut expect_ok).await;
+        if round % 4 == 1 && cancel_transcode(&env, id).await {
+            may_cancel.insert(prefix.as_str().to_owned());
+        }
     }
     let submitted = expect_ok.len() + expect_dead.len();
 
@@ -131,6 +172,7 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     let deadline = Instant::now() + Duration::from_secs(240);
     let mut completed: BTreeMap<String, shared::manifest::Manifest> = BTreeMap::new();
     let mut dead: Vec<crate::support::DeadLetter> = Vec::new();
+    let mut cancelled: BTreeSet<String>;
     loop {
         for (name, (_, _, prefix)) in &expect_ok {
             if !completed.contains_key(name)
@@ -139,14 +181,16 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
                 completed.insert(name.clone(), m);
             }
         }
+        cancelled = settled_cancels(&env, &may_cancel, &completed).await;
         dead.extend(env.take_all(&env.topology.dead()).await);
-        if completed.len() + dead.len() >= submitted {
+        if completed.len() + cancelled.len() + dead.len() >= submitted {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "after chaos only {} completed and {} dead of {submitted}\n{}",
+            "after chaos only {} completed, {} cancelled and {} dead of {submitted}\n{}",
             completed.len(),
+            cancelled.len(),
             dead.len(),
             env.logs()
         );
@@ -157,13 +201,31 @@ async fn every_job_ends_in_exactly_one_terminal_state_under_chaos() {
     dead.extend(env.take_all(&env.topology.dead()).await);
 
     println!(
-        "chaos: {submitted} jobs submitted, {} completed, {} dead; {kills} workers SIGKILLed, \
-         {cuts} connections closed, {restarts} broker restart(s)",
+        "chaos: {submitted} jobs submitted, {} completed, {} cancelled, {} dead; {kills} \
+         workers SIGKILLed, {cuts} connections closed, {restarts} broker restart(s)",
         completed.len(),
+        cancelled.len(),
         dead.len()
     );
     assert_dead_exactly(&dead, &expect_dead);
-    assert_eq!(completed.len(), expect_ok.len(), "a job was lost");
+    assert!(
+        cancelled.is_subset(&may_cancel),
+        "only cancelled jobs end cancelled"
+    );
+    assert_eq!(
+        completed.len() + cancelled.len(),
+        expect_ok.len(),
+        "a job was lost"
+    );
+    for name in &cancelled {
+        let keys = env.storage_list(&expect_ok[name].2).await;
+        // A worker SIGKILLed mid-commit may leave an unreferenced run behind (as for any
+        // job); what must not exist is a manifest, which would make outputs visible.
+        assert!(
+            !keys.iter().any(|k| k.ends_with("/manifest.json")),
+            "a cancelled job has a manifest: {keys:?}"
+        );
+    }
 
     // Every completed job's outputs exist whole: sizes match the manifest, videos and
     // images decode.

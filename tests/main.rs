@@ -7,6 +7,7 @@ mod support;
 
 mod broker_list;
 mod broker_refusal;
+mod cancel;
 mod chaos;
 mod cluster;
 mod health;
@@ -23,3 +24,4 @@ mod thumbnailer;
 mod tls;
 mod transcoder;
 mod watch;
+mod workers;

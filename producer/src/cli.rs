@@ -14,15 +14,17 @@ use shared::priority::Priority;
     after_help = "Examples:
   producer upload holiday.mp4 --wait
   producer status 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e
+  producer cancel 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e
+  producer workers
   producer dead list
 
 Settings: built-in defaults, then --config FILE (or $VIDPIPE_CONFIG), then VIDPIPE__SECTION__KEY
 environment variables, e.g. VIDPIPE__AMQP__URL=amqp://user:pass@host:5672/%2f,
 VIDPIPE__STORAGE__ROOT=/srv/media, VIDPIPE__TOPOLOGY__PREFIX=staging.
 
-Exit codes: 0 done, 1 a task is dead (or the job is unknown), 2 usage error,
-3 broker or storage trouble, 4 --wait timed out, 5 --wait stopped by Ctrl-C or SIGTERM
-(the jobs keep running). See docs/producer.md."
+Exit codes: 0 done, 1 a task is dead (or the job is unknown, or nothing was left to cancel),
+2 usage error, 3 broker or storage trouble, 4 --wait timed out, 5 --wait stopped by Ctrl-C
+or SIGTERM (the jobs keep running), 6 --wait: a task was cancelled. See docs/producer.md."
 )]
 pub struct Cli {
     /// TOML settings file (else $VIDPIPE_CONFIG; VIDPIPE__* variables override both)
@@ -47,8 +49,8 @@ pub enum Command {
         "Prints one job id per file on stdout (--json: one JSON object per line). With --wait, live\n",
         "progress goes to stderr and the exit code says how the tasks ended: 0 all completed,\n",
         "1 a task is dead (its reason is printed), 4 --timeout ran out, 5 stopped by Ctrl-C or\n",
-        "SIGTERM (the jobs keep running; follow them with `producer status JOB_ID`). 2 usage\n",
-        "error, 3 broker or storage trouble.\n\n",
+        "SIGTERM (the jobs keep running; follow them with `producer status JOB_ID`), 6 a task was\n",
+        "cancelled (`producer cancel`). 2 usage error, 3 broker or storage trouble.\n\n",
         "--priority high: under a backlog the jobs start before every normal job queued before\n",
         "them; normal work still gets one start in every 5 while it waits. Retries keep it.",
     ))]
@@ -79,6 +81,34 @@ pub enum Command {
         "known (whatever its state), 1 if nothing of it exists, 3 broker or storage trouble.",
     ))]
     Status(StatusArgs),
+    /// Cancel a job's unfinished tasks: queued ones are dropped when delivered, running ones
+    /// stop within seconds; nothing is retried and no partial output is left.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  producer cancel 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e\n",
+        "  producer cancel 6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e --task thumbnail --json\n\n",
+        "Writes outputs/<job_id>/<task>/cancelled.json for each unfinished task (a job split into\n",
+        "segments is cancelled whole: every segment and the stitch), then tells running workers to\n",
+        "stop. `cancelled` is final, like completed and dead: `status` and `upload --wait` show it.\n",
+        "A task that already completed, died or was cancelled is left alone and reported; a task\n",
+        "that completes at the very moment of the cancel keeps its result and is reported so.\n",
+        "Exit code 0 if a task was cancelled, 1 if the job is unknown or nothing was left to\n",
+        "cancel (nothing changed), 2 usage error, 3 broker or storage trouble.",
+    ))]
+    Cancel(CancelArgs),
+    /// List the live workers: kind, version, host, jobs running (with percent) and uptime,
+    /// as they announce themselves on video_events.
+    #[command(after_help = concat!(
+        "Examples:\n",
+        "  producer workers\n",
+        "  producer workers --json\n",
+        "  producer workers --all --listen 20\n\n",
+        "Listens to the workers' heartbeats (every `worker.heartbeat_secs`, default 5 s) for a\n",
+        "period and a half plus a second, then lists who was heard. A worker silent for longer\n",
+        "than `worker.gone_after_secs` (default 15 s) is gone, one that shut down is stopped; --all\n",
+        "lists those too. --json: one JSON object per worker per line.",
+    ))]
+    Workers(WorkersArgs),
     /// Inspect, replay or purge jobs parked in the dead-letter queue (video_tasks.dead).
     #[command(
         subcommand,
@@ -230,6 +260,31 @@ pub struct StatusArgs {
     /// One JSON object on stdout
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job id printed by `producer upload`
+    pub job_id: String,
+    /// Cancel only this task of the job (default: every unfinished task)
+    #[arg(long, value_name = "TASK", value_parser = clap::builder::PossibleValuesParser::new(shared::tasks::BUILTIN_NAMES))]
+    pub task: Option<String>,
+    /// One JSON object on stdout: what happened to each task
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    /// One JSON object per worker per line on stdout
+    #[arg(long)]
+    pub json: bool,
+    /// Also list workers heard but gone (silent too long) or stopped
+    #[arg(long)]
+    pub all: bool,
+    /// Listen this many seconds (default: 1.5 heartbeat periods + 1 s)
+    #[arg(long, value_name = "SECS")]
+    pub listen: Option<f64>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,6 +8,7 @@
 //! | 3 | broker or storage trouble |
 //! | 4 | `--wait --timeout` ran out before every task finished |
 //! | 5 | `--wait` stopped by Ctrl-C (SIGINT) or SIGTERM; the jobs keep running |
+//! | 6 | `--wait`: a task was cancelled by an operator (`producer cancel`), none dead |
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ pub enum Failure {
     /// not, so this is neither a failure of theirs nor a shell's "killed by a signal".
     #[error("{0}")]
     Interrupted(String),
+    /// `--wait`: a task ended cancelled (and none dead).
+    #[error("{0}")]
+    Cancelled(String),
 }
 
 impl Failure {
@@ -44,6 +48,7 @@ impl Failure {
             Failure::Infra(_) => 3,
             Failure::Timeout(_) => 4,
             Failure::Interrupted(_) => 5,
+            Failure::Cancelled(_) => 6,
         }
     }
 }

@@ -9,10 +9,13 @@
 //!   watch state file.
 //! - [`watch`]: uploading what appears in a folder, once, when fully written.
 //! - [`wait`]: following `video_events` until every task is completed or dead.
-//! - [`status`]: one job's state from its manifests and the dead-letter queue.
+//! - [`status`]: one job's state from its manifests, cancel markers and the dead-letter queue.
+//! - [`cancel`]: cancelling a job's unfinished tasks (markers, then the live stop).
+//! - [`workers`]: the live workers, from their heartbeats on `video_events`.
 //! - [`dead`]: listing, showing, replaying and purging parked messages.
 //! - [`tasks`]: printing the task registry and the broker users derived from it.
 
+pub mod cancel;
 pub mod cli;
 pub mod dead;
 pub mod exit;
@@ -23,6 +26,7 @@ pub mod tasks;
 pub mod upload;
 pub mod wait;
 pub mod watch;
+pub mod workers;
 
 use std::process::ExitCode;
 
@@ -75,6 +79,8 @@ pub async fn run(command: Command, settings: &Settings) -> Result<(), Failure> {
         Command::Upload(args) => upload::run(settings, args).await,
         Command::Watch(args) => watch::run(settings, args).await,
         Command::Status(args) => status::run(settings, args).await,
+        Command::Cancel(args) => cancel::run(settings, args).await,
+        Command::Workers(args) => workers::run(settings, args).await,
         Command::Dead(cmd) => dead::run(settings, cmd).await,
         Command::Tasks(args) => {
             tasks::run(&args);

@@ -1,6 +1,7 @@
 //! `producer status JOB_ID`: each task's state. Completed is the presence of its
 //! manifest (`outputs/<job_id>/<task>/manifest.json`, written last by the worker); dead is
-//! a message of the job in the parking lot (looked at, never taken out); anything else is
+//! a message of the job in the parking lot (looked at, never taken out); cancelled is a
+//! cancel marker (`outputs/<job_id>/<task>/cancelled.json`); anything else is
 //! pending (queued, running or waiting for a retry), with the segments done of a transcode
 //! split into segments (from the parts' manifests).
 
@@ -29,6 +30,12 @@ pub enum TaskStatus {
         dropped_renditions: Vec<String>,
     },
     Dead(DeadInfo),
+    /// Cancelled by an operator (`producer cancel`): its marker is in storage.
+    Cancelled {
+        marker: String,
+        requested_at: String,
+        requested_by: String,
+    },
     /// Queued, running or waiting for a retry; for a transcode split into segments, how
     /// many of them are done.
     Pending {
@@ -108,6 +115,21 @@ fn print_task(task: &str, status: &TaskStatus) {
                 .unwrap_or_default(),
             d.reason
         ),
+        TaskStatus::Cancelled {
+            requested_at,
+            requested_by,
+            ..
+        } => crate::say!(
+            "  {task:<10} cancelled{}{}",
+            Some(requested_by)
+                .filter(|b| !b.is_empty())
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default(),
+            Some(requested_at)
+                .filter(|t| !t.is_empty())
+                .map(|t| format!(" at {}", dead::shown_time(t)))
+                .unwrap_or_default(),
+        ),
         TaskStatus::Pending { segments: None } => {
             crate::say!("  {task:<10} pending (queued, running or waiting for a retry)")
         }
@@ -147,7 +169,8 @@ pub fn dropped_note(dropped: &[String]) -> String {
     )
 }
 
-/// Every task of a job.
+/// Every task of a job: completed (a manifest wins over everything, see
+/// `shared::cancel`), else cancelled (a marker), else dead (parked), else pending.
 pub async fn job_status(
     storage: &Storage,
     broker: &Broker,
@@ -164,6 +187,17 @@ pub async fn job_status(
                     manifest: Storage::manifest_key(&prefix).to_string(),
                     dropped_renditions: dropped_renditions(&manifest),
                     outputs: manifest.outputs,
+                },
+            ));
+            continue;
+        }
+        if let Some(m) = shared::cancel::marker(storage, job_id, task).await? {
+            out.push((
+                task,
+                TaskStatus::Cancelled {
+                    marker: shared::cancel::marker_key(job_id, task)?.to_string(),
+                    requested_at: m.requested_at,
+                    requested_by: m.requested_by,
                 },
             ));
             continue;
@@ -187,18 +221,14 @@ pub async fn job_status(
     Ok(out)
 }
 
-/// `producer status`.
-pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
-    let job_id = crate::parse_job_id(&args.job_id)?;
-    let storage = Storage::from_settings(&settings.storage).map_err(|e| {
-        Failure::Infra(
-            e.context("opening storage (settings `storage.*`, e.g. VIDPIPE__STORAGE__ROOT)"),
-        )
-    })?;
-    let broker = Broker::connect(settings).await?;
-    let tasks = job_status(&storage, &broker, job_id)
-        .await
-        .map_err(Failure::Infra)?;
+/// The job's uploaded files, or the "no such job" failure when nothing of it exists:
+/// no upload, no manifest, no cancel marker, nothing parked.
+pub async fn known_job(
+    storage: &Storage,
+    broker: &Broker,
+    job_id: Uuid,
+    tasks: &[(&'static str, TaskStatus)],
+) -> Result<Vec<String>, Failure> {
     let uploads = StorageKey::new(format!("uploads/{job_id}/")).expect("a uuid makes a valid key");
     let uploaded = storage.list(&uploads).await.map_err(Failure::Infra)?;
     let known = !uploaded.is_empty()
@@ -212,6 +242,27 @@ pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
             broker.topology.dead()
         )));
     }
+    Ok(uploaded)
+}
+
+/// Opens storage as the settings say, as infrastructure trouble naming the settings.
+pub fn open_storage(settings: &Settings) -> Result<Storage, Failure> {
+    Storage::from_settings(&settings.storage).map_err(|e| {
+        Failure::Infra(
+            e.context("opening storage (settings `storage.*`, e.g. VIDPIPE__STORAGE__ROOT)"),
+        )
+    })
+}
+
+/// `producer status`.
+pub async fn run(settings: &Settings, args: StatusArgs) -> Result<(), Failure> {
+    let job_id = crate::parse_job_id(&args.job_id)?;
+    let storage = open_storage(settings)?;
+    let broker = Broker::connect(settings).await?;
+    let tasks = job_status(&storage, &broker, job_id)
+        .await
+        .map_err(Failure::Infra)?;
+    let uploaded = known_job(&storage, &broker, job_id, &tasks).await?;
     if args.json {
         let tasks: serde_json::Map<String, serde_json::Value> = tasks
             .iter()

@@ -1,10 +1,10 @@
-//! `upload --wait`: follow `video_events` until every task of every job is completed or
-//! dead, showing live progress (progress bars on a terminal, plain lines otherwise).
+//! `upload --wait`: follow `video_events` until every task of every job is completed,
+//! dead or cancelled, showing live progress (progress bars on a terminal, plain lines otherwise).
 //!
 //! The event queue (exclusive, auto-delete, bound to `job.<job_id>.#`) is bound before
 //! anything is published, so no event is missed. Events are best effort, so completion is
-//! also read from the task manifests every few seconds: a lost `completed` event never
-//! leaves `--wait` hanging.
+//! also read from the task manifests (and cancel markers) every few seconds: a lost
+//! `completed` or `cancelled` event never leaves `--wait` hanging.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -204,6 +204,13 @@ impl Follower {
                 ids.join(" / ")
             )));
         }
+        let cancelled = view.count(|p| p.state == "cancelled");
+        if cancelled > 0 && view.all_terminal() {
+            return Err(Failure::Cancelled(format!(
+                "{cancelled} task(s) were cancelled by an operator (`producer cancel`); their \
+                 outputs were not made"
+            )));
+        }
         let unfinished = view.count(|p| !p.terminal);
         if unfinished > 0 {
             return Err(Failure::Timeout(format!(
@@ -317,7 +324,7 @@ impl<'a> View<'a> {
             bar.set_position(percent.clamp(0.0, 100.0) as u64);
             match event.state {
                 JobState::Completed => bar.finish_with_message(message),
-                JobState::Dead => bar.abandon_with_message(message),
+                JobState::Dead | JobState::Cancelled => bar.abandon_with_message(message),
                 _ => bar.set_message(message),
             }
         } else if plain {
@@ -341,16 +348,24 @@ impl<'a> View<'a> {
             let Ok(prefix) = StorageKey::output_prefix(job_id, &task) else {
                 continue;
             };
-            // Existence is enough here: a metadata call, not a read of the manifest.
-            if let Ok(true) = storage.is_committed(&prefix).await {
+            // Existence is enough here: a metadata call, not a read of the manifest. A
+            // manifest wins over a cancel marker, as it does for the workers.
+            let state = if let Ok(true) = storage.is_committed(&prefix).await {
+                JobState::Completed
+            } else if let Ok(true) = shared::cancel::is_cancelled(storage, job_id, &task).await {
+                JobState::Cancelled
+            } else {
+                continue;
+            };
+            {
                 let event = JobEvent {
                     job_id,
                     task: task.clone(),
-                    state: JobState::Completed,
+                    state,
                     attempt: self.tasks[&(job_id, task.clone())].0.attempt,
                     worker: String::new(),
                     at: String::new(),
-                    percent: Some(100.0),
+                    percent: (state == JobState::Completed).then_some(100.0),
                     detail: None,
                     part: None,
                 };
@@ -396,6 +411,7 @@ impl<'a> View<'a> {
                             .unwrap_or_default(),
                         crate::status::dropped_note(&p.dropped_renditions)
                     ),
+                    "cancelled" => eprintln!("job {job_id} {task}: cancelled by an operator"),
                     _ => eprintln!("job {job_id} {task}: not finished ({})", describe(p, true)),
                 }
             }
@@ -422,6 +438,7 @@ fn describe(p: &TaskProgress, with_percent: bool) -> String {
     let worker = p.worker.as_deref().filter(|w| !w.is_empty());
     match p.state.as_str() {
         "queued" => "queued".into(),
+        "cancelled" => "cancelled by an operator".into(),
         "failed" | "retrying" | "dead" => format!(
             "{} (attempt {}): {}",
             p.state,

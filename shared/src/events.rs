@@ -30,6 +30,8 @@ pub enum JobState {
     Failed,
     Retrying,
     Dead,
+    /// Cancelled by an operator (`producer cancel`): terminal, like completed and dead.
+    Cancelled,
 }
 
 impl JobState {
@@ -41,11 +43,15 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Retrying => "retrying",
             JobState::Dead => "dead",
+            JobState::Cancelled => "cancelled",
         }
     }
-    /// Completed and dead end a task; nothing follows them.
+    /// Completed, dead and cancelled end a task; nothing follows them.
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Completed | JobState::Dead)
+        matches!(
+            self,
+            JobState::Completed | JobState::Dead | JobState::Cancelled
+        )
     }
 }
 
@@ -92,6 +98,9 @@ pub struct EventPublisher {
     worker: String,
     /// The sending task, for [`EventPublisher::finish`] to wait on.
     sender: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Told of every progress event (the worker's in-flight map keeps the last percent
+    /// for its heartbeats).
+    progress_seen: Option<crate::inflight::InFlight>,
 }
 
 impl EventPublisher {
@@ -120,7 +129,19 @@ impl EventPublisher {
             queue,
             worker,
             sender: Arc::new(Mutex::new(Some(sender))),
+            progress_seen: None,
         }
+    }
+
+    /// Also records every progress this publisher sends in `in_flight`.
+    pub fn with_progress_to(mut self, in_flight: crate::inflight::InFlight) -> Self {
+        self.progress_seen = Some(in_flight);
+        self
+    }
+
+    /// Queues any body under any routing key (worker announcements).
+    pub fn send(&self, routing_key: String, body: Vec<u8>) {
+        let _ = self.queue.send((routing_key, body));
     }
 
     /// Sends every event queued so far and closes the channel, waiting at most `limit`
@@ -148,6 +169,9 @@ impl EventPublisher {
         percent: Option<f64>,
         detail: Option<String>,
     ) {
+        if let (Some(seen), JobState::Progress, Some(p)) = (&self.progress_seen, state, percent) {
+            seen.progress(job_id, task, part, p);
+        }
         let event = JobEvent {
             part: part.cloned(),
             job_id,

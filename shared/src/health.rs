@@ -51,7 +51,7 @@ const MAX_REQUEST_BYTES: usize = 8192;
 type Labels = Vec<(String, String)>;
 
 /// Every `outcome` label of `vidpipe_jobs_total`: how a delivery was settled.
-pub const OUTCOMES: [&str; 4] = ["completed", "retried", "dead", "requeued"];
+pub const OUTCOMES: [&str; 5] = ["completed", "retried", "dead", "requeued", "cancelled"];
 
 /// The two exposition formats `/metrics` serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

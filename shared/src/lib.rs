@@ -14,6 +14,10 @@
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
 //! - [`split`]: split jobs: fan-out into parts, fan-in to one join, race-free.
 //! - [`events`]: job events on `video_events`.
+//! - [`cancel`]: cancelling a job: the marker in storage and the live-stop control message.
+//! - [`inflight`]: the jobs a worker is running, shared by cancel and the heartbeats.
+//! - [`operator`]: a worker session's cancel listener and heartbeats, started together.
+//! - [`workers`]: the worker registry: announcements on `video_events`, and who is live.
 //! - [`storage`]: object storage with atomic commits; `anyhow` errors marked permanent
 //!   where retrying cannot help, classified once by the runtime.
 //! - [`manifest`]: the typed `manifest.json` that records a completed task.
@@ -27,14 +31,17 @@
 
 pub mod app;
 pub mod broker;
+pub mod cancel;
 pub mod events;
 pub mod handler;
 pub mod health;
+pub mod inflight;
 mod intake;
 pub mod manifest;
 #[cfg(feature = "media")]
 pub mod media;
 pub mod messages;
+pub mod operator;
 pub mod outcome;
 pub mod priority;
 pub mod runtime;
@@ -47,6 +54,7 @@ pub mod storage_key;
 pub mod tasks;
 pub mod telemetry;
 pub mod topology;
+pub mod workers;
 
 pub use handler::{Handler, JobContext, OutputFile, TaskOutput};
 pub use outcome::{JobError, PermanentExt, permanent};

@@ -105,7 +105,8 @@ pub fn mark_permanent(err: impl Into<anyhow::Error>) -> anyhow::Error {
     anyhow::Error::new(Permanent(err.into()))
 }
 
-/// The job stopped because it was asked to (shutdown or the time limit): becomes
+/// The job stopped because it was asked to (shutdown, the time limit or an operator's
+/// cancel; the runtime knows which): becomes
 /// [`JobError::Cancelled`]. See [`is_cancelled`] for code that picks between errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("cancelled")]
@@ -128,6 +129,9 @@ pub enum Outcome {
     Failed(JobError),
     /// The message could not be parsed or validated.
     Poison(String),
+    /// An operator cancelled the job (`producer cancel`): its marker was found at
+    /// delivery, or the handler was stopped by the operator's control message.
+    CancelledByOperator,
     /// The per-job time limit expired: transient on a first attempt (the machine may have
     /// been busy), dead on any later one, so one hostile file costs at most two limits.
     TimedOut(Duration),
@@ -149,6 +153,9 @@ pub enum Action {
     },
     /// Nack with requeue: not the job's fault, no attempt used.
     Requeue,
+    /// Ack without a retry or a dead letter: the operator cancelled the job, and
+    /// `cancelled` is its terminal state (recorded by the marker in storage).
+    Discard,
 }
 
 /// Retry policy: how many attempts in all, and the backoff of each retry tier.
@@ -180,6 +187,7 @@ pub fn decide(outcome: &Outcome, attempt: u32, policy: &RetryPolicy) -> Action {
     match outcome {
         Outcome::Completed | Outcome::Duplicate | Outcome::FannedOut(_) => Action::Ack,
         Outcome::Failed(JobError::Cancelled) => Action::Requeue,
+        Outcome::CancelledByOperator => Action::Discard,
         Outcome::Failed(JobError::Transient(reason)) => transient(reason.clone()),
         Outcome::TimedOut(limit) if attempt >= 2 => Action::Dead {
             reason: format!(
@@ -218,6 +226,9 @@ mod tests {
             (Outcome::Completed, 9, Action::Ack),
             (Outcome::Failed(JobError::Cancelled), 1, Action::Requeue),
             (Outcome::Failed(JobError::Cancelled), 4, Action::Requeue),
+            // The operator's cancel is final at any attempt: no retry, no dead letter.
+            (Outcome::CancelledByOperator, 1, Action::Discard),
+            (Outcome::CancelledByOperator, 4, Action::Discard),
             (
                 t("io"),
                 1,

@@ -84,6 +84,10 @@ struct Worker<H: Handler> {
     policy: RetryPolicy,
     name: String,
     job_timeout: Duration,
+    /// Running deliveries, shared with the cancel listener and the heartbeats.
+    in_flight: crate::inflight::InFlight,
+    /// Who this worker is, for its announcements.
+    identity: crate::workers::Identity,
 }
 
 /// Why a consume session ended.
@@ -110,6 +114,13 @@ pub async fn run<H: Handler>(
         name: settings.worker.name(),
         job_timeout: Duration::from_secs_f64(settings.worker.job_timeout_secs),
         concurrency: options.concurrency,
+        in_flight: Default::default(),
+        identity: crate::workers::Identity::new(
+            settings.worker.name(),
+            H::Job::TASK,
+            options.concurrency,
+            Duration::from_secs_f64(settings.worker.heartbeat_secs),
+        ),
         storage: options.storage,
         health: options.health,
         settings,
@@ -241,7 +252,8 @@ async fn consume<H: Handler>(
             channel,
             worker.topology.events_exchange(),
             worker.name.clone(),
-        );
+        )
+        .with_progress_to(worker.in_flight.clone());
         let intake = Intake::open(
             conn,
             &worker.topology,
@@ -250,9 +262,17 @@ async fn consume<H: Handler>(
             worker.concurrency,
         )
         .await?;
-        Ok::<_, anyhow::Error>((publisher, events, intake))
+        let operator = crate::operator::OperatorChannel::start(
+            conn,
+            &worker.topology.events_exchange(),
+            worker.identity.clone(),
+            &events,
+            &worker.in_flight,
+        )
+        .await?;
+        Ok::<_, anyhow::Error>((publisher, events, intake, operator))
     };
-    let (publisher, events, mut intake) = match setup.await {
+    let (publisher, events, mut intake, operator) = match setup.await {
         Ok(s) => s,
         Err(e) => {
             return SessionEnd::Lost(e.context("setting up the consumer"));
@@ -283,6 +303,7 @@ async fn consume<H: Handler>(
     let consumed = intake.stop().await;
     jobs.close();
     drain(worker, jobs, cancel_jobs).await;
+    operator.end();
     events.finish(Duration::from_secs(5)).await;
     for ch in consumed.iter().chain([&publisher]) {
         if let Err(e) = ch.close(200, "worker shutting down".into()).await {
@@ -347,11 +368,16 @@ async fn process<H: Handler>(
                 attempt,
                 priority,
             };
-            (
-                run_job(worker, job, &run, cancel).instrument(span).await,
-                job_id,
-                part,
-            )
+            let tracked = worker.in_flight.track(job_id, task, part.as_ref(), &cancel);
+            let parts = crate::cancel::parts_of(&job);
+            let outcome = run_job(worker, job, &run, tracked.token())
+                .instrument(span)
+                .await;
+            let outcome = tracked.settle(outcome);
+            if outcome == Outcome::CancelledByOperator {
+                crate::cancel::remove_parts(&worker.storage, &parts).await;
+            }
+            (outcome, job_id, part)
         }
         Err(poison) => (
             Outcome::Poison(poison.to_string()),
@@ -480,6 +506,10 @@ async fn run_steps<H: Handler>(
             // A part that committed but crashed before its fan-in check checks now.
             return join_if_last(worker, &job, run, Outcome::Duplicate).await;
         }
+        Err(Skip::Cancelled) => {
+            tracing::info!("an operator cancelled this job; dropping it");
+            return Outcome::CancelledByOperator;
+        }
     };
     worker.health.bytes_read.inc_by(ready.input.bytes);
     let started = Instant::now();
@@ -584,6 +614,8 @@ enum Skip {
     TaskJoined,
     /// An earlier delivery of this job committed its outputs.
     Committed,
+    /// An operator cancelled the task (its marker is in storage, see [`crate::cancel`]).
+    Cancelled,
     /// Its input or a manifest could not be read, or another job's manifest is there.
     Failed(anyhow::Error),
 }
@@ -596,17 +628,20 @@ struct Lookups {
     /// For a part: its task's prefix, whose manifest makes the part moot.
     task_prefix: Option<StorageKey>,
     source: StorageKey,
+    /// The task's cancel marker ([`crate::cancel`]): parts and joins share it.
+    cancel_marker: StorageKey,
 }
 
 impl Lookups {
-    fn of<J: crate::messages::JobMessage>(job: &J) -> Self {
+    fn of<J: crate::messages::JobMessage>(job: &J) -> anyhow::Result<Self> {
         let prefix = job.commit_prefix();
-        Self {
+        Ok(Self {
             job_id: job.job_id(),
             task_prefix: (&prefix != job.output_prefix()).then(|| job.output_prefix().clone()),
             prefix,
             source: job.source().clone(),
-        }
+            cancel_marker: crate::cancel::marker_key(job.job_id(), J::TASK)?,
+        })
     }
 
     /// A part's first check: is its task already joined?
@@ -624,22 +659,29 @@ impl Lookups {
         }
     }
 
-    /// Whether the job still has to run, from its own manifest's owner and its input.
-    /// A permanent source problem (missing object, no such bucket) decides before an
-    /// unreadable manifest, which would only make the job retry in vain.
+    /// Whether the job still has to run, from its own manifest's owner, its task's cancel
+    /// marker and its input. A committed manifest wins over a cancel marker (see
+    /// [`crate::cancel`]), and a cancelled job needs no input. A permanent source problem
+    /// (missing object, no such bucket) decides before an unreadable manifest, which
+    /// would only make the job retry in vain.
     fn still_to_run(
         &self,
         owner: anyhow::Result<Option<Uuid>>,
+        cancelled: anyhow::Result<bool>,
         input: anyhow::Result<Input>,
     ) -> Result<Input, Skip> {
-        match (owner, input) {
-            (Ok(Some(owner)), _) => match claim_manifest(owner, self.job_id, &self.prefix) {
+        match (owner, cancelled, input) {
+            (Ok(Some(owner)), _, _) => match claim_manifest(owner, self.job_id, &self.prefix) {
                 Ok(()) => Err(Skip::Committed),
                 Err(e) => Err(Skip::Failed(e)),
             },
-            (_, Err(e)) => Err(Skip::Failed(e)),
-            (Err(e), Ok(_)) => Err(Skip::Failed(e.context("checking for an existing manifest"))),
-            (Ok(None), Ok(input)) => Ok(input),
+            (_, Ok(true), _) => Err(Skip::Cancelled),
+            (_, _, Err(e)) => Err(Skip::Failed(e)),
+            (Err(e), _, Ok(_)) => Err(Skip::Failed(e.context("checking for an existing manifest"))),
+            (Ok(None), Err(e), Ok(_)) => {
+                Err(Skip::Failed(e.context("checking for a cancel marker")))
+            }
+            (Ok(None), Ok(false), Ok(input)) => Ok(input),
         }
     }
 }
@@ -650,7 +692,7 @@ impl Lookups {
 /// for a join, which reads many parts) the requests go out async, the input lookup
 /// alongside the manifest check.
 async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, Skip> {
-    let lookups = Lookups::of(job);
+    let lookups = Lookups::of(job).map_err(Skip::Failed)?;
     let scratch_root = worker.settings.worker.scratch_dir.clone();
     let storage = worker.storage.clone();
     if storage.is_local() && matches!(job.inputs(), Inputs::Source) {
@@ -692,8 +734,10 @@ async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, 
                 }),
         }
     };
-    let (owner, input) = tokio::join!(storage.manifest_owner(&lookups.prefix), fetch);
-    match lookups.still_to_run(owner, input) {
+    let cancelled = storage.exists(&lookups.cancel_marker);
+    let (owner, cancelled, input) =
+        tokio::join!(storage.manifest_owner(&lookups.prefix), cancelled, fetch);
+    match lookups.still_to_run(owner, cancelled, input) {
         Ok(input) => Ok(Ready {
             scratch: scratch.0,
             input,
@@ -718,6 +762,7 @@ fn prepare_local(
         lookups.task_joined(storage.manifest_owner_blocking(task_prefix))?;
     }
     let owner = storage.manifest_owner_blocking(&lookups.prefix);
+    let cancelled = storage.exists_blocking(&lookups.cancel_marker);
     let input = storage
         .local_source_blocking(&lookups.source)
         .map(|s| Input {
@@ -725,7 +770,7 @@ fn prepare_local(
             parts: Vec::new(),
             bytes: s.size,
         });
-    let input = lookups.still_to_run(owner, input)?;
+    let input = lookups.still_to_run(owner, cancelled, input)?;
     let (scratch, out_dir) = make_scratch(scratch_root).map_err(Skip::Failed)?;
     Ok(Ready {
         scratch,
@@ -929,6 +974,17 @@ async fn settle<H: Handler>(
                     run.emit::<H>(job_id, JobState::Completed, Some(100.0), None);
                 }
             }
+        }
+        Action::Discard => {
+            tracing::info!("job cancelled by an operator; acked, not retried");
+            ack(delivery).await;
+            count(worker, "cancelled");
+            run.emit::<H>(
+                job_id,
+                JobState::Cancelled,
+                None,
+                Some("cancelled by an operator".into()),
+            );
         }
         Action::Requeue => {
             tracing::info!("job cancelled; returning it to the queue");

@@ -411,6 +411,11 @@ pub struct WorkerSettings {
     /// and most of a small job's broker cost was this one: nothing that follows jobs
     /// (`--wait`, `status`) needs it. 0 announces every job at once.
     pub started_event_after_secs: f64,
+    /// How often a worker announces itself on `video_events` (the worker registry).
+    pub heartbeat_secs: f64,
+    /// `producer workers` shows a worker silent for longer than this as gone. Keep it a
+    /// few heartbeats long: one lost announcement must not make a worker look gone.
+    pub gone_after_secs: f64,
 }
 
 impl Default for WorkerSettings {
@@ -422,6 +427,8 @@ impl Default for WorkerSettings {
             name: None,
             scratch_dir: std::env::temp_dir().join("vidpipe-scratch"),
             started_event_after_secs: 0.5,
+            heartbeat_secs: 5.0,
+            gone_after_secs: 15.0,
         }
     }
 }
@@ -656,6 +663,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "worker.name",
     "worker.scratch_dir",
     "worker.started_event_after_secs",
+    "worker.heartbeat_secs",
+    "worker.gone_after_secs",
     "storage.backend",
     "storage.root",
     "storage.upload_buffer_bytes",
@@ -923,6 +932,14 @@ fn validate(s: &Settings) -> anyhow::Result<()> {
     anyhow::ensure!(
         s.worker.started_event_after_secs.is_finite() && s.worker.started_event_after_secs >= 0.0,
         "invalid setting `worker.started_event_after_secs`: must be zero or more"
+    );
+    anyhow::ensure!(
+        s.worker.heartbeat_secs.is_finite() && s.worker.heartbeat_secs >= 0.1,
+        "invalid setting `worker.heartbeat_secs`: must be at least 0.1 seconds"
+    );
+    anyhow::ensure!(
+        s.worker.gone_after_secs.is_finite() && s.worker.gone_after_secs > s.worker.heartbeat_secs,
+        "invalid setting `worker.gone_after_secs`: must be longer than `worker.heartbeat_secs`"
     );
     s.health.validate()?;
     anyhow::ensure!(

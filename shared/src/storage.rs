@@ -283,6 +283,35 @@ impl Storage {
         Ok(())
     }
 
+    /// Writes a small object only if nothing is stored under `key` yet (the manifest's
+    /// create-if-absent, for other records such as cancel markers): true if this call
+    /// created it, false if it was already there.
+    pub async fn put_if_absent(&self, key: &StorageKey, bytes: Vec<u8>) -> anyhow::Result<bool> {
+        self.confine(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&Self::path(key), PutPayload::from(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(classify(&format!("`{key}`"), e)),
+        }
+    }
+
+    /// Deletes one object (absent is fine).
+    pub async fn delete(&self, key: &StorageKey) -> anyhow::Result<()> {
+        self.confine(key)?;
+        match self.store.delete(&Self::path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("deleting `{key}` from storage")),
+        }
+    }
+
     /// Reads a small object whole; `None` if absent.
     pub async fn get_bytes(&self, key: &StorageKey) -> anyhow::Result<Option<Vec<u8>>> {
         self.confine(key)?;
@@ -400,6 +429,16 @@ impl Storage {
             return Err(permanent(format!("{what} points outside the storage root")));
         }
         Ok(LocalSource { path: real, size })
+    }
+
+    /// [`Self::exists`] on the filesystem backend, synchronously: one `stat`.
+    pub fn exists_blocking(&self, key: &StorageKey) -> anyhow::Result<bool> {
+        self.confine(key)?;
+        match std::fs::metadata(self.local_path(key)?) {
+            Ok(meta) => Ok(meta.is_file()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("checking `{key}` in storage")),
+        }
     }
 
     /// [`Self::manifest_owner`] on the filesystem backend, synchronously: one read of the

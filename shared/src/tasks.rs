@@ -150,9 +150,10 @@ pub struct BrokerRole {
 }
 
 /// The least-privilege users for `registry` under `topology`'s prefix: the producer
-/// (publishes jobs, reads events through its own server-named queues), one user per
-/// worker role (reads its kinds' queues; writes the parts of split jobs to the tasks
-/// exchange, retries, dead letters and events; configures nothing), and ops (declares the topology, administers dead letters).
+/// (publishes jobs and cancel requests, reads events through its own server-named
+/// queues), one user per worker role (reads its kinds' queues; writes the parts of split
+/// jobs to the tasks exchange, retries, dead letters and events; configures only its own
+/// server-named control queue, bound to the events exchange), and ops (declares the topology, administers dead letters).
 pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole> {
     let re = |name: String| regex_escape(&name);
     let events = re(topology.events_exchange());
@@ -173,7 +174,8 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
         "producer",
         "",
         format!("^{own_queues}$"),
-        format!("^({tasks}|{own_queues})$"),
+        // Events too: `producer cancel` publishes its control message there.
+        format!("^({tasks}|{events}|{own_queues})$"),
         format!("^({events}|{own_queues})$"),
     )];
     let mut worker_roles: Vec<&str> = Vec::new();
@@ -190,10 +192,9 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
             .filter(|k| k.role == name)
             .flat_map(|k| Priority::ALL.map(|p| re(topology.priority_queue(k.name, p))))
             .collect();
-        let read = match queues.as_slice() {
-            [one] => format!("^{one}$"),
-            many => format!("^({})$", many.join("|")),
-        };
+        // Besides its work queues, a worker reads the events exchange into its own
+        // server-named control queue (cancel requests, see `cancel`).
+        let read = format!("^({}|{events}|{own_queues})$", queues.join("|"));
         // A role whose kinds split publishes their parts and joins to the tasks
         // exchange; any other worker cannot publish jobs at all.
         let fans_out = registry
@@ -208,8 +209,8 @@ pub fn broker_roles(registry: &Registry, topology: &Topology) -> Vec<BrokerRole>
         roles.push(role(
             name,
             "",
-            "^$".into(),
-            format!("^({parts}{retries}|{dead}|{events})$"),
+            format!("^{own_queues}$"),
+            format!("^({parts}{retries}|{dead}|{events}|{own_queues})$"),
             read,
         ));
     }
@@ -298,8 +299,9 @@ mod tests {
         Topology::new(prefix, vec![Duration::from_secs(5)], 20)
     }
 
-    /// The regexes are those the scripts hard-coded before the registry, plus each
-    /// kind's high-priority queue, so existing brokers keep their permissions.
+    /// The regexes of the scripts before the registry, plus each kind's high-priority
+    /// queue, plus what cancel needs: the producer publishes to the events exchange, a
+    /// worker declares and binds its own server-named control queue there.
     #[test]
     fn broker_roles_are_the_least_privilege_users() {
         let roles = broker_roles(&Registry::builtin(), &topology(""));
@@ -311,9 +313,11 @@ mod tests {
             [
                 user,
                 "",
-                "^$",
-                &format!(r"^({parts}video_tasks\.retry\..*|video_tasks\.dead|video_events)$"),
-                queue,
+                r"^amq\.gen-.*$",
+                &format!(
+                    r"^({parts}video_tasks\.retry\..*|video_tasks\.dead|video_events|amq\.gen-.*)$"
+                ),
+                &format!(r"^({queue}|video_events|amq\.gen-.*)$"),
             ]
             .map(str::to_owned)
         };
@@ -325,7 +329,7 @@ mod tests {
                     "vidpipe-producer",
                     "",
                     r"^amq\.gen-.*$",
-                    r"^(video_tasks|amq\.gen-.*)$",
+                    r"^(video_tasks|video_events|amq\.gen-.*)$",
                     r"^(video_events|amq\.gen-.*)$",
                 ]
                 .map(str::to_owned),
@@ -334,12 +338,12 @@ mod tests {
                 worker(
                     "vidpipe-transcoder",
                     "video_tasks|",
-                    r"^(video_tasks\.transcode\.high|video_tasks\.transcode)$"
+                    r"video_tasks\.transcode\.high|video_tasks\.transcode"
                 ),
                 worker(
                     "vidpipe-thumbnailer",
                     "",
-                    r"^(video_tasks\.thumbnail\.high|video_tasks\.thumbnail)$"
+                    r"video_tasks\.thumbnail\.high|video_tasks\.thumbnail"
                 ),
                 ["vidpipe-ops", "management", ops, ops, ops].map(str::to_owned),
             ]
@@ -351,7 +355,7 @@ mod tests {
         let roles = broker_roles(&Registry::builtin(), &topology("t1."));
         assert_eq!(
             roles[1].read,
-            r"^(t1\.video_tasks\.transcode\.high|t1\.video_tasks\.transcode)$"
+            r"^(t1\.video_tasks\.transcode\.high|t1\.video_tasks\.transcode|t1\.video_events|amq\.gen-.*)$"
         );
     }
 
@@ -377,7 +381,7 @@ mod tests {
         );
         assert_eq!(
             roles[3].read,
-            r"^(video_tasks\.loudness\.high|video_tasks\.loudness)$"
+            r"^(video_tasks\.loudness\.high|video_tasks\.loudness|video_events|amq\.gen-.*)$"
         );
     }
 
@@ -408,7 +412,7 @@ mod tests {
         );
         assert_eq!(
             defs["permissions"][1]["read"],
-            r"^(video_tasks\.transcode\.high|video_tasks\.transcode)$"
+            r"^(video_tasks\.transcode\.high|video_tasks\.transcode|video_events|amq\.gen-.*)$"
         );
         // The parking lot keeps what `dead list` looks at (RabbitMQ 4.x counts returns).
         assert_eq!(defs["policies"][0]["pattern"], r"^video_tasks\.dead$");

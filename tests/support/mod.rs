@@ -209,6 +209,12 @@ impl TestEnv {
         self.extra_env = env;
     }
 
+    /// Gives every process this environment starts from now on (workers and the
+    /// producer) setting `key` = `value`.
+    pub fn add_env(&mut self, key: &str, value: &str) {
+        self.extra_env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Points the processes this environment starts at several brokers (`amqp.urls`,
     /// comma separated) instead of its own one (`amqp.url`).
     pub fn use_broker_list(&mut self, urls: &str) {
