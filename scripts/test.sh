@@ -41,8 +41,9 @@ counts "$log"
 # broker closing connections. producer::dead_ is the parking lot's CLI (list, replay,
 # purge; broker dead letters explained from x-death). chaos:: is the whole pipeline under
 # SIGKILLs, cut connections and a broker restart, on a private 4.x node (its own chroot
-# node on 5681, so the restart touches nothing else).
-RABBITMQ4_GROUPS=(runtime:: producer::dead_ chaos::)
+# node on 5681, so the restart touches nothing else). priority:: is the high queues and
+# the worker's start gate, which must order jobs alike on both brokers.
+RABBITMQ4_GROUPS=(runtime:: producer::dead_ chaos:: priority::)
 if [ "${VIDPIPE_RABBITMQ4:-1}" != 0 ]; then
   node=tests/rabbitmq4/node.sh
   log4=$(mktemp)

@@ -25,6 +25,10 @@ async fn submit(env: &TestEnv, priority: Priority, extra: serde_json::Value) -> 
     id
 }
 
+/// Every job announces its start at once (by default only jobs still running after
+/// 0.5 s do): the start order is what these tests read.
+const STARTED_AT_ONCE: (&str, &str) = ("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0");
+
 /// The `started` events seen so far, in the order the worker started the jobs.
 fn starts(events: &EventStream) -> Vec<&JobEvent> {
     events
@@ -52,7 +56,11 @@ async fn high_jobs_start_before_a_backlog_of_twenty_normal_jobs() {
     for _ in 0..20 {
         normal.push(submit(&env, Priority::Normal, json!({ "work_ms": 500 })).await);
     }
-    env.spawn_worker(WORKER, "prio", &[("VIDPIPE__WORKER__CONCURRENCY", "1")]);
+    env.spawn_worker(
+        WORKER,
+        "prio",
+        &[("VIDPIPE__WORKER__CONCURRENCY", "1"), STARTED_AT_ONCE],
+    );
     events
         .wait_for("transcode", JobState::Started, PATIENCE)
         .await;
@@ -87,7 +95,7 @@ async fn a_retried_high_job_keeps_its_priority() {
     env.spawn_worker(
         WORKER,
         "prio-retry",
-        &[("VIDPIPE__WORKER__CONCURRENCY", "1")],
+        &[("VIDPIPE__WORKER__CONCURRENCY", "1"), STARTED_AT_ONCE],
     );
     wait_completed(&mut events, 13).await;
     let order: Vec<(Uuid, u32)> = starts(&events)
