@@ -35,7 +35,6 @@
 use anyhow::Context as _;
 use futures::StreamExt;
 use lapin::Connection;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -170,45 +169,14 @@ pub async fn listen(
     in_flight: InFlight,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let channel = conn.create_channel().await.context("opening a channel")?;
     let mut args = FieldTable::default();
     // Bounded against a flood of control messages: the oldest go first.
     args.insert("x-max-length".into(), AMQPValue::LongInt(1000));
     args.insert("x-max-length-bytes".into(), AMQPValue::LongInt(1 << 20));
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            args,
-        )
+    let keys = [format!("{CONTROL_PREFIX}.*")];
+    let (channel, mut consumer) = crate::events::subscribe_with(conn, exchange, &keys, "", args)
         .await
-        .context("declaring the control queue")?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.into(),
-            format!("{CONTROL_PREFIX}.*").into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("binding the control queue to `{exchange}`"))?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .context("consuming control messages")?;
+        .context("listening for control messages")?;
     tokio::spawn(async move {
         loop {
             tokio::select! {

@@ -200,6 +200,18 @@ pub async fn subscribe(
     keys: &[String],
     consumer_tag: &str,
 ) -> anyhow::Result<(Channel, Consumer)> {
+    subscribe_with(conn, exchange, keys, consumer_tag, FieldTable::default()).await
+}
+
+/// [`subscribe`] with arguments for the private queue (a worker's control queue bounds
+/// its length, see `cancel::listen`).
+pub async fn subscribe_with(
+    conn: &Connection,
+    exchange: &str,
+    keys: &[String],
+    consumer_tag: &str,
+    queue_args: FieldTable,
+) -> anyhow::Result<(Channel, Consumer)> {
     let channel = conn.create_channel().await.context("opening a channel")?;
     let queue = channel
         .queue_declare(
@@ -209,7 +221,7 @@ pub async fn subscribe(
                 auto_delete: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            queue_args,
         )
         .await
         .context("declaring an event queue")?;
