@@ -155,32 +155,7 @@ async fn an_unknown_job_cannot_be_cancelled() {
 async fn a_segmented_job_is_cancelled_whole() {
     let mut env = TestEnv::new().await;
     let dir = env.data.path().to_path_buf();
-    // A keyframe every second: a source with one keyframe is not split.
-    let clip = fixtures::ffmpeg(
-        &dir,
-        "clip.mp4",
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=25:duration=8",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=8",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ],
-    );
+    let clip = fixtures::segmentable_clip(&dir);
     let split = [
         ("VIDPIPE__TRANSCODER__SEGMENT_THRESHOLD_SECS", "3"),
         ("VIDPIPE__TRANSCODER__SEGMENT_SECS", "2"),

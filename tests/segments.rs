@@ -34,36 +34,6 @@ fn one_rendition() -> Value {
     })
 }
 
-/// An 8-second 320x240 H.264/AAC clip with a keyframe every second (a source with one
-/// keyframe is not split: every segment would decode it from the start).
-fn clip(dir: &Path) -> std::path::PathBuf {
-    fixtures::ffmpeg(
-        dir,
-        "clip.mp4",
-        &[
-            "-f",
-            "lavfi",
-            "-i",
-            "testsrc2=size=320x240:rate=25:duration=8",
-            "-f",
-            "lavfi",
-            "-i",
-            "sine=frequency=440:duration=8",
-            "-c:v",
-            "libx264",
-            "-preset",
-            "ultrafast",
-            "-g",
-            "25",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-shortest",
-        ],
-    )
-}
-
 /// Video frames of the first video stream, counted by decoding.
 fn frame_count(path: &Path) -> u64 {
     let out = std::process::Command::new("ffprobe")
@@ -142,7 +112,7 @@ fn completions(events: &crate::support::EventStream) -> usize {
 #[tokio::test]
 async fn a_long_source_is_split_over_two_workers_and_completes_once() {
     let mut env = TestEnv::new().await;
-    let clip = clip(env.data.path());
+    let clip = fixtures::segmentable_clip(env.data.path());
     env.spawn_worker(WORKER, "seg-a", &SPLIT);
     env.spawn_worker(WORKER, "seg-b", &SPLIT);
     let (id, _, _) = crate::support::job_keys("transcode");
@@ -210,7 +180,7 @@ async fn a_long_source_is_split_over_two_workers_and_completes_once() {
 #[tokio::test]
 async fn a_worker_killed_mid_segment_leaves_the_job_to_complete_once() {
     let mut env = TestEnv::new().await;
-    let clip = clip(env.data.path());
+    let clip = fixtures::segmentable_clip(env.data.path());
     let job = stored_job(&env, &clip).await;
     let mut events = env.follow_events(job.job_id).await;
     let doomed = env.spawn_worker(WORKER, "doomed", &SPLIT);
@@ -243,7 +213,7 @@ async fn a_worker_killed_mid_segment_leaves_the_job_to_complete_once() {
 #[tokio::test]
 async fn stitches_racing_make_one_result() {
     let mut env = TestEnv::new().await;
-    let clip = clip(env.data.path());
+    let clip = fixtures::segmentable_clip(env.data.path());
     let job = stored_job(&env, &clip).await;
     let mut events = env.follow_events(job.job_id).await;
     for name in ["r1", "r2", "r3"] {
@@ -318,7 +288,7 @@ async fn stitches_racing_make_one_result() {
 #[tokio::test]
 async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
     let mut env = TestEnv::new().await;
-    let clip = clip(env.data.path());
+    let clip = fixtures::segmentable_clip(env.data.path());
     let job = stored_job(&env, &clip).await;
     env.spawn_worker(WORKER, "w", &SPLIT);
     let parts = parts_of(&job, &clip);
@@ -366,7 +336,7 @@ async fn a_dead_segment_makes_the_transcode_dead_and_replay_resumes_it() {
 #[tokio::test]
 async fn upload_wait_follows_a_split_transcode_as_one_task() {
     let mut env = TestEnv::new().await;
-    let clip = clip(env.data.path());
+    let clip = fixtures::segmentable_clip(env.data.path());
     env.spawn_worker(WORKER, "w1", &SPLIT);
     env.spawn_worker(WORKER, "w2", &SPLIT);
     env.spawn_worker("thumbnailer", "thumbs", &[]);

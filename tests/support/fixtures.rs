@@ -117,3 +117,33 @@ pub fn first_frame_rgb(dir: &Path, path: &Path, name: &str) -> image::RgbImage {
     let png = ffmpeg(dir, name, &["-i", src, "-frames:v", "1"]);
     image::open(png).expect("PNG").to_rgb8()
 }
+
+/// An 8-second 320x240 H.264/AAC clip with a keyframe every second (a source with one
+/// keyframe is not split: every segment would decode it from the start).
+pub fn segmentable_clip(dir: &Path) -> PathBuf {
+    ffmpeg(
+        dir,
+        "clip.mp4",
+        &[
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240:rate=25:duration=8",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=8",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+        ],
+    )
+}
