@@ -24,6 +24,10 @@
 #[allow(dead_code)]
 #[path = "support/measure.rs"]
 mod measure;
+// Its context-switch count serves the dispatch benchmark.
+#[allow(dead_code)]
+#[path = "support/cpu.rs"]
+mod cpu;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -41,6 +45,8 @@ use shared::storage::Storage;
 use shared::storage_key::StorageKey;
 use shared::topology::Topology;
 use uuid::Uuid;
+
+use cpu::{broker_pid, cpu_secs};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -67,37 +73,6 @@ fn thumbnailer_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-/// The broker's process: `BROKER_PID`, else the one listening on port 5672 (from `ss`).
-fn broker_pid() -> Option<u32> {
-    if let Some(pid) = std::env::var("BROKER_PID")
-        .ok()
-        .and_then(|p| p.parse().ok())
-    {
-        return Some(pid);
-    }
-    let out = Command::new("ss")
-        .args(["-ltnpH", "sport = :5672"])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let at = text.find("pid=")? + 4;
-    text[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// CPU time (user + system) a process has used so far, from /proc.
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command (which may hold spaces), from field 3 on.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // USER_HZ: 100 on every Linux this runs on.
-    Some(ticks / 100.0)
 }
 
 /// The broker's CPU seconds per wall second over `for_`, with nothing of ours running:

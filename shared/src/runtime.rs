@@ -42,7 +42,7 @@ use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::priority::Priority;
 use crate::settings::Settings;
-use crate::split::{self, Inputs, PartRef};
+use crate::split::{self, FanIn, Inputs, PartRef};
 use crate::storage::Storage;
 use crate::storage_key::StorageKey;
 use crate::topology::Topology;
@@ -486,7 +486,9 @@ async fn with_events<H: Handler, F: std::future::Future<Output = Outcome>>(
     }
 }
 
-/// [`run_job`]'s steps.
+/// [`run_job`]'s steps: on the filesystem backend a source job is prepared, handled and
+/// committed in one trip to a blocking thread ([`run_local`]); otherwise (S3, a join of
+/// parts) the storage requests go out async around the handler's trip.
 async fn run_steps<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
@@ -494,23 +496,144 @@ async fn run_steps<H: Handler>(
     cancel: CancellationToken,
     progress: tokio::sync::watch::Sender<f64>,
 ) -> Outcome {
-    let ready = match prepare(worker, &job).await {
-        Ok(ready) => ready,
-        Err(Skip::Failed(e)) => return failed(e),
-        Err(Skip::TaskJoined) => {
+    // Taken now: a part that finds itself committed still checks its fan-in.
+    let fan_in = job.fan_in();
+    let handled = if worker.storage.is_local() && matches!(job.inputs(), Inputs::Source) {
+        run_local(worker, job, run.attempt, cancel, progress).await
+    } else {
+        run_remote(worker, job, run.attempt, cancel, progress).await
+    };
+    let handled = match handled {
+        Ok(handled) => handled,
+        Err(skip) => return skipped(worker, skip, run, fan_in).await,
+    };
+    let outcome = conclude(worker, run, handled).await;
+    join_if_last(worker, fan_in, run, outcome).await
+}
+
+/// The outcome of a job that is not run (see [`Skip`]).
+async fn skipped<H: Handler>(
+    worker: &Worker<H>,
+    skip: Skip,
+    run: &Run<'_>,
+    fan_in: Option<FanIn<H::Job>>,
+) -> Outcome {
+    match skip {
+        Skip::Failed(e) => failed(e),
+        Skip::TaskJoined => {
             tracing::info!("the task is already complete; this part is moot");
-            return Outcome::Duplicate;
+            Outcome::Duplicate
         }
-        Err(Skip::Committed) => {
+        Skip::Committed => {
             tracing::info!("outputs already committed by an earlier delivery; skipping");
             // A part that committed but crashed before its fan-in check checks now.
-            return join_if_last(worker, &job, run, Outcome::Duplicate).await;
+            join_if_last(worker, fan_in, run, Outcome::Duplicate).await
         }
-        Err(Skip::Cancelled) => {
+        Skip::Cancelled => {
             tracing::info!("an operator cancelled this job; dropping it");
-            return Outcome::CancelledByOperator;
+            Outcome::CancelledByOperator
         }
+    }
+}
+
+/// How a job's handler run ended, for [`conclude`].
+struct Handled<J> {
+    /// The job and the handler's result, or its panic.
+    joined: Joined<J>,
+    /// Whether the time limit cancelled it.
+    timed_out: bool,
+    /// The commit, if it was already made in the handler's trip (filesystem backend).
+    committed: Option<anyhow::Result<Option<crate::manifest::Manifest>>>,
+    /// The scratch directory, unless the trip already removed it.
+    scratch: Option<tempfile::TempDir>,
+    /// When the handler started, for the manifest's duration.
+    started: Instant,
+}
+
+/// [`run_steps`] on the filesystem backend for a job that reads its source: the checks
+/// ([`prepare_local`]), the handler and the commit with the scratch removal, all in one
+/// trip to a blocking thread. Each trip costs about as much as the broker's routing of a
+/// message, so for a small job the trips, not the broker, would set the pace.
+async fn run_local<H: Handler>(
+    worker: &Worker<H>,
+    job: H::Job,
+    attempt: u32,
+    cancel: CancellationToken,
+    progress: tokio::sync::watch::Sender<f64>,
+) -> Result<Handled<H::Job>, Skip> {
+    let lookups = Lookups::of(&job).map_err(Skip::Failed)?;
+    let scratch_root = worker.settings.worker.scratch_dir.clone();
+    let (storage, handler, health) = (
+        worker.storage.clone(),
+        worker.handler.clone(),
+        worker.health.clone(),
+    );
+    let completion = completion_of(worker, &job, attempt);
+    let (job_id, job_token) = (job.job_id(), cancel.child_token());
+    let context = move |input: Input, out_dir| {
+        let mut ctx = JobContext::new(
+            job_id,
+            attempt,
+            input.source,
+            out_dir,
+            job_token,
+            Arc::new(move |p| {
+                let _ = progress.send(p);
+            }),
+        );
+        ctx.parts = input.parts;
+        ctx
     };
+    let span = tracing::Span::current();
+    let trip = move || -> Result<Handled<H::Job>, Skip> {
+        let _entered = span.enter();
+        let ready = prepare_local(&storage, &lookups, &scratch_root)?;
+        health.bytes_read.inc_by(ready.input.bytes);
+        let started = Instant::now();
+        let ctx = context(ready.input, ready.out_dir);
+        let result = handler.handle(&job, &ctx);
+        observe_handler::<H>(&health, started);
+        let committed = match &result {
+            Ok(output) if output.fan_out.is_empty() => {
+                Some(storage.commit_blocking(&lookups.prefix, output, completion(started)))
+            }
+            _ => None,
+        };
+        drop(ready.scratch);
+        Ok(Handled {
+            joined: Ok((job, result)),
+            timed_out: false,
+            committed,
+            scratch: None,
+            started,
+        })
+    };
+    let (joined, timed_out) =
+        within_time_limit(worker, &cancel, tokio::task::spawn_blocking(trip)).await;
+    match joined {
+        Ok(handled) => handled.map(|h| Handled { timed_out, ..h }),
+        // The panic is the handler's (or a storage step's); the scratch directory went
+        // with the unwinding.
+        Err(join) => Ok(Handled {
+            joined: Err(join),
+            timed_out,
+            committed: None,
+            scratch: None,
+            started: Instant::now(),
+        }),
+    }
+}
+
+/// [`run_steps`] where storage is remote or the job reads parts: [`prepare`] async, the
+/// handler on a blocking thread, the commit in [`conclude`].
+async fn run_remote<H: Handler>(
+    worker: &Worker<H>,
+    job: H::Job,
+    attempt: u32,
+    cancel: CancellationToken,
+    progress: tokio::sync::watch::Sender<f64>,
+) -> Result<Handled<H::Job>, Skip> {
+    let ready = prepare(worker, &job).await?;
     worker.health.bytes_read.inc_by(ready.input.bytes);
     let started = Instant::now();
     let Ready {
@@ -519,11 +642,39 @@ async fn run_steps<H: Handler>(
         out_dir,
     } = ready;
     let (joined, timed_out) =
-        run_handler(worker, job, run.attempt, cancel, (input, out_dir), progress).await;
+        run_handler(worker, job, attempt, cancel, (input, out_dir), progress).await;
+    Ok(Handled {
+        joined,
+        timed_out,
+        committed: None,
+        scratch: Some(scratch),
+        started,
+    })
+}
+
+/// Turns a handler's run into the job's outcome: publishes a fan-out, commits what is
+/// still to commit, and removes the scratch directory if the trip did not.
+async fn conclude<H: Handler>(
+    worker: &Worker<H>,
+    run: &Run<'_>,
+    handled: Handled<H::Job>,
+) -> Outcome {
+    let Handled {
+        joined,
+        timed_out,
+        committed,
+        scratch,
+        started,
+    } = handled;
+    let discard = |scratch: Option<tempfile::TempDir>| async move {
+        if let Some(scratch) = scratch {
+            remove_scratch(scratch).await;
+        }
+    };
     let (job, output) = match joined {
         Ok((job, Ok(output))) if output.fan_out.is_empty() => (job, output),
         Ok((_, Ok(output))) => {
-            remove_scratch(scratch).await;
+            discard(scratch).await;
             let exchange = worker.topology.tasks_exchange();
             return match split::publish_all(run.publisher, &exchange, &output.fan_out, run.priority)
                 .await
@@ -533,20 +684,31 @@ async fn run_steps<H: Handler>(
             };
         }
         Ok((_, Err(JobError::Cancelled))) if timed_out => {
-            remove_scratch(scratch).await;
+            discard(scratch).await;
             return Outcome::TimedOut(worker.job_timeout);
         }
         Ok((_, Err(e))) => {
-            remove_scratch(scratch).await;
+            discard(scratch).await;
             return Outcome::Failed(e);
         }
         Err(join) => {
-            remove_scratch(scratch).await;
+            discard(scratch).await;
             return failed(anyhow::Error::new(join).context("handler panicked"));
         }
     };
-    let committed = commit(worker, &job, run.attempt, output, started, scratch).await;
-    join_if_last(worker, &job, run, committed).await
+    let committed = match committed {
+        Some(committed) => committed,
+        None => {
+            let completion = completion_of(worker, &job, run.attempt)(started);
+            let committed = worker
+                .storage
+                .commit(&job.commit_prefix(), &output, completion)
+                .await;
+            discard(scratch).await;
+            committed
+        }
+    };
+    committed_outcome(worker, &job, committed).await
 }
 
 /// Removes a job's scratch directory on a blocking thread: a big tree is slow disk work.
@@ -559,14 +721,14 @@ async fn remove_scratch(scratch: tempfile::TempDir) {
 /// finds itself committed, and checks again. Other outcomes pass through.
 async fn join_if_last<H: Handler>(
     worker: &Worker<H>,
-    job: &H::Job,
+    fan_in: Option<FanIn<H::Job>>,
     run: &Run<'_>,
     committed: Outcome,
 ) -> Outcome {
     if !matches!(committed, Outcome::Completed | Outcome::Duplicate) {
         return committed;
     }
-    let Some(fan_in) = job.fan_in() else {
+    let Some(fan_in) = fan_in else {
         return committed;
     };
     let exchange = worker.topology.tasks_exchange();
@@ -687,25 +849,13 @@ impl Lookups {
 }
 
 /// Before the handler: is the job still to do, and if so its input and scratch.
-/// Idempotence: a redelivered job whose manifest exists is already done. On the
-/// filesystem backend every step is done in one trip to a blocking thread; on S3 (and
-/// for a join, which reads many parts) the requests go out async, the input lookup
-/// alongside the manifest check.
+/// Idempotence: a redelivered job whose manifest exists is already done. On S3 (and for a
+/// join, which reads many parts) the requests go out async, the input lookup alongside
+/// the manifest check; on the filesystem backend a source job takes [`prepare_local`].
 async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, Skip> {
     let lookups = Lookups::of(job).map_err(Skip::Failed)?;
     let scratch_root = worker.settings.worker.scratch_dir.clone();
     let storage = worker.storage.clone();
-    if storage.is_local() && matches!(job.inputs(), Inputs::Source) {
-        return tokio::task::spawn_blocking(move || {
-            prepare_local(&storage, &lookups, &scratch_root)
-        })
-        .await
-        .unwrap_or_else(|join| {
-            Err(Skip::Failed(
-                anyhow::Error::new(join).context("preparing the job panicked"),
-            ))
-        });
-    }
     if let Some(task_prefix) = &lookups.task_prefix {
         lookups.task_joined(storage.manifest_owner(task_prefix).await)?;
     }
@@ -750,8 +900,8 @@ async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, 
     }
 }
 
-/// [`prepare`] on the filesystem backend, synchronously: the checks first, then the
-/// scratch directory (the source is read in place, so a job that will not run never
+/// [`prepare`] on the filesystem backend for a source job, synchronously (in
+/// [`run_local`]'s trip): the checks first, then the scratch directory (the source is read in place, so a job that will not run never
 /// makes one).
 fn prepare_local(
     storage: &Storage,
@@ -810,75 +960,77 @@ async fn run_handler<H: Handler>(
         attempt,
         input.source,
         out_dir,
-        job_token.clone(),
+        job_token,
         Arc::new(move |p| {
             let _ = progress.send(p);
         }),
     );
     ctx.parts = input.parts;
-    let handler = worker.handler.clone();
+    let (handler, health) = (worker.handler.clone(), worker.health.clone());
     let span = tracing::Span::current();
-    let started = Instant::now();
-    let mut handle = tokio::task::spawn_blocking(move || {
+    let handle = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
+        let started = Instant::now();
         let result = handler.handle(&job, &ctx);
+        observe_handler::<H>(&health, started);
         (job, result)
     });
-    let mut timed_out = false;
-    let joined = tokio::select! {
-        joined = &mut handle => joined,
+    within_time_limit(worker, &cancel, handle).await
+}
+
+/// Waits for a job's blocking trip; past the job's time limit, cancels `token` (the
+/// parent of the handler's) and waits for the trip to stop. Whether the limit struck.
+async fn within_time_limit<H: Handler, T>(
+    worker: &Worker<H>,
+    token: &CancellationToken,
+    mut trip: tokio::task::JoinHandle<T>,
+) -> (Result<T, tokio::task::JoinError>, bool) {
+    tokio::select! {
+        joined = &mut trip => (joined, false),
         _ = tokio::time::sleep(worker.job_timeout) => {
             tracing::warn!(limit = ?worker.job_timeout, "job exceeded its time limit; cancelling it");
-            timed_out = true;
-            job_token.cancel();
-            handle.await
+            token.cancel();
+            (trip.await, true)
         }
-    };
-    worker
-        .health
+    }
+}
+
+/// Records how long a handler ran.
+fn observe_handler<H: Handler>(health: &Health, started: Instant) {
+    health
         .job_seconds
         .get_or_create(&Health::task(H::Job::TASK))
         .observe(started.elapsed().as_secs_f64());
-    (joined, timed_out)
 }
 
-/// Commits a successful handler's outputs and manifest, and removes the scratch
-/// directory (on the filesystem backend both in one trip to a blocking thread); losing
-/// the commit race to another delivery of the same job still counts as done.
-async fn commit<H: Handler>(
+/// The manifest record of `job`'s completion by this worker, once its handler (started
+/// at the given instant) is done.
+fn completion_of<H: Handler>(
     worker: &Worker<H>,
     job: &H::Job,
     attempt: u32,
-    output: TaskOutput,
-    started: Instant,
-    scratch: tempfile::TempDir,
-) -> Outcome {
-    let job_id = job.job_id();
-    let completion = Completion {
+) -> impl FnOnce(Instant) -> Completion + Send + 'static {
+    let (job_id, source, name) = (job.job_id(), job.source().clone(), worker.name.clone());
+    move |started| Completion {
         schema: messages::SCHEMA_VERSION,
         job_id,
         task: H::Job::TASK.to_owned(),
-        source: job.source().clone(),
-        worker: worker.name.clone(),
+        source,
+        worker: name,
         attempt,
         completed_at: now_rfc3339(),
         duration_s: started.elapsed().as_secs_f64(),
-    };
+    }
+}
+
+/// The outcome of a commit: completed, or (having lost the commit race to another
+/// delivery of the same job) a duplicate, which still counts as done.
+async fn committed_outcome<H: Handler>(
+    worker: &Worker<H>,
+    job: &H::Job,
+    committed: anyhow::Result<Option<crate::manifest::Manifest>>,
+) -> Outcome {
     let prefix = job.commit_prefix();
-    let committed = if worker.storage.is_local() {
-        let (storage, prefix) = (worker.storage.clone(), prefix.clone());
-        tokio::task::spawn_blocking(move || {
-            let committed = storage.commit_blocking(&prefix, &output, completion);
-            drop(scratch);
-            committed
-        })
-        .await
-        .unwrap_or_else(|join| Err(anyhow::Error::new(join).context("committing panicked")))
-    } else {
-        let committed = worker.storage.commit(&prefix, &output, completion).await;
-        remove_scratch(scratch).await;
-        committed
-    };
     match committed {
         Ok(Some(written)) => {
             worker.health.bytes_written.inc_by(written.output_bytes());
@@ -893,7 +1045,7 @@ async fn commit<H: Handler>(
         }
         // Someone committed first: fine if it was another delivery of this job.
         Ok(None) => match worker.storage.manifest_owner(&prefix).await {
-            Ok(Some(owner)) => match claim_manifest(owner, job_id, &prefix) {
+            Ok(Some(owner)) => match claim_manifest(owner, job.job_id(), &prefix) {
                 Ok(()) => {
                     tracing::info!(
                         "another delivery of this job committed first; keeping its result"

@@ -194,10 +194,33 @@ impl Storage {
     }
 
     /// [`Self::confine`]'s check, unmarked.
+    ///
+    /// Walks down from the (canonical) root one segment at a time with `lstat`, until a
+    /// segment does not exist: a chain of plain directories ends inside the root by
+    /// construction (a key has no `.` or `..` segment), so only a chain with a link in it
+    /// needs resolving ([`Self::confined_through_links`]). Every job checks several keys,
+    /// and resolving each from `/` was most of what its storage checks cost.
     fn confined(&self, key: &StorageKey) -> Result<(), OutsideRoot> {
         if self.local.is_none() {
             return Ok(());
         }
+        let mut at = self.root.clone();
+        for segment in key.as_str().trim_end_matches('/').split('/') {
+            at.push(segment);
+            match at.symlink_metadata() {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return self.confined_through_links(key);
+                }
+                Ok(_) => {}
+                Err(_) => return Ok(()),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::confined`] for a key whose path has a link in it: its deepest existing
+    /// part, resolved with every link followed, must still lie under the root.
+    fn confined_through_links(&self, key: &StorageKey) -> Result<(), OutsideRoot> {
         let mut existing = self.root.join(key.as_str().trim_end_matches('/'));
         // `symlink_metadata` sees a dangling link as existing, which `canonicalize` then
         // refuses: a link that leads nowhere is not followed either.
