@@ -115,6 +115,7 @@ pub fn plan(
             segments,
             audio: info.audio.is_some(),
             ladder: ladder.clone(),
+            fit: None,
             stage,
         });
         part_job
@@ -385,6 +386,7 @@ mod tests {
             height: 4320,
             video_kbps: 50_000,
             audio_kbps: 128,
+            crf: None,
         };
         let err = check_ladder(&[hostile], &source(1280, 720)).unwrap_err();
         assert!(err.to_string().contains("larger than the source"), "{err}");
