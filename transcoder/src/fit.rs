@@ -39,8 +39,10 @@ use crate::settings::TranscoderSettings;
 /// short peaks on top.
 pub const CAP_HEADROOM: f64 = 1.5;
 
-/// The lowest cap a fitted rung gets (and the lowest a part message may carry).
+/// The lowest and highest cap a fitted rung gets: the range of `video_kbps` a job (and a
+/// part message) may carry, so a fitted plan always passes the parts' validation.
 pub const MIN_CAP_KBPS: u32 = 50;
+pub const MAX_CAP_KBPS: u32 = 100_000;
 
 /// What the probe measured for one rung at one CRF, over every sample.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -174,7 +176,8 @@ pub fn choose_crf(p: &RungProbe, rules: &Rules) -> u8 {
 pub fn fit_rung(name: &str, p: &RungProbe, rung_kbps: u32, rules: &Rules) -> FittedRung {
     let crf = choose_crf(p, rules);
     let at = estimate(p, f64::from(crf));
-    let ceiling = (f64::from(rung_kbps) * rules.max_cap_ratio).max(f64::from(MIN_CAP_KBPS));
+    let ceiling = (f64::from(rung_kbps) * rules.max_cap_ratio)
+        .clamp(f64::from(MIN_CAP_KBPS), f64::from(MAX_CAP_KBPS));
     let cap = (at.peak_kbps * CAP_HEADROOM)
         .clamp(f64::from(MIN_CAP_KBPS), ceiling)
         .round() as u32;
@@ -364,18 +367,25 @@ mod tests {
 
     #[test]
     fn hard_content_gets_a_higher_cap_than_easy_content() {
-        let easy = fit_rung("360p", &easy(), 800, &RULES);
-        let hard = fit_rung("360p", &hard(), 800, &RULES);
+        let slide = fit_rung("360p", &easy(), 800, &RULES);
+        let noise = fit_rung("360p", &hard(), 800, &RULES);
         assert!(
-            hard.cap_kbps > 800,
-            "not starved below the fixed cap: {hard:?}"
+            noise.cap_kbps > 800,
+            "not starved below the fixed cap: {noise:?}"
         );
-        assert_eq!(hard.cap_kbps, 1600, "bounded by fit_max_cap_ratio");
+        assert_eq!(noise.cap_kbps, 1600, "bounded by fit_max_cap_ratio");
         assert!(
-            easy.cap_kbps < 800,
-            "the easy cap is near what it needs: {easy:?}"
+            slide.cap_kbps < 800,
+            "the easy cap is near what it needs: {slide:?}"
         );
-        assert!(easy.cap_kbps >= MIN_CAP_KBPS);
+        assert!(slide.cap_kbps >= MIN_CAP_KBPS);
+        // Never past what a message may carry, whatever the rung asked.
+        let mut heavy = hard();
+        (heavy.low.peak_kbps, heavy.high.peak_kbps) = (500_000.0, 300_000.0);
+        assert_eq!(
+            fit_rung("8k", &heavy, 90_000, &RULES).cap_kbps,
+            MAX_CAP_KBPS
+        );
     }
 
     #[test]
