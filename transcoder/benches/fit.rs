@@ -105,8 +105,9 @@ fn main() {
                         .unwrap_or(Value::Null);
                     println!(
                         "{name:<13} {rung:<6} {fixed_bytes:>10} {fp:>7.2} {fs:>8.5} | {bytes:>10} {ap:>7.2} {as_:>8.5} {:>4} {:>6} | {:>6.1}%",
-                        chosen["crf"],
-                        chosen["cap_kbps"],
+                        // JSON numbers ignore widths: printed as text.
+                        chosen["crf"].to_string(),
+                        chosen["cap_kbps"].to_string(),
                         saved(fixed_bytes, bytes)
                     );
                 }
