@@ -143,6 +143,7 @@ impl Bench {
                 renditions: vec![],
                 formats: vec![messages::OutputFormat::Mp4],
                 segments: Default::default(),
+                ladder: Default::default(),
                 part: None,
             };
             let confirm = ch

@@ -646,15 +646,19 @@ async fn bad_input_is_refused_before_anything_is_published() {
 
 /// A slip in the options is a usage error that says what is accepted: an empty entry in
 /// `--renditions` (not silently the default ladder) and a negative `--thumbnails` (not
-/// clap's hint to write `-- -1`). Nothing is published.
+/// clap's hint to write `-- -1`), a misspelled `--ladder`. Nothing is published.
 #[tokio::test]
 async fn empty_renditions_and_negative_thumbnails_are_usage_errors() {
     let env = TestEnv::new().await;
     let good = env.data.path().join("good.mp4");
     std::fs::write(&good, b"bytes").unwrap();
     let good = good.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--renditions", ",,"], "empty entry"),
+        (
+            &["--ladder", "autoo"],
+            "unknown ladder `autoo`; known: fixed, auto",
+        ),
         (&["--renditions", "720p,,360p"], "empty entry"),
         (&["--thumbnails", "-1"], "must be 0 or more"),
         (&["--thumbnails", "many"], "not a whole number"),

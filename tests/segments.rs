@@ -80,7 +80,12 @@ fn parts_of(job: &TranscodeJob, source: &Path) -> Vec<TranscodeJob> {
         keyframe_interval_s: 1.0,
         ..Default::default()
     };
-    transcoder::segmented::plan(job, source, &settings, &Default::default())
+    let ctx = shared::JobContext::standalone(
+        source,
+        &std::env::temp_dir(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    transcoder::segmented::plan(job, source, &settings, &Default::default(), &ctx)
         .expect("planning")
         .expect("an 8-second clip is split")
 }
@@ -372,4 +377,49 @@ async fn upload_wait_follows_a_split_transcode_as_one_task() {
     let whole = upload("off").await;
     assert_eq!(whole["state"], "completed", "{whole}");
     assert!(whole["segments"].is_null(), "{whole}");
+}
+
+/// `ladder: auto` on a split source: the planner fits the ladder once, every part
+/// carries the same fitted CRF and cap (so no seam between parts encoded by different
+/// workers shows a change of quality), and the stitched task's manifest records the fit.
+#[tokio::test]
+async fn an_auto_ladder_is_fitted_once_and_every_part_encodes_it() {
+    let mut env = TestEnv::new().await;
+    let clip = fixtures::segmentable_clip(env.data.path());
+    let mut job = stored_job(&env, &clip).await;
+    job.ladder = shared::messages::LadderMode::Auto;
+    let parts = parts_of(&job, &clip);
+    let ladders: Vec<_> = parts
+        .iter()
+        .map(|p| p.part.as_ref().unwrap().ladder.clone())
+        .collect();
+    assert!(ladders.len() >= 3, "an 8-second clip is split");
+    assert!(
+        ladders.iter().all(|l| *l == ladders[0]),
+        "parts disagree: {ladders:?}"
+    );
+    let crf = ladders[0][0]
+        .crf
+        .expect("the fitted CRF travels with the part");
+    env.spawn_worker(WORKER, "fit-a", &SPLIT);
+    for part in &parts {
+        env.publish(part).await;
+    }
+    let manifest = env.wait_manifest(&job.output_prefix, PATIENCE).await;
+    let fit = &manifest.summary["ladder_fit"];
+    assert_eq!(
+        fit["rungs"][0]["crf"].as_u64(),
+        Some(u64::from(crf)),
+        "{fit}"
+    );
+    assert_eq!(
+        manifest.summary["renditions"][0]["crf"].as_u64(),
+        Some(u64::from(crf)),
+        "{}",
+        manifest.summary
+    );
+    assert_eq!(
+        frame_count(&env.output_path(&manifest, "240p.mp4")),
+        frame_count(&clip)
+    );
 }

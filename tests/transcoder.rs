@@ -494,3 +494,118 @@ async fn zero_byte_and_truncated_sources_are_dead_with_reasons() {
     env.wait_manifest(&prefix, PATIENCE).await;
     assert!(env.worker(0).is_running());
 }
+
+/// One 240p rendition as MP4, with `ladder` fixed or auto.
+fn one_rung(ladder: &str) -> Value {
+    json!({
+        "renditions": [{"name": "240p", "height": 240, "video_kbps": 400, "audio_kbps": 64}],
+        "formats": ["mp4"],
+        "ladder": ladder,
+    })
+}
+
+/// The fitted ladder's target (`transcoder.fit_target_ssim`'s default).
+const FIT_TARGET_SSIM: f64 = 0.99;
+
+/// Transcodes `clip` with `ladder` and returns the manifest and its 240p MP4.
+async fn transcode_240p(
+    env: &TestEnv,
+    clip: &Path,
+    ladder: &str,
+) -> (shared::manifest::Manifest, std::path::PathBuf) {
+    let prefix = submit(env, clip, one_rung(ladder)).await;
+    let manifest = env.wait_manifest(&prefix, PATIENCE).await;
+    let mp4 = env.output_path(&manifest, "240p.mp4");
+    (manifest, mp4)
+}
+
+/// `ladder: auto` on a still slide (easy content the fixed CRF over-serves): a smaller
+/// rendition than the fixed ladder's, still at the target quality as the ffmpeg CLI
+/// measures it against the source, with the CRF and cap it chose in the manifest.
+#[tokio::test]
+async fn auto_ladder_spends_fewer_bits_on_a_still_slide_at_the_target_quality() {
+    let mut env = TestEnv::new().await;
+    let slide = fixtures::still_slide(env.data.path(), "slide.mp4", 4, 320, 240);
+    env.spawn_worker(WORKER, "t1", &[]);
+    let (fixed_manifest, fixed) = transcode_240p(&env, &slide, "fixed").await;
+    let (manifest, auto) = transcode_240p(&env, &slide, "auto").await;
+    assert!(
+        fixed_manifest.summary.get("ladder_fit").is_none(),
+        "a fixed ladder records no fit"
+    );
+    let fit = &manifest.summary["ladder_fit"];
+    let rung = &fit["rungs"][0];
+    assert_eq!(rung["name"], "240p", "{fit}");
+    assert!(
+        rung["crf"].as_u64().unwrap() > 23,
+        "easy content, higher CRF: {fit}"
+    );
+    assert!(rung["cap_kbps"].as_u64().unwrap() < 400, "{fit}");
+    assert!(fit["probe_s"].as_f64().unwrap() > 0.0, "{fit}");
+    let (fixed_bytes, auto_bytes) = (
+        std::fs::metadata(&fixed).unwrap().len(),
+        std::fs::metadata(&auto).unwrap().len(),
+    );
+    let (fixed_ssim, auto_ssim) = (
+        fixtures::ssim_y(&fixed, &slide),
+        fixtures::ssim_y(&auto, &slide),
+    );
+    eprintln!(
+        "still slide 240p: fixed {fixed_bytes} B SSIM {fixed_ssim}, auto {auto_bytes} B SSIM {auto_ssim}"
+    );
+    assert!(
+        auto_bytes < fixed_bytes,
+        "auto {auto_bytes} B is not smaller than fixed {fixed_bytes} B"
+    );
+    assert!(
+        auto_ssim >= FIT_TARGET_SSIM,
+        "auto SSIM {auto_ssim} is under the target {FIT_TARGET_SSIM} (fixed: {fixed_ssim})"
+    );
+}
+
+/// `ladder: auto` does not starve hard content: noise gets a cap above its rung's fixed
+/// one (400 kbit/s) and spends more than the fixed ladder could, and more than the slide.
+#[tokio::test]
+async fn auto_ladder_gives_noise_more_bits_than_the_fixed_cap_and_the_slide() {
+    let mut env = TestEnv::new().await;
+    let slide = fixtures::still_slide(env.data.path(), "slide.mp4", 4, 320, 240);
+    let noise = fixtures::noise_clip(env.data.path(), "noise.mp4", 4, 320, 240);
+    env.spawn_worker(WORKER, "t1", &[]);
+    let (slide_manifest, _) = transcode_240p(&env, &slide, "auto").await;
+    let (noise_manifest, _) = transcode_240p(&env, &noise, "auto").await;
+    let kbps_of = |m: &shared::manifest::Manifest| {
+        m.outputs
+            .iter()
+            .find(|o| o.name == "240p.mp4")
+            .and_then(|o| o.facts["bitrate_kbps"].as_u64())
+            .expect("the 240p MP4's bit rate")
+    };
+    let fit = &noise_manifest.summary["ladder_fit"];
+    let cap = fit["rungs"][0]["cap_kbps"].as_u64().unwrap();
+    assert!(cap > 400, "noise capped at or below the fixed cap: {fit}");
+    let (noise_kbps, slide_kbps) = (kbps_of(&noise_manifest), kbps_of(&slide_manifest));
+    assert!(
+        noise_kbps > 400,
+        "noise got {noise_kbps} kbit/s, no more than the fixed cap allows: {fit}"
+    );
+    assert!(
+        noise_kbps > slide_kbps,
+        "noise {noise_kbps} vs slide {slide_kbps} kbit/s"
+    );
+}
+
+/// A job whose `ladder` is neither `fixed` nor `auto` is dead at once, the reason naming
+/// what is accepted.
+#[tokio::test]
+async fn a_misspelled_ladder_mode_is_dead_naming_the_choices() {
+    let mut env = TestEnv::new().await;
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 1, 160, 120);
+    env.spawn_worker(WORKER, "t1", &[]);
+    submit(&env, &clip, json!({"ladder": "automatic"})).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    let reason = dead[0].reason();
+    assert!(
+        reason.contains("unknown variant `automatic`") && reason.contains("`fixed`"),
+        "{reason}"
+    );
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use shared::messages::Segmenting;
+use shared::messages::{LadderMode, Segmenting};
 use shared::priority::Priority;
 
 /// Upload videos to vidpipe, follow their jobs and administer parked (dead) jobs.
@@ -218,6 +218,10 @@ pub struct JobArgs {
     /// workers' `transcoder.segment_threshold_secs`) or `off` (one worker, one pass)
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = segmenting)]
     pub segments: Segmenting,
+    /// `fixed` (the transcoder's CRF, each rung's own cap) or `auto` (each rung's CRF and
+    /// cap fitted to the content by a quick probe; rungs that add nothing are dropped)
+    #[arg(long, value_name = "MODE", default_value = "fixed", value_parser = ladder_mode)]
+    pub ladder: LadderMode,
     /// Number of evenly spaced thumbnails (besides the poster), 0 to 1000
     #[arg(
         long,
@@ -354,6 +358,15 @@ pub enum DeadCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// `--ladder fixed|auto`.
+fn ladder_mode(s: &str) -> Result<LadderMode, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "fixed" => Ok(LadderMode::Fixed),
+        "auto" => Ok(LadderMode::Auto),
+        other => Err(format!("unknown ladder `{other}`; known: fixed, auto")),
+    }
 }
 
 /// `--segments auto|off`.

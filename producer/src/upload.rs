@@ -14,8 +14,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
-    self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, Segmenting, SpriteSpec,
-    ThumbnailJob, TranscodeJob,
+    self, ImageFormat, JobMessage, LadderMode, OutputFormat, RUNGS, Rendition, Rung, Segmenting,
+    SpriteSpec, ThumbnailJob, TranscodeJob,
 };
 use shared::priority::Priority;
 use shared::settings::Settings;
@@ -68,6 +68,8 @@ pub struct JobOptions {
     pub thumbnails: u32,
     pub sprite: bool,
     pub segments: Segmenting,
+    /// `--ladder`: fixed, or fitted to each source.
+    pub ladder: LadderMode,
     /// Which work queue of each kind the jobs go to ([`shared::priority`]).
     pub priority: Priority,
 }
@@ -80,6 +82,7 @@ impl Default for JobOptions {
             thumbnails: 10,
             sprite: true,
             segments: Segmenting::Auto,
+            ladder: LadderMode::Fixed,
             priority: Priority::Normal,
         }
     }
@@ -131,6 +134,7 @@ impl JobOptions {
             thumbnails: args.thumbnails,
             sprite: !args.no_sprite,
             segments: args.segments,
+            ladder: args.ladder,
             priority: args.priority,
         };
         // The workers' own validation, run here so a bad ladder never reaches the queue.
@@ -247,6 +251,7 @@ impl JobPlan {
                 renditions: options.renditions.clone(),
                 formats: options.formats.clone(),
                 segments: options.segments,
+                ladder: options.ladder,
                 part: None,
             },
             thumbnail: ThumbnailJob {
@@ -586,6 +591,22 @@ mod tests {
             .map(|m| m.routing_key)
             .collect();
         assert_eq!(keys, builtin);
+    }
+
+    /// `--ladder auto` reaches the transcode message; the default keeps the fixed ladder.
+    #[test]
+    fn the_ladder_mode_is_carried_in_the_transcode_message() {
+        let body = |ladder| {
+            let options = JobOptions {
+                ladder,
+                ..JobOptions::default()
+            };
+            let plan = JobPlan::new(Uuid::new_v4(), "mp4", &options);
+            let m = plan.messages(&Topology::new("", vec![], 20)).remove(0);
+            messages::parse::<TranscodeJob>(&m.body).unwrap().ladder
+        };
+        assert_eq!(body(LadderMode::Auto), LadderMode::Auto);
+        assert_eq!(body(LadderMode::Fixed), LadderMode::Fixed);
     }
 
     /// `--priority high` routes every task to its `.high` queue.

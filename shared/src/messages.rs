@@ -255,6 +255,10 @@ pub struct TranscodeJob {
     /// (`producer upload --segments`).
     #[serde(default)]
     pub segments: Segmenting,
+    /// `fixed` (the default ladder's CRF and caps) or `auto` (fitted to the content by a
+    /// quick probe, `producer upload --ladder`).
+    #[serde(default)]
+    pub ladder: LadderMode,
     /// Set on the jobs a split transcode fans out into (segments, audio, stitch);
     /// absent on the job the producer publishes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,6 +275,17 @@ pub enum Segmenting {
     Off,
 }
 
+/// `producer upload --ladder`: every rendition at the transcoder's CRF with its rung's
+/// cap (`fixed`), or each rung's CRF and cap chosen by a quick probe of the source, rungs
+/// that add nothing dropped (`auto`). Anything else is poison.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LadderMode {
+    #[default]
+    Fixed,
+    Auto,
+}
+
 /// One rendition as the planning worker sized it: every part of a split transcode
 /// encodes exactly this ladder, whatever its own worker would have planned.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -281,6 +296,10 @@ pub struct PlannedRendition {
     pub height: u32,
     pub video_kbps: u32,
     pub audio_kbps: u32,
+    /// The CRF a fitted ladder (`ladder: auto`) chose for this rendition; absent, the
+    /// transcoder's own `crf`. `video_kbps` is then the fitted cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crf: Option<u8>,
 }
 
 /// Which part of a split transcode a job is. See [`crate::split`] and the README's
@@ -296,6 +315,11 @@ pub struct TranscodePart {
     pub audio: bool,
     /// The ladder every part encodes.
     pub ladder: Vec<PlannedRendition>,
+    /// What the planner's probe measured and chose for a fitted ladder (`ladder: auto`):
+    /// only copied into the task's manifest by the stitch, never read to encode (each
+    /// rendition's `crf` and `video_kbps` are what the parts encode with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<serde_json::Value>,
     /// `"stage": "segment"` and its fields, beside the others.
     #[serde(flatten)]
     pub stage: Stage,
@@ -319,6 +343,11 @@ pub enum Stage {
     /// Join the committed parts into the task's outputs.
     Stitch,
 }
+
+/// The CRFs a fitted ladder may choose (and a part message may carry): below 10 x264
+/// spends bits nobody sees, above 45 the picture falls apart.
+pub const MIN_FITTED_CRF: u8 = 10;
+pub const MAX_FITTED_CRF: u8 = 45;
 
 /// At most this many segments in one plan: a two-hour source in 30-second segments is
 /// 240; the cap keeps a hostile plan from fanning out without bound.
@@ -410,6 +439,14 @@ impl TranscodePart {
                     r.name
                 ));
             }
+            if r.crf
+                .is_some_and(|crf| !(MIN_FITTED_CRF..=MAX_FITTED_CRF).contains(&crf))
+            {
+                return Err(format!(
+                    "ladder rendition `{}` crf is outside {MIN_FITTED_CRF}..={MAX_FITTED_CRF}",
+                    r.name
+                ));
+            }
         }
         if let Stage::Segment {
             index,
@@ -433,6 +470,9 @@ impl TranscodePart {
             if *frames == 0 {
                 return Err("a segment plans at least one frame".into());
             }
+        }
+        if self.fit.as_ref().is_some_and(|f| !f.is_object()) {
+            return Err("`part.fit` must be an object".into());
         }
         if matches!(self.stage, Stage::Audio) && !self.audio {
             return Err("an audio part of a plan without audio".into());
@@ -905,6 +945,40 @@ mod tests {
         );
         let err = parse::<TranscodeJob>(body.as_bytes()).unwrap_err();
         assert!(err.to_string().contains("height 9000"), "{err}");
+    }
+
+    #[test]
+    fn ladder_mode_defaults_to_fixed_and_a_misspelling_is_poison() {
+        let job: TranscodeJob = parse(transcode_json("").as_bytes()).unwrap();
+        assert_eq!(
+            job.ladder,
+            LadderMode::Fixed,
+            "old messages keep the fixed ladder"
+        );
+        let auto: TranscodeJob = parse(transcode_json(r#","ladder":"auto""#).as_bytes()).unwrap();
+        assert_eq!(auto.ladder, LadderMode::Auto);
+        assert_eq!(parse::<TranscodeJob>(&to_body(&auto)).unwrap(), auto);
+        let err = parse::<TranscodeJob>(transcode_json(r#","ladder":"autp""#).as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `autp`"), "{err}");
+        assert!(err.contains("`fixed`") && err.contains("`auto`"), "{err}");
+    }
+
+    #[test]
+    fn a_part_with_a_crf_out_of_range_is_poison() {
+        let with_crf = |crf: u32| {
+            part_json(r#""stage":"audio""#).replace(
+                r#""audio_kbps":64}"#,
+                &format!(r#""audio_kbps":64,"crf":{crf}}}"#),
+            )
+        };
+        let ok: TranscodeJob = parse(with_crf(28).as_bytes()).unwrap();
+        assert_eq!(ok.part.unwrap().ladder[0].crf, Some(28));
+        for crf in [0, 60] {
+            let err = parse::<TranscodeJob>(with_crf(crf).as_bytes()).unwrap_err();
+            assert!(err.to_string().contains("crf"), "{crf}: {err}");
+        }
     }
 
     #[test]

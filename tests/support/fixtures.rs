@@ -147,3 +147,49 @@ pub fn segmentable_clip(dir: &Path) -> PathBuf {
         ],
     )
 }
+
+/// A still "slide": the first frame of `testsrc` (bars, digits, a gradient) held for
+/// `seconds` at 25 fps, `w`x`h`, video only: the easiest content there is.
+pub fn still_slide(dir: &Path, name: &str, seconds: u32, w: u32, h: u32) -> PathBuf {
+    let frames = (seconds * 25).to_string();
+    let src = format!("testsrc=size={w}x{h}:rate=25,loop=loop=-1:size=1:start=0");
+    let mut args = vec!["-f", "lavfi", "-i", &src, "-frames:v", &frames];
+    args.extend(X264);
+    ffmpeg(dir, name, &args)
+}
+
+/// Grey with strong uniform noise changing every frame, `seconds` at 25 fps, `w`x`h`,
+/// video only: the hardest content there is (nothing to predict), coded near losslessly
+/// so the noise survives into the source.
+pub fn noise_clip(dir: &Path, name: &str, seconds: u32, w: u32, h: u32) -> PathBuf {
+    let src =
+        format!("color=c=gray:size={w}x{h}:rate=25:duration={seconds},noise=alls=60:allf=t+u");
+    let mut args = vec!["-f", "lavfi", "-i", &src];
+    args.extend(X264);
+    args.extend(["-crf", "12"]);
+    ffmpeg(dir, name, &args)
+}
+
+/// Luma SSIM of `encoded` against `reference` (same size), by the `ffmpeg` CLI's `ssim`
+/// filter: the measure the fitted ladder targets, taken independently of it.
+pub fn ssim_y(encoded: &Path, reference: &Path) -> f64 {
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostats", "-i"])
+        .arg(encoded)
+        .arg("-i")
+        .arg(reference)
+        .args(["-lavfi", "[0:v][1:v]ssim", "-f", "null", "-"])
+        .output()
+        .expect("the tests need the ffmpeg CLI");
+    assert!(
+        out.status.success(),
+        "ffmpeg ssim failed on {}",
+        encoded.display()
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    text.rsplit(" Y:")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no SSIM in ffmpeg's output:\n{text}"))
+}

@@ -183,6 +183,7 @@ fn child(spec: &str) {
         renditions: Vec::new(),
         formats: vec![OutputFormat::Mp4],
         segments: Default::default(),
+        ladder: Default::default(),
         part: None,
     };
     shared::media::init();

@@ -36,6 +36,7 @@ fn main() -> anyhow::Result<()> {
         renditions: Vec::new(),
         formats,
         segments: Default::default(),
+        ladder: Default::default(),
         part: None,
     };
     let ctx = JobContext::standalone(source.as_ref(), &out, CancellationToken::new());

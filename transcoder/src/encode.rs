@@ -347,7 +347,10 @@ impl RenditionOutput {
     }
 }
 
-fn open_video_encoder(
+/// The x264 encoder of one rendition: its size, the plan's CRF (else the transcoder's),
+/// its cap as VBV maxrate with a buffer of twice that. Also what the fitted ladder's
+/// probe encodes its samples with, so probe and transcode make the same choices.
+pub(crate) fn open_video_encoder(
     plan: &Planned,
     cfg: &TranscoderSettings,
     threads: usize,
@@ -380,7 +383,8 @@ fn open_video_encoder(
     // share (see `pipeline::encoder_threads`).
     opts.set("threads", &threads.to_string());
     opts.set("preset", &cfg.preset);
-    opts.set("crf", &cfg.crf.to_string());
+    // A fitted ladder (`ladder: auto`) chose this rendition's own CRF.
+    opts.set("crf", &plan.crf.unwrap_or(cfg.crf).to_string());
     opts.set("maxrate", &format!("{kbps}k"));
     opts.set("bufsize", &format!("{}k", kbps * 2));
     opts.set("profile", "high");

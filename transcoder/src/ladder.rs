@@ -67,6 +67,7 @@ pub fn plan(
                 height,
                 video_kbps: r.video_kbps,
                 audio_kbps: r.audio_kbps,
+                crf: None,
             }
         })
         .collect();

@@ -7,6 +7,9 @@
 //! - [`pipeline`]: demux → decode → upright → split/scale → encode, one pass, reading the
 //!   source through `shared::media::Source` (packets, start offset, frame rate, decoder).
 //! - [`encode`]: one rendition's encoders and its MP4/HLS muxers.
+//! - [`fit`]: the ladder fitted to the content (`ladder: auto`): each rung's CRF and
+//!   cap from a quick [`probe`] of the source (sample encodes measured with
+//!   [`quality`]'s SSIM/PSNR), rungs that add nothing dropped.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
 //! - Segmented transcoding (one long source, many workers): [`segments`] plans
 //!   frame-exact ranges, [`segment_encode`] encodes one range's video or the whole audio
@@ -18,10 +21,13 @@
 //! worker runtime.
 
 pub mod encode;
+pub mod fit;
 pub mod hls;
 pub mod ladder;
 pub mod parts;
 pub mod pipeline;
+pub mod probe;
+pub mod quality;
 pub mod segment_encode;
 pub mod segmented;
 pub mod segments;

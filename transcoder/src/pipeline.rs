@@ -66,6 +66,7 @@ pub fn transcode(
         info.video.display_width,
         info.video.display_height,
     );
+    let (plan, fit) = crate::fit::apply(job, plan, &ctx.source_path, cfg, limits, ctx)?;
     let VideoSetup {
         decoder: mut vdec,
         upright,
@@ -100,7 +101,20 @@ pub fn transcode(
         return Err(permanent("source video has no decodable frames"));
     }
     ctx.progress(100.0);
-    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+    let mut out = collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)?;
+    record_fit(
+        &mut out,
+        fit.map(|f| serde_json::to_value(f).unwrap_or_default()),
+    );
+    Ok(out)
+}
+
+/// Puts a fitted ladder's report (`ladder: auto`) into the task's summary as
+/// `ladder_fit`; nothing for a fixed ladder.
+pub(crate) fn record_fit(out: &mut TaskOutput, fit: Option<serde_json::Value>) {
+    if let (Some(fit), Some(summary)) = (fit, out.summary.as_object_mut()) {
+        summary.insert("ladder_fit".into(), fit);
+    }
 }
 
 /// The source's video, ready to decode: its decoder, the graph that turns rotated video

@@ -15,7 +15,9 @@
 //! - **Plan** ([`plan`]): a source longer than `segment_threshold_secs` (and not
 //!   uploaded with `--segments off`) is cut into frame-exact ranges of about
 //!   `segment_secs`, on multiples of the HLS segment length ([`crate::segments`]).
-//!   Every part carries the ladder the planner sized, so all parts encode the same one.
+//!   Every part carries the ladder the planner sized, so all parts encode the same one;
+//!   with `ladder: auto` the planner fits it first (the probe runs once, on the whole
+//!   source), so every part of a rendition encodes with one CRF and cap.
 //! - **Segment**: decodes its range and encodes every rendition, video only.
 //! - **Audio**: the whole sound track, once (never per segment: no seams in the sound,
 //!   no AAC priming per piece).
@@ -47,7 +49,7 @@ pub fn run(
     limits: &MediaLimits,
 ) -> anyhow::Result<TaskOutput> {
     let Some(part) = &job.part else {
-        return match plan(job, &ctx.source_path, cfg, limits)? {
+        return match plan(job, &ctx.source_path, cfg, limits, ctx)? {
             Some(parts) => Ok(TaskOutput {
                 fan_out: parts.iter().map(FollowUp::of).collect(),
                 ..TaskOutput::default()
@@ -83,6 +85,7 @@ pub fn plan(
     source: &std::path::Path,
     cfg: &TranscoderSettings,
     limits: &MediaLimits,
+    ctx: &JobContext,
 ) -> anyhow::Result<Option<Vec<TranscodeJob>>> {
     if job.segments == Segmenting::Off {
         return Ok(None);
@@ -106,6 +109,10 @@ pub fn plan(
         info.video.display_width,
         info.video.display_height,
     );
+    // A fitted ladder is chosen here, once: every part encodes each rendition with the
+    // same CRF and cap (a probe per part would pick different ones, and seams would show).
+    let (ladder, fit) = crate::fit::apply(job, ladder, source, cfg, limits, ctx)?;
+    let fit = fit.map(|f| serde_json::to_value(f).unwrap_or_default());
     let segments = u32::try_from(ranges.len()).context("segment count")?;
     let plan_id = plan_id(&ranges, &ladder, cfg);
     let part = |stage: Stage| {
@@ -115,6 +122,7 @@ pub fn plan(
             segments,
             audio: info.audio.is_some(),
             ladder: ladder.clone(),
+            fit: fit.clone(),
             stage,
         });
         part_job
@@ -296,6 +304,7 @@ fn stitch(
             json!({"count": part.segments, "plan": part.plan}),
         );
     }
+    crate::pipeline::record_fit(&mut out, part.fit.clone());
     Ok(out)
 }
 
@@ -385,6 +394,7 @@ mod tests {
             height: 4320,
             video_kbps: 50_000,
             audio_kbps: 128,
+            crf: None,
         };
         let err = check_ladder(&[hostile], &source(1280, 720)).unwrap_err();
         assert!(err.to_string().contains("larger than the source"), "{err}");

@@ -25,6 +25,24 @@ pub struct TranscoderSettings {
     pub segment_threshold_secs: f64,
     /// About how long each segment is, in seconds (rounded to whole HLS segments).
     pub segment_secs: f64,
+    /// Fitted ladder (`ladder: auto`, see [`crate::fit`]): the luma SSIM each rung's CRF
+    /// is chosen to reach, measured at the rung's own size.
+    pub fit_target_ssim: f64,
+    /// The CRFs a fitted ladder may choose from, best first.
+    pub fit_crf_min: u8,
+    pub fit_crf_max: u8,
+    /// Samples the probe encodes, spread over the source, and each one's length.
+    pub fit_samples: u32,
+    pub fit_sample_secs: f64,
+    /// The samples cover at most this share of the source (at least one sample): what
+    /// keeps the probe a small fraction of the encode on short sources.
+    pub fit_max_share: f64,
+    /// The highest cap a fitted rung may get, as a multiple of its rung's `video_kbps`:
+    /// hard content may spend more than the fixed ladder's cap, but not without bound.
+    pub fit_max_cap_ratio: f64,
+    /// A rung is dropped when it beats the rung below by less than this (SSIM in dB,
+    /// both measured at the top rung's size) while costing more bits.
+    pub fit_min_gain_db: f64,
 }
 
 impl Default for TranscoderSettings {
@@ -38,6 +56,14 @@ impl Default for TranscoderSettings {
             audio_sample_rate: 48_000,
             segment_threshold_secs: 120.0,
             segment_secs: 30.0,
+            fit_target_ssim: 0.99,
+            fit_crf_min: 18,
+            fit_crf_max: 32,
+            fit_samples: 3,
+            fit_sample_secs: 2.0,
+            fit_max_share: 0.05,
+            fit_max_cap_ratio: 2.0,
+            fit_min_gain_db: 0.5,
         }
     }
 }
@@ -94,6 +120,52 @@ impl TranscoderSettings {
             self.segment_threshold_secs,
             self.segment_secs
         );
+        self.validate_fit()
+    }
+
+    /// The fitted ladder's settings: bounded, so a typo cannot make the probe encode for
+    /// hours or choose a CRF outside what a part message may carry.
+    fn validate_fit(&self) -> anyhow::Result<()> {
+        use shared::messages::{MAX_FITTED_CRF, MIN_FITTED_CRF};
+        anyhow::ensure!(
+            (0.5..=0.9999).contains(&self.fit_target_ssim),
+            "transcoder.fit_target_ssim {} is outside 0.5..=0.9999",
+            self.fit_target_ssim
+        );
+        anyhow::ensure!(
+            (MIN_FITTED_CRF..=MAX_FITTED_CRF).contains(&self.fit_crf_min)
+                && (MIN_FITTED_CRF..=MAX_FITTED_CRF).contains(&self.fit_crf_max)
+                && self.fit_crf_min + 2 <= self.fit_crf_max,
+            "transcoder.fit_crf_min {} and fit_crf_max {} must lie in \
+             {MIN_FITTED_CRF}..={MAX_FITTED_CRF}, at least 2 apart",
+            self.fit_crf_min,
+            self.fit_crf_max
+        );
+        anyhow::ensure!(
+            (1..=10).contains(&self.fit_samples),
+            "transcoder.fit_samples {} is outside 1..=10",
+            self.fit_samples
+        );
+        anyhow::ensure!(
+            (0.5..=10.0).contains(&self.fit_sample_secs),
+            "transcoder.fit_sample_secs {} is outside 0.5..=10",
+            self.fit_sample_secs
+        );
+        anyhow::ensure!(
+            (0.01..=1.0).contains(&self.fit_max_share),
+            "transcoder.fit_max_share {} is outside 0.01..=1",
+            self.fit_max_share
+        );
+        anyhow::ensure!(
+            (1.0..=10.0).contains(&self.fit_max_cap_ratio),
+            "transcoder.fit_max_cap_ratio {} is outside 1..=10",
+            self.fit_max_cap_ratio
+        );
+        anyhow::ensure!(
+            (0.0..=10.0).contains(&self.fit_min_gain_db),
+            "transcoder.fit_min_gain_db {} is outside 0..=10",
+            self.fit_min_gain_db
+        );
         Ok(())
     }
 }
@@ -123,6 +195,39 @@ mod tests {
             .collect();
         keys.sort();
         keys
+    }
+
+    #[test]
+    fn fit_settings_out_of_range_are_refused() {
+        let ok = TranscoderSettings::default();
+        ok.validate().expect("defaults are valid");
+        for (bad, says) in [
+            (
+                TranscoderSettings {
+                    fit_crf_min: 30,
+                    fit_crf_max: 20,
+                    ..ok.clone()
+                },
+                "fit_crf_min",
+            ),
+            (
+                TranscoderSettings {
+                    fit_samples: 1000,
+                    ..ok.clone()
+                },
+                "fit_samples",
+            ),
+            (
+                TranscoderSettings {
+                    fit_target_ssim: f64::NAN,
+                    ..ok.clone()
+                },
+                "fit_target_ssim",
+            ),
+        ] {
+            let err = bad.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{err}");
+        }
     }
 
     /// Every binary checks settings against `KNOWN_KEYS`: it must hold exactly the

@@ -87,6 +87,7 @@ fn job(renditions: &[Rendition], formats: &[OutputFormat]) -> TranscodeJob {
         renditions: renditions.to_vec(),
         formats: formats.to_vec(),
         segments: Default::default(),
+        ladder: Default::default(),
         part: None,
     }
 }
