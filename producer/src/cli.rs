@@ -206,7 +206,8 @@ pub struct JobArgs {
     /// name:height:video_kbps:audio_kbps, comma separated. Default: derived from the source
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub renditions: Vec<String>,
-    /// Output formats, comma separated: mp4, hls
+    /// Output formats, comma separated: mp4, hls (MPEG-TS segments), cmaf (fMP4 segments
+    /// with an HLS master and a DASH MPD)
     #[arg(
         long,
         value_name = "LIST",

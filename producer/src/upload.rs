@@ -115,9 +115,10 @@ impl JobOptions {
             let format = match f.trim().to_ascii_lowercase().as_str() {
                 "mp4" => OutputFormat::Mp4,
                 "hls" => OutputFormat::Hls,
+                "cmaf" => OutputFormat::Cmaf,
                 other => {
                     return Err(Failure::usage(format!(
-                        "--formats: unknown format `{other}`; known: mp4, hls"
+                        "--formats: unknown format `{other}`; known: mp4, hls, cmaf"
                     )));
                 }
             };

@@ -234,6 +234,9 @@ pub enum OutputFormat {
     Mp4,
     /// HLS: master playlist, one media playlist per rendition, MPEG-TS segments.
     Hls,
+    /// CMAF: fragmented-MP4 segments written once per rendition (audio as a rendition of
+    /// its own), referenced by both an HLS master (`EXT-X-MAP`) and a DASH MPD.
+    Cmaf,
 }
 
 fn default_formats() -> Vec<OutputFormat> {
@@ -539,11 +542,13 @@ impl JobMessage for TranscodeJob {
             }
         }
         if self.formats.is_empty() {
-            return Err("`formats` is empty: ask for mp4, hls or both".into());
+            return Err("`formats` is empty: ask for one or more of mp4, hls, cmaf".into());
         }
         let unique: std::collections::HashSet<_> = self.formats.iter().collect();
         if unique.len() != self.formats.len() {
-            return Err("`formats` names a format twice: ask for mp4, hls or both".into());
+            return Err(
+                "`formats` names a format twice: ask for each of mp4, hls, cmaf once".into(),
+            );
         }
         Ok(())
     }

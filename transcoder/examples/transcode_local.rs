@@ -1,7 +1,7 @@
 //! Transcodes a local file into a directory with the worker's own pipeline and default
 //! settings, without a broker or storage: for trying a problem source by hand.
 //!
-//! `cargo run --release -p transcoder --example transcode_local -- SOURCE OUT_DIR [mp4,hls]`
+//! `cargo run --release -p transcoder --example transcode_local -- SOURCE OUT_DIR [mp4,hls,cmaf]`
 
 use std::path::PathBuf;
 
@@ -14,7 +14,7 @@ use transcoder::TranscodeHandler;
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let (Some(source), Some(out)) = (args.next(), args.next()) else {
-        anyhow::bail!("usage: transcode_local SOURCE OUT_DIR [mp4,hls]");
+        anyhow::bail!("usage: transcode_local SOURCE OUT_DIR [mp4,hls,cmaf]");
     };
     let formats = args
         .next()
@@ -23,6 +23,7 @@ fn main() -> anyhow::Result<()> {
         .map(|f| match f {
             "mp4" => Ok(OutputFormat::Mp4),
             "hls" => Ok(OutputFormat::Hls),
+            "cmaf" => Ok(OutputFormat::Cmaf),
             other => Err(anyhow::anyhow!("unknown format {other}")),
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -1,7 +1,8 @@
 //! One rendition's video encoder and muxers (libx264; each packet written to every
-//! container the job asked for (MP4 with the index at the front, and/or an HLS
-//! media playlist with MPEG-TS segments). Encoding once per rendition and muxing twice is
-//! what keeps MP4 and HLS frame-identical and costs one encode, not two.
+//! container the job asked for: MP4 with the index at the front, an HLS media playlist
+//! with MPEG-TS segments, and/or a CMAF rendition of fMP4 segments). Encoding once per
+//! rendition and muxing into each is what keeps the formats frame-identical and costs one
+//! encode, not one per format.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use shared::media::{pipeline_error, seconds};
 use shared::messages::OutputFormat;
 use shared::permanent;
 
+use crate::cmaf;
 use crate::hls;
 use crate::ladder::Planned;
 use crate::parts::{PartInfo, PartWriter};
@@ -25,16 +27,23 @@ struct Muxer {
     kind: OutputFormat,
     ctx: format::context::Output,
     path: PathBuf,
-    video_tb: Rational,
-    audio_tb: Rational,
+    /// The container's video stream (index, time base), if it has one.
+    video: Option<(usize, Rational)>,
+    /// The container's audio stream (index, time base), if it has one.
+    audio: Option<(usize, Rational)>,
 }
 
-/// One rendition's MP4 and/or HLS containers: what the single pass writes its encoders'
-/// packets into, and what the stitch of a segmented transcode copies the segments'
-/// packets into (so both make the same files, with the same muxer options).
+/// One rendition's MP4, HLS and/or CMAF containers: what the single pass writes its
+/// encoders' packets into, and what the stitch of a segmented transcode copies the
+/// segments' packets into (so both make the same files, with the same muxer options).
+/// A CMAF rendition is video only: its sound is the audio rendition's
+/// ([`Muxers::open_cmaf_audio`]), written once for the whole ladder.
 pub(crate) struct Muxers {
     muxers: Vec<Muxer>,
 }
+
+/// A stream to add to a container: its codec parameters and timestamps' time base.
+type StreamSpec<'a> = (&'a codec::Parameters, Rational);
 
 impl Muxers {
     /// Writes the header of each container `formats` asks for, under `dir`, with a video
@@ -44,63 +53,52 @@ impl Muxers {
         cfg: &TranscoderSettings,
         video: &codec::Parameters,
         video_tb: Rational,
-        audio: Option<(&codec::Parameters, Rational)>,
+        audio: Option<StreamSpec<'_>>,
         formats: &[OutputFormat],
         dir: &Path,
     ) -> anyhow::Result<Self> {
         let mut muxers = Vec::new();
         for &kind in formats {
-            let (path, fmt, opts) = match kind {
+            let (path, fmt, opts, audio) = match kind {
                 OutputFormat::Mp4 => {
                     let mut o = Dictionary::new();
                     // The index (moov) at the front: plays while still downloading.
                     o.set("movflags", "+faststart");
-                    (dir.join(format!("{name}.mp4")), "mp4", o)
+                    (dir.join(format!("{name}.mp4")), "mp4", o, audio)
                 }
                 OutputFormat::Hls => {
-                    let hls_dir = dir.join("hls").join(name);
-                    std::fs::create_dir_all(&hls_dir).context("scratch space")?;
-                    let mut o = Dictionary::new();
-                    o.set("hls_time", &format!("{}", cfg.hls_segment_s));
-                    o.set("hls_list_size", "0");
-                    o.set("hls_playlist_type", "vod");
-                    o.set("hls_flags", "independent_segments");
-                    o.set(
-                        "hls_segment_filename",
-                        &hls_dir.join("seg_%05d.ts").to_string_lossy(),
-                    );
-                    (hls_dir.join("index.m3u8"), "hls", o)
+                    let (path, o) = hls_options(cfg, &dir.join("hls").join(name), false)?;
+                    (path, "hls", o, audio)
+                }
+                OutputFormat::Cmaf => {
+                    let (path, o) = hls_options(cfg, &cmaf::video_dir(dir, name), true)?;
+                    (path, "hls", o, None)
                 }
             };
-            let mut ctx = format::output_as(&path, fmt)
-                .map_err(|e| pipeline_error(&format!("creating {}", path.display()), e))?;
-            {
-                let mut ost = ctx
-                    .add_stream(encoder::find_by_name("libx264"))
-                    .map_err(|e| pipeline_error("adding the video stream", e))?;
-                ost.set_parameters(video.clone());
-                ost.set_time_base(video_tb);
-            }
-            if let Some((params, tb)) = audio {
-                let mut ost = ctx
-                    .add_stream(encoder::find(codec::Id::AAC))
-                    .map_err(|e| pipeline_error("adding the audio stream", e))?;
-                ost.set_parameters(params.clone());
-                ost.set_time_base(tb);
-            }
-            ctx.write_header_with(opts)
-                .map_err(|e| pipeline_error(&format!("writing the {fmt} header"), e))?;
-            let video_tb = ctx.stream(0).map_or(video_tb, |s| s.time_base());
-            let audio_tb = ctx.stream(1).map_or(Rational::new(1, 1), |s| s.time_base());
-            muxers.push(Muxer {
+            muxers.push(Muxer::open(
                 kind,
-                ctx,
                 path,
-                video_tb,
-                audio_tb,
-            });
+                fmt,
+                opts,
+                Some((video, video_tb)),
+                audio,
+            )?);
         }
         Ok(Self { muxers })
+    }
+
+    /// The CMAF audio rendition under `dir`: fMP4 segments of `audio`'s packets, the
+    /// sound every CMAF video rendition plays with.
+    pub(crate) fn open_cmaf_audio(
+        cfg: &TranscoderSettings,
+        audio: StreamSpec<'_>,
+        dir: &Path,
+    ) -> anyhow::Result<Self> {
+        let (path, o) = hls_options(cfg, &cmaf::audio_dir(dir), true)?;
+        let muxer = Muxer::open(OutputFormat::Cmaf, path, "hls", o, None, Some(audio))?;
+        Ok(Self {
+            muxers: vec![muxer],
+        })
     }
 
     /// Writes one packet (timestamps in `tb`) to every container: the video stream's, or
@@ -112,12 +110,11 @@ impl Muxers {
         tb: Rational,
     ) -> anyhow::Result<()> {
         for m in &mut self.muxers {
-            let mut p = packet.clone();
-            let (index, to) = if audio {
-                (1, m.audio_tb)
-            } else {
-                (0, m.video_tb)
+            // A CMAF video rendition has no audio stream (the audio rendition has it).
+            let Some((index, to)) = (if audio { m.audio } else { m.video }) else {
+                continue;
             };
+            let mut p = packet.clone();
             p.set_stream(index);
             p.set_position(-1);
             p.rescale_ts(tb, to);
@@ -138,6 +135,77 @@ impl Muxers {
         }
         Ok(files)
     }
+}
+
+impl Muxer {
+    /// Creates `path` as a `fmt` container with the given streams (video first) and
+    /// writes its header.
+    fn open(
+        kind: OutputFormat,
+        path: PathBuf,
+        fmt: &str,
+        opts: Dictionary,
+        video: Option<StreamSpec<'_>>,
+        audio: Option<StreamSpec<'_>>,
+    ) -> anyhow::Result<Self> {
+        let mut ctx = format::output_as(&path, fmt)
+            .map_err(|e| pipeline_error(&format!("creating {}", path.display()), e))?;
+        let mut indices = [None, None];
+        for (slot, spec, what) in [(0, video, "video"), (1, audio, "audio")] {
+            let Some((params, tb)) = spec else { continue };
+            let mut ost = ctx
+                .add_stream(encoder::find(params.id()))
+                .map_err(|e| pipeline_error(&format!("adding the {what} stream"), e))?;
+            ost.set_parameters(params.clone());
+            ost.set_time_base(tb);
+            indices[slot] = Some(ost.index());
+        }
+        ctx.write_header_with(opts)
+            .map_err(|e| pipeline_error(&format!("writing the {fmt} header"), e))?;
+        // The muxer may pick its own time base per stream while writing the header.
+        let tb_of = |i: Option<usize>| {
+            i.map(|i| {
+                (
+                    i,
+                    ctx.stream(i).map_or(Rational::new(1, 1), |s| s.time_base()),
+                )
+            })
+        };
+        let (video, audio) = (tb_of(indices[0]), tb_of(indices[1]));
+        Ok(Self {
+            kind,
+            ctx,
+            path,
+            video,
+            audio,
+        })
+    }
+}
+
+/// The `hls` muxer's options for a VOD media playlist `index.m3u8` in `dir` (made here),
+/// cut into `hls_segment_s` segments on keyframes: MPEG-TS segments, or with `fmp4` an
+/// `init.mp4` and `.m4s` fragments (what CMAF serves to HLS and DASH alike).
+fn hls_options(
+    cfg: &TranscoderSettings,
+    dir: &Path,
+    fmp4: bool,
+) -> anyhow::Result<(PathBuf, Dictionary<'static>)> {
+    std::fs::create_dir_all(dir).context("scratch space")?;
+    let mut o = Dictionary::new();
+    o.set("hls_time", &format!("{}", cfg.hls_segment_s));
+    o.set("hls_list_size", "0");
+    o.set("hls_playlist_type", "vod");
+    o.set("hls_flags", "independent_segments");
+    let segment = if fmp4 {
+        o.set("hls_segment_type", "fmp4");
+        // Beside the playlist (the muxer puts it in the playlist's directory).
+        o.set("hls_fmp4_init_filename", cmaf::INIT);
+        "seg_%05d.m4s"
+    } else {
+        "seg_%05d.ts"
+    };
+    o.set("hls_segment_filename", &dir.join(segment).to_string_lossy());
+    Ok((dir.join("index.m3u8"), o))
 }
 
 /// Everything one rendition writes: the MP4/HLS containers of a single pass, or (for one

@@ -6,7 +6,12 @@
 //!                 │                                └► scale 720p ─ x264 ─┤
 //!                 │                                     └► scale 480p … ─┤
 //!                 └─ audio decode ─ 48 kHz stereo ─ AAC per bit rate ────┘
+//!                                                      └─ highest rate ─ cmaf/audio/…
 //! ```
+//!
+//! A CMAF rendition is video only; the sound is written once, as the CMAF audio rendition
+//! (from the AAC encoder of the highest bit rate), and [`crate::cmaf`] writes the HLS
+//! master and DASH MPD over all of them at the end.
 //!
 //! Decoded frames are shared, not copied: a rendition thread gets a reference-counted
 //! frame through a short bounded channel (back-pressure keeps memory flat), scales it with
@@ -20,14 +25,14 @@
 //! Cancellation is checked on every packet, so shutdown and the per-job time limit take
 //! effect well within a second.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use ffmpeg::{Packet, Rational, frame, picture};
+use ffmpeg::{Packet, Rational, codec, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
@@ -35,7 +40,8 @@ use shared::messages::{OutputFormat, TranscodeJob};
 use shared::outcome::{Cancelled, mark_permanent};
 use shared::{JobContext, TaskOutput, permanent};
 
-use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, RenditionOutput};
+use crate::cmaf;
+use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, Muxers, RenditionOutput};
 use crate::hls;
 use crate::ladder;
 use crate::settings::TranscoderSettings;
@@ -85,6 +91,11 @@ pub fn transcode(
     }
 
     let outputs = open_outputs(job, &plan, audio.as_ref(), clock, cfg, ctx)?;
+    if job.formats.contains(&OutputFormat::Cmaf)
+        && let Some(a) = audio.as_mut()
+    {
+        a.write_cmaf(cfg, &ctx.scratch_dir)?;
+    }
 
     let mut video = VideoPath::new(&src, clock, upright, None);
     let finished = run(
@@ -100,7 +111,20 @@ pub fn transcode(
         return Err(permanent("source video has no decodable frames"));
     }
     ctx.progress(100.0);
-    collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)
+    let cmaf_audio = match audio.as_mut() {
+        Some(a) => a.finish_cmaf()?,
+        None => None,
+    };
+    collect_outputs(
+        job,
+        &info,
+        &finished,
+        cmaf_audio.as_deref(),
+        &dropped,
+        frame_rate,
+        ctx,
+        started,
+    )
 }
 
 /// The source's video, ready to decode: its decoder, the graph that turns rotated video
@@ -664,6 +688,8 @@ pub(crate) struct AudioPath {
     pub route: Vec<usize>,
     pub time_base: Rational,
     pub offset: i64,
+    /// The CMAF audio rendition (`encoders[.0]`'s packets), when the job asks for CMAF.
+    cmaf: Option<(usize, Muxers)>,
 }
 
 /// Where the audio path's AAC packets go: `(encoder index, packet)`.
@@ -706,7 +732,32 @@ impl AudioPath {
             route,
             time_base: a_tb,
             offset: 0,
+            cmaf: None,
         })
+    }
+
+    /// Also writes the CMAF audio rendition under `dir`, from the encoder of the highest
+    /// bit rate (one audio rendition serves every video rendition).
+    pub(crate) fn write_cmaf(
+        &mut self,
+        cfg: &TranscoderSettings,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let Some((at, best)) = self.encoders.iter().enumerate().max_by_key(|(_, e)| e.kbps) else {
+            return Ok(());
+        };
+        let params = codec::Parameters::from(&best.encoder);
+        let muxers = Muxers::open_cmaf_audio(cfg, (&params, best.time_base), dir)?;
+        self.cmaf = Some((at, muxers));
+        Ok(())
+    }
+
+    /// Closes the CMAF audio rendition: its media playlist, if one was written.
+    pub(crate) fn finish_cmaf(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        match self.cmaf.take() {
+            Some((_, muxers)) => Ok(muxers.finish()?.into_iter().next().map(|(_, p)| p)),
+            None => Ok(None),
+        }
     }
 
     pub(crate) fn send(&mut self, packet: &Packet) {
@@ -745,6 +796,9 @@ impl AudioPath {
     ) -> anyhow::Result<()> {
         for (e, encoder) in self.encoders.iter_mut().enumerate() {
             for packet in encoder.encode(frame)? {
+                if let Some((_, cmaf)) = self.cmaf.as_mut().filter(|(at, _)| *at == e) {
+                    cmaf.write(&packet, true, encoder.time_base)?;
+                }
                 sink(e, packet)?;
             }
         }
@@ -760,11 +814,14 @@ impl AudioPath {
     }
 }
 
-/// Writes the HLS master playlist and lists every file for the manifest.
+/// Writes the HLS master playlist (and the CMAF manifests, with the CMAF audio
+/// rendition's media playlist `cmaf_audio`) and lists every file for the manifest.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_outputs(
     job: &TranscodeJob,
     info: &media::SourceInfo,
     finished: &[Finished],
+    cmaf_audio: Option<&Path>,
     dropped: &[String],
     frame_rate: Rational,
     ctx: &JobContext,
@@ -775,6 +832,7 @@ pub(crate) fn collect_outputs(
         job,
         info,
         finished,
+        cmaf_audio,
         dropped,
         f64::from(frame_rate),
         ctx,
@@ -784,10 +842,12 @@ pub(crate) fn collect_outputs(
 
 /// [`collect_outputs`] for a source known by its probe's JSON (a stitch reads it from
 /// the first segment's manifest); `frame_rate` is the rate the renditions were clocked at.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_outputs_of(
     job: &TranscodeJob,
     info: serde_json::Value,
     finished: &[Finished],
+    cmaf_audio: Option<&Path>,
     dropped: &[String],
     frame_rate: f64,
     ctx: &JobContext,
@@ -795,6 +855,7 @@ pub(crate) fn collect_outputs_of(
 ) -> anyhow::Result<TaskOutput> {
     let mut out = TaskOutput::default();
     let mut variants = Vec::new();
+    let mut cmaf_renditions = Vec::new();
     for f in finished {
         let codecs = hls::codecs(f.level, f.has_audio);
         for (kind, path) in &f.files {
@@ -803,8 +864,21 @@ pub(crate) fn collect_outputs_of(
                 OutputFormat::Hls => {
                     variants.push(push_hls(&mut out, f, path, &codecs, frame_rate)?);
                 }
+                OutputFormat::Cmaf => cmaf_renditions.push(cmaf::Rendition {
+                    plan: &f.plan,
+                    playlist: path,
+                }),
             }
         }
+    }
+    if !cmaf_renditions.is_empty() {
+        cmaf::package(
+            &mut out,
+            &ctx.scratch_dir,
+            &cmaf_renditions,
+            cmaf_audio,
+            frame_rate,
+        )?;
     }
     if !variants.is_empty() {
         let master = ctx.scratch_dir.join("hls").join("master.m3u8");

@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde_json::json;
 use shared::media::{self, MediaLimits};
-use shared::messages::{Segmenting, Stage, TranscodeJob, TranscodePart};
+use shared::messages::{OutputFormat, Segmenting, Stage, TranscodeJob, TranscodePart};
 use shared::split::FollowUp;
 use shared::{JobContext, TaskOutput, permanent};
 
@@ -55,6 +55,14 @@ pub fn run(
             None => crate::pipeline::transcode(job, ctx, cfg, limits),
         };
     };
+    // Parts are only planned for jobs without CMAF (see `plan`); a part asking for it was
+    // not made by a planner and is refused rather than stitched without it.
+    if job.formats.contains(&OutputFormat::Cmaf) {
+        return Err(permanent(
+            "a part of a segmented transcode cannot ask for cmaf: CMAF is written by the \
+             single pass only",
+        ));
+    }
     let ladder = &part.ladder;
     match &part.stage {
         Stage::Segment {
@@ -85,6 +93,12 @@ pub fn plan(
     limits: &MediaLimits,
 ) -> anyhow::Result<Option<Vec<TranscodeJob>>> {
     if job.segments == Segmenting::Off {
+        return Ok(None);
+    }
+    // The stitch copies parts into MP4 and MPEG-TS HLS only: a job asking for CMAF is
+    // transcoded in one pass (slower for a long source, but every format is written).
+    if job.formats.contains(&OutputFormat::Cmaf) {
+        tracing::info!("CMAF is written by the single pass only; not splitting the transcode");
         return Ok(None);
     }
     let src = media::open(source, limits)?;
@@ -282,6 +296,7 @@ fn stitch(
         job,
         source.get("info").cloned().unwrap_or_default(),
         &finished,
+        None,
         &string_list(source.get("dropped_renditions")),
         source
             .get("frame_rate")
