@@ -90,6 +90,7 @@ impl Bench {
                 output_prefix: StorageKey::output_prefix(id, "transcode").unwrap(),
                 renditions: vec![],
                 formats: vec![messages::OutputFormat::Mp4],
+                codecs: vec![messages::VideoCodec::H264],
                 segments: Default::default(),
                 part: None,
             };

@@ -16,10 +16,13 @@ use crate::support::fixtures::{self, ffprobe};
 const WORKER: &str = "transcoder";
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// A 640x360 clip with sound as CMAF in two renditions; its manifest.
+/// A 640x360 clip with sound as CMAF (and `formats`' others) in two renditions of each
+/// of `codecs`; its manifest.
 pub async fn two_rendition_cmaf(
     env: &mut TestEnv,
     seconds: u32,
+    codecs: &[&str],
+    formats: &[&str],
     settings: &[(&str, &str)],
 ) -> Manifest {
     let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", seconds, 640, 360);
@@ -29,7 +32,8 @@ pub async fn two_rendition_cmaf(
             {"name": "360p", "height": 360, "video_kbps": 800, "audio_kbps": 96},
             {"name": "180p", "height": 180, "video_kbps": 300, "audio_kbps": 64}
         ],
-        "formats": ["cmaf"]
+        "formats": formats,
+        "codecs": codecs,
     });
     let prefix = env.submit_file("transcode", &clip, job).await.1;
     env.wait_manifest(&prefix, PATIENCE).await
@@ -91,7 +95,7 @@ fn avc1_of(stream: &Value) -> String {
 #[tokio::test]
 async fn cmaf_writes_fmp4_renditions_that_hls_and_dash_share() {
     let mut env = TestEnv::new().await;
-    let manifest = two_rendition_cmaf(&mut env, 9, &[]).await;
+    let manifest = two_rendition_cmaf(&mut env, 9, &["h264"], &["cmaf"], &[]).await;
     let root = cmaf_dir(&env, &manifest);
     let master = std::fs::read_to_string(root.join("master.m3u8")).unwrap();
     let mpd = std::fs::read_to_string(root.join("manifest.mpd")).unwrap();
@@ -270,4 +274,146 @@ async fn cmaf_job_of_a_long_source_is_not_split() {
     );
     let probe = ffprobe(&env.output_path(&manifest, "240p.mp4"));
     assert_eq!(probe["streams"].as_array().unwrap().len(), 2, "{probe}");
+}
+
+/// `ffmpeg` decodes every frame of a media segment (its init segment, then it) without
+/// a word on stderr: how HEVC, which Chromium plays only with a hardware decoder, is
+/// checked.
+fn decodes_cleanly(dir: &Path, segment: &str) {
+    let joined = dir.join(format!("decode-{segment}.mp4"));
+    let mut bytes = std::fs::read(dir.join("init.mp4")).unwrap();
+    bytes.extend(std::fs::read(dir.join(segment)).unwrap());
+    std::fs::write(&joined, bytes).unwrap();
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-xerror", "-i"])
+        .arg(&joined)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    std::fs::remove_file(&joined).unwrap();
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "{}/{segment} does not decode cleanly: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `#EXTINF` durations of a media playlist: equal lists mean equal boundaries.
+fn durations(playlist: &Path) -> Vec<String> {
+    std::fs::read_to_string(playlist)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("#EXTINF:"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `codecs: [h264, hevc, av1]`: a ladder of each from one decode, as MP4 (HEVC tagged
+/// `hvc1`) and CMAF; CODECS strings from the profile and level actually encoded; every
+/// HEVC segment decodes; segments of all six renditions start on keyframes at the same
+/// boundaries; the MPD has one video adaptation set per codec.
+#[tokio::test]
+async fn each_codec_is_a_ladder_of_its_own_with_codecs_as_encoded() {
+    let mut env = TestEnv::new().await;
+    let codecs = ["h264", "hevc", "av1"];
+    let manifest = two_rendition_cmaf(&mut env, 6, &codecs, &["cmaf", "mp4"], &[]).await;
+    assert_eq!(manifest.summary["codecs"], json!(codecs));
+    let root = cmaf_dir(&env, &manifest);
+    let master = std::fs::read_to_string(root.join("master.m3u8")).unwrap();
+    let mpd = std::fs::read_to_string(root.join("manifest.mpd")).unwrap();
+    let boundaries = durations(&root.join("video/360p/index.m3u8"));
+    assert!(boundaries.len() >= 2, "{boundaries:?}");
+    for (name, codec_name, tag) in [
+        ("360p.hevc", "hevc", "hvc1"),
+        ("180p.hevc", "hevc", "hvc1"),
+        ("360p.av1", "av1", "av01"),
+        ("180p.av1", "av1", "av01"),
+    ] {
+        let mp4 = ffprobe(&env.output_path(&manifest, &format!("{name}.mp4")));
+        let v = &mp4["streams"][0];
+        assert_eq!(
+            (&v["codec_name"], &v["codec_tag_string"]),
+            (&json!(codec_name), &json!(tag))
+        );
+        assert_eq!(v["profile"], "Main", "{v}");
+        let level = v["level"].as_u64().unwrap();
+        let expected = match codec_name {
+            "hevc" => format!("hvc1.1.6.L{level}."),
+            _ => format!("av01.0.{level:02}M.08"),
+        };
+        let dir = root.join("video").join(name);
+        let playlist = dir.join("index.m3u8");
+        let inf = master
+            .lines()
+            .zip(master.lines().skip(1))
+            .find(|(_, uri)| *uri == format!("video/{name}/index.m3u8"))
+            .map(|(inf, _)| inf)
+            .unwrap_or_else(|| panic!("{name} missing from the master:\n{master}"));
+        assert!(
+            inf.contains(&format!("CODECS=\"{expected}")),
+            "{name}: {inf}"
+        );
+        let listed = manifest
+            .outputs
+            .iter()
+            .find(|o| o.name == format!("{name}.mp4"))
+            .unwrap();
+        assert!(
+            listed.facts["codecs"]
+                .as_str()
+                .unwrap()
+                .starts_with(&expected),
+            "{name}.mp4: {:?}",
+            listed.facts
+        );
+        assert_eq!(durations(&playlist), boundaries, "{name}: other boundaries");
+        for s in media_segments(&playlist) {
+            let probe = probe_segment(&dir, &s, true);
+            assert_eq!(probe["streams"][0]["codec_name"], codec_name);
+            let first = &probe["packets"][0];
+            assert!(
+                first["flags"].as_str().unwrap().starts_with('K'),
+                "{name}/{s}: {first}"
+            );
+            if codec_name == "hevc" {
+                decodes_cleanly(&dir, &s);
+            }
+        }
+    }
+    assert_eq!(durations(&root.join("video/180p/index.m3u8")), boundaries);
+    for family in ["avc1", "hvc1", "av01"] {
+        let sets: Vec<&str> = mpd
+            .split("<AdaptationSet ")
+            .skip(1)
+            .filter(|set| set.contains(&format!("codecs=\"{family}")))
+            .collect();
+        assert_eq!(sets.len(), 1, "{family}: {mpd}");
+        assert_eq!(
+            sets[0].matches("<Representation ").count(),
+            2,
+            "{family}: {mpd}"
+        );
+    }
+    // MPEG-TS HLS stays H.264: no other codec was asked for it here, and none is written.
+    assert!(!manifest.outputs.iter().any(|o| o.name.starts_with("hls/")));
+}
+
+/// HEVC asked for MPEG-TS HLS only: the job is dead at once with a reason saying why.
+#[tokio::test]
+async fn hevc_in_mpeg_ts_hls_only_is_refused_with_a_reason() {
+    let mut env = TestEnv::new().await;
+    let clip = fixtures::sample_mp4(env.data.path(), "clip.mp4", 1, 320, 240);
+    env.spawn_worker(WORKER, "t1", &[]);
+    let job = json!({"formats": ["hls"], "codecs": ["h264", "hevc"]});
+    env.submit_file("transcode", &clip, job).await;
+    let dead = env.wait_dead(1, PATIENCE).await;
+    assert!(
+        dead[0]
+            .reason()
+            .contains("hevc can only be written as mp4 or cmaf"),
+        "{}",
+        dead[0].reason()
+    );
+    assert_eq!(dead[0].attempts(), Some(1), "refused, never retried");
 }

@@ -598,7 +598,7 @@ async fn dead_list_is_an_aligned_table_and_one_message_is_handled_by_its_id() {
 }
 
 /// Bad input (missing file, a directory, an empty file, an unknown rendition, a bad
-/// format) is a clear error naming the culprit, exit code 2, and nothing is stored or
+/// format or codec, a codec the formats cannot carry) is a clear error naming the culprit, exit code 2, and nothing is stored or
 /// published, even for the good files given alongside.
 #[tokio::test]
 async fn bad_input_is_refused_before_anything_is_published() {
@@ -627,6 +627,18 @@ async fn bad_input_is_refused_before_anything_is_published() {
         (
             vec!["upload", good, "--renditions", "x:9000:100:64"],
             "height 9000",
+        ),
+        (
+            vec!["upload", good, "--codecs", "h264,vp9"],
+            "--codecs: unknown codec `vp9`; known: h264, hevc, av1",
+        ),
+        (
+            vec!["upload", good, "--codecs", "av1,av1", "--formats", "cmaf"],
+            "--codecs: `av1` is named twice",
+        ),
+        (
+            vec!["upload", good, "--codecs", "h264,hevc", "--formats", "hls"],
+            "hevc can only be written as mp4 or cmaf",
         ),
         (vec!["upload", good, "--bogus-flag"], "--bogus-flag"),
     ];

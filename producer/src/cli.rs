@@ -215,6 +215,15 @@ pub struct JobArgs {
         default_value = "mp4,hls"
     )]
     pub formats: Vec<String>,
+    /// Video codecs, comma separated, each a ladder of its own: h264, hevc, av1 (hevc and
+    /// av1 need --formats mp4 or cmaf)
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "h264"
+    )]
+    pub codecs: Vec<String>,
     /// Split a long transcode over many transcoders: `auto` (sources longer than the
     /// workers' `transcoder.segment_threshold_secs`) or `off` (one worker, one pass)
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = segmenting)]

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
     self, ImageFormat, JobMessage, OutputFormat, RUNGS, Rendition, Rung, Segmenting, SpriteSpec,
-    ThumbnailJob, TranscodeJob,
+    ThumbnailJob, TranscodeJob, VideoCodec,
 };
 use shared::priority::Priority;
 use shared::settings::Settings;
@@ -56,6 +56,28 @@ pub fn source_name(file: &Path) -> String {
     out
 }
 
+/// `--codecs`: known names only, each once (a repeat is a slip, said as one).
+fn parse_codecs(names: &[String]) -> Result<Vec<VideoCodec>, Failure> {
+    let known = VideoCodec::ALL.map(VideoCodec::name).join(", ");
+    let mut codecs = Vec::new();
+    for name in names {
+        let codec = VideoCodec::from_name(name).ok_or_else(|| {
+            Failure::usage(format!(
+                "--codecs: unknown codec `{}`; known: {known}",
+                name.trim()
+            ))
+        })?;
+        if codecs.contains(&codec) {
+            return Err(Failure::usage(format!(
+                "--codecs: `{}` is named twice",
+                codec.name()
+            )));
+        }
+        codecs.push(codec);
+    }
+    Ok(codecs)
+}
+
 /// Files uploading at once.
 const CONCURRENT_UPLOADS: usize = 4;
 
@@ -65,6 +87,8 @@ pub struct JobOptions {
     /// Empty: the transcoder derives its default ladder from the source.
     pub renditions: Vec<Rendition>,
     pub formats: Vec<OutputFormat>,
+    /// Video codecs, each its own ladder.
+    pub codecs: Vec<VideoCodec>,
     pub thumbnails: u32,
     pub sprite: bool,
     pub segments: Segmenting,
@@ -77,6 +101,7 @@ impl Default for JobOptions {
         Self {
             renditions: Vec::new(),
             formats: vec![OutputFormat::Mp4, OutputFormat::Hls],
+            codecs: vec![VideoCodec::H264],
             thumbnails: 10,
             sprite: true,
             segments: Segmenting::Auto,
@@ -126,9 +151,11 @@ impl JobOptions {
                 formats.push(format);
             }
         }
+        let codecs = parse_codecs(&args.codecs)?;
         let options = Self {
             renditions,
             formats,
+            codecs,
             thumbnails: args.thumbnails,
             sprite: !args.no_sprite,
             segments: args.segments,
@@ -138,7 +165,7 @@ impl JobOptions {
         let plan = JobPlan::new(Uuid::nil(), "mp4", &options);
         plan.transcode
             .validate()
-            .map_err(|e| Failure::usage(format!("--renditions/--formats: {e}")))?;
+            .map_err(|e| Failure::usage(format!("--renditions/--formats/--codecs: {e}")))?;
         plan.thumbnail
             .validate()
             .map_err(|e| Failure::usage(format!("--thumbnails: {e}")))?;
@@ -247,6 +274,7 @@ impl JobPlan {
                     .expect("a uuid and a task name make a valid key"),
                 renditions: options.renditions.clone(),
                 formats: options.formats.clone(),
+                codecs: options.codecs.clone(),
                 segments: options.segments,
                 part: None,
             },
@@ -558,6 +586,7 @@ mod tests {
             plan.transcode.formats,
             [OutputFormat::Mp4, OutputFormat::Hls]
         );
+        assert_eq!(plan.transcode.codecs, [VideoCodec::H264]);
         assert!(plan.thumbnail.poster);
         assert_eq!(plan.thumbnail.count, 10);
         let sprite = plan.thumbnail.sprite.clone().unwrap();

@@ -702,6 +702,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "transcoder.audio_sample_rate",
     "transcoder.segment_threshold_secs",
     "transcoder.segment_secs",
+    "transcoder.hevc_preset",
+    "transcoder.av1_preset",
     // The thumbnailer's own section (`thumbnailer::ThumbnailerSettings`).
     "thumbnailer.threads",
     "thumbnailer.max_sheet_height",

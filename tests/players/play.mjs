@@ -3,24 +3,28 @@
 // JSON line: how far playback got, which files the player fetched, the renditions it
 // played, and any player error. The Rust test (tests/players.rs) asserts on it.
 //
-//   node play.mjs DIR hls|dash [SECONDS]
+//   node play.mjs DIR hls|dash [CODEC]
 //
-// DIR holds master.m3u8 and manifest.mpd. The player starts on the lowest video
-// rendition with adaptation off, plays a while, is forced onto the highest one, and must
-// play on from there: both renditions' segments are fetched and decoded.
+// DIR holds master.m3u8 and manifest.mpd. CODEC (default avc1) is the codec part of the
+// renditions to play (avc1, av01): a job with several codecs has a ladder of each. The
+// player starts on that codec's lowest video rendition with adaptation off, plays a
+// while, is forced onto its highest one, and must play on from there: both renditions'
+// segments are fetched and decoded. The report names the renditions played by their
+// directory (`video/<name>/`), the MPD's representation ids.
 import { createServer } from 'node:http';
 import { readFile } from 'node:fs/promises';
 import { extname, join, normalize, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
-const [dir, player, secondsArg] = process.argv.slice(2);
-if (!dir || !['hls', 'dash'].includes(player)) {
-  console.error('usage: node play.mjs DIR hls|dash [SECONDS]');
+const [dir, player, codecArg] = process.argv.slice(2);
+const codec = codecArg ?? 'avc1';
+if (!dir || !['hls', 'dash'].includes(player) || !/^[a-z0-9]{4}$/.test(codec)) {
+  console.error('usage: node play.mjs DIR hls|dash [avc1|av01|...]');
   process.exit(2);
 }
 // Seconds of playback before the switch, and after it.
-const leg = Number(secondsArg ?? 2.5);
+const leg = 2.5;
 const here = fileURLToPath(new URL('.', import.meta.url));
 const root = resolve(dir);
 const libs = {
@@ -42,12 +46,24 @@ const video = document.getElementById('v');
 window.state = { errors: [], renditions: [], switched: false, ready: false };
 const note = (r) => { const s = window.state.renditions; if (s[s.length - 1] !== r) s.push(r); };
 video.addEventListener('error', () => window.state.errors.push('video element: ' + (video.error && video.error.message)));
+const want = '${codec}';
+const dirOf = (uri) => ((uri || '').match(new RegExp('video/([^/]+)/')) || [])[1];
 if ('${player}' === 'hls') {
-  const hls = new Hls({ startLevel: 0, capLevelToPlayerSize: false, debug: false });
-  window.toTop = () => { hls.currentLevel = hls.levels.length - 1; window.state.switched = true; };
+  const hls = new Hls({ capLevelToPlayerSize: false, debug: false });
+  let low = -1, high = -1;
+  window.toTop = () => { hls.currentLevel = high; window.state.switched = true; };
   hls.on(Hls.Events.ERROR, (_, d) => { if (d.fatal) window.state.errors.push('hls.js: ' + d.type + ' ' + d.details); });
-  hls.on(Hls.Events.MANIFEST_PARSED, () => { hls.currentLevel = 0; window.state.levels = hls.levels.length; window.state.ready = true; video.play(); });
-  hls.on(Hls.Events.LEVEL_SWITCHED, (_, d) => note(hls.levels[d.level].height + 'p'));
+  hls.on(Hls.Events.MANIFEST_PARSED, () => {
+    const mine = hls.levels.map((l, i) => [l, i]).filter(([l]) => (l.videoCodec || '').startsWith(want));
+    mine.sort(([a], [b]) => a.bitrate - b.bitrate);
+    window.state.levels = mine.length;
+    if (!mine.length) { window.state.errors.push('hls.js: no level of ' + want); return; }
+    low = mine[0][1]; high = mine[mine.length - 1][1];
+    hls.currentLevel = low;
+    window.state.ready = true;
+    video.play();
+  });
+  hls.on(Hls.Events.LEVEL_SWITCHED, (_, d) => { const l = hls.levels[d.level]; note(dirOf(l.uri || (l.url && l.url[0]))); });
   hls.loadSource('/media/master.m3u8');
   hls.attachMedia(video);
 } else {
@@ -59,12 +75,22 @@ if ('${player}' === 'hls') {
     window.state.switched = true;
   };
   p.on(dashjs.MediaPlayer.events.ERROR, (e) => window.state.errors.push('dash.js: ' + JSON.stringify(e.error && (e.error.message || e.error.code))));
-  p.on(dashjs.MediaPlayer.events.STREAM_INITIALIZED, () => {
+  const start = () => {
     p.setRepresentationForTypeByIndex('video', 0, true);
     window.state.levels = p.getRepresentationsByType('video').length;
     window.state.ready = true;
+  };
+  // One adaptation set per codec: switch to the wanted codec's set if dash.js chose
+  // another, then start on its lowest representation.
+  p.on(dashjs.MediaPlayer.events.STREAM_INITIALIZED, () => {
+    const reps = p.getRepresentationsByType('video');
+    if (reps.length && (reps[0].codecs || '').startsWith(want)) return start();
+    const track = p.getTracksFor('video').find((t) => (t.codec || '').includes('codecs="' + want));
+    if (!track) { window.state.errors.push('dash.js: no video track of ' + want); return; }
+    p.on(dashjs.MediaPlayer.events.TRACK_CHANGE_RENDERED, (e) => { if (e.mediaType === 'video') start(); });
+    p.setCurrentTrack(track);
   });
-  p.on(dashjs.MediaPlayer.events.QUALITY_CHANGE_RENDERED, (e) => { if (e.mediaType === 'video') note(e.newRepresentation && e.newRepresentation.height + 'p'); });
+  p.on(dashjs.MediaPlayer.events.QUALITY_CHANGE_RENDERED, (e) => { if (e.mediaType === 'video') note(e.newRepresentation && e.newRepresentation.id); });
   p.initialize(video, '/media/manifest.mpd', true);
 }
 </script></body></html>`;
@@ -108,12 +134,16 @@ const browser = await chromium.launch({
   // As root (CI) Chromium needs --no-sandbox; playback starts without a user gesture.
   args: ['--no-sandbox', '--autoplay-policy=no-user-gesture-required', '--mute-audio'],
 });
-const result = { player, played_s: 0, switched_at_s: null, renditions: [], errors: [], requests };
+const result = { player, codec, played_s: 0, switched_at_s: null, renditions: [], errors: [], requests };
 try {
   const tab = await browser.newPage();
   tab.on('pageerror', (e) => result.errors.push('page: ' + e.message));
   await tab.goto(url);
-  const state = () => tab.evaluate(() => ({ ...window.state, t: document.getElementById('v').currentTime }));
+  const state = () =>
+    tab.evaluate(() => ({
+      ...(window.state ?? { errors: ['the page script did not run'] }),
+      t: document.getElementById('v').currentTime,
+    }));
   // Plays until currentTime passes `until` (or an error, or the deadline).
   const playTo = async (until) => {
     const deadline = Date.now() + 20_000 + until * 1000;

@@ -177,18 +177,31 @@ pub fn mpd(video: &[VideoTrack], audio: Option<&Track>, frame_rate: f64) -> Stri
         max_segment.ceil()
     );
     out.push_str("  <Period id=\"0\" start=\"PT0S\">\n");
-    if !video.is_empty() {
-        let (w, h) = video
+    // One adaptation set per codec: players switch within a set, and pick the set whose
+    // codec they decode.
+    let mut families: Vec<&str> = Vec::new();
+    for v in video {
+        let family = codec_family(&v.track.init.codec);
+        if !families.contains(&family) {
+            families.push(family);
+        }
+    }
+    for (id, family) in families.iter().enumerate() {
+        let set: Vec<&VideoTrack> = video
+            .iter()
+            .filter(|v| codec_family(&v.track.init.codec) == *family)
+            .collect();
+        let (w, h) = set
             .iter()
             .fold((0, 0), |(w, h), v| (w.max(v.width), h.max(v.height)));
         let _ = writeln!(
             out,
-            "    <AdaptationSet id=\"0\" contentType=\"video\" mimeType=\"video/mp4\" \
+            "    <AdaptationSet id=\"{id}\" contentType=\"video\" mimeType=\"video/mp4\" \
              segmentAlignment=\"true\" startWithSAP=\"1\" maxWidth=\"{w}\" maxHeight=\"{h}\" \
              frameRate=\"{}\">",
             frame_rate_attr(frame_rate)
         );
-        for v in video {
+        for v in set {
             let _ = writeln!(
                 out,
                 "      <Representation id=\"{}\" bandwidth=\"{}\" codecs=\"{}\" width=\"{}\" \
@@ -205,9 +218,11 @@ pub fn mpd(video: &[VideoTrack], audio: Option<&Track>, frame_rate: f64) -> Stri
         out.push_str("    </AdaptationSet>\n");
     }
     if let Some(a) = audio {
-        out.push_str(
-            "    <AdaptationSet id=\"1\" contentType=\"audio\" mimeType=\"audio/mp4\" \
-             lang=\"und\" segmentAlignment=\"true\" startWithSAP=\"1\">\n",
+        let _ = writeln!(
+            out,
+            "    <AdaptationSet id=\"{}\" contentType=\"audio\" mimeType=\"audio/mp4\" \
+             lang=\"und\" segmentAlignment=\"true\" startWithSAP=\"1\">",
+            families.len()
         );
         let _ = writeln!(
             out,
@@ -358,6 +373,11 @@ fn list_track(
             json!({"format": "cmaf-segment", "rendition": rendition}),
         );
     }
+}
+
+/// The codec part of an RFC 6381 string (`avc1`, `hvc1`, `av01`).
+fn codec_family(codec: &str) -> &str {
+    codec.split('.').next().unwrap_or(codec)
 }
 
 /// A DASH `FrameRateType`: a whole number, or `N/1001` for the NTSC rates.

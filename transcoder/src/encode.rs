@@ -10,13 +10,13 @@ use anyhow::Context as _;
 use ffmpeg::{ChannelLayout, Dictionary, Packet, Rational, codec, encoder, format, frame};
 use ffmpeg_next as ffmpeg;
 use shared::media::{pipeline_error, seconds};
-use shared::messages::OutputFormat;
+use shared::messages::{OutputFormat, VideoCodec};
 use shared::permanent;
 
 use crate::cmaf;
 use crate::hls;
 use crate::ladder::Planned;
-use crate::parts::{PartInfo, PartWriter};
+use crate::parts::{PartInfo, PartWriter, set_codec_tag};
 use crate::settings::TranscoderSettings;
 
 /// The AAC encoder's frame size: the audio filter graph cuts frames to exactly this.
@@ -156,7 +156,13 @@ impl Muxer {
             let mut ost = ctx
                 .add_stream(encoder::find(params.id()))
                 .map_err(|e| pipeline_error(&format!("adding the {what} stream"), e))?;
-            ost.set_parameters(params.clone());
+            let mut params = params.clone();
+            // HEVC as `hvc1` (parameter sets in the sample entry only): what Apple's
+            // players require; FFmpeg's default `hev1` they refuse.
+            if params.id() == codec::Id::HEVC {
+                set_codec_tag(&mut params, u32::from_le_bytes(*b"hvc1"));
+            }
+            ost.set_parameters(params);
             ost.set_time_base(tb);
             indices[slot] = Some(ost.index());
         }
@@ -212,6 +218,7 @@ fn hls_options(
 /// segment of a segmented transcode) a video-only part file.
 pub struct RenditionOutput {
     pub plan: Planned,
+    pub codec: VideoCodec,
     pub level: u32,
     video: encoder::Video,
     video_tb: Rational,
@@ -234,6 +241,8 @@ pub struct RenditionOutput {
 /// What a finished rendition wrote.
 pub struct Finished {
     pub plan: Planned,
+    pub codec: VideoCodec,
+    /// The H.264 level asked of x264 (H.264 renditions only).
     pub level: u32,
     pub duration_s: f64,
     pub has_audio: bool,
@@ -291,10 +300,12 @@ pub fn frame_duration(rate: Rational, time_base: Rational) -> i64 {
 }
 
 impl RenditionOutput {
-    /// Opens the encoders (x264 with `threads` threads) and writes each container's
-    /// header.
+    /// Opens the encoders (`codec`'s with `threads` threads) and writes the header of each
+    /// container of `formats` that can carry `codec` (MPEG-TS HLS is H.264 only).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         plan: Planned,
+        codec: VideoCodec,
         cfg: &TranscoderSettings,
         threads: usize,
         clock: FrameClock,
@@ -302,16 +313,21 @@ impl RenditionOutput {
         formats: &[OutputFormat],
         dir: &Path,
     ) -> anyhow::Result<Self> {
-        let mut out = Self::open_encoder(plan, cfg, threads, clock)?;
+        let mut out = Self::open_encoder(plan, codec, cfg, threads, clock)?;
         let video = codec::Parameters::from(&out.video);
         let audio_params = audio.map(|a| (codec::Parameters::from(&a.encoder), a.time_base));
+        let formats: Vec<OutputFormat> = formats
+            .iter()
+            .copied()
+            .filter(|f| codec == VideoCodec::H264 || *f != OutputFormat::Hls)
+            .collect();
         out.muxers = Muxers::open(
             &out.plan.name,
             cfg,
             &video,
             clock.time_base,
             audio_params.as_ref().map(|(p, tb)| (p, *tb)),
-            formats,
+            &formats,
             dir,
         )?;
         out.audio = audio.map(|a| a.time_base);
@@ -327,7 +343,7 @@ impl RenditionOutput {
         clock: FrameClock,
         dir: &Path,
     ) -> anyhow::Result<Self> {
-        let mut out = Self::open_encoder(plan, cfg, threads, clock)?;
+        let mut out = Self::open_encoder(plan, VideoCodec::H264, cfg, threads, clock)?;
         let path = dir.join(format!("{}.nut", out.plan.name));
         let params = codec::Parameters::from(&out.video);
         out.part = Some(PartWriter::create(
@@ -341,15 +357,17 @@ impl RenditionOutput {
 
     fn open_encoder(
         plan: Planned,
+        codec: VideoCodec,
         cfg: &TranscoderSettings,
         threads: usize,
         clock: FrameClock,
     ) -> anyhow::Result<Self> {
         let (frame_rate, video_tb) = (clock.rate, clock.time_base);
         let level = hls::h264_level(plan.width, plan.height, f64::from(frame_rate));
-        let video = open_video_encoder(&plan, cfg, threads, frame_rate, video_tb, level)?;
+        let video = open_video_encoder(&plan, codec, cfg, threads, frame_rate, video_tb, level)?;
         Ok(Self {
             plan,
+            codec,
             level,
             video,
             video_tb,
@@ -405,6 +423,7 @@ impl RenditionOutput {
         };
         Ok(Finished {
             plan: self.plan,
+            codec: self.codec,
             level: self.level,
             duration_s: self.video_end_s,
             has_audio: self.audio.is_some(),
@@ -415,21 +434,44 @@ impl RenditionOutput {
     }
 }
 
+/// The FFmpeg encoder of `codec`.
+fn encoder_name(codec: VideoCodec) -> &'static str {
+    match codec {
+        VideoCodec::H264 => "libx264",
+        VideoCodec::Hevc => "libx265",
+        VideoCodec::Av1 => "libsvtav1",
+    }
+}
+
+/// The codec's quality target for the job's x264 CRF (`transcoder.crf`): the scales
+/// differ, so each is offset to about the same quality. x265's sits about 5 above
+/// x264's (its default 28 is x264's 23); SVT-AV1's runs 0-63 and its default 35 pairs
+/// with x264's 23.
+fn crf_for(codec: VideoCodec, x264_crf: u8) -> u8 {
+    match codec {
+        VideoCodec::H264 => x264_crf,
+        VideoCodec::Hevc => (x264_crf + 5).min(51),
+        VideoCodec::Av1 => (x264_crf + 12).min(63),
+    }
+}
+
 fn open_video_encoder(
     plan: &Planned,
+    codec: VideoCodec,
     cfg: &TranscoderSettings,
     threads: usize,
     frame_rate: Rational,
     time_base: Rational,
     level: u32,
 ) -> anyhow::Result<encoder::Video> {
-    let codec = encoder::find_by_name("libx264")
-        .ok_or_else(|| permanent("this FFmpeg build has no libx264 encoder"))?;
-    let ctx = codec::context::Context::new_with_codec(codec);
+    let name = encoder_name(codec);
+    let found = encoder::find_by_name(name)
+        .ok_or_else(|| permanent(format!("this FFmpeg build has no {name} encoder")))?;
+    let ctx = codec::context::Context::new_with_codec(found);
     let mut enc = ctx
         .encoder()
         .video()
-        .map_err(|e| pipeline_error("creating the H.264 encoder", e))?;
+        .map_err(|e| pipeline_error(&format!("creating the {name} encoder"), e))?;
     enc.set_width(plan.width);
     enc.set_height(plan.height);
     enc.set_format(format::Pixel::YUV420P);
@@ -439,28 +481,61 @@ fn open_video_encoder(
     let fps = f64::from(frame_rate).max(1.0);
     let gop = (fps * cfg.keyframe_interval_s).round().max(1.0) as u32;
     enc.set_gop(gop);
-    // Extradata (SPS/PPS) out of band: MP4 needs it; the TS muxer re-inserts it in band.
+    // Extradata (parameter sets) out of band: MP4 needs it; the TS muxer re-inserts it in
+    // band.
     enc.set_flags(codec::Flags::GLOBAL_HEADER);
     let kbps = plan.video_kbps;
     enc.set_max_bit_rate(kbps as usize * 1000);
+    let crf = crf_for(codec, cfg.crf);
     let mut opts = Dictionary::new();
-    // x264 runs its own frame-parallel threads; the pipeline gives each rendition its
-    // share (see `pipeline::encoder_threads`).
-    opts.set("threads", &threads.to_string());
-    opts.set("preset", &cfg.preset);
-    opts.set("crf", &cfg.crf.to_string());
-    opts.set("maxrate", &format!("{kbps}k"));
-    opts.set("bufsize", &format!("{}k", kbps * 2));
-    opts.set("profile", "high");
-    opts.set("level", &format!("{}.{}", level / 10, level % 10));
-    // Fixed GOP, no scene-cut keyframes, closed GOPs: every rendition gets keyframes on
-    // the same frames, so HLS segments line up across the ladder.
-    opts.set(
-        "x264-params",
-        &format!("keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"),
-    );
-    enc.open_as_with(codec, opts)
-        .map_err(|e| pipeline_error("opening the H.264 encoder", e))
+    // Every codec: a fixed GOP, no scene-cut keyframes, closed GOPs, so every rendition
+    // (of every codec) gets keyframes on the same frames and segments line up across the
+    // ladder. Each encoder gets the rendition's share of the threads (see
+    // `pipeline::encoder_threads`).
+    match codec {
+        VideoCodec::H264 => {
+            opts.set("threads", &threads.to_string());
+            opts.set("preset", &cfg.preset);
+            opts.set("crf", &crf.to_string());
+            opts.set("maxrate", &format!("{kbps}k"));
+            opts.set("bufsize", &format!("{}k", kbps * 2));
+            opts.set("profile", "high");
+            opts.set("level", &format!("{}.{}", level / 10, level % 10));
+            opts.set(
+                "x264-params",
+                &format!("keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0"),
+            );
+        }
+        VideoCodec::Hevc => {
+            opts.set("preset", &cfg.hevc_preset);
+            opts.set("crf", &crf.to_string());
+            opts.set("profile", "main");
+            // The peaks capped as for x264 (VBV); x265's own thread pool sized to the
+            // rendition's share; its banner kept out of the worker's log.
+            opts.set(
+                "x265-params",
+                &format!(
+                    "keyint={gop}:min-keyint={gop}:scenecut=0:open-gop=0:vbv-maxrate={kbps}:\
+                     vbv-bufsize={}:pools={threads}:log-level=error",
+                    kbps * 2
+                ),
+            );
+        }
+        VideoCodec::Av1 => {
+            // SVT-AV1 takes the GOP from `gop` above; `irefresh-type=2` makes its
+            // keyframes closed key frames (its default, open intra-only frames, is no
+            // place to start a segment). Version 1.4 has no capped CRF, so `video_kbps`
+            // is not enforced on AV1 renditions.
+            opts.set("preset", &cfg.av1_preset.to_string());
+            opts.set("crf", &crf.to_string());
+            opts.set(
+                "svtav1-params",
+                &format!("scd=0:irefresh-type=2:lp={threads}"),
+            );
+        }
+    }
+    enc.open_as_with(found, opts)
+        .map_err(|e| pipeline_error(&format!("opening the {name} encoder"), e))
 }
 
 /// An AAC encoder (48 kHz stereo by default), one per distinct audio bit rate of the

@@ -5,6 +5,9 @@
 //! Only the boxes on those paths are read (ISO/IEC 14496-12 and -15, AV1-ISOBMFF); any
 //! short or malformed box is an error, never a panic.
 
+use std::io::{Read as _, Seek as _, SeekFrom};
+use std::path::Path;
+
 use anyhow::{Context as _, bail};
 
 /// A box type, e.g. `*b"moov"`.
@@ -99,7 +102,56 @@ pub struct InitInfo {
 
 /// Reads an init segment (`ftyp` + `moov` of one track).
 pub fn read_init(data: &[u8]) -> anyhow::Result<InitInfo> {
-    let trak = need(data, &[b"moov", b"trak"])?;
+    track_info(need(data, &[b"moov", b"trak"])?)
+}
+
+/// The codec strings of every track of the MP4 file at `path`, comma separated in track
+/// order (e.g. `avc1.64001f,mp4a.40.2`). Reads box headers up to the `moov` and the
+/// `moov` itself, not the media: the file's index must come first (faststart), as the
+/// transcoder writes it.
+pub fn file_codecs(path: &Path) -> anyhow::Result<String> {
+    /// A `moov` larger than this is not one the transcoder wrote.
+    const MOOV_MAX: u64 = 64 << 20;
+    let mut file = std::fs::File::open(path)?;
+    loop {
+        let mut head = [0u8; 8];
+        file.read_exact(&mut head)
+            .context("no `moov` box before the end of the file")?;
+        let mut size = u64::from(be_u32(&head, 0)?);
+        let kind: FourCc = head[4..8].try_into().expect("four bytes");
+        let mut header = 8;
+        if size == 1 {
+            file.read_exact(&mut head)?;
+            size = be_u64(&head, 0)?;
+            header = 16;
+        }
+        if size < header {
+            bail!("a top-level box of {size} bytes");
+        }
+        if &kind == b"mdat" || size == 0 {
+            bail!("the media comes before the `moov` box");
+        }
+        if &kind == b"moov" {
+            if size > MOOV_MAX {
+                bail!("a `moov` box of {size} bytes");
+            }
+            let mut moov = vec![0u8; (size - header) as usize];
+            file.read_exact(&mut moov)?;
+            let mut codecs = Vec::new();
+            for b in boxes(&moov) {
+                let (kind, payload) = b?;
+                if &kind == b"trak" {
+                    codecs.push(track_info(payload)?.codec);
+                }
+            }
+            return Ok(codecs.join(","));
+        }
+        file.seek(SeekFrom::Current(i64::try_from(size - header)?))?;
+    }
+}
+
+/// One `trak` box's facts.
+fn track_info(trak: &[u8]) -> anyhow::Result<InitInfo> {
     let mdhd = need(trak, &[b"mdia", b"mdhd"])?;
     let timescale = match byte(mdhd, 0)? {
         1 => be_u32(mdhd, 20)?,

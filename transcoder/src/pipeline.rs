@@ -36,7 +36,7 @@ use ffmpeg::{Packet, Rational, codec, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
-use shared::messages::{OutputFormat, TranscodeJob};
+use shared::messages::{OutputFormat, TranscodeJob, VideoCodec};
 use shared::outcome::{Cancelled, mark_permanent};
 use shared::{JobContext, TaskOutput, permanent};
 
@@ -67,11 +67,12 @@ pub fn transcode(
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
-    let (plan, dropped) = ladder::plan(
+    let (ladder, dropped) = ladder::plan(
         &job.renditions,
         info.video.display_width,
         info.video.display_height,
     );
+    let (plan, codecs) = codec_ladders(&ladder, &job.codecs);
     let VideoSetup {
         decoder: mut vdec,
         upright,
@@ -90,7 +91,7 @@ pub fn transcode(
         a.offset = timestamp(start_s, a.time_base);
     }
 
-    let outputs = open_outputs(job, &plan, audio.as_ref(), clock, cfg, ctx)?;
+    let outputs = open_outputs(job, &plan, &codecs, audio.as_ref(), clock, cfg, ctx)?;
     if job.formats.contains(&OutputFormat::Cmaf)
         && let Some(a) = audio.as_mut()
     {
@@ -254,11 +255,36 @@ fn first_error(
     Err(chosen)
 }
 
-/// One [`RenditionOutput`] per planned rendition, each with its share of the encoder
-/// threads and the AAC encoder of its bit rate.
+/// The ladder once per codec of the job: what the rendition threads encode, and the
+/// codec of each. H.264 renditions keep their names; another codec's are named
+/// `<rendition>.<codec>` (`720p.hevc`: a dot no rendition name has, so never a clash).
+/// Equal sizes scale once: the second codec's picture comes from the first's rendition
+/// (`ladder::scale_sources`).
+fn codec_ladders(
+    ladder: &[ladder::Planned],
+    codecs: &[VideoCodec],
+) -> (Vec<ladder::Planned>, Vec<VideoCodec>) {
+    let mut plan = Vec::with_capacity(ladder.len() * codecs.len());
+    let mut of = Vec::with_capacity(plan.capacity());
+    for &codec in codecs {
+        for p in ladder {
+            let mut p = p.clone();
+            if codec != VideoCodec::H264 {
+                p.name = format!("{}.{}", p.name, codec.name());
+            }
+            plan.push(p);
+            of.push(codec);
+        }
+    }
+    (plan, of)
+}
+
+/// One [`RenditionOutput`] per planned rendition (`codecs[i]` is rendition i's), each
+/// with its share of the encoder threads and the AAC encoder of its bit rate.
 fn open_outputs(
     job: &TranscodeJob,
     plan: &[ladder::Planned],
+    codecs: &[VideoCodec],
     audio: Option<&AudioPath>,
     clock: FrameClock,
     cfg: &TranscoderSettings,
@@ -270,6 +296,7 @@ fn open_outputs(
         let encoder = audio.map(|a| &a.encoders[a.route[i]]);
         outputs.push(RenditionOutput::open(
             p.clone(),
+            codecs[i],
             cfg,
             threads[i],
             clock,
@@ -857,11 +884,12 @@ pub(crate) fn collect_outputs_of(
     let mut variants = Vec::new();
     let mut cmaf_renditions = Vec::new();
     for f in finished {
-        let codecs = hls::codecs(f.level, f.has_audio);
         for (kind, path) in &f.files {
             match kind {
-                OutputFormat::Mp4 => push_mp4(&mut out, f, path, &codecs)?,
+                OutputFormat::Mp4 => push_mp4(&mut out, f, path)?,
                 OutputFormat::Hls => {
+                    // MPEG-TS renditions are H.264 at the level asked of x264.
+                    let codecs = hls::codecs(f.level, f.has_audio);
                     variants.push(push_hls(&mut out, f, path, &codecs, frame_rate)?);
                 }
                 OutputFormat::Cmaf => cmaf_renditions.push(cmaf::Rendition {
@@ -894,14 +922,17 @@ pub(crate) fn collect_outputs_of(
         "renditions": finished.iter().map(|f| &f.plan).collect::<Vec<_>>(),
         "dropped_renditions": dropped,
         "formats": job.formats,
+        "codecs": job.codecs,
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
     });
     Ok(out)
 }
 
-/// Lists a rendition's MP4 file with its facts.
-fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> anyhow::Result<()> {
+/// Lists a rendition's MP4 file with its facts (its codec strings read from the file).
+fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path) -> anyhow::Result<()> {
     let size = std::fs::metadata(path).context("scratch space")?.len();
+    let codecs =
+        crate::fmp4::file_codecs(path).with_context(|| format!("reading {}", path.display()))?;
     out.push(
         format!("{}.mp4", f.plan.name),
         path,
@@ -914,7 +945,7 @@ fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> an
             "bitrate_kbps": kbps(size, f.duration_s),
             "video_kbps_cap": f.plan.video_kbps,
             "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
-            "video_codec": "h264",
+            "video_codec": f.codec.name(),
             "audio_codec": f.has_audio.then_some("aac"),
             "codecs": codecs,
         }),

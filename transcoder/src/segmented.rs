@@ -28,7 +28,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde_json::json;
 use shared::media::{self, MediaLimits};
-use shared::messages::{OutputFormat, Segmenting, Stage, TranscodeJob, TranscodePart};
+use shared::messages::{OutputFormat, Segmenting, Stage, TranscodeJob, TranscodePart, VideoCodec};
 use shared::split::FollowUp;
 use shared::{JobContext, TaskOutput, permanent};
 
@@ -55,13 +55,12 @@ pub fn run(
             None => crate::pipeline::transcode(job, ctx, cfg, limits),
         };
     };
-    // Parts are only planned for jobs without CMAF (see `plan`); a part asking for it was
-    // not made by a planner and is refused rather than stitched without it.
-    if job.formats.contains(&OutputFormat::Cmaf) {
-        return Err(permanent(
-            "a part of a segmented transcode cannot ask for cmaf: CMAF is written by the \
-             single pass only",
-        ));
+    // Parts are only planned for jobs the stitch can finish (see `plan`); a part asking
+    // for more was not made by a planner and is refused rather than stitched without it.
+    if let Some(why) = one_pass_only(job) {
+        return Err(permanent(format!(
+            "a part of a segmented transcode cannot be done: {why}"
+        )));
     }
     let ladder = &part.ladder;
     match &part.stage {
@@ -84,6 +83,18 @@ pub fn run(
     }
 }
 
+/// Why `job` must be transcoded in one pass, if it must: the stitch copies H.264 parts
+/// into MP4 and MPEG-TS HLS only.
+fn one_pass_only(job: &TranscodeJob) -> Option<&'static str> {
+    if job.formats.contains(&OutputFormat::Cmaf) {
+        Some("CMAF is written by the single pass only")
+    } else if job.codecs != [VideoCodec::H264] {
+        Some("HEVC and AV1 are encoded by the single pass only")
+    } else {
+        None
+    }
+}
+
 /// The parts of a long source at `source` (segments, then audio), or `None` to
 /// transcode it in one pass: short, `--segments off`, or not safely splittable.
 pub fn plan(
@@ -95,10 +106,9 @@ pub fn plan(
     if job.segments == Segmenting::Off {
         return Ok(None);
     }
-    // The stitch copies parts into MP4 and MPEG-TS HLS only: a job asking for CMAF is
-    // transcoded in one pass (slower for a long source, but every format is written).
-    if job.formats.contains(&OutputFormat::Cmaf) {
-        tracing::info!("CMAF is written by the single pass only; not splitting the transcode");
+    // A slower single pass for a long source, but every format and codec is written.
+    if let Some(why) = one_pass_only(job) {
+        tracing::info!("not splitting the transcode: {why}");
         return Ok(None);
     }
     let src = media::open(source, limits)?;
