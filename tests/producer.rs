@@ -842,7 +842,8 @@ async fn a_worker_with_another_storage_root_names_the_root_it_searched() {
     );
 }
 
-/// Several files upload concurrently, one job each, two messages per job.
+/// Several files upload concurrently, one job each, two messages per job, each with the
+/// options given (formats and codecs among them).
 #[tokio::test]
 async fn several_files_make_one_job_each() {
     let env = TestEnv::new().await;
@@ -859,6 +860,10 @@ async fn several_files_make_one_job_each() {
         "--renditions",
         "720p,sd:360:700:96",
         "--no-sprite",
+        "--formats",
+        "cmaf,mp4",
+        "--codecs",
+        "h264,AV1",
     ];
     args.extend(files.iter().map(String::as_str));
     let out = producer(&env, &args).await;
@@ -877,6 +882,8 @@ async fn several_files_make_one_job_each() {
     let taken = env.take_all(&env.topology.work_queue("transcode")).await;
     let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
     assert_eq!(job["renditions"][1]["name"], "sd");
+    assert_eq!(job["formats"], serde_json::json!(["cmaf", "mp4"]));
+    assert_eq!(job["codecs"], serde_json::json!(["h264", "av1"]));
     let taken = env.take_all(&env.topology.work_queue("thumbnail")).await;
     let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
     assert!(job["sprite"].is_null(), "--no-sprite: {job}");

@@ -460,7 +460,7 @@ mod tests {
         assert!(
             text.contains(
                 "#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"audio\",NAME=\"audio\",DEFAULT=YES,\
-                 AUTOSELECT=YES,URI=\"audio/index.m3u8\""
+                 AUTOSELECT=YES,CHANNELS=\"2\",URI=\"audio/index.m3u8\""
             ),
             "{text}"
         );

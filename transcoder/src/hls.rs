@@ -21,7 +21,8 @@ pub struct Variant {
     pub codecs: String,
 }
 
-/// An audio rendition group of the master playlist (one rendition, the default).
+/// An audio rendition group of the master playlist (one rendition, the default; stereo,
+/// as the pipeline always resamples to).
 #[derive(Debug, Clone)]
 pub struct AudioGroup {
     /// The `GROUP-ID` every variant names in `AUDIO`.
@@ -46,7 +47,7 @@ pub fn master_playlist_with(
     if let Some(a) = audio {
         let _ = writeln!(
             out,
-            "#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"{id}\",NAME=\"{id}\",DEFAULT=YES,AUTOSELECT=YES,URI=\"{}\"",
+            "#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"{id}\",NAME=\"{id}\",DEFAULT=YES,AUTOSELECT=YES,CHANNELS=\"2\",URI=\"{}\"",
             a.uri,
             id = a.id
         );
