@@ -312,7 +312,8 @@ fn durations(playlist: &Path) -> Vec<String> {
 /// `codecs: [h264, hevc, av1]`: a ladder of each from one decode, as MP4 (HEVC tagged
 /// `hvc1`) and CMAF; CODECS strings from the profile and level actually encoded; every
 /// HEVC segment decodes; segments of all six renditions start on keyframes at the same
-/// boundaries; the MPD has one video adaptation set per codec.
+/// boundaries; the MPD has one video adaptation set per codec; SVT-AV1's banner is kept
+/// out of the worker's log.
 #[tokio::test]
 async fn each_codec_is_a_ladder_of_its_own_with_codecs_as_encoded() {
     let mut env = TestEnv::new().await;
@@ -397,6 +398,9 @@ async fn each_codec_is_a_ladder_of_its_own_with_codecs_as_encoded() {
     }
     // MPEG-TS HLS stays H.264: no other codec was asked for it here, and none is written.
     assert!(!manifest.outputs.iter().any(|o| o.name.starts_with("hls/")));
+    // SVT-AV1's banner stays out of the worker's log (SVT_LOG=1 unless set).
+    let logs = env.logs();
+    assert!(!logs.contains("Svt[info]"), "{logs}");
 }
 
 /// HEVC asked for MPEG-TS HLS only: the job is dead at once with a reason saying why.

@@ -522,10 +522,10 @@ fn open_video_encoder(
             );
         }
         VideoCodec::Av1 => {
-            // SVT-AV1 takes the GOP from `gop` above; `irefresh-type=2` makes its
-            // keyframes closed key frames (its default, open intra-only frames, is no
-            // place to start a segment). Version 1.4 has no capped CRF, so `video_kbps`
-            // is not enforced on AV1 renditions.
+            // SVT-AV1 takes the GOP from `gop` above and the cap from the maximum bit
+            // rate (its "capped CRF", looser than x264's VBV); `irefresh-type=2` makes
+            // its keyframes closed key frames (its default, open intra-only frames, is
+            // no place to start a segment).
             opts.set("preset", &cfg.av1_preset.to_string());
             opts.set("crf", &crf.to_string());
             opts.set(

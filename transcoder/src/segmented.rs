@@ -399,6 +399,29 @@ mod tests {
     }
 
     #[test]
+    fn only_h264_jobs_without_cmaf_may_be_split() {
+        let body = |extra: &str| {
+            format!(
+                r#"{{"schema":1,"task":"transcode","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
+                "source":"uploads/x/source.mp4",
+                "output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/"{extra}}}"#
+            )
+        };
+        let job = |extra: &str| {
+            shared::messages::parse::<TranscodeJob>(body(extra).as_bytes()).expect("a job")
+        };
+        assert_eq!(one_pass_only(&job("")), None);
+        assert_eq!(
+            one_pass_only(&job(r#","formats":["mp4","hls"],"codecs":["h264"]"#)),
+            None
+        );
+        let cmaf = one_pass_only(&job(r#","formats":["cmaf"]"#));
+        assert!(cmaf.is_some_and(|why| why.contains("CMAF")), "{cmaf:?}");
+        let av1 = one_pass_only(&job(r#","formats":["mp4"],"codecs":["h264","av1"]"#));
+        assert!(av1.is_some_and(|why| why.contains("AV1")), "{av1:?}");
+    }
+
+    #[test]
     fn a_part_may_not_ask_for_pictures_larger_than_the_source() {
         let (planned, _) = ladder::plan(&[], 1280, 720);
         check_ladder(&planned, &source(1280, 720)).expect("the planner's own ladder");
