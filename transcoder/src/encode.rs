@@ -1,5 +1,6 @@
-//! One rendition's video encoder and muxers (libx264; each packet written to every
-//! container the job asked for: MP4 with the index at the front, an HLS media playlist
+//! One rendition's video encoder and muxers (libx264, or libx265 / SVT-AV1 for a job's
+//! other codecs; each packet written to every container the job asked for that carries
+//! the codec: MP4 with the index at the front, an HLS media playlist
 //! with MPEG-TS segments, and/or a CMAF rendition of fMP4 segments). Encoding once per
 //! rendition and muxing into each is what keeps the formats frame-identical and costs one
 //! encode, not one per format.

@@ -9,6 +9,10 @@
 //!                                                      └─ highest rate ─ cmaf/audio/…
 //! ```
 //!
+//! A job asking for more codecs than H.264 gets the ladder again per codec (`720p.hevc`,
+//! `720p.av1`, …: more rendition threads fed the same way; at equal sizes the picture
+//! is scaled once and handed on).
+//!
 //! A CMAF rendition is video only; the sound is written once, as the CMAF audio rendition
 //! (from the AAC encoder of the highest bit rate), and [`crate::cmaf`] writes the HLS
 //! master and DASH MPD over all of them at the end.
@@ -308,8 +312,8 @@ fn open_outputs(
     Ok(outputs)
 }
 
-/// x264 threads per rendition: the cores (`threads`, 0 = all of them) shared out by
-/// picture size. Each rendition gets its share of 1.5 threads a core (x264's own "auto"
+/// Encoder threads per rendition (x264's threads, x265's pool, SVT-AV1's logical
+/// processors): the cores (`threads`, 0 = all of them) shared out by picture size. Each rendition gets its share of 1.5 threads a core (x264's own "auto"
 /// for a single encoder), at least one. On 2 cores the 1080p/720p/480p/360p ladder gets
 /// 2/1/1/1: the renditions run side by side, so giving each x264 its own full set of
 /// frame threads (as "auto" would) only adds threads fighting over the same cores, and
