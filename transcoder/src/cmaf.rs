@@ -78,7 +78,7 @@ impl Track {
             if n != format!("seg_{i:05}.m4s") {
                 bail!("{dir}: segment {i} is named {n}, not as the MPD's template says");
             }
-            let data = std::fs::read(base.join(&n)).context("scratch space")?;
+            let data = head_of(&base.join(&n)).context("scratch space")?;
             let f = fmp4::read_fragment(&data).with_context(|| format!("reading {dir}/{n}"))?;
             segments.push((n, f));
         }
@@ -102,6 +102,18 @@ impl Track {
             .map_or(0, |(_, f)| f.start + f.duration as i64);
         (end - self.init.media_time) as f64 / f64::from(self.init.timescale)
     }
+}
+
+/// A segment's first bytes: its `styp`, `sidx` and `moof` come before the media, so the
+/// media itself (most of a long transcode's output) is not read again. A megabyte holds
+/// the `moof` of thousands of frames.
+fn head_of(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut head = Vec::new();
+    std::fs::File::open(path)?
+        .take(1 << 20)
+        .read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// A video rendition as the manifests list it.
