@@ -84,7 +84,14 @@ pub fn transcode(
     } = VideoSetup::open(&src, cfg)?;
     let frame_rate = clock.rate;
 
-    let rates: Vec<u32> = plan.iter().map(|p| p.audio_kbps).collect();
+    // MP4 and MPEG-TS renditions each carry the sound at their own rate; CMAF has one audio
+    // rendition at the highest rate, so a CMAF-only job encodes just that one.
+    let top = plan.iter().map(|p| p.audio_kbps).max().unwrap_or(0);
+    let muxed = job.formats.iter().any(|f| *f != OutputFormat::Cmaf);
+    let rates: Vec<u32> = plan
+        .iter()
+        .map(|p| if muxed { p.audio_kbps } else { top })
+        .collect();
     let mut audio = match &info.audio {
         Some(a) => Some(AudioPath::open(&src, a, &rates, cfg)?),
         None => None,
