@@ -80,6 +80,11 @@ impl Track {
             }
             let data = head_of(&base.join(&n)).context("scratch space")?;
             let f = fmp4::read_fragment(&data).with_context(|| format!("reading {dir}/{n}"))?;
+            // Players switch renditions at segment boundaries: a segment that does not
+            // start on a keyframe would show garbage after a switch, so it fails the job.
+            if !f.starts_with_sync {
+                bail!("{dir}/{n} does not start with a keyframe");
+            }
             segments.push((n, f));
         }
         if segments.is_empty() {

@@ -424,6 +424,61 @@ mod tests {
         assert!(find(&bad, &[b"moov", b"trak"]).is_err());
     }
 
+    /// A media segment of one track run: `trun_flags` and its optional fields after the
+    /// sample count, tfhd's default sample flags, decode time 1000, 512 ticks long.
+    fn segment(default_flags: u32, trun_flags: u32, trun_fields: &[u32]) -> Vec<u8> {
+        let be = |v: u32| v.to_be_bytes();
+        let mut sidx = vec![0, 0, 0, 0];
+        for v in [1, 12_800, 0, 0] {
+            sidx.extend(be(v));
+        }
+        sidx.extend([0, 0, 0, 1]); // reserved, one reference
+        for v in [100, 512, 0x9000_0000] {
+            sidx.extend(be(v));
+        }
+        let mut tfhd = be(0x0002_0020).to_vec(); // default-base-is-moof, default flags
+        tfhd.extend(be(1));
+        tfhd.extend(be(default_flags));
+        let mut tfdt = be(0x0100_0000).to_vec();
+        tfdt.extend(1000u64.to_be_bytes());
+        let mut trun = be(trun_flags).to_vec();
+        trun.extend(be(1));
+        for f in trun_fields {
+            trun.extend(be(*f));
+        }
+        let traf = [mk(b"tfhd", &tfhd), mk(b"tfdt", &tfdt), mk(b"trun", &trun)].concat();
+        [
+            mk(b"styp", b"msdh"),
+            mk(b"sidx", &sidx),
+            mk(b"moof", &mk(b"traf", &traf)),
+            mk(b"mdat", &[0; 4]),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn a_fragment_states_its_start_length_and_whether_it_starts_on_a_keyframe() {
+        const NON_SYNC_DEFAULT: u32 = 0x0101_0000;
+        // First-sample flags (sync) override the non-sync default; version 1 run with a
+        // negative composition offset.
+        let f = read_fragment(&segment(
+            NON_SYNC_DEFAULT,
+            0x0100_0805,
+            &[8, 0x0200_0000, (-24i32) as u32],
+        ))
+        .unwrap();
+        assert_eq!((f.start, f.duration, f.starts_with_sync), (976, 512, true));
+        // No first-sample flags: the default says non-sync.
+        let f = read_fragment(&segment(NON_SYNC_DEFAULT, 0x0000_0001, &[8])).unwrap();
+        assert!(!f.starts_with_sync);
+        assert_eq!(f.start, 1000);
+        // Per-sample flags (duration, size, flags) also name the first sample.
+        let f = read_fragment(&segment(0, 0x0000_0701, &[8, 40, 100, 0x0001_0000])).unwrap();
+        assert!(!f.starts_with_sync);
+        // A run that claims more fields than it has is an error, not a panic.
+        assert!(read_fragment(&segment(0, 0x0000_0f05, &[8])).is_err());
+    }
+
     #[test]
     fn hevc_and_av1_strings_follow_their_specs() {
         // Main profile, compat flags 0x60000000, level 93 (3.1), constraint byte 0x90.
