@@ -142,6 +142,7 @@ impl Bench {
                 output_prefix: StorageKey::output_prefix(id, "transcode").unwrap(),
                 renditions: vec![],
                 formats: vec![messages::OutputFormat::Mp4],
+                codecs: vec![messages::VideoCodec::H264],
                 segments: Default::default(),
                 ladder: Default::default(),
                 part: None,

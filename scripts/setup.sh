@@ -10,6 +10,9 @@ PACKAGES=(
   # The RabbitMQ 4.x test node (tests/rabbitmq4/node.sh): a Debian trixie rootfs made with
   # debootstrap (its keyring comes with debian-archive-keyring), run with chroot.
   debootstrap debian-archive-keyring
+  # The player test (tests/players.rs): Debian's Chromium, headless, plays the CMAF output
+  # through hls.js and dash.js (never a downloaded browser build).
+  chromium chromium-driver
 )
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -56,6 +59,24 @@ if ! cmp -s "$k8s_reqs" "$k8s_venv/requirements.txt" || [ ! -x "$k8s_venv/bin/ku
   python3 -m venv "$k8s_venv"
   "$k8s_venv/bin/pip" install -q --disable-pip-version-check -r "$k8s_reqs"
   cp "$k8s_reqs" "$k8s_venv/requirements.txt"
+fi
+
+# The player test's npm packages (hls.js, dash.js, playwright-core), pinned by
+# tests/players/package-lock.json; playwright-core needs node 20 or later.
+players=$(dirname "$0")/../tests/players
+if ! command -v npm >/dev/null 2>&1; then
+  echo "setup: installing nodejs and npm (player test)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+fi
+if ! node -e 'process.exit(+process.versions.node.split(".")[0] >= 20 ? 0 : 1)'; then
+  echo "setup: the player test needs node 20 or later; this is $(node --version)" >&2
+  exit 1
+fi
+if ! cmp -s "$players/package-lock.json" "$players/node_modules/.package-lock.json.installed"; then
+  echo "setup: installing the player test's npm packages"
+  (cd "$players" && npm ci --no-audit --no-fund --loglevel=error)
+  cp "$players/package-lock.json" "$players/node_modules/.package-lock.json.installed"
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -598,7 +598,7 @@ async fn dead_list_is_an_aligned_table_and_one_message_is_handled_by_its_id() {
 }
 
 /// Bad input (missing file, a directory, an empty file, an unknown rendition, a bad
-/// format) is a clear error naming the culprit, exit code 2, and nothing is stored or
+/// format or codec, a codec the formats cannot carry) is a clear error naming the culprit, exit code 2, and nothing is stored or
 /// published, even for the good files given alongside.
 #[tokio::test]
 async fn bad_input_is_refused_before_anything_is_published() {
@@ -627,6 +627,18 @@ async fn bad_input_is_refused_before_anything_is_published() {
         (
             vec!["upload", good, "--renditions", "x:9000:100:64"],
             "height 9000",
+        ),
+        (
+            vec!["upload", good, "--codecs", "h264,vp9"],
+            "--codecs: unknown codec `vp9`; known: h264, hevc, av1",
+        ),
+        (
+            vec!["upload", good, "--codecs", "av1,av1", "--formats", "cmaf"],
+            "--codecs: `av1` is named twice",
+        ),
+        (
+            vec!["upload", good, "--codecs", "h264,hevc", "--formats", "hls"],
+            "hevc can only be written as mp4 or cmaf",
         ),
         (vec!["upload", good, "--bogus-flag"], "--bogus-flag"),
     ];
@@ -834,7 +846,8 @@ async fn a_worker_with_another_storage_root_names_the_root_it_searched() {
     );
 }
 
-/// Several files upload concurrently, one job each, two messages per job.
+/// Several files upload concurrently, one job each, two messages per job, each with the
+/// options given (formats and codecs among them).
 #[tokio::test]
 async fn several_files_make_one_job_each() {
     let env = TestEnv::new().await;
@@ -851,6 +864,10 @@ async fn several_files_make_one_job_each() {
         "--renditions",
         "720p,sd:360:700:96",
         "--no-sprite",
+        "--formats",
+        "cmaf,mp4",
+        "--codecs",
+        "h264,AV1",
     ];
     args.extend(files.iter().map(String::as_str));
     let out = producer(&env, &args).await;
@@ -869,6 +886,8 @@ async fn several_files_make_one_job_each() {
     let taken = env.take_all(&env.topology.work_queue("transcode")).await;
     let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
     assert_eq!(job["renditions"][1]["name"], "sd");
+    assert_eq!(job["formats"], serde_json::json!(["cmaf", "mp4"]));
+    assert_eq!(job["codecs"], serde_json::json!(["h264", "av1"]));
     let taken = env.take_all(&env.topology.work_queue("thumbnail")).await;
     let job: serde_json::Value = serde_json::from_slice(&taken[0].body).unwrap();
     assert!(job["sprite"].is_null(), "--no-sprite: {job}");

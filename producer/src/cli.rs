@@ -206,7 +206,8 @@ pub struct JobArgs {
     /// name:height:video_kbps:audio_kbps, comma separated. Default: derived from the source
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     pub renditions: Vec<String>,
-    /// Output formats, comma separated: mp4, hls
+    /// Output formats, comma separated: mp4, hls (MPEG-TS segments), cmaf (fMP4 segments
+    /// with an HLS master and a DASH MPD)
     #[arg(
         long,
         value_name = "LIST",
@@ -214,6 +215,15 @@ pub struct JobArgs {
         default_value = "mp4,hls"
     )]
     pub formats: Vec<String>,
+    /// Video codecs, comma separated, each a ladder of its own: h264, hevc, av1 (hevc and
+    /// av1 need --formats mp4 or cmaf)
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "h264"
+    )]
+    pub codecs: Vec<String>,
     /// Split a long transcode over many transcoders: `auto` (sources longer than the
     /// workers' `transcoder.segment_threshold_secs`) or `off` (one worker, one pass)
     #[arg(long, value_name = "MODE", default_value = "auto", value_parser = segmenting)]

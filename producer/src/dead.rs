@@ -710,7 +710,10 @@ fn settings_summary(job: &serde_json::Value) -> Vec<String> {
             let formats = list("formats")
                 .map(|f| f.join(", "))
                 .unwrap_or_else(|| "mp4, hls (default)".into());
-            vec![format!("{renditions}; formats {formats}")]
+            let codecs = list("codecs")
+                .map(|c| c.join(", "))
+                .unwrap_or_else(|| "h264 (default)".into());
+            vec![format!("{renditions}; formats {formats}; codecs {codecs}")]
         }
         Some(t) if t == tasks::THUMBNAIL.name => {
             let poster = job.get("poster").and_then(|p| p.as_bool()).unwrap_or(true);

@@ -15,7 +15,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use shared::broker::persistent_json;
 use shared::messages::{
     self, ImageFormat, JobMessage, LadderMode, OutputFormat, RUNGS, Rendition, Rung, Segmenting,
-    SpriteSpec, ThumbnailJob, TranscodeJob,
+    SpriteSpec, ThumbnailJob, TranscodeJob, VideoCodec,
 };
 use shared::priority::Priority;
 use shared::settings::Settings;
@@ -56,6 +56,28 @@ pub fn source_name(file: &Path) -> String {
     out
 }
 
+/// `--codecs`: known names only, each once (a repeat is a slip, said as one).
+fn parse_codecs(names: &[String]) -> Result<Vec<VideoCodec>, Failure> {
+    let known = VideoCodec::ALL.map(VideoCodec::name).join(", ");
+    let mut codecs = Vec::new();
+    for name in names {
+        let codec = VideoCodec::from_name(name).ok_or_else(|| {
+            Failure::usage(format!(
+                "--codecs: unknown codec `{}`; known: {known}",
+                name.trim()
+            ))
+        })?;
+        if codecs.contains(&codec) {
+            return Err(Failure::usage(format!(
+                "--codecs: `{}` is named twice",
+                codec.name()
+            )));
+        }
+        codecs.push(codec);
+    }
+    Ok(codecs)
+}
+
 /// Files uploading at once.
 const CONCURRENT_UPLOADS: usize = 4;
 
@@ -65,6 +87,8 @@ pub struct JobOptions {
     /// Empty: the transcoder derives its default ladder from the source.
     pub renditions: Vec<Rendition>,
     pub formats: Vec<OutputFormat>,
+    /// Video codecs, each its own ladder.
+    pub codecs: Vec<VideoCodec>,
     pub thumbnails: u32,
     pub sprite: bool,
     pub segments: Segmenting,
@@ -79,6 +103,7 @@ impl Default for JobOptions {
         Self {
             renditions: Vec::new(),
             formats: vec![OutputFormat::Mp4, OutputFormat::Hls],
+            codecs: vec![VideoCodec::H264],
             thumbnails: 10,
             sprite: true,
             segments: Segmenting::Auto,
@@ -118,9 +143,10 @@ impl JobOptions {
             let format = match f.trim().to_ascii_lowercase().as_str() {
                 "mp4" => OutputFormat::Mp4,
                 "hls" => OutputFormat::Hls,
+                "cmaf" => OutputFormat::Cmaf,
                 other => {
                     return Err(Failure::usage(format!(
-                        "--formats: unknown format `{other}`; known: mp4, hls"
+                        "--formats: unknown format `{other}`; known: mp4, hls, cmaf"
                     )));
                 }
             };
@@ -128,9 +154,11 @@ impl JobOptions {
                 formats.push(format);
             }
         }
+        let codecs = parse_codecs(&args.codecs)?;
         let options = Self {
             renditions,
             formats,
+            codecs,
             thumbnails: args.thumbnails,
             sprite: !args.no_sprite,
             segments: args.segments,
@@ -141,7 +169,7 @@ impl JobOptions {
         let plan = JobPlan::new(Uuid::nil(), "mp4", &options);
         plan.transcode
             .validate()
-            .map_err(|e| Failure::usage(format!("--renditions/--formats: {e}")))?;
+            .map_err(|e| Failure::usage(format!("--renditions/--formats/--codecs: {e}")))?;
         plan.thumbnail
             .validate()
             .map_err(|e| Failure::usage(format!("--thumbnails: {e}")))?;
@@ -250,6 +278,7 @@ impl JobPlan {
                     .expect("a uuid and a task name make a valid key"),
                 renditions: options.renditions.clone(),
                 formats: options.formats.clone(),
+                codecs: options.codecs.clone(),
                 segments: options.segments,
                 ladder: options.ladder,
                 part: None,
@@ -562,6 +591,7 @@ mod tests {
             plan.transcode.formats,
             [OutputFormat::Mp4, OutputFormat::Hls]
         );
+        assert_eq!(plan.transcode.codecs, [VideoCodec::H264]);
         assert!(plan.thumbnail.poster);
         assert_eq!(plan.thumbnail.count, 10);
         let sprite = plan.thumbnail.sprite.clone().unwrap();

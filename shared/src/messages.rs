@@ -234,10 +234,51 @@ pub enum OutputFormat {
     Mp4,
     /// HLS: master playlist, one media playlist per rendition, MPEG-TS segments.
     Hls,
+    /// CMAF: fragmented-MP4 segments written once per rendition (audio as a rendition of
+    /// its own), referenced by both an HLS master (`EXT-X-MAP`) and a DASH MPD.
+    Cmaf,
 }
 
 fn default_formats() -> Vec<OutputFormat> {
     vec![OutputFormat::Mp4, OutputFormat::Hls]
+}
+
+/// Video codecs the transcoder can encode: each one asked for is a ladder of its own,
+/// encoded from the same single decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VideoCodec {
+    /// H.264 (libx264): every format, every player.
+    H264,
+    /// HEVC (libx265, tagged `hvc1` so Apple's players take it): MP4 and CMAF only.
+    Hevc,
+    /// AV1 (SVT-AV1): MP4 and CMAF only.
+    Av1,
+}
+
+impl VideoCodec {
+    /// Every codec, in the order the names are listed to users.
+    pub const ALL: [VideoCodec; 3] = [VideoCodec::H264, VideoCodec::Hevc, VideoCodec::Av1];
+
+    /// The name jobs and `producer upload --codecs` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            VideoCodec::H264 => "h264",
+            VideoCodec::Hevc => "hevc",
+            VideoCodec::Av1 => "av1",
+        }
+    }
+
+    /// The codec called `name` (case-insensitive), if there is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.name().eq_ignore_ascii_case(name.trim()))
+    }
+}
+
+fn default_codecs() -> Vec<VideoCodec> {
+    vec![VideoCodec::H264]
 }
 
 /// `task = "transcode"`: turn the source into a rendition ladder.
@@ -251,6 +292,10 @@ pub struct TranscodeJob {
     pub renditions: Vec<Rendition>,
     #[serde(default = "default_formats")]
     pub formats: Vec<OutputFormat>,
+    /// Video codecs, each its own ladder (`producer upload --codecs`); absent means
+    /// H.264 only, as before the field existed.
+    #[serde(default = "default_codecs")]
+    pub codecs: Vec<VideoCodec>,
     /// Whether a long source may be split into segments encoded by many workers
     /// (`producer upload --segments`).
     #[serde(default)]
@@ -481,6 +526,44 @@ impl TranscodePart {
     }
 }
 
+/// The codecs of a transcode job against its formats: each codec once, and every format
+/// able to carry at least one of them (MPEG-TS HLS carries H.264 only).
+fn validate_codecs(codecs: &[VideoCodec], formats: &[OutputFormat]) -> Result<(), String> {
+    let known = VideoCodec::ALL.map(VideoCodec::name).join(", ");
+    if codecs.is_empty() {
+        return Err(format!("`codecs` is empty: ask for one or more of {known}"));
+    }
+    let unique: std::collections::HashSet<_> = codecs.iter().collect();
+    if unique.len() != codecs.len() {
+        return Err(format!(
+            "`codecs` names a codec twice: ask for each of {known} once"
+        ));
+    }
+    let extra: Vec<&str> = codecs
+        .iter()
+        .filter(|c| **c != VideoCodec::H264)
+        .map(|c| c.name())
+        .collect();
+    let fmp4 = formats
+        .iter()
+        .any(|f| matches!(f, OutputFormat::Mp4 | OutputFormat::Cmaf));
+    if !extra.is_empty() && !fmp4 {
+        return Err(format!(
+            "{} can only be written as mp4 or cmaf (hls is MPEG-TS, which carries H.264 only): \
+             add mp4 or cmaf to `formats`",
+            extra.join(" and ")
+        ));
+    }
+    if formats.contains(&OutputFormat::Hls) && !codecs.contains(&VideoCodec::H264) {
+        return Err(
+            "`formats` has hls (MPEG-TS), which carries H.264 only: add h264 to `codecs` or \
+             drop hls"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 /// Rendition names become file names, so keep them to a safe alphabet.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -579,12 +662,15 @@ impl JobMessage for TranscodeJob {
             }
         }
         if self.formats.is_empty() {
-            return Err("`formats` is empty: ask for mp4, hls or both".into());
+            return Err("`formats` is empty: ask for one or more of mp4, hls, cmaf".into());
         }
         let unique: std::collections::HashSet<_> = self.formats.iter().collect();
         if unique.len() != self.formats.len() {
-            return Err("`formats` names a format twice: ask for mp4, hls or both".into());
+            return Err(
+                "`formats` names a format twice: ask for each of mp4, hls, cmaf once".into(),
+            );
         }
+        validate_codecs(&self.codecs, &self.formats)?;
         Ok(())
     }
 }
@@ -978,6 +1064,35 @@ mod tests {
         for crf in [0, 60] {
             let err = parse::<TranscodeJob>(with_crf(crf).as_bytes()).unwrap_err();
             assert!(err.to_string().contains("crf"), "{crf}: {err}");
+        }
+    }
+
+    #[test]
+    fn codecs_default_to_h264_and_are_checked_against_the_formats() {
+        let job = parse::<TranscodeJob>(transcode_json("").as_bytes()).unwrap();
+        assert_eq!(job.codecs, [VideoCodec::H264]);
+        let job = parse::<TranscodeJob>(
+            transcode_json(r#","formats":["cmaf","hls"],"codecs":["h264","hevc","av1"]"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(job.formats, [OutputFormat::Cmaf, OutputFormat::Hls]);
+        assert_eq!(job.codecs, VideoCodec::ALL);
+        for (extra, problem) in [
+            (r#","codecs":["vp9"]"#, "unknown variant"),
+            (r#","codecs":[]"#, "`codecs` is empty"),
+            (r#","codecs":["av1","av1"]"#, "twice"),
+            (
+                r#","formats":["hls"],"codecs":["h264","hevc"]"#,
+                "hevc can only be written as mp4 or cmaf",
+            ),
+            (
+                r#","formats":["hls","mp4"],"codecs":["av1"]"#,
+                "add h264 to `codecs`",
+            ),
+        ] {
+            let err = parse::<TranscodeJob>(transcode_json(extra).as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(problem), "{extra}: {err}");
         }
     }
 

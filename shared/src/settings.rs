@@ -710,6 +710,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "transcoder.fit_max_share",
     "transcoder.fit_max_cap_ratio",
     "transcoder.fit_min_gain_db",
+    "transcoder.hevc_preset",
+    "transcoder.av1_preset",
     // The thumbnailer's own section (`thumbnailer::ThumbnailerSettings`).
     "thumbnailer.threads",
     "thumbnailer.max_sheet_height",

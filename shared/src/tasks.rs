@@ -49,7 +49,7 @@ impl TaskKind {
     }
 }
 
-/// `transcode`: the source into an MP4/HLS rendition ladder.
+/// `transcode`: the source into an MP4/HLS/CMAF rendition ladder (H.264, HEVC, AV1).
 pub const TRANSCODE: TaskKind = TaskKind {
     name: "transcode",
     message: "TranscodeJob",

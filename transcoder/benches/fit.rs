@@ -178,6 +178,7 @@ fn transcode(
         output_prefix: StorageKey::new("bench/out/").unwrap(),
         renditions: Vec::new(),
         formats: vec![OutputFormat::Mp4],
+        codecs: vec![shared::messages::VideoCodec::H264],
         segments: shared::messages::Segmenting::Off,
         ladder,
         part: None,

@@ -182,6 +182,7 @@ fn child(spec: &str) {
         output_prefix: StorageKey::new("bench/out/").unwrap(),
         renditions: Vec::new(),
         formats: vec![OutputFormat::Mp4],
+        codecs: vec![shared::messages::VideoCodec::H264],
         segments: Default::default(),
         ladder: Default::default(),
         part: None,

@@ -21,9 +21,37 @@ pub struct Variant {
     pub codecs: String,
 }
 
-/// The master playlist text.
+/// An audio rendition group of the master playlist (one rendition, the default; stereo,
+/// as the pipeline always resamples to).
+#[derive(Debug, Clone)]
+pub struct AudioGroup {
+    /// The `GROUP-ID` every variant names in `AUDIO`.
+    pub id: String,
+    /// Its media playlist, relative to the master.
+    pub uri: String,
+}
+
+/// The master playlist text (MPEG-TS variants with their own audio: version 3).
 pub fn master_playlist(variants: &[Variant]) -> String {
-    let mut out = String::from("#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+    master_playlist_with(3, None, variants)
+}
+
+/// The master playlist text at protocol `version`, with the variants' audio as a
+/// separate rendition `audio` when given.
+pub fn master_playlist_with(
+    version: u32,
+    audio: Option<&AudioGroup>,
+    variants: &[Variant],
+) -> String {
+    let mut out = format!("#EXTM3U\n#EXT-X-VERSION:{version}\n#EXT-X-INDEPENDENT-SEGMENTS\n");
+    if let Some(a) = audio {
+        let _ = writeln!(
+            out,
+            "#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID=\"{id}\",NAME=\"{id}\",DEFAULT=YES,AUTOSELECT=YES,CHANNELS=\"2\",URI=\"{}\"",
+            a.uri,
+            id = a.id
+        );
+    }
     for v in variants {
         let _ = write!(
             out,
@@ -36,6 +64,9 @@ pub fn master_playlist(variants: &[Variant]) -> String {
         );
         if v.frame_rate > 0.0 {
             let _ = write!(out, ",FRAME-RATE={:.3}", v.frame_rate);
+        }
+        if let Some(a) = audio {
+            let _ = write!(out, ",AUDIO=\"{}\"", a.id);
         }
         let _ = writeln!(out, "\n{}", v.uri);
     }

@@ -1,6 +1,6 @@
 //! The transcoder: turns each upload into an adaptive ladder of H.264/AAC renditions, as
-//! MP4 (index at the front) and HLS, decoding the source once with the FFmpeg libraries
-//! in-process.
+//! MP4 (index at the front), HLS (MPEG-TS) and CMAF (fMP4 for HLS and DASH), decoding the
+//! source once with the FFmpeg libraries in-process.
 //!
 //! - [`settings`]: `[transcoder]` settings (preset, CRF, keyframe and segment lengths).
 //! - [`ladder`]: the default ladder and each rendition's size (never upscaling).
@@ -11,6 +11,8 @@
 //!   cap from a quick [`probe`] of the source (sample encodes measured with
 //!   [`quality`]'s SSIM/PSNR), rungs that add nothing dropped.
 //! - [`hls`]: the master playlist, measured bandwidths, H.264 levels for `CODECS`.
+//! - [`cmaf`]: fMP4 renditions (audio as its own) under one HLS master and one DASH MPD,
+//!   written from what [`fmp4`] reads back of the segments.
 //! - Segmented transcoding (one long source, many workers): [`segments`] plans
 //!   frame-exact ranges, [`segment_encode`] encodes one range's video or the whole audio
 //!   into [`parts`] files, [`stitch`] copies them into the same outputs a single pass
@@ -20,8 +22,10 @@
 //! The consume / ack / retry loop is not here: [`TranscodeHandler`] plugs into the shared
 //! worker runtime.
 
+pub mod cmaf;
 pub mod encode;
 pub mod fit;
+pub mod fmp4;
 pub mod hls;
 pub mod ladder;
 pub mod parts;

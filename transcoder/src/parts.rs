@@ -266,9 +266,15 @@ pub(crate) fn extradata(params: &codec::Parameters) -> Vec<u8> {
 /// Clears the container's codec tag of `params` (NUT's `H264` fourcc, which the MP4
 /// muxer refuses): each muxer then picks its own, as for the encoder's parameters.
 pub(crate) fn clear_codec_tag(params: &mut codec::Parameters) {
+    set_codec_tag(params, 0);
+}
+
+/// Sets the container's codec tag (fourcc, little-endian as FFmpeg's `MKTAG`) of
+/// `params`; 0 lets the muxer choose.
+pub(crate) fn set_codec_tag(params: &mut codec::Parameters, tag: u32) {
     // SAFETY: `params` owns a live AVCodecParameters; `codec_tag` is a plain integer.
     unsafe {
-        (*params.as_mut_ptr()).codec_tag = 0;
+        (*params.as_mut_ptr()).codec_tag = tag;
     }
 }
 

@@ -6,7 +6,16 @@
 //!                 │                                └► scale 720p ─ x264 ─┤
 //!                 │                                     └► scale 480p … ─┤
 //!                 └─ audio decode ─ 48 kHz stereo ─ AAC per bit rate ────┘
+//!                                                      └─ highest rate ─ cmaf/audio/…
 //! ```
+//!
+//! A job asking for more codecs than H.264 gets the ladder again per codec (`720p.hevc`,
+//! `720p.av1`, …: more rendition threads fed the same way; at equal sizes the picture
+//! is scaled once and handed on).
+//!
+//! A CMAF rendition is video only; the sound is written once, as the CMAF audio rendition
+//! (from the AAC encoder of the highest bit rate), and [`crate::cmaf`] writes the HLS
+//! master and DASH MPD over all of them at the end.
 //!
 //! Decoded frames are shared, not copied: a rendition thread gets a reference-counted
 //! frame through a short bounded channel (back-pressure keeps memory flat), scales it with
@@ -20,22 +29,23 @@
 //! Cancellation is checked on every packet, so shutdown and the per-job time limit take
 //! effect well within a second.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Instant;
 
 use anyhow::Context as _;
-use ffmpeg::{Packet, Rational, frame, picture};
+use ffmpeg::{Packet, Rational, codec, frame, picture};
 use ffmpeg_next as ffmpeg;
 use serde_json::json;
 use shared::media::{self, FrameGraph, MediaLimits, Source, VideoDecoder, seconds, timestamp};
-use shared::messages::{OutputFormat, TranscodeJob};
+use shared::messages::{OutputFormat, TranscodeJob, VideoCodec};
 use shared::outcome::{Cancelled, mark_permanent};
 use shared::{JobContext, TaskOutput, permanent};
 
-use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, RenditionOutput};
+use crate::cmaf;
+use crate::encode::{AAC_FRAME_SIZE, AudioEncoder, Finished, FrameClock, Muxers, RenditionOutput};
 use crate::hls;
 use crate::ladder;
 use crate::settings::TranscoderSettings;
@@ -61,12 +71,15 @@ pub fn transcode(
     let started = Instant::now();
     let mut src = media::open(&ctx.source_path, limits)?;
     let info = src.info.clone();
-    let (plan, dropped) = ladder::plan(
+    let (ladder, dropped) = ladder::plan(
         &job.renditions,
         info.video.display_width,
         info.video.display_height,
     );
-    let (plan, fit) = crate::fit::apply(job, plan, &ctx.source_path, cfg, limits, ctx)?;
+    // The fitted ladder (`ladder: auto`) is probed with x264; other codecs take its CRFs
+    // on their own scales (see `encode::crf_for`).
+    let (ladder, fit) = crate::fit::apply(job, ladder, &ctx.source_path, cfg, limits, ctx)?;
+    let (plan, codecs) = codec_ladders(&ladder, &job.codecs);
     let VideoSetup {
         decoder: mut vdec,
         upright,
@@ -74,7 +87,14 @@ pub fn transcode(
     } = VideoSetup::open(&src, cfg)?;
     let frame_rate = clock.rate;
 
-    let rates: Vec<u32> = plan.iter().map(|p| p.audio_kbps).collect();
+    // MP4 and MPEG-TS renditions each carry the sound at their own rate; CMAF has one audio
+    // rendition at the highest rate, so a CMAF-only job encodes just that one.
+    let top = plan.iter().map(|p| p.audio_kbps).max().unwrap_or(0);
+    let muxed = job.formats.iter().any(|f| *f != OutputFormat::Cmaf);
+    let rates: Vec<u32> = plan
+        .iter()
+        .map(|p| if muxed { p.audio_kbps } else { top })
+        .collect();
     let mut audio = match &info.audio {
         Some(a) => Some(AudioPath::open(&src, a, &rates, cfg)?),
         None => None,
@@ -85,7 +105,12 @@ pub fn transcode(
         a.offset = timestamp(start_s, a.time_base);
     }
 
-    let outputs = open_outputs(job, &plan, audio.as_ref(), clock, cfg, ctx)?;
+    let outputs = open_outputs(job, &plan, &codecs, audio.as_ref(), clock, cfg, ctx)?;
+    if job.formats.contains(&OutputFormat::Cmaf)
+        && let Some(a) = audio.as_mut()
+    {
+        a.write_cmaf(cfg, &ctx.scratch_dir)?;
+    }
 
     let mut video = VideoPath::new(&src, clock, upright, None);
     let finished = run(
@@ -101,7 +126,20 @@ pub fn transcode(
         return Err(permanent("source video has no decodable frames"));
     }
     ctx.progress(100.0);
-    let mut out = collect_outputs(job, &info, &finished, &dropped, frame_rate, ctx, started)?;
+    let cmaf_audio = match audio.as_mut() {
+        Some(a) => a.finish_cmaf()?,
+        None => None,
+    };
+    let mut out = collect_outputs(
+        job,
+        &info,
+        &finished,
+        cmaf_audio.as_deref(),
+        &dropped,
+        frame_rate,
+        ctx,
+        started,
+    )?;
     record_fit(
         &mut out,
         fit.map(|f| serde_json::to_value(f).unwrap_or_default()),
@@ -244,11 +282,36 @@ fn first_error(
     Err(chosen)
 }
 
-/// One [`RenditionOutput`] per planned rendition, each with its share of the encoder
-/// threads and the AAC encoder of its bit rate.
+/// The ladder once per codec of the job: what the rendition threads encode, and the
+/// codec of each. H.264 renditions keep their names; another codec's are named
+/// `<rendition>.<codec>` (`720p.hevc`: a dot no rendition name has, so never a clash).
+/// Equal sizes scale once: the second codec's picture comes from the first's rendition
+/// (`ladder::scale_sources`).
+fn codec_ladders(
+    ladder: &[ladder::Planned],
+    codecs: &[VideoCodec],
+) -> (Vec<ladder::Planned>, Vec<VideoCodec>) {
+    let mut plan = Vec::with_capacity(ladder.len() * codecs.len());
+    let mut of = Vec::with_capacity(plan.capacity());
+    for &codec in codecs {
+        for p in ladder {
+            let mut p = p.clone();
+            if codec != VideoCodec::H264 {
+                p.name = format!("{}.{}", p.name, codec.name());
+            }
+            plan.push(p);
+            of.push(codec);
+        }
+    }
+    (plan, of)
+}
+
+/// One [`RenditionOutput`] per planned rendition (`codecs[i]` is rendition i's), each
+/// with its share of the encoder threads and the AAC encoder of its bit rate.
 fn open_outputs(
     job: &TranscodeJob,
     plan: &[ladder::Planned],
+    codecs: &[VideoCodec],
     audio: Option<&AudioPath>,
     clock: FrameClock,
     cfg: &TranscoderSettings,
@@ -260,6 +323,7 @@ fn open_outputs(
         let encoder = audio.map(|a| &a.encoders[a.route[i]]);
         outputs.push(RenditionOutput::open(
             p.clone(),
+            codecs[i],
             cfg,
             threads[i],
             clock,
@@ -271,8 +335,8 @@ fn open_outputs(
     Ok(outputs)
 }
 
-/// x264 threads per rendition: the cores (`threads`, 0 = all of them) shared out by
-/// picture size. Each rendition gets its share of 1.5 threads a core (x264's own "auto"
+/// Encoder threads per rendition (x264's threads, x265's pool, SVT-AV1's logical
+/// processors): the cores (`threads`, 0 = all of them) shared out by picture size. Each rendition gets its share of 1.5 threads a core (x264's own "auto"
 /// for a single encoder), at least one. On 2 cores the 1080p/720p/480p/360p ladder gets
 /// 2/1/1/1: the renditions run side by side, so giving each x264 its own full set of
 /// frame threads (as "auto" would) only adds threads fighting over the same cores, and
@@ -678,6 +742,8 @@ pub(crate) struct AudioPath {
     pub route: Vec<usize>,
     pub time_base: Rational,
     pub offset: i64,
+    /// The CMAF audio rendition (`encoders[.0]`'s packets), when the job asks for CMAF.
+    cmaf: Option<(usize, Muxers)>,
 }
 
 /// Where the audio path's AAC packets go: `(encoder index, packet)`.
@@ -720,7 +786,32 @@ impl AudioPath {
             route,
             time_base: a_tb,
             offset: 0,
+            cmaf: None,
         })
+    }
+
+    /// Also writes the CMAF audio rendition under `dir`, from the encoder of the highest
+    /// bit rate (one audio rendition serves every video rendition).
+    pub(crate) fn write_cmaf(
+        &mut self,
+        cfg: &TranscoderSettings,
+        dir: &Path,
+    ) -> anyhow::Result<()> {
+        let Some((at, best)) = self.encoders.iter().enumerate().max_by_key(|(_, e)| e.kbps) else {
+            return Ok(());
+        };
+        let params = codec::Parameters::from(&best.encoder);
+        let muxers = Muxers::open_cmaf_audio(cfg, (&params, best.time_base), dir)?;
+        self.cmaf = Some((at, muxers));
+        Ok(())
+    }
+
+    /// Closes the CMAF audio rendition: its media playlist, if one was written.
+    pub(crate) fn finish_cmaf(&mut self) -> anyhow::Result<Option<PathBuf>> {
+        match self.cmaf.take() {
+            Some((_, muxers)) => Ok(muxers.finish()?.into_iter().next().map(|(_, p)| p)),
+            None => Ok(None),
+        }
     }
 
     pub(crate) fn send(&mut self, packet: &Packet) {
@@ -759,6 +850,9 @@ impl AudioPath {
     ) -> anyhow::Result<()> {
         for (e, encoder) in self.encoders.iter_mut().enumerate() {
             for packet in encoder.encode(frame)? {
+                if let Some((_, cmaf)) = self.cmaf.as_mut().filter(|(at, _)| *at == e) {
+                    cmaf.write(&packet, true, encoder.time_base)?;
+                }
                 sink(e, packet)?;
             }
         }
@@ -774,11 +868,14 @@ impl AudioPath {
     }
 }
 
-/// Writes the HLS master playlist and lists every file for the manifest.
+/// Writes the HLS master playlist (and the CMAF manifests, with the CMAF audio
+/// rendition's media playlist `cmaf_audio`) and lists every file for the manifest.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_outputs(
     job: &TranscodeJob,
     info: &media::SourceInfo,
     finished: &[Finished],
+    cmaf_audio: Option<&Path>,
     dropped: &[String],
     frame_rate: Rational,
     ctx: &JobContext,
@@ -789,6 +886,7 @@ pub(crate) fn collect_outputs(
         job,
         info,
         finished,
+        cmaf_audio,
         dropped,
         f64::from(frame_rate),
         ctx,
@@ -798,10 +896,12 @@ pub(crate) fn collect_outputs(
 
 /// [`collect_outputs`] for a source known by its probe's JSON (a stitch reads it from
 /// the first segment's manifest); `frame_rate` is the rate the renditions were clocked at.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_outputs_of(
     job: &TranscodeJob,
     info: serde_json::Value,
     finished: &[Finished],
+    cmaf_audio: Option<&Path>,
     dropped: &[String],
     frame_rate: f64,
     ctx: &JobContext,
@@ -809,16 +909,31 @@ pub(crate) fn collect_outputs_of(
 ) -> anyhow::Result<TaskOutput> {
     let mut out = TaskOutput::default();
     let mut variants = Vec::new();
+    let mut cmaf_renditions = Vec::new();
     for f in finished {
-        let codecs = hls::codecs(f.level, f.has_audio);
         for (kind, path) in &f.files {
             match kind {
-                OutputFormat::Mp4 => push_mp4(&mut out, f, path, &codecs)?,
+                OutputFormat::Mp4 => push_mp4(&mut out, f, path)?,
                 OutputFormat::Hls => {
+                    // MPEG-TS renditions are H.264 at the level asked of x264.
+                    let codecs = hls::codecs(f.level, f.has_audio);
                     variants.push(push_hls(&mut out, f, path, &codecs, frame_rate)?);
                 }
+                OutputFormat::Cmaf => cmaf_renditions.push(cmaf::Rendition {
+                    plan: &f.plan,
+                    playlist: path,
+                }),
             }
         }
+    }
+    if !cmaf_renditions.is_empty() {
+        cmaf::package(
+            &mut out,
+            &ctx.scratch_dir,
+            &cmaf_renditions,
+            cmaf_audio,
+            frame_rate,
+        )?;
     }
     if !variants.is_empty() {
         let master = ctx.scratch_dir.join("hls").join("master.m3u8");
@@ -834,14 +949,17 @@ pub(crate) fn collect_outputs_of(
         "renditions": finished.iter().map(|f| &f.plan).collect::<Vec<_>>(),
         "dropped_renditions": dropped,
         "formats": job.formats,
+        "codecs": job.codecs,
         "elapsed_s": round3(started.elapsed().as_secs_f64()),
     });
     Ok(out)
 }
 
-/// Lists a rendition's MP4 file with its facts.
-fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> anyhow::Result<()> {
+/// Lists a rendition's MP4 file with its facts (its codec strings read from the file).
+fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path) -> anyhow::Result<()> {
     let size = std::fs::metadata(path).context("scratch space")?.len();
+    let codecs =
+        crate::fmp4::file_codecs(path).with_context(|| format!("reading {}", path.display()))?;
     out.push(
         format!("{}.mp4", f.plan.name),
         path,
@@ -854,7 +972,7 @@ fn push_mp4(out: &mut TaskOutput, f: &Finished, path: &Path, codecs: &str) -> an
             "bitrate_kbps": kbps(size, f.duration_s),
             "video_kbps_cap": f.plan.video_kbps,
             "audio_kbps": f.has_audio.then_some(f.plan.audio_kbps),
-            "video_codec": "h264",
+            "video_codec": f.codec.name(),
             "audio_codec": f.has_audio.then_some("aac"),
             "codecs": codecs,
         }),

@@ -358,8 +358,15 @@ fn encode_and_compare(
     };
     let threads = encoder_threads(std::slice::from_ref(&plan), cfg.threads)[0];
     let level = hls::h264_level(plan.width, plan.height, f64::from(clock.rate));
-    let mut enc =
-        encode::open_video_encoder(&plan, cfg, threads, clock.rate, clock.time_base, level)?;
+    let mut enc = encode::open_video_encoder(
+        &plan,
+        shared::messages::VideoCodec::H264,
+        cfg,
+        threads,
+        clock.rate,
+        clock.time_base,
+        level,
+    )?;
     let mut dec = codec::context::Context::from_parameters(codec::Parameters::from(&enc))
         .and_then(|c| c.decoder().video())
         .map_err(|e| pipeline_error("opening the probe's H.264 decoder", e))?;

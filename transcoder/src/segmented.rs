@@ -30,7 +30,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde_json::json;
 use shared::media::{self, MediaLimits};
-use shared::messages::{Segmenting, Stage, TranscodeJob, TranscodePart};
+use shared::messages::{OutputFormat, Segmenting, Stage, TranscodeJob, TranscodePart, VideoCodec};
 use shared::split::FollowUp;
 use shared::{JobContext, TaskOutput, permanent};
 
@@ -57,6 +57,13 @@ pub fn run(
             None => crate::pipeline::transcode(job, ctx, cfg, limits),
         };
     };
+    // Parts are only planned for jobs the stitch can finish (see `plan`); a part asking
+    // for more was not made by a planner and is refused rather than stitched without it.
+    if let Some(why) = one_pass_only(job) {
+        return Err(permanent(format!(
+            "a part of a segmented transcode cannot be done: {why}"
+        )));
+    }
     let ladder = &part.ladder;
     match &part.stage {
         Stage::Segment {
@@ -78,6 +85,18 @@ pub fn run(
     }
 }
 
+/// Why `job` must be transcoded in one pass, if it must: the stitch copies H.264 parts
+/// into MP4 and MPEG-TS HLS only.
+fn one_pass_only(job: &TranscodeJob) -> Option<&'static str> {
+    if job.formats.contains(&OutputFormat::Cmaf) {
+        Some("CMAF is written by the single pass only")
+    } else if job.codecs != [VideoCodec::H264] {
+        Some("HEVC and AV1 are encoded by the single pass only")
+    } else {
+        None
+    }
+}
+
 /// The parts of a long source at `source` (segments, then audio), or `None` to
 /// transcode it in one pass: short, `--segments off`, or not safely splittable.
 pub fn plan(
@@ -88,6 +107,11 @@ pub fn plan(
     ctx: &JobContext,
 ) -> anyhow::Result<Option<Vec<TranscodeJob>>> {
     if job.segments == Segmenting::Off {
+        return Ok(None);
+    }
+    // A slower single pass for a long source, but every format and codec is written.
+    if let Some(why) = one_pass_only(job) {
+        tracing::info!("not splitting the transcode: {why}");
         return Ok(None);
     }
     let src = media::open(source, limits)?;
@@ -290,6 +314,7 @@ fn stitch(
         job,
         source.get("info").cloned().unwrap_or_default(),
         &finished,
+        None,
         &string_list(source.get("dropped_renditions")),
         source
             .get("frame_rate")
@@ -380,6 +405,29 @@ mod tests {
             },
             audio: None,
         }
+    }
+
+    #[test]
+    fn only_h264_jobs_without_cmaf_may_be_split() {
+        let body = |extra: &str| {
+            format!(
+                r#"{{"schema":1,"task":"transcode","job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e",
+                "source":"uploads/x/source.mp4",
+                "output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/"{extra}}}"#
+            )
+        };
+        let job = |extra: &str| {
+            shared::messages::parse::<TranscodeJob>(body(extra).as_bytes()).expect("a job")
+        };
+        assert_eq!(one_pass_only(&job("")), None);
+        assert_eq!(
+            one_pass_only(&job(r#","formats":["mp4","hls"],"codecs":["h264"]"#)),
+            None
+        );
+        let cmaf = one_pass_only(&job(r#","formats":["cmaf"]"#));
+        assert!(cmaf.is_some_and(|why| why.contains("CMAF")), "{cmaf:?}");
+        let av1 = one_pass_only(&job(r#","formats":["mp4"],"codecs":["h264","av1"]"#));
+        assert!(av1.is_some_and(|why| why.contains("AV1")), "{av1:?}");
     }
 
     #[test]

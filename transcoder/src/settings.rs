@@ -43,6 +43,10 @@ pub struct TranscoderSettings {
     /// A rung is dropped when it beats the rung below by less than this (SSIM in dB,
     /// both measured at the top rung's size) while costing more bits.
     pub fit_min_gain_db: f64,
+    /// libx265 preset of the `hevc` renditions (`codecs` of a job): the names of `preset`.
+    pub hevc_preset: String,
+    /// SVT-AV1 preset of the `av1` renditions: 0 (slowest, smallest) to 13 (fastest).
+    pub av1_preset: u8,
 }
 
 impl Default for TranscoderSettings {
@@ -64,6 +68,8 @@ impl Default for TranscoderSettings {
             fit_max_share: 0.05,
             fit_max_cap_ratio: 2.0,
             fit_min_gain_db: 0.5,
+            hevc_preset: "veryfast".into(),
+            av1_preset: 10,
         }
     }
 }
@@ -90,6 +96,18 @@ impl TranscoderSettings {
             PRESETS.join(", ")
         );
         anyhow::ensure!(self.crf <= 51, "transcoder.crf {} is over 51", self.crf);
+        // x265 takes x264's preset names (placebo included).
+        anyhow::ensure!(
+            PRESETS.contains(&self.hevc_preset.as_str()),
+            "transcoder.hevc_preset `{}` is not one of {}",
+            self.hevc_preset,
+            PRESETS.join(", ")
+        );
+        anyhow::ensure!(
+            self.av1_preset <= 13,
+            "transcoder.av1_preset {} is over 13 (SVT-AV1's fastest)",
+            self.av1_preset
+        );
         anyhow::ensure!(
             (0.5..=10.0).contains(&self.keyframe_interval_s),
             "transcoder.keyframe_interval_s {} is outside 0.5..=10",
@@ -228,6 +246,20 @@ mod tests {
             let err = bad.validate().unwrap_err().to_string();
             assert!(err.contains(says), "{err}");
         }
+    }
+
+    #[test]
+    fn codec_presets_are_checked_at_start() {
+        let with = |hevc: &str, av1: u8| TranscoderSettings {
+            hevc_preset: hevc.into(),
+            av1_preset: av1,
+            ..TranscoderSettings::default()
+        };
+        assert!(with("slow", 4).validate().is_ok());
+        let err = with("veryfst", 4).validate().unwrap_err().to_string();
+        assert!(err.contains("transcoder.hevc_preset `veryfst`"), "{err}");
+        let err = with("slow", 14).validate().unwrap_err().to_string();
+        assert!(err.contains("transcoder.av1_preset 14 is over 13"), "{err}");
     }
 
     /// Every binary checks settings against `KNOWN_KEYS`: it must hold exactly the

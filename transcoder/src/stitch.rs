@@ -183,6 +183,8 @@ fn stitch_rendition(
     let end = stats.end_pts.unwrap_or(0);
     Ok(Finished {
         plan: plan.clone(),
+        // Parts are H.264 only (`segmented::plan` keeps other codecs in one pass).
+        codec: shared::messages::VideoCodec::H264,
         level,
         duration_s: seconds(end, tb),
         has_audio: sound.is_some(),

@@ -86,6 +86,7 @@ fn job(renditions: &[Rendition], formats: &[OutputFormat]) -> TranscodeJob {
         output_prefix: StorageKey::new("local/out/").unwrap(),
         renditions: renditions.to_vec(),
         formats: formats.to_vec(),
+        codecs: vec![shared::messages::VideoCodec::H264],
         segments: Default::default(),
         ladder: Default::default(),
         part: None,
