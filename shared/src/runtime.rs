@@ -467,7 +467,13 @@ async fn with_events<H: Handler, F: std::future::Future<Output = Outcome>>(
     tokio::pin!(steps);
     let after = Duration::from_secs_f64(worker.settings.worker.started_event_after_secs);
     let mut next = tokio::time::Instant::now() + after;
-    let mut announced = false;
+    // Set to 0 (tests that read the start order): sent before the job runs, every time,
+    // not left to a race between a zero timer and a job that is over within a tick.
+    let mut announced = after.is_zero();
+    if announced {
+        run.emit::<H>(job_id, JobState::Started, None, None);
+        next += PROGRESS_EVERY;
+    }
     loop {
         tokio::select! {
             biased;
