@@ -4,13 +4,29 @@
 //! lowest rendition, is forced onto its highest, and must keep playing; both renditions'
 //! segments and the audio rendition's must have been fetched.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
 
 use crate::cmaf::{cmaf_dir, two_rendition_cmaf};
 use crate::support::TestEnv;
+
+/// The node to run the player with: the node 20 `scripts/setup.sh` put in
+/// `~/.cache/vidpipe-node` where the machine's own was older (Debian 12's is 18), else the
+/// machine's.
+fn node() -> PathBuf {
+    let cached = std::env::var_os("HOME")
+        .map(|home| Path::new(&home).join(".cache/vidpipe-node/node_modules"))
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("node-linux-"))
+        .map(|e| e.path().join("bin/node"))
+        .find(|bin| bin.is_file());
+    cached.unwrap_or_else(|| "node".into())
+}
 
 /// Plays `dir`'s `codec` renditions (`avc1`, `av01`) through `player` (`hls` or
 /// `dash`); the script's report.
@@ -20,7 +36,7 @@ fn play(dir: &Path, player: &str, codec: &str) -> Value {
         players.join("node_modules/playwright-core").is_dir(),
         "the player test needs its npm packages: run scripts/setup.sh"
     );
-    let out = Command::new("node")
+    let out = Command::new(node())
         .arg(players.join("play.mjs"))
         .arg(dir)
         .arg(player)
