@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::handler::TaskOutput;
+use crate::handler::{OutputFile, TaskOutput};
 use crate::manifest::{Completion, Manifest, ManifestOutput, RESERVED_OUTPUT_FIELDS};
 use crate::outcome::{PermanentExt as _, mark_permanent, permanent};
 use crate::settings::{StorageBackend, StorageSettings};
@@ -525,26 +525,13 @@ impl Storage {
     ) -> anyhow::Result<Option<Manifest>> {
         let mut outputs = Vec::with_capacity(output.files.len());
         for file in &output.files {
-            let key = run_prefix
-                .join(&file.name)
-                .with_context(|| format!("output name `{}`", file.name))
-                .permanent()?;
+            let key = output_key(run_prefix, file)?;
             self.confine(&key)?;
             let size = copy_into_place(&file.path, &self.local_path(&key)?)
                 .with_context(|| format!("writing `{key}` to storage"))?;
-            outputs.push(ManifestOutput {
-                name: file.name.clone(),
-                key,
-                size_bytes: size,
-                facts: handler_facts(&file.meta),
-            });
+            outputs.push(entry(file, key, size));
         }
-        let manifest = Manifest {
-            completion,
-            run,
-            outputs,
-            summary: output.summary.clone(),
-        };
+        let manifest = manifest_of(completion, run, outputs, output);
         let key = Self::manifest_key(prefix);
         self.confine(&key)?;
         let created = link_if_absent(&manifest.to_json(), &self.local_path(&key)?)
@@ -580,10 +567,7 @@ impl Storage {
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut written = Vec::with_capacity(output.files.len());
         for file in &output.files {
-            let key = run_prefix
-                .join(&file.name)
-                .with_context(|| format!("output name `{}`", file.name))
-                .permanent()?;
+            let key = output_key(&run_prefix, file)?;
             let size = match self.put_file(&key, &file.path, &|_| {}).await {
                 Ok(size) => size,
                 Err(e) => {
@@ -592,19 +576,9 @@ impl Storage {
                 }
             };
             written.push(key.clone());
-            outputs.push(ManifestOutput {
-                name: file.name.clone(),
-                key,
-                size_bytes: size,
-                facts: handler_facts(&file.meta),
-            });
+            outputs.push(entry(file, key, size));
         }
-        let manifest = Manifest {
-            completion,
-            run,
-            outputs,
-            summary: output.summary.clone(),
-        };
+        let manifest = manifest_of(completion, run, outputs, output);
         let mut opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -749,6 +723,40 @@ fn new_run(prefix: &StorageKey) -> anyhow::Result<(String, StorageKey)> {
     let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
     let run_prefix = prefix.join(&format!("{run}/")).permanent()?;
     Ok((run, run_prefix))
+}
+
+/// Where an output file goes: its name under the run's prefix (a name that makes no
+/// valid key is the handler's bug, permanent).
+fn output_key(run_prefix: &StorageKey, file: &OutputFile) -> anyhow::Result<StorageKey> {
+    run_prefix
+        .join(&file.name)
+        .with_context(|| format!("output name `{}`", file.name))
+        .permanent()
+}
+
+/// The manifest entry of `file`, stored at `key` with `size` bytes.
+fn entry(file: &OutputFile, key: StorageKey, size: u64) -> ManifestOutput {
+    ManifestOutput {
+        name: file.name.clone(),
+        key,
+        size_bytes: size,
+        facts: handler_facts(&file.meta),
+    }
+}
+
+/// The manifest of one committed run: both backends' commits write exactly this.
+fn manifest_of(
+    completion: Completion,
+    run: String,
+    outputs: Vec<ManifestOutput>,
+    output: &TaskOutput,
+) -> Manifest {
+    Manifest {
+        completion,
+        run,
+        outputs,
+        summary: output.summary.clone(),
+    }
 }
 
 /// A staging name beside `dest`: `<name>#<digits>`, the filesystem store's own form,
