@@ -133,12 +133,7 @@ async fn cmaf_writes_fmp4_renditions_that_hls_and_dash_share() {
         }
         starts.push(rendition_starts);
         let codecs = codecs.unwrap();
-        let inf = master
-            .lines()
-            .zip(master.lines().skip(1))
-            .find(|(_, uri)| *uri == format!("video/{name}/index.m3u8"))
-            .map(|(inf, _)| inf)
-            .unwrap_or_else(|| panic!("{name} missing from the master:\n{master}"));
+        let inf = variant_line(&master, name);
         assert!(
             inf.contains(&format!("CODECS=\"{codecs},mp4a.40.2\""))
                 && inf.contains(&format!("RESOLUTION={w}x{h}"))
@@ -345,12 +340,7 @@ async fn each_codec_is_a_ladder_of_its_own_with_codecs_as_encoded() {
         };
         let dir = root.join("video").join(name);
         let playlist = dir.join("index.m3u8");
-        let inf = master
-            .lines()
-            .zip(master.lines().skip(1))
-            .find(|(_, uri)| *uri == format!("video/{name}/index.m3u8"))
-            .map(|(inf, _)| inf)
-            .unwrap_or_else(|| panic!("{name} missing from the master:\n{master}"));
+        let inf = variant_line(&master, name);
         assert!(
             inf.contains(&format!("CODECS=\"{expected}")),
             "{name}: {inf}"
@@ -420,4 +410,14 @@ async fn hevc_in_mpeg_ts_hls_only_is_refused_with_a_reason() {
         dead[0].reason()
     );
     assert_eq!(dead[0].attempts(), Some(1), "refused, never retried");
+}
+
+/// The `#EXT-X-STREAM-INF` line of rendition `name`'s variant in a CMAF master playlist.
+fn variant_line<'m>(master: &'m str, name: &str) -> &'m str {
+    master
+        .lines()
+        .zip(master.lines().skip(1))
+        .find(|(_, uri)| *uri == format!("video/{name}/index.m3u8"))
+        .map(|(inf, _)| inf)
+        .unwrap_or_else(|| panic!("{name} missing from the master:\n{master}"))
 }

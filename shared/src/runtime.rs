@@ -576,20 +576,8 @@ async fn run_local<H: Handler>(
     );
     let completion = completion_of(worker, &job, attempt);
     let (job_id, job_token) = (job.job_id(), cancel.child_token());
-    let context = move |input: Input, out_dir| {
-        let mut ctx = JobContext::new(
-            job_id,
-            attempt,
-            input.source,
-            out_dir,
-            job_token,
-            Arc::new(move |p| {
-                let _ = progress.send(p);
-            }),
-        );
-        ctx.parts = input.parts;
-        ctx
-    };
+    let context =
+        move |input, out_dir| job_context(job_id, attempt, (input, out_dir), job_token, progress);
     let span = tracing::Span::current();
     let trip = move || -> Result<Handled<H::Job>, Skip> {
         let _entered = span.enter();
@@ -960,18 +948,13 @@ async fn run_handler<H: Handler>(
     (input, out_dir): (Input, std::path::PathBuf),
     progress: tokio::sync::watch::Sender<f64>,
 ) -> (Joined<H::Job>, bool) {
-    let job_token = cancel.child_token();
-    let mut ctx = JobContext::new(
+    let ctx = job_context(
         job.job_id(),
         attempt,
-        input.source,
-        out_dir,
-        job_token,
-        Arc::new(move |p| {
-            let _ = progress.send(p);
-        }),
+        (input, out_dir),
+        cancel.child_token(),
+        progress,
     );
-    ctx.parts = input.parts;
     let (handler, health) = (worker.handler.clone(), worker.health.clone());
     let span = tracing::Span::current();
     let handle = tokio::task::spawn_blocking(move || {
@@ -982,6 +965,29 @@ async fn run_handler<H: Handler>(
         (job, result)
     });
     within_time_limit(worker, &cancel, handle).await
+}
+
+/// The context a handler runs with: its input, its empty output directory, the token
+/// that stops it and where its progress goes.
+fn job_context(
+    job_id: Uuid,
+    attempt: u32,
+    (input, out_dir): (Input, std::path::PathBuf),
+    token: CancellationToken,
+    progress: tokio::sync::watch::Sender<f64>,
+) -> JobContext {
+    let mut ctx = JobContext::new(
+        job_id,
+        attempt,
+        input.source,
+        out_dir,
+        token,
+        Arc::new(move |p| {
+            let _ = progress.send(p);
+        }),
+    );
+    ctx.parts = input.parts;
+    ctx
 }
 
 /// Waits for a job's blocking trip; past the job's time limit, cancels `token` (the
