@@ -200,7 +200,8 @@ impl Storage {
     /// construction (a key has no `.` or `..` segment), so only a chain with a link in it
     /// needs resolving ([`Self::confined_through_links`]). Every job checks several keys,
     /// and resolving each from `/` was most of what its storage checks cost.
-    /// True if the key's path goes through a link (that stays inside).
+    ///
+    /// Returns whether the key's path goes through a link (one that stays inside).
     fn confined(&self, key: &StorageKey) -> Result<bool, OutsideRoot> {
         if self.local.is_none() {
             return Ok(false);
