@@ -80,28 +80,38 @@ pub fn sample_windows(duration: f64, count: u32, secs: f64, max_share: f64) -> V
         .collect()
 }
 
-/// Running sums of one rung at one CRF.
+/// Running sums of one rung at one CRF: its samples' comparisons added up, the seconds
+/// they cover and the highest sample's bit rate.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sums {
-    frames: usize,
-    ssim: f64,
-    psnr: f64,
-    top_frames: usize,
-    top_ssim: f64,
-    bytes: u64,
+    compared: Compared,
     seconds: f64,
     peak_kbps: f64,
 }
 
 impl Sums {
+    /// Adds one sample of `seconds`, compared.
+    fn add(&mut self, one: &Compared, seconds: f64) {
+        let c = &mut self.compared;
+        c.frames += one.frames;
+        c.ssim += one.ssim;
+        c.psnr += one.psnr;
+        c.top_frames += one.top_frames;
+        c.top_ssim += one.top_ssim;
+        c.bytes += one.bytes;
+        self.seconds += seconds;
+        self.peak_kbps = self.peak_kbps.max(kbps(one.bytes, seconds));
+    }
+
     fn measured(&self, crf: u8) -> Measured {
-        let n = self.frames.max(1) as f64;
+        let c = &self.compared;
+        let n = c.frames.max(1) as f64;
         Measured {
             crf,
-            ssim: self.ssim / n,
-            psnr_db: self.psnr / n,
-            top_ssim: self.top_ssim / self.top_frames.max(1) as f64,
-            kbps: kbps(self.bytes, self.seconds),
+            ssim: c.ssim / n,
+            psnr_db: c.psnr / n,
+            top_ssim: c.top_ssim / c.top_frames.max(1) as f64,
+            kbps: kbps(c.bytes, self.seconds),
             peak_kbps: self.peak_kbps,
         }
     }
@@ -173,19 +183,11 @@ pub fn measure(
                 ctx.check_cancelled()?;
                 let one = encode_and_compare(rung, crf, refs, &top_refs, clock, cfg)
                     .with_context(|| format!("probing rendition {} at crf {crf}", rung.name))?;
-                let s = &mut sums[i][k];
-                s.frames += one.frames;
-                s.ssim += one.ssim;
-                s.psnr += one.psnr;
-                s.top_frames += one.top_frames;
-                s.top_ssim += one.top_ssim;
-                s.bytes += one.bytes;
-                s.seconds += seconds;
-                s.peak_kbps = s.peak_kbps.max(kbps(one.bytes, seconds));
+                sums[i][k].add(&one, seconds);
             }
         }
     }
-    if sums.iter().all(|s| s[0].frames == 0) {
+    if sums.iter().all(|s| s[0].compared.frames == 0) {
         return Err(shared::permanent(
             "the probe decoded no frames from the source",
         ));
@@ -321,7 +323,7 @@ impl Scaler {
 }
 
 /// Sums of one sample encoded at one CRF.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 struct Compared {
     frames: usize,
     ssim: f64,
