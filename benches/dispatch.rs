@@ -4,11 +4,14 @@
 //!
 //! - dispatch: N empty jobs through `shared::runtime::run` (parse, manifest check,
 //!   source lookup, blocking-thread handler, manifest commit, events, ack) vs raw
-//!   `basic_consume` + `ack`, at prefetch 1 and 50; and vs the floor, raw plus the least
-//!   the job contract needs (a manifest created if absent, one `completed` event), done
-//!   inline. The clock starts at the first job settled: starting a worker (connect,
-//!   declare, consumers) is not dispatch. Per job it also prints the CPU time of this
-//!   process and of the broker (from `/proc`) and this process's context switches.
+//!   `basic_consume` + `ack`, at prefetch 1 and 50; and vs two floors: raw plus the
+//!   least the job contract needs (a manifest created if absent, one `completed` event),
+//!   done inline (`floor`) and with the storage work on a blocking thread (`hop`), as any
+//!   worker that runs a handler must. The clock starts at the first job settled:
+//!   starting a worker (connect, declare, consumers) is not dispatch. Per job it also
+//!   prints the CPU time of this process and of the broker (from `/proc`) and this
+//!   process's context switches. Each prefetch runs in rounds (`DISPATCH_ROUNDS`, 5)
+//!   of all four back to back; the results are the rounds' medians.
 //! - publish: `shared::broker::publish_confirmed` vs raw `basic_publish` + confirm.
 
 #[path = "support/cpu.rs"]
@@ -73,6 +76,45 @@ impl Measured {
             self.broker_cpu * 1e6 / n,
             self.switches / n,
         )
+    }
+}
+
+/// What consumes the jobs of one measured run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Consumer {
+    /// Raw lapin: parse, ack.
+    Raw,
+    /// Raw plus the least the job contract needs (manifest, `completed` event), inline.
+    Floor,
+    /// [`Consumer::Floor`] with its storage work on a blocking thread.
+    Hop,
+    /// `shared::runtime::run` with an empty handler.
+    Vidpipe,
+}
+
+impl Consumer {
+    const ALL: [Consumer; 4] = [
+        Consumer::Raw,
+        Consumer::Floor,
+        Consumer::Hop,
+        Consumer::Vidpipe,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Consumer::Raw => "raw",
+            Consumer::Floor => "floor",
+            Consumer::Hop => "hop",
+            Consumer::Vidpipe => "vidpipe",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Consumer::Floor => "floor (raw + manifest + completed event, inline):    ",
+            Consumer::Hop => "hop (the floor's storage work on a blocking thread):",
+            _ => self.name(),
+        }
     }
 }
 
@@ -164,11 +206,12 @@ impl Bench {
         }
     }
 
-    /// Raw lapin consume + ack; with `floor`, also what the job contract needs at the
-    /// least, done the cheapest way, inline: the task's manifest written create-if-absent
-    /// (staged, hard-linked into place) and one `completed` event published. Our runtime
-    /// cannot beat that floor; its distance to it is its own overhead.
-    async fn raw_consume(&self, n: usize, prefetch: u16, floor: bool) -> Measured {
+    /// Raw lapin consume + ack, and with [`Consumer::Floor`] or [`Consumer::Hop`] also
+    /// what the job contract needs at the least, done the cheapest way: the task's manifest
+    /// written create-if-absent (staged, hard-linked into place) and one `completed` event
+    /// published. `Floor` does it inline; `Hop` does the storage work on a blocking
+    /// thread, as any worker must run a handler (a codec loop) off the async threads.
+    async fn raw_consume(&self, n: usize, prefetch: u16, kind: Consumer) -> Measured {
         let events = self.conn.create_channel().await.unwrap();
         let store = self.data.path().join("store");
         self.fill(n).await;
@@ -190,17 +233,22 @@ impl Bench {
             let d = consumer.next().await.unwrap().unwrap();
             // Parse like a worker would, so the comparison is about dispatch, not JSON.
             let job: TranscodeJob = messages::parse(&d.data).unwrap();
-            if floor {
-                let dir = store.join(job.output_prefix.as_str());
+            let (job_id, dir) = (job.job_id, store.join(job.output_prefix.as_str()));
+            let manifest = move || {
                 std::fs::create_dir_all(&dir).unwrap();
                 let staged = dir.join("manifest.json#staged");
-                std::fs::write(&staged, format!("{{\"job_id\":\"{}\"}}", job.job_id)).unwrap();
+                std::fs::write(&staged, format!("{{\"job_id\":\"{job_id}\"}}")).unwrap();
                 std::fs::hard_link(&staged, dir.join("manifest.json")).unwrap();
                 std::fs::remove_file(&staged).unwrap();
+            };
+            match kind {
+                Consumer::Raw | Consumer::Vidpipe => {}
+                Consumer::Floor => manifest(),
+                Consumer::Hop => tokio::task::spawn_blocking(manifest).await.unwrap(),
             }
             d.acker.ack(BasicAckOptions::default()).await.unwrap();
-            if floor {
-                let key = format!("job.{}.transcode.completed", job.job_id);
+            if kind != Consumer::Raw {
+                let key = format!("job.{job_id}.transcode.completed");
                 events
                     .basic_publish(
                         self.topology.events_exchange().into(),
@@ -220,6 +268,14 @@ impl Bench {
         ch.close(200, "done".into()).await.unwrap();
         events.close(200, "done".into()).await.unwrap();
         took
+    }
+
+    /// One measured run of `kind`.
+    async fn consume(&self, n: usize, prefetch: u16, kind: Consumer) -> Measured {
+        match kind {
+            Consumer::Vidpipe => self.runtime_consume(n, prefetch).await,
+            _ => self.raw_consume(n, prefetch, kind).await,
+        }
     }
 
     async fn runtime_consume(&self, n: usize, prefetch: u16) -> Measured {
@@ -318,33 +374,79 @@ async fn main() {
         bench.cleanup().await;
         return;
     }
+    // This machine's broker and client share two cores with whatever else runs, and one
+    // run of each varies by a third: each prefetch is measured in rounds of every consumer
+    // back to back, and the medians of the rounds are the result.
+    let rounds: usize = std::env::var("DISPATCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
     for prefetch in [1u16, 50] {
         // Warm up both paths once, then measure.
-        bench.raw_consume(200, prefetch, false).await;
+        bench.raw_consume(200, prefetch, Consumer::Raw).await;
         bench.runtime_consume(200, prefetch).await;
-        let raw = bench.raw_consume(JOBS, prefetch, false).await;
-        let floor = bench.raw_consume(JOBS, prefetch, true).await;
-        let ours = bench.runtime_consume(JOBS, prefetch).await;
+        let mut measured: Vec<[Measured; 4]> = Vec::with_capacity(rounds);
+        for _ in 0..rounds {
+            let mut round = [None; 4];
+            for kind in Consumer::ALL {
+                round[kind as usize] = Some(bench.consume(JOBS, prefetch, kind).await);
+            }
+            let round = round.map(|m| m.expect("every consumer ran"));
+            println!(
+                "  prefetch={prefetch:>2} round, jobs/s: {}",
+                Consumer::ALL
+                    .iter()
+                    .map(|k| format!(
+                        "{} {:.0}",
+                        k.name(),
+                        rate(JOBS - 1, round[*k as usize].took)
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            measured.push(round);
+        }
+        let median = |f: &dyn Fn(&[Measured; 4]) -> f64| {
+            let mut v: Vec<f64> = measured.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let secs = |m: &Measured| m.took.as_secs_f64();
+        let (raw, ours) = (Consumer::Raw as usize, Consumer::Vidpipe as usize);
         println!(
-            "dispatch prefetch={prefetch:>2}: raw lapin {:>8.0} jobs/s, vidpipe runtime {:>8.0} jobs/s, ratio {:.2}",
-            rate(JOBS - 1, raw.took),
-            rate(JOBS - 1, ours.took),
-            raw.took.as_secs_f64() / ours.took.as_secs_f64()
+            "dispatch prefetch={prefetch:>2}: raw lapin {:>8.0} jobs/s, vidpipe runtime {:>8.0} jobs/s, ratio {:.2} (medians of {rounds} rounds)",
+            median(&|r| rate(JOBS - 1, r[raw].took)),
+            median(&|r| rate(JOBS - 1, r[ours].took)),
+            median(&|r| secs(&r[raw]) / secs(&r[ours])),
         );
-        println!(
-            "  floor (raw + manifest + completed event, inline): {:>8.0} jobs/s, vidpipe / floor {:.2}",
-            rate(JOBS - 1, floor.took),
-            floor.took.as_secs_f64() / ours.took.as_secs_f64()
-        );
-        let (floor_client, floor_broker, floor_sw) = floor.per_job(JOBS - 1);
-        println!(
-            "  floor per job: client CPU {floor_client:.0} µs, broker CPU {floor_broker:.0} µs, client context switches {floor_sw:.1}"
-        );
-        let ((raw_client, raw_broker, raw_sw), (our_client, our_broker, our_sw)) =
-            (raw.per_job(JOBS - 1), ours.per_job(JOBS - 1));
-        println!(
-            "  per job: client CPU {raw_client:.0} µs raw, {our_client:.0} µs vidpipe; broker CPU {raw_broker:.0} µs raw, {our_broker:.0} µs vidpipe; client context switches {raw_sw:.1} raw, {our_sw:.1} vidpipe"
-        );
+        for kind in [Consumer::Floor, Consumer::Hop] {
+            let k = kind as usize;
+            println!(
+                "  {} {:>8.0} jobs/s, {} / raw {:.2}, vidpipe / {} {:.2}",
+                kind.describe(),
+                median(&|r| rate(JOBS - 1, r[k].took)),
+                kind.name(),
+                median(&|r| secs(&r[raw]) / secs(&r[k])),
+                kind.name(),
+                median(&|r| secs(&r[k]) / secs(&r[ours])),
+            );
+        }
+        for kind in Consumer::ALL {
+            let k = kind as usize;
+            let per_job = |i: usize| {
+                median(&|r| {
+                    let (client, broker, switches) = r[k].per_job(JOBS - 1);
+                    [client, broker, switches][i]
+                })
+            };
+            println!(
+                "  per job, {:>7}: client CPU {:>4.0} µs, broker CPU {:>4.0} µs, client context switches {:.1}",
+                kind.name(),
+                per_job(0),
+                per_job(1),
+                per_job(2),
+            );
+        }
     }
     bench.publish(200, false).await;
     let raw = bench.publish(JOBS, false).await;

@@ -6,7 +6,9 @@
 //! commits them to storage atomically and writes the task's `manifest.json` last.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use anyhow::Context as _;
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -88,10 +90,33 @@ pub struct JobContext {
     pub source_path: PathBuf,
     /// A join's inputs: the committed parts it joins, in order (empty otherwise).
     pub parts: Vec<CommittedPart>,
-    /// Empty directory for outputs; removed by the runtime afterwards.
-    pub scratch_dir: PathBuf,
+    /// Where outputs go: see [`Self::scratch_dir`].
+    scratch: Arc<Scratch>,
     cancel: CancellationToken,
     progress: ProgressFn,
+}
+
+/// Where a job's scratch directory is.
+#[derive(Debug, Clone)]
+pub enum ScratchDir {
+    /// This directory, made already (and removed by whoever made it).
+    Ready(PathBuf),
+    /// A fresh `job-*` directory in this one, made on the handler's first
+    /// [`JobContext::scratch_dir`] and removed by the runtime after the job.
+    MakeIn(PathBuf),
+}
+
+/// A job's scratch directory, made when first asked for: a job that writes nothing (a
+/// split into parts, a probe) makes none. Making and removing one is several file
+/// system calls, as many as the rest of a small job's storage work.
+#[derive(Debug)]
+struct Scratch {
+    /// The directory to make one in ([`ScratchDir::MakeIn`]).
+    root: Option<PathBuf>,
+    /// The directory, once made (or given).
+    path: OnceLock<PathBuf>,
+    /// A directory made here, until the runtime takes it to remove it.
+    made: Mutex<Option<tempfile::TempDir>>,
 }
 
 impl std::fmt::Debug for JobContext {
@@ -100,7 +125,7 @@ impl std::fmt::Debug for JobContext {
             .field("job_id", &self.job_id)
             .field("attempt", &self.attempt)
             .field("source_path", &self.source_path)
-            .field("scratch_dir", &self.scratch_dir)
+            .field("scratch", &self.scratch)
             .finish_non_exhaustive()
     }
 }
@@ -110,16 +135,24 @@ impl JobContext {
         job_id: Uuid,
         attempt: u32,
         source_path: PathBuf,
-        scratch_dir: PathBuf,
+        scratch: ScratchDir,
         cancel: CancellationToken,
         progress: ProgressFn,
     ) -> Self {
+        let (root, path) = match scratch {
+            ScratchDir::Ready(dir) => (None, OnceLock::from(dir)),
+            ScratchDir::MakeIn(root) => (Some(root), OnceLock::new()),
+        };
         Self {
             job_id,
             attempt,
             source_path,
             parts: Vec::new(),
-            scratch_dir,
+            scratch: Arc::new(Scratch {
+                root,
+                path,
+                made: Mutex::new(None),
+            }),
             cancel,
             progress,
         }
@@ -132,10 +165,50 @@ impl JobContext {
             Uuid::nil(),
             1,
             source_path.to_path_buf(),
-            scratch_dir.to_path_buf(),
+            ScratchDir::Ready(scratch_dir.to_path_buf()),
             cancel,
             Arc::new(|_| {}),
         )
+    }
+
+    /// The job's own empty directory for its outputs (and anything else it writes),
+    /// removed by the runtime after the job. Made on the first call: the error says so
+    /// if it could not be (disk full, permissions), and is transient.
+    pub fn scratch_dir(&self) -> anyhow::Result<&Path> {
+        if let Some(dir) = self.scratch.path.get() {
+            return Ok(dir);
+        }
+        let mut made = self
+            .scratch
+            .made
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Another thread of the handler's may have made it while this one waited.
+        if let Some(dir) = self.scratch.path.get() {
+            return Ok(dir);
+        }
+        let root = self
+            .scratch
+            .root
+            .as_ref()
+            .expect("a context without a ready scratch directory has a root to make one in");
+        let dir = tempfile::Builder::new()
+            .prefix("job-")
+            .tempdir_in(root)
+            .with_context(|| format!("creating a scratch directory in {}", root.display()))?;
+        let path = self.scratch.path.get_or_init(|| dir.path().to_path_buf());
+        *made = Some(dir);
+        Ok(path)
+    }
+
+    /// The scratch directory this context made, if it made one, for the runtime to
+    /// remove once the outputs are committed.
+    pub(crate) fn take_scratch(&self) -> Option<tempfile::TempDir> {
+        self.scratch
+            .made
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     pub fn is_cancelled(&self) -> bool {
@@ -155,5 +228,86 @@ impl JobContext {
     /// Reports progress (0-100). Cheap; the runtime rate-limits the events it sends.
     pub fn progress(&self, percent: f64) {
         (self.progress)(percent.clamp(0.0, 100.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(scratch: ScratchDir) -> JobContext {
+        JobContext::new(
+            Uuid::new_v4(),
+            1,
+            PathBuf::new(),
+            scratch,
+            CancellationToken::new(),
+            Arc::new(|_| {}),
+        )
+    }
+
+    fn entries(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    /// A job that writes nothing makes no scratch directory; one that does gets one
+    /// `job-*` directory however often (and from however many threads) it asks, and the
+    /// runtime's take removes it.
+    #[test]
+    fn the_scratch_directory_is_made_on_first_use_and_only_once() {
+        let root = tempfile::tempdir().unwrap();
+        let idle = context(ScratchDir::MakeIn(root.path().to_path_buf()));
+        assert!(idle.take_scratch().is_none());
+        drop(idle);
+        assert_eq!(entries(root.path()), 0, "a job that never asked made one");
+
+        let ctx = context(ScratchDir::MakeIn(root.path().to_path_buf()));
+        let made: Vec<PathBuf> = std::thread::scope(|s| {
+            let asks: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| ctx.scratch_dir().unwrap().to_path_buf()))
+                .collect();
+            asks.into_iter().map(|a| a.join().unwrap()).collect()
+        });
+        assert!(made.iter().all(|d| d == &made[0]), "{made:?}");
+        assert!(made[0].is_dir() && made[0].parent() == Some(root.path()));
+        assert!(
+            made[0]
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("job-")
+        );
+        assert_eq!(entries(root.path()), 1);
+        std::fs::write(made[0].join("out.txt"), b"x").unwrap();
+
+        drop(ctx.take_scratch());
+        assert_eq!(entries(root.path()), 0, "the runtime's take removes it");
+    }
+
+    /// A directory that cannot be made is the job's error, saying where, and worth a
+    /// retry (a full or unmounted disk can come back).
+    #[test]
+    fn a_scratch_directory_that_cannot_be_made_is_a_transient_error() {
+        let root = tempfile::tempdir().unwrap();
+        let not_a_dir = root.path().join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        let ctx = context(ScratchDir::MakeIn(not_a_dir.clone()));
+        let err = ctx.scratch_dir().unwrap_err();
+        let JobError::Transient(reason) = JobError::classify(err) else {
+            panic!("a scratch directory that cannot be made is worth a retry");
+        };
+        assert!(
+            reason.contains(&not_a_dir.display().to_string()),
+            "{reason}"
+        );
+    }
+
+    /// A context given a directory (handlers run directly, the S3 path) uses it as is.
+    #[test]
+    fn a_ready_scratch_directory_is_used_as_given() {
+        let root = tempfile::tempdir().unwrap();
+        let ctx = context(ScratchDir::Ready(root.path().to_path_buf()));
+        assert_eq!(ctx.scratch_dir().unwrap(), root.path());
+        assert!(ctx.take_scratch().is_none(), "not this context's to remove");
     }
 }

@@ -34,7 +34,7 @@ use uuid::Uuid;
 
 use crate::broker;
 use crate::events::{EventPublisher, JobState, now_rfc3339};
-use crate::handler::{Handler, JobContext, TaskOutput};
+use crate::handler::{Handler, JobContext, ScratchDir, TaskOutput};
 use crate::health::Health;
 use crate::intake::Intake;
 use crate::manifest::Completion;
@@ -576,15 +576,17 @@ async fn run_local<H: Handler>(
     );
     let completion = completion_of(worker, &job, attempt);
     let (job_id, job_token) = (job.job_id(), cancel.child_token());
-    let context =
-        move |input, out_dir| job_context(job_id, attempt, (input, out_dir), job_token, progress);
+    let context = move |input| {
+        let scratch = ScratchDir::MakeIn(scratch_root);
+        job_context(job_id, attempt, (input, scratch), job_token, progress)
+    };
     let span = tracing::Span::current();
     let trip = move || -> Result<Handled<H::Job>, Skip> {
         let _entered = span.enter();
-        let ready = prepare_local(&storage, &lookups, &scratch_root)?;
-        health.bytes_read.inc_by(ready.input.bytes);
+        let input = prepare_local(&storage, &lookups)?;
+        health.bytes_read.inc_by(input.bytes);
         let started = Instant::now();
-        let ctx = context(ready.input, ready.out_dir);
+        let ctx = context(input);
         let result = handler.handle(&job, &ctx);
         observe_handler::<H>(&health, started);
         let committed = match &result {
@@ -593,7 +595,7 @@ async fn run_local<H: Handler>(
             }
             _ => None,
         };
-        drop(ready.scratch);
+        drop(ctx.take_scratch());
         Ok(Handled {
             joined: Ok((job, result)),
             timed_out: false,
@@ -895,13 +897,9 @@ async fn prepare<H: Handler>(worker: &Worker<H>, job: &H::Job) -> Result<Ready, 
 }
 
 /// [`prepare`] on the filesystem backend for a source job, synchronously (in
-/// [`run_local`]'s trip): the checks first, then the scratch directory (the source is read in place, so a job that will not run never
-/// makes one).
-fn prepare_local(
-    storage: &Storage,
-    lookups: &Lookups,
-    scratch_root: &std::path::Path,
-) -> Result<Ready, Skip> {
+/// [`run_local`]'s trip): only the checks. The source is read in place, and the handler
+/// makes its scratch directory when it first writes ([`ScratchDir::MakeIn`]).
+fn prepare_local(storage: &Storage, lookups: &Lookups) -> Result<Input, Skip> {
     if let Some(task_prefix) = &lookups.task_prefix {
         lookups.task_joined(storage.manifest_owner_blocking(task_prefix))?;
     }
@@ -914,13 +912,7 @@ fn prepare_local(
             parts: Vec::new(),
             bytes: s.size,
         });
-    let input = lookups.still_to_run(owner, cancelled, input)?;
-    let (scratch, out_dir) = make_scratch(scratch_root).map_err(Skip::Failed)?;
-    Ok(Ready {
-        scratch,
-        input,
-        out_dir,
-    })
+    lookups.still_to_run(owner, cancelled, input)
 }
 
 /// A job's scratch directory (`job-*` under `worker.scratch_dir`) and the empty output
@@ -951,7 +943,7 @@ async fn run_handler<H: Handler>(
     let ctx = job_context(
         job.job_id(),
         attempt,
-        (input, out_dir),
+        (input, ScratchDir::Ready(out_dir)),
         cancel.child_token(),
         progress,
     );
@@ -972,7 +964,7 @@ async fn run_handler<H: Handler>(
 fn job_context(
     job_id: Uuid,
     attempt: u32,
-    (input, out_dir): (Input, std::path::PathBuf),
+    (input, scratch): (Input, ScratchDir),
     token: CancellationToken,
     progress: tokio::sync::watch::Sender<f64>,
 ) -> JobContext {
@@ -980,7 +972,7 @@ fn job_context(
         job_id,
         attempt,
         input.source,
-        out_dir,
+        scratch,
         token,
         Arc::new(move |p| {
             let _ = progress.send(p);

@@ -56,6 +56,18 @@ pub const OWNER_METADATA: &str = "job-id";
 /// Copy buffer for streaming files in and out.
 const CHUNK: usize = 1 << 20;
 
+/// What [`Storage::confined`]'s walk down a key's path saw.
+enum Walk {
+    /// A segment does not exist, so neither does the key.
+    Missing,
+    /// Every segment exists and none is a link: the last one's `lstat`, which is the
+    /// key's own metadata.
+    Plain(std::fs::Metadata),
+    /// Not known: the walk went through a link (one that stays inside the root) or could
+    /// not read a segment, or the store is not local. The path itself must be asked.
+    Unknown { linked: bool },
+}
+
 /// A key whose place on disk resolves outside the storage root: a symlink inside the root
 /// (say `outputs/<job>/transcode -> /elsewhere`) leads out of it. Refused for every read,
 /// write, listing and deletion; permanent, since the link will not go away by itself.
@@ -193,31 +205,42 @@ impl Storage {
         self.confined(key).map(|_| ()).permanent()
     }
 
-    /// [`Self::confine`]'s check, unmarked.
+    /// [`Self::confine`]'s check, unmarked, and what it saw of the key's path.
     ///
     /// Walks down from the (canonical) root one segment at a time with `lstat`, until a
     /// segment does not exist: a chain of plain directories ends inside the root by
     /// construction (a key has no `.` or `..` segment), so only a chain with a link in it
     /// needs resolving ([`Self::confined_through_links`]). Every job checks several keys,
-    /// and resolving each from `/` was most of what its storage checks cost.
-    ///
-    /// Returns whether the key's path goes through a link (one that stays inside).
-    fn confined(&self, key: &StorageKey) -> Result<bool, OutsideRoot> {
+    /// and resolving each from `/` was most of what its storage checks cost; what the
+    /// walk saw ([`Walk`]) spares the caller another look at the same path.
+    fn confined(&self, key: &StorageKey) -> Result<Walk, OutsideRoot> {
         if self.local.is_none() {
-            return Ok(false);
+            return Ok(Walk::Unknown { linked: false });
         }
         let mut at = self.root.clone();
+        let mut last = None;
         for segment in key.as_str().trim_end_matches('/').split('/') {
             at.push(segment);
             match at.symlink_metadata() {
                 Ok(meta) if meta.file_type().is_symlink() => {
-                    return self.confined_through_links(key).map(|()| true);
+                    return self
+                        .confined_through_links(key)
+                        .map(|()| Walk::Unknown { linked: true });
                 }
-                Ok(_) => {}
-                Err(_) => return Ok(false),
+                Ok(meta) => last = Some(meta),
+                // Under a file nothing exists either, as the object store sees it.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    return Ok(Walk::Missing);
+                }
+                Err(_) => return Ok(Walk::Unknown { linked: false }),
             }
         }
-        Ok(false)
+        Ok(last.map_or(Walk::Unknown { linked: false }, Walk::Plain))
     }
 
     /// [`Self::confined`] for a key whose path has a link in it: its deepest existing
@@ -433,11 +456,24 @@ impl Storage {
     /// and resolves its path.
     pub fn local_source_blocking(&self, key: &StorageKey) -> anyhow::Result<LocalSource> {
         let what = format!("source `{key}`");
-        let linked = self
+        let walk = self
             .confined(key)
             .permanent()
             .with_context(|| what.clone())?;
         let path = self.local_path(key).with_context(|| what.clone())?;
+        let linked = match walk {
+            Walk::Missing => return Err(self.missing(&what)),
+            Walk::Plain(meta) if meta.is_file() => {
+                // A chain of plain directories under the canonical root: already real.
+                return Ok(LocalSource {
+                    path,
+                    size: meta.len(),
+                });
+            }
+            // A directory is no object, as the store sees it.
+            Walk::Plain(_) => return Err(self.missing(&what)),
+            Walk::Unknown { linked } => linked,
+        };
         let size = match std::fs::metadata(&path) {
             Ok(meta) if meta.is_file() => meta.len(),
             // A directory is no object, as the store sees it.
@@ -463,21 +499,37 @@ impl Storage {
         Ok(LocalSource { path: real, size })
     }
 
-    /// [`Self::exists`] on the filesystem backend, synchronously: one `stat`.
+    /// [`Self::exists`] on the filesystem backend, synchronously: what the confinement
+    /// walk saw, or one `stat` where it went through a link.
     pub fn exists_blocking(&self, key: &StorageKey) -> anyhow::Result<bool> {
-        self.confine(key)?;
+        match self.confined(key).permanent()? {
+            Walk::Missing => return Ok(false),
+            Walk::Plain(meta) => return Ok(meta.is_file()),
+            Walk::Unknown { .. } => {}
+        }
         match std::fs::metadata(self.local_path(key)?) {
             Ok(meta) => Ok(meta.is_file()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(false)
+            }
             Err(e) => Err(e).with_context(|| format!("checking `{key}` in storage")),
         }
     }
 
     /// [`Self::manifest_owner`] on the filesystem backend, synchronously: one read of the
-    /// manifest, absent or not (local files carry no owner metadata).
+    /// manifest (local files carry no owner metadata), none if the confinement walk
+    /// already found a part of its path missing.
     pub fn manifest_owner_blocking(&self, prefix: &StorageKey) -> anyhow::Result<Option<Uuid>> {
         let key = Self::manifest_key(prefix);
-        self.confine(&key)?;
+        if let Walk::Missing = self.confined(&key).permanent()? {
+            // A fresh job's: its prefix is not there yet.
+            return Ok(None);
+        }
         let bytes = match std::fs::read(self.local_path(&key)?) {
             Ok(bytes) => bytes,
             Err(e)
@@ -1042,6 +1094,100 @@ mod tests {
             JobError::classify(err),
             JobError::Permanent(r) if r.starts_with("checking for an existing manifest: ")
         ));
+    }
+
+    /// The blocking lookups a local job's checks use answer from what the confinement
+    /// walk saw where they can ([`Walk`]); they must answer as the object store does on
+    /// every kind of path: missing, a file, a directory, a link inside, a link outside.
+    #[tokio::test]
+    async fn the_blocking_lookups_answer_as_the_object_store_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, elsewhere) = store_and_elsewhere(dir.path());
+        storage
+            .put_bytes(&key("uploads/a/src.bin"), b"video".to_vec())
+            .await
+            .unwrap();
+        storage
+            .put_bytes(&key("shared/f.bin"), b"linked".to_vec())
+            .await
+            .unwrap();
+        link(
+            &storage,
+            "uploads/inside",
+            &storage.root.join("shared/f.bin"),
+        );
+        link(&storage, "uploads/outside", &elsewhere);
+        std::fs::write(elsewhere.join("x"), b"secret").unwrap();
+        let prefix = key("outputs/j/transcode/");
+        let written = storage
+            .commit(&prefix, &TaskOutput::default(), completion())
+            .await
+            .unwrap()
+            .unwrap();
+
+        for k in [
+            "uploads/a/src.bin",
+            "uploads/a",
+            "uploads/none/src.bin",
+            "uploads/inside",
+            "outputs/j/transcode/manifest.json",
+            "outputs/j/transcode/cancelled.json",
+        ] {
+            assert_eq!(
+                storage.exists_blocking(&key(k)).unwrap(),
+                storage.exists(&key(k)).await.unwrap(),
+                "{k}"
+            );
+        }
+        // Under a file there is no object, as on S3 (the local object store errs there).
+        assert!(
+            !storage
+                .exists_blocking(&key("uploads/a/src.bin/deeper"))
+                .unwrap()
+        );
+        for k in ["uploads/outside/x", "uploads/outside"] {
+            assert!(storage.exists_blocking(&key(k)).is_err(), "{k}");
+        }
+
+        let source = storage
+            .local_source_blocking(&key("uploads/a/src.bin"))
+            .unwrap();
+        assert_eq!(
+            (source.path, source.size),
+            (storage.root.join("uploads/a/src.bin"), 5)
+        );
+        let linked = storage
+            .local_source_blocking(&key("uploads/inside"))
+            .unwrap();
+        assert_eq!(
+            (linked.path, linked.size),
+            (storage.root.join("shared/f.bin"), 6)
+        );
+        for k in ["uploads/a", "uploads/none/src.bin"] {
+            let err = storage.local_source_blocking(&key(k)).unwrap_err();
+            assert!(
+                matches!(JobError::classify(err), JobError::Permanent(r) if r.contains("does not exist")),
+                "{k}"
+            );
+        }
+        assert!(
+            storage
+                .local_source_blocking(&key("uploads/outside/x"))
+                .is_err()
+        );
+
+        for (p, owner) in [
+            ("outputs/j/transcode/", Some(written.completion.job_id)),
+            ("outputs/k/transcode/", None),
+            ("uploads/a/", None),
+        ] {
+            assert_eq!(
+                storage.manifest_owner_blocking(&key(p)).unwrap(),
+                owner,
+                "{p}"
+            );
+            assert_eq!(storage.manifest_owner(&key(p)).await.unwrap(), owner, "{p}");
+        }
     }
 
     /// The filesystem path of a key is the one the object store itself maps it to.

@@ -127,7 +127,10 @@ impl<J: JobMessage + AsRef<TestJob>> Handler for TestHandler<J> {
             output.summary = serde_json::json!({ "streams": streams.info });
         }
         let source = std::fs::read(&ctx.source_path).map_err(JobError::transient)?;
-        let out = ctx.scratch_dir.join("out.txt");
+        let out = ctx
+            .scratch_dir()
+            .map_err(JobError::transient)?
+            .join("out.txt");
         std::fs::write(&out, &source).map_err(JobError::transient)?;
         output.push(
             "out.txt",

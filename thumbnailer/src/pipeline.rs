@@ -50,7 +50,7 @@ pub fn thumbnail(
     // Keyframe times from the container's index: where seeking lands, for placing sprite
     // tiles and for sharing the decoding fairly between lanes.
     let keyframes = src.keyframes();
-    let sprite_dir = ctx.scratch_dir.join("sprite");
+    let sprite_dir = ctx.scratch_dir()?.join("sprite");
     let sheets = match &job.sprite {
         Some(spec) => Some(sprite_sheets(
             job,
@@ -169,7 +169,7 @@ fn push_poster(
     let ext = job.format.extension();
     let (time, img) = choose_poster(candidates).ok_or_else(no_frames)?;
     let name = format!("poster.{ext}");
-    let path = ctx.scratch_dir.join(&name);
+    let path = ctx.scratch_dir()?.join(&name);
     images::write(&img, job.format, job.quality, &path)?;
     out.push(
         name,
@@ -582,7 +582,7 @@ fn grab_lane(targets: &[(f64, Purpose)], s: &Shared<'_>) -> anyhow::Result<Lane>
             Purpose::Thumb(i) => {
                 let img = thumb_scaler.rgb(frame)?;
                 let name = format!("thumb_{:03}.{ext}", i + 1);
-                let path = ctx.scratch_dir.join(&name);
+                let path = ctx.scratch_dir()?.join(&name);
                 images::write(&img, job.format, job.quality, &path)?;
                 let meta = json!({"kind": "thumbnail", "index": i + 1, "time_s": round3(shown),
                     "requested_s": round3(*t), "width": img.width(),

@@ -61,7 +61,7 @@ enum Msg {
     Audio(Arc<Packet>),
 }
 
-/// Transcodes `ctx.source_path` into `ctx.scratch_dir` as the job asks.
+/// Transcodes `ctx.source_path` into `ctx.scratch_dir()` as the job asks.
 pub fn transcode(
     job: &TranscodeJob,
     ctx: &JobContext,
@@ -109,7 +109,7 @@ pub fn transcode(
     if job.formats.contains(&OutputFormat::Cmaf)
         && let Some(a) = audio.as_mut()
     {
-        a.write_cmaf(cfg, &ctx.scratch_dir)?;
+        a.write_cmaf(cfg, ctx.scratch_dir()?)?;
     }
 
     let mut video = VideoPath::new(&src, clock, upright, None);
@@ -329,7 +329,7 @@ fn open_outputs(
             clock,
             encoder,
             &job.formats,
-            &ctx.scratch_dir,
+            ctx.scratch_dir()?,
         )?);
     }
     Ok(outputs)
@@ -929,14 +929,14 @@ pub(crate) fn collect_outputs_of(
     if !cmaf_renditions.is_empty() {
         cmaf::package(
             &mut out,
-            &ctx.scratch_dir,
+            ctx.scratch_dir()?,
             &cmaf_renditions,
             cmaf_audio,
             frame_rate,
         )?;
     }
     if !variants.is_empty() {
-        let master = ctx.scratch_dir.join("hls").join("master.m3u8");
+        let master = ctx.scratch_dir()?.join("hls").join("master.m3u8");
         std::fs::write(&master, hls::master_playlist(&variants)).context("scratch space")?;
         out.push(
             "hls/master.m3u8",

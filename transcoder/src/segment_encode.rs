@@ -102,7 +102,7 @@ fn encode_range(
     let outputs = plan
         .iter()
         .zip(threads)
-        .map(|(p, t)| RenditionOutput::open_part(p.clone(), cfg, t, clock, &ctx.scratch_dir))
+        .map(|(p, t)| RenditionOutput::open_part(p.clone(), cfg, t, clock, ctx.scratch_dir()?))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let finished = pipeline::run(&mut src, &mut decoder, &mut video, None, plan, outputs, ctx)
         .with_context(|| format!("segment {}", range.index))?;
@@ -196,7 +196,7 @@ pub fn encode_audio(
         .encoders
         .iter()
         .map(|e| {
-            let path = ctx.scratch_dir.join(format!("aac-{}.nut", e.kbps));
+            let path = ctx.scratch_dir()?.join(format!("aac-{}.nut", e.kbps));
             PartWriter::create(
                 &path,
                 &codec::Parameters::from(&e.encoder),

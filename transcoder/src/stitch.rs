@@ -43,7 +43,7 @@ pub struct SegmentParts {
 
 /// Stitches every rendition of `plan` from `segments` (in timeline order) and the audio
 /// part of its bit rate (none when `audio` is empty: the source has no audio) into the
-/// containers `formats` asks for, under `ctx.scratch_dir`.
+/// containers `formats` asks for, under `ctx.scratch_dir()`.
 pub fn stitch(
     plan: &[Planned],
     formats: &[OutputFormat],
@@ -143,7 +143,7 @@ fn stitch_rendition(
         tb,
         sound.as_ref().map(|s| (&s.params, s.time_base)),
         formats,
-        &ctx.scratch_dir,
+        ctx.scratch_dir()?,
     )?;
 
     let mut stats = PacketStats::default();
