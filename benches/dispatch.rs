@@ -6,8 +6,9 @@
 //!   source lookup, blocking-thread handler, manifest commit, events, ack) vs raw
 //!   `basic_consume` + `ack`, at prefetch 1 and 50; and vs two floors: raw plus the
 //!   least the job contract needs (a manifest created if absent, one `completed` event),
-//!   done inline (`floor`) and with the storage work on a blocking thread (`hop`), as any
-//!   worker that runs a handler must. The clock starts at the first job settled:
+//!   done inline a job at a time (`floor`), and with each job a task of its own doing
+//!   the storage work on a blocking thread (`hop`), as any worker that runs a handler
+//!   must, as many at once as the prefetch delivers. The clock starts at the first job settled:
 //!   starting a worker (connect, declare, consumers) is not dispatch. Per job it also
 //!   prints the CPU time of this process and of the broker (from `/proc`) and this
 //!   process's context switches. Each prefetch runs in rounds (`DISPATCH_ROUNDS`, 5)
@@ -86,7 +87,8 @@ enum Consumer {
     Raw,
     /// Raw plus the least the job contract needs (manifest, `completed` event), inline.
     Floor,
-    /// [`Consumer::Floor`] with its storage work on a blocking thread.
+    /// [`Consumer::Floor`] with its storage work on a blocking thread, a task per job,
+    /// as many at once as the prefetch lets the broker deliver.
     Hop,
     /// `shared::runtime::run` with an empty handler.
     Vidpipe,
@@ -112,7 +114,7 @@ impl Consumer {
     fn describe(self) -> &'static str {
         match self {
             Consumer::Floor => "floor (raw + manifest + completed event, inline):    ",
-            Consumer::Hop => "hop (the floor's storage work on a blocking thread):",
+            Consumer::Hop => "hop (the floor's storage work on blocking threads): ",
             _ => self.name(),
         }
     }
@@ -209,8 +211,9 @@ impl Bench {
     /// Raw lapin consume + ack, and with [`Consumer::Floor`] or [`Consumer::Hop`] also
     /// what the job contract needs at the least, done the cheapest way: the task's manifest
     /// written create-if-absent (staged, hard-linked into place) and one `completed` event
-    /// published. `Floor` does it inline; `Hop` does the storage work on a blocking
-    /// thread, as any worker must run a handler (a codec loop) off the async threads.
+    /// published. `Floor` does it inline, a job at a time; `Hop` runs each job in a task
+    /// of its own with the storage work on a blocking thread, as any worker must run a
+    /// handler (a codec loop) off the async threads.
     async fn raw_consume(&self, n: usize, prefetch: u16, kind: Consumer) -> Measured {
         let events = self.conn.create_channel().await.unwrap();
         let store = self.data.path().join("store");
@@ -229,40 +232,67 @@ impl Bench {
             .await
             .unwrap();
         let (mut start, mut cpu) = (Instant::now(), cpu_now(self.broker));
+        let mut running = tokio::task::JoinSet::new();
         for i in 0..n {
             let d = consumer.next().await.unwrap().unwrap();
             // Parse like a worker would, so the comparison is about dispatch, not JSON.
             let job: TranscodeJob = messages::parse(&d.data).unwrap();
             let (job_id, dir) = (job.job_id, store.join(job.output_prefix.as_str()));
+            let redelivered = d.redelivered;
             let manifest = move || {
                 std::fs::create_dir_all(&dir).unwrap();
                 let staged = dir.join("manifest.json#staged");
                 std::fs::write(&staged, format!("{{\"job_id\":\"{job_id}\"}}")).unwrap();
-                std::fs::hard_link(&staged, dir.join("manifest.json")).unwrap();
+                if let Err(e) = std::fs::hard_link(&staged, dir.join("manifest.json")) {
+                    panic!("job {job_id} (redelivered: {redelivered}) again? {e}");
+                }
                 std::fs::remove_file(&staged).unwrap();
             };
+            let (events, exchange) = (events.clone(), self.topology.events_exchange());
+            let settle = async move {
+                d.acker.ack(BasicAckOptions::default()).await.unwrap();
+                if kind != Consumer::Raw {
+                    let key = format!("job.{job_id}.transcode.completed");
+                    events
+                        .basic_publish(
+                            exchange.into(),
+                            key.into(),
+                            BasicPublishOptions::default(),
+                            br#"{"state":"completed"}"#,
+                            BasicProperties::default(),
+                        )
+                        .await
+                        .unwrap();
+                }
+            };
             match kind {
-                Consumer::Raw | Consumer::Vidpipe => {}
-                Consumer::Floor => manifest(),
-                Consumer::Hop => tokio::task::spawn_blocking(manifest).await.unwrap(),
-            }
-            d.acker.ack(BasicAckOptions::default()).await.unwrap();
-            if kind != Consumer::Raw {
-                let key = format!("job.{job_id}.transcode.completed");
-                events
-                    .basic_publish(
-                        self.topology.events_exchange().into(),
-                        key.into(),
-                        BasicPublishOptions::default(),
-                        br#"{"state":"completed"}"#,
-                        BasicProperties::default(),
-                    )
-                    .await
-                    .unwrap();
+                Consumer::Raw | Consumer::Vidpipe => settle.await,
+                Consumer::Floor => {
+                    manifest();
+                    settle.await;
+                }
+                // Each job its own task, as many at once as the broker delivers (the
+                // prefetch), as a worker with that many slots runs them; the first alone,
+                // so the clock starts at a settled job.
+                Consumer::Hop => {
+                    running.spawn(async move {
+                        tokio::task::spawn_blocking(manifest).await.unwrap();
+                        settle.await;
+                    });
+                    if i == 0 {
+                        running.join_next().await.unwrap().unwrap();
+                    }
+                    while let Some(done) = running.try_join_next() {
+                        done.unwrap();
+                    }
+                }
             }
             if i == 0 {
                 (start, cpu) = (Instant::now(), cpu_now(self.broker));
             }
+        }
+        while let Some(done) = running.join_next().await {
+            done.unwrap();
         }
         let took = Measured::since(start, cpu, self.broker);
         ch.close(200, "done".into()).await.unwrap();

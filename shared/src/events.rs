@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use futures::StreamExt as _;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions,
 };
@@ -109,19 +110,9 @@ impl EventPublisher {
     pub fn new(channel: Channel, exchange: String, worker: String) -> Self {
         let (queue, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
         let sender = tokio::spawn(async move {
-            while let Some((routing_key, body)) = rx.recv().await {
-                let sent = channel
-                    .basic_publish(
-                        exchange.clone().into(),
-                        routing_key.into(),
-                        BasicPublishOptions::default(),
-                        &body,
-                        BasicProperties::default().with_content_type("application/json".into()),
-                    )
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e, "could not send a job event");
-                }
+            let mut queued = Vec::with_capacity(EVENTS_AT_ONCE);
+            while rx.recv_many(&mut queued, EVENTS_AT_ONCE).await > 0 {
+                send_in_order(&channel, &exchange, queued.drain(..)).await;
             }
             let _ = channel.close(200, "events done".into()).await;
         });
@@ -186,6 +177,46 @@ impl EventPublisher {
         let body = serde_json::to_vec(&event).expect("events always serialise");
         // The receiver only goes away with the session; then events are moot.
         let _ = self.queue.send((routing_key(job_id, task, state), body));
+    }
+}
+
+/// How many queued events [`EventPublisher`]'s task sends at once, at most.
+const EVENTS_AT_ONCE: usize = 64;
+
+/// Publishes `events` on `channel`, all at once, in their order, and waits until each is
+/// written. A publish queues its frames when first polled, so polling each once, in
+/// order, keeps the order on the wire; the waits then overlap, and a busy worker's events
+/// go out several per write instead of one per round trip to the connection's I/O loop.
+async fn send_in_order(
+    channel: &Channel,
+    exchange: &str,
+    events: impl Iterator<Item = (String, Vec<u8>)>,
+) {
+    let report = |sent: lapin::Result<_>| {
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "could not send a job event");
+        }
+    };
+    let mut writing = futures::stream::FuturesUnordered::new();
+    for (routing_key, body) in events {
+        let mut publish = Box::pin(async move {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    BasicProperties::default().with_content_type("application/json".into()),
+                )
+                .await
+        });
+        match futures::poll!(&mut publish) {
+            std::task::Poll::Ready(sent) => report(sent),
+            std::task::Poll::Pending => writing.push(publish),
+        }
+    }
+    while let Some(sent) = writing.next().await {
+        report(sent);
     }
 }
 

@@ -903,8 +903,8 @@ fn prepare_local(storage: &Storage, lookups: &Lookups) -> Result<Input, Skip> {
     if let Some(task_prefix) = &lookups.task_prefix {
         lookups.task_joined(storage.manifest_owner_blocking(task_prefix))?;
     }
-    let owner = storage.manifest_owner_blocking(&lookups.prefix);
-    let cancelled = storage.exists_blocking(&lookups.cancel_marker);
+    let (owner, cancelled) =
+        storage.owner_and_exists_blocking(&lookups.prefix, &lookups.cancel_marker);
     let input = storage
         .local_source_blocking(&lookups.source)
         .map(|s| Input {

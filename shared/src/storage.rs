@@ -58,14 +58,35 @@ const CHUNK: usize = 1 << 20;
 
 /// What [`Storage::confined`]'s walk down a key's path saw.
 enum Walk {
-    /// A segment does not exist, so neither does the key.
-    Missing,
+    /// A segment does not exist, so neither does the key, nor any key through it: the
+    /// first `found` segments exist (plain directories), the next does not.
+    Missing { found: usize },
     /// Every segment exists and none is a link: the last one's `lstat`, which is the
     /// key's own metadata.
     Plain(std::fs::Metadata),
     /// Not known: the walk went through a link (one that stays inside the root) or could
     /// not read a segment, or the store is not local. The path itself must be asked.
     Unknown { linked: bool },
+}
+
+impl Walk {
+    /// Whether `key` is missing for what this walk of `walked` saw: it goes through the
+    /// directory the walk found missing (the same leading segments up to that one).
+    fn proves_missing(&self, walked: &StorageKey, key: &StorageKey) -> bool {
+        let Walk::Missing { found } = *self else {
+            return false;
+        };
+        let segments = |k: &StorageKey| {
+            k.as_str()
+                .trim_end_matches('/')
+                .split('/')
+                .take(found + 1)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let through = segments(walked);
+        through.len() == found + 1 && segments(key) == through
+    }
 }
 
 /// A key whose place on disk resolves outside the storage root: a symlink inside the root
@@ -219,7 +240,7 @@ impl Storage {
         }
         let mut at = self.root.clone();
         let mut last = None;
-        for segment in key.as_str().trim_end_matches('/').split('/') {
+        for (found, segment) in key.as_str().trim_end_matches('/').split('/').enumerate() {
             at.push(segment);
             match at.symlink_metadata() {
                 Ok(meta) if meta.file_type().is_symlink() => {
@@ -235,7 +256,7 @@ impl Storage {
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                     ) =>
                 {
-                    return Ok(Walk::Missing);
+                    return Ok(Walk::Missing { found });
                 }
                 Err(_) => return Ok(Walk::Unknown { linked: false }),
             }
@@ -462,7 +483,7 @@ impl Storage {
             .with_context(|| what.clone())?;
         let path = self.local_path(key).with_context(|| what.clone())?;
         let linked = match walk {
-            Walk::Missing => return Err(self.missing(&what)),
+            Walk::Missing { .. } => return Err(self.missing(&what)),
             Walk::Plain(meta) if meta.is_file() => {
                 // A chain of plain directories under the canonical root: already real.
                 return Ok(LocalSource {
@@ -503,7 +524,7 @@ impl Storage {
     /// walk saw, or one `stat` where it went through a link.
     pub fn exists_blocking(&self, key: &StorageKey) -> anyhow::Result<bool> {
         match self.confined(key).permanent()? {
-            Walk::Missing => return Ok(false),
+            Walk::Missing { .. } => return Ok(false),
             Walk::Plain(meta) => return Ok(meta.is_file()),
             Walk::Unknown { .. } => {}
         }
@@ -526,11 +547,39 @@ impl Storage {
     /// already found a part of its path missing.
     pub fn manifest_owner_blocking(&self, prefix: &StorageKey) -> anyhow::Result<Option<Uuid>> {
         let key = Self::manifest_key(prefix);
-        if let Walk::Missing = self.confined(&key).permanent()? {
+        let walk = self.confined(&key).permanent()?;
+        self.manifest_owner_walked(&key, &walk)
+    }
+
+    /// [`Self::manifest_owner_blocking`] of `prefix` and [`Self::exists_blocking`] of
+    /// `marker` (a job's own manifest and its task's cancel marker), from one walk where
+    /// it can: a fresh job's prefix is not there yet, and neither is a marker under the
+    /// same missing directory.
+    pub fn owner_and_exists_blocking(
+        &self,
+        prefix: &StorageKey,
+        marker: &StorageKey,
+    ) -> (anyhow::Result<Option<Uuid>>, anyhow::Result<bool>) {
+        let key = Self::manifest_key(prefix);
+        let walk = match self.confined(&key).permanent() {
+            Ok(walk) => walk,
+            Err(e) => return (Err(e), self.exists_blocking(marker)),
+        };
+        let marked = if walk.proves_missing(&key, marker) {
+            Ok(false)
+        } else {
+            self.exists_blocking(marker)
+        };
+        (self.manifest_owner_walked(&key, &walk), marked)
+    }
+
+    /// The owner of the manifest at `key`, whose confinement walk saw `walk`.
+    fn manifest_owner_walked(&self, key: &StorageKey, walk: &Walk) -> anyhow::Result<Option<Uuid>> {
+        if let Walk::Missing { .. } = walk {
             // A fresh job's: its prefix is not there yet.
             return Ok(None);
         }
-        let bytes = match std::fs::read(self.local_path(&key)?) {
+        let bytes = match std::fs::read(self.local_path(key)?) {
             Ok(bytes) => bytes,
             Err(e)
                 if matches!(
@@ -542,7 +591,7 @@ impl Storage {
             }
             Err(e) => return Err(e).with_context(|| format!("reading `{key}` from storage")),
         };
-        let manifest = Manifest::from_json(&key, &bytes).permanent()?;
+        let manifest = Manifest::from_json(key, &bytes).permanent()?;
         Ok(Some(manifest.completion.job_id))
     }
 
@@ -556,10 +605,15 @@ impl Storage {
         output: &TaskOutput,
         completion: Completion,
     ) -> anyhow::Result<Option<Manifest>> {
-        self.confine(prefix)?;
+        let walk = self.confined(prefix).permanent()?;
         let (run, run_prefix) = new_run(prefix)?;
         let run_dir = self.local_path(&run_prefix)?;
-        let committed = self.commit_run_blocking(prefix, &run_prefix, run, output, completion);
+        let target = Target {
+            prefix,
+            walk,
+            run_prefix: &run_prefix,
+        };
+        let committed = self.commit_run_blocking(&target, run, output, completion);
         if !matches!(committed, Ok(Some(_))) {
             // Only this attempt ever wrote there (the run id is fresh).
             let _ = std::fs::remove_dir_all(&run_dir);
@@ -570,23 +624,22 @@ impl Storage {
     /// [`Self::commit_blocking`]'s writes, the run directory's removal left to it.
     fn commit_run_blocking(
         &self,
-        prefix: &StorageKey,
-        run_prefix: &StorageKey,
+        target: &Target<'_>,
         run: String,
         output: &TaskOutput,
         completion: Completion,
     ) -> anyhow::Result<Option<Manifest>> {
         let mut outputs = Vec::with_capacity(output.files.len());
         for file in &output.files {
-            let key = output_key(run_prefix, file)?;
-            self.confine(&key)?;
+            let key = output_key(target.run_prefix, file)?;
+            target.confine(self, &key)?;
             let size = copy_into_place(&file.path, &self.local_path(&key)?)
                 .with_context(|| format!("writing `{key}` to storage"))?;
             outputs.push(entry(file, key, size));
         }
         let manifest = manifest_of(completion, run, outputs, output);
-        let key = Self::manifest_key(prefix);
-        self.confine(&key)?;
+        let key = Self::manifest_key(target.prefix);
+        target.confine(self, &key)?;
         let created = link_if_absent(&manifest.to_json(), &self.local_path(&key)?)
             .with_context(|| format!("writing `{key}` to storage"))?;
         Ok(created.then_some(manifest))
@@ -776,6 +829,25 @@ fn new_run(prefix: &StorageKey) -> anyhow::Result<(String, StorageKey)> {
     let run = format!("run-{}", &Uuid::new_v4().simple().to_string()[..12]);
     let run_prefix = prefix.join(&format!("{run}/")).permanent()?;
     Ok((run, run_prefix))
+}
+
+/// Where a local commit writes: its prefix, what the confinement walk saw of it, and the
+/// attempt's run prefix under it.
+struct Target<'a> {
+    prefix: &'a StorageKey,
+    walk: Walk,
+    run_prefix: &'a StorageKey,
+}
+
+impl Target<'_> {
+    /// Confines `key`, a key under the prefix, unless it lies under a directory the walk
+    /// found missing: this commit makes that directory and everything in it, plainly.
+    fn confine(&self, storage: &Storage, key: &StorageKey) -> anyhow::Result<()> {
+        if self.walk.proves_missing(self.prefix, key) {
+            return Ok(());
+        }
+        storage.confine(key)
+    }
 }
 
 /// Where an output file goes: its name under the run's prefix (a name that makes no
@@ -1187,6 +1259,36 @@ mod tests {
                 "{p}"
             );
             assert_eq!(storage.manifest_owner(&key(p)).await.unwrap(), owner, "{p}");
+        }
+
+        // One walk for a manifest and a marker answers as two lookups, a marker that
+        // only shares a string prefix with the missing directory included.
+        storage
+            .put_bytes(&key("outputs/m/transcode/cancelled.json"), b"{}".to_vec())
+            .await
+            .unwrap();
+        for (p, marker) in [
+            ("outputs/j/transcode/", "outputs/j/transcode/cancelled.json"),
+            ("outputs/k/transcode/", "outputs/k/transcode/cancelled.json"),
+            (
+                "outputs/k/transcode/parts/2/",
+                "outputs/k/transcode/cancelled.json",
+            ),
+            (
+                "outputs/mm/transcode/",
+                "outputs/m/transcode/cancelled.json",
+            ),
+            ("outputs/k/transcode/", "outputs/m/transcode/cancelled.json"),
+        ] {
+            let (owner, marked) = storage.owner_and_exists_blocking(&key(p), &key(marker));
+            assert_eq!(
+                (owner.unwrap(), marked.unwrap()),
+                (
+                    storage.manifest_owner_blocking(&key(p)).unwrap(),
+                    storage.exists(&key(marker)).await.unwrap()
+                ),
+                "{p} {marker}"
+            );
         }
     }
 
