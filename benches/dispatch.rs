@@ -399,10 +399,15 @@ async fn main() {
     let bench = Bench::new().await;
     println!("vidpipe dispatch benchmark ({JOBS} jobs per run, same broker, same run)");
     // `DISPATCH_PROFILE_ONLY=50`: only the runtime, longer, at that prefetch (to run
-    // under `perf record`).
+    // under `perf record`); with `DISPATCH_PROFILE_KIND=hop` (or raw, floor) that one.
     if let Ok(only) = std::env::var("DISPATCH_PROFILE_ONLY") {
         let prefetch: u16 = only.parse().expect("a prefetch count");
-        bench.runtime_consume(4 * JOBS, prefetch).await;
+        let kind = std::env::var("DISPATCH_PROFILE_KIND").unwrap_or_default();
+        let kind = Consumer::ALL
+            .into_iter()
+            .find(|k| k.name() == kind)
+            .unwrap_or(Consumer::Vidpipe);
+        bench.consume(4 * JOBS, prefetch, kind).await;
         bench.cleanup().await;
         return;
     }
