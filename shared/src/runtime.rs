@@ -432,9 +432,8 @@ impl Run<'_> {
 }
 
 /// Does the work of one parsed job and says how it went: prepare (storage checks, input,
-/// scratch), run the handler, commit. On the filesystem backend that is three trips to a
-/// blocking thread in all, one per step: each trip costs about as much as the broker's
-/// routing of a message, so for a small job they, not the broker, set the pace.
+/// scratch), run the handler, commit ([`run_steps`]), with the job's events meanwhile
+/// ([`with_events`]).
 async fn run_job<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
@@ -557,8 +556,8 @@ struct Handled<J> {
 }
 
 /// [`run_steps`] on the filesystem backend for a job that reads its source: the checks
-/// ([`prepare_local`]), the handler and the commit with the scratch removal, all in one
-/// trip to a blocking thread. Each trip costs about as much as the broker's routing of a
+/// ([`prepare_local`]), the handler (its scratch directory made if it asks for one) and
+/// the commit with the scratch removal, all in one trip to a blocking thread. Each trip costs about as much as the broker's routing of a
 /// message, so for a small job the trips, not the broker, would set the pace.
 async fn run_local<H: Handler>(
     worker: &Worker<H>,
