@@ -119,6 +119,18 @@ struct Scratch {
     made: Mutex<Option<tempfile::TempDir>>,
 }
 
+/// How a job's scratch directory's name starts: the runtime removes the ones a crashed
+/// worker left by it.
+pub(crate) const SCRATCH_PREFIX: &str = "job-";
+
+/// A fresh job scratch directory (`job-*`) in `root`, removed when dropped.
+pub(crate) fn new_scratch(root: &Path) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(SCRATCH_PREFIX)
+        .tempdir_in(root)
+        .with_context(|| format!("creating a scratch directory in {}", root.display()))
+}
+
 impl std::fmt::Debug for JobContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobContext")
@@ -192,10 +204,7 @@ impl JobContext {
             .root
             .as_ref()
             .expect("a context without a ready scratch directory has a root to make one in");
-        let dir = tempfile::Builder::new()
-            .prefix("job-")
-            .tempdir_in(root)
-            .with_context(|| format!("creating a scratch directory in {}", root.display()))?;
+        let dir = new_scratch(root)?;
         let path = self.scratch.path.get_or_init(|| dir.path().to_path_buf());
         *made = Some(dir);
         Ok(path)
@@ -275,7 +284,7 @@ mod tests {
                 .file_name()
                 .unwrap()
                 .to_string_lossy()
-                .starts_with("job-")
+                .starts_with(SCRATCH_PREFIX)
         );
         assert_eq!(entries(root.path()), 1);
         std::fs::write(made[0].join("out.txt"), b"x").unwrap();

@@ -192,7 +192,10 @@ fn remove_stale_scratch(root: &std::path::Path, stale_after: Duration) {
         return;
     };
     for entry in entries.flatten() {
-        let is_job_dir = entry.file_name().to_string_lossy().starts_with("job-");
+        let is_job_dir = entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(crate::handler::SCRATCH_PREFIX);
         let age = entry
             .metadata()
             .and_then(|m| m.modified())
@@ -557,8 +560,9 @@ struct Handled<J> {
 
 /// [`run_steps`] on the filesystem backend for a job that reads its source: the checks
 /// ([`prepare_local`]), the handler (its scratch directory made if it asks for one) and
-/// the commit with the scratch removal, all in one trip to a blocking thread. Each trip costs about as much as the broker's routing of a
-/// message, so for a small job the trips, not the broker, would set the pace.
+/// the commit with the scratch removal, all in one trip to a blocking thread. Each trip
+/// costs about as much as the broker's routing of a message, so for a small job the
+/// trips, not the broker, would set the pace.
 async fn run_local<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
@@ -917,10 +921,7 @@ fn prepare_local(storage: &Storage, lookups: &Lookups) -> Result<Input, Skip> {
 /// A job's scratch directory (`job-*` under `worker.scratch_dir`) and the empty output
 /// directory inside it.
 fn make_scratch(root: &std::path::Path) -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf)> {
-    let scratch = tempfile::Builder::new()
-        .prefix("job-")
-        .tempdir_in(root)
-        .context("creating a scratch directory")?;
+    let scratch = crate::handler::new_scratch(root)?;
     let out_dir = scratch.path().join("out");
     std::fs::create_dir(&out_dir).context("creating the output directory")?;
     Ok((scratch, out_dir))

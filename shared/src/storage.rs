@@ -76,17 +76,20 @@ impl Walk {
         let Walk::Missing { found } = *self else {
             return false;
         };
-        let segments = |k: &StorageKey| {
-            k.as_str()
-                .trim_end_matches('/')
-                .split('/')
-                .take(found + 1)
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        };
-        let through = segments(walked);
-        through.len() == found + 1 && segments(key) == through
+        let missing = leading_segments(walked, found + 1);
+        missing.is_some() && leading_segments(key, found + 1) == missing
     }
+}
+
+/// The first `n` segments of `key`, if it has that many.
+fn leading_segments(key: &StorageKey, n: usize) -> Option<Vec<&str>> {
+    let leading: Vec<&str> = key
+        .as_str()
+        .trim_end_matches('/')
+        .split('/')
+        .take(n)
+        .collect();
+    (leading.len() == n).then_some(leading)
 }
 
 /// A key whose place on disk resolves outside the storage root: a symlink inside the root
