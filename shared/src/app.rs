@@ -67,7 +67,7 @@ pub fn worker_main<H: Handler>(
         let storage = Storage::from_settings(&s.storage)?;
         let health = Health::new();
         // Before the endpoint opens, so the first scrape already lists every series.
-        health.track_task(<H::Job as JobMessage>::TASK);
+        let _ = health.track_task(<H::Job as JobMessage>::TASK);
         let shutdown = shutdown::on_signals();
         // Not the shutdown token: while in-flight jobs drain after SIGTERM the process is
         // alive (/healthz 200) but not ready (/readyz 503); the endpoint goes with it.

@@ -114,6 +114,22 @@ impl MetricsFormat {
     }
 }
 
+/// One task's labelled series, looked up once ([`Health::track_task`]): each is a handle
+/// on the series in the registry, so counting a job allocates no labels and takes no
+/// lock.
+#[derive(Clone, Debug)]
+pub struct TaskSeries {
+    /// `vidpipe_jobs_total` by outcome (see [`OUTCOMES`]).
+    pub completed: Counter,
+    pub retried: Counter,
+    pub dead: Counter,
+    pub requeued: Counter,
+    pub cancelled: Counter,
+    pub job_seconds: Histogram,
+    pub retries: Counter,
+    pub dead_letters: Counter,
+}
+
 /// Readiness flag and every metric a worker exports. Cheap to clone.
 #[derive(Clone)]
 pub struct Health {
@@ -226,15 +242,24 @@ impl Health {
     /// Creates every labelled series of `task` at zero (each outcome, retries, dead
     /// letters, the duration histogram), so a scrape before its first job already shows
     /// them: a series born at its first increment hides that increment from `rate()`.
-    pub fn track_task(&self, task: &str) {
-        // `get_or_create` creates the series; the guard it returns is not needed.
-        for outcome in OUTCOMES {
-            let _ = self.jobs.get_or_create(&Self::labels(task, outcome));
-        }
+    /// Returns them, so a job's metrics are an atomic add each.
+    pub fn track_task(&self, task: &str) -> TaskSeries {
+        let [completed, retried, dead, requeued, cancelled] = OUTCOMES.map(|outcome| {
+            self.jobs
+                .get_or_create(&Self::labels(task, outcome))
+                .clone()
+        });
         let task = Self::task(task);
-        let _ = self.job_seconds.get_or_create(&task);
-        let _ = self.retries.get_or_create(&task);
-        let _ = self.dead_letters.get_or_create(&task);
+        TaskSeries {
+            completed,
+            retried,
+            dead,
+            requeued,
+            cancelled,
+            job_seconds: self.job_seconds.get_or_create(&task).clone(),
+            retries: self.retries.get_or_create(&task).clone(),
+            dead_letters: self.dead_letters.get_or_create(&task).clone(),
+        }
     }
 
     /// The metrics exposition in `format`.

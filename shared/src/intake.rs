@@ -18,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::priority::{Priority, StartGate};
+use crate::settlement::Settlement;
 use crate::topology::Topology;
 
 /// The consumers of one session, the deliveries waiting for a slot, and the slots.
@@ -31,13 +32,15 @@ pub(crate) struct Intake {
 /// One priority's channel and consumer (the channel must outlive the jobs it delivered:
 /// a delivery is acked on its own channel).
 struct Stream {
-    channel: Channel,
+    channel: Arc<Channel>,
     consumer: Consumer,
 }
 
-/// A delivery that may start now, with the slot it holds until it is settled.
+/// A delivery that may start now, with the slot it holds until it is settled, and its
+/// settlement (on the channel it came on).
 pub(crate) struct Start {
     pub delivery: Delivery,
+    pub settlement: Settlement,
     pub slot: OwnedSemaphorePermit,
 }
 
@@ -63,7 +66,10 @@ impl Intake {
                     FieldTable::default(),
                 )
                 .await?;
-            Ok::<_, anyhow::Error>(Stream { channel, consumer })
+            Ok::<_, anyhow::Error>(Stream {
+                channel: Arc::new(channel),
+                consumer,
+            })
         };
         Ok(Self {
             high: open(Priority::High, concurrency.saturating_add(1)).await?,
@@ -86,24 +92,38 @@ impl Intake {
                 d = self.normal.consumer.next() => self.gate.push(Priority::Normal, delivered(d)?),
                 slot = self.slots.clone().acquire_owned(), if waiting => {
                     let slot = slot.expect("the slots semaphore is never closed");
-                    let (_, delivery) = self.gate.pop().expect("the gate was not empty");
-                    return Ok(Start { delivery, slot });
+                    let (priority, delivery) = self.gate.pop().expect("the gate was not empty");
+                    let settlement = self.settlement(priority, &delivery);
+                    return Ok(Start { delivery, settlement, slot });
                 }
             }
         }
     }
 
+    /// The settlement of a delivery of the given priority: on its stream's channel.
+    fn settlement(&self, priority: Priority, delivery: &Delivery) -> Settlement {
+        let stream = match priority {
+            Priority::High => &self.high,
+            Priority::Normal => &self.normal,
+        };
+        Settlement::new(stream.channel.clone(), delivery.delivery_tag)
+    }
+
     /// Stops both consumers and returns to the queues at once every delivery that has
     /// not started, so other workers can take them. The channels stay open (returned)
     /// for the acks of the jobs still running.
-    pub(crate) async fn stop(mut self) -> Vec<Channel> {
+    pub(crate) async fn stop(mut self) -> Vec<Arc<Channel>> {
+        let mut unstarted = Vec::new();
+        while let Some((priority, delivery)) = self.gate.pop() {
+            unstarted.push(self.settlement(priority, &delivery));
+        }
         let mut returned = Vec::new();
         for stream in [self.high, self.normal] {
             crate::runtime::stop_consuming(&stream.channel, stream.consumer).await;
             returned.push(stream.channel);
         }
-        for delivery in self.gate.drain() {
-            crate::runtime::nack_requeue(&delivery).await;
+        for settlement in unstarted {
+            settlement.nack_requeue().await;
         }
         returned
     }

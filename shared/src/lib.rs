@@ -12,6 +12,7 @@
 //! - [`outcome`]: job errors and the pure outcome → broker action decision.
 //! - [`handler`]: the trait both workers implement.
 //! - [`runtime`]: the one consume / ack / retry / dead-letter loop.
+//! - `settlement`: a delivery's ack or requeue, once, from any thread.
 //! - [`split`]: split jobs: fan-out into parts, fan-in to one join, race-free.
 //! - [`events`]: job events on `video_events`.
 //! - [`cancel`]: cancelling a job: the marker in storage and the live-stop control message.
@@ -46,6 +47,7 @@ pub mod outcome;
 pub mod priority;
 pub mod runtime;
 pub mod settings;
+mod settlement;
 pub mod shutdown;
 pub mod sniff;
 pub mod split;

@@ -152,11 +152,6 @@ impl<T> StartGate<T> {
         self.high_streak = 0;
         self.normal.pop_front().map(|d| (Priority::Normal, d))
     }
-
-    /// Everything still waiting (at shutdown or broker loss, to hand back unstarted).
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.high.drain(..).chain(self.normal.drain(..))
-    }
 }
 
 #[cfg(test)]

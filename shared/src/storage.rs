@@ -633,17 +633,21 @@ impl Storage {
         completion: Completion,
     ) -> anyhow::Result<Option<Manifest>> {
         let mut outputs = Vec::with_capacity(output.files.len());
+        let mut dirs = DirMaker {
+            missing: target.missing_dir(&self.root),
+            made: Vec::new(),
+        };
         for file in &output.files {
             let key = output_key(target.run_prefix, file)?;
             target.confine(self, &key)?;
-            let size = copy_into_place(&file.path, &self.local_path(&key)?)
+            let size = copy_into_place(&file.path, &self.local_path(&key)?, &mut dirs)
                 .with_context(|| format!("writing `{key}` to storage"))?;
             outputs.push(entry(file, key, size));
         }
         let manifest = manifest_of(completion, run, outputs, output);
         let key = Self::manifest_key(target.prefix);
         target.confine(self, &key)?;
-        let created = link_if_absent(&manifest.to_json(), &self.local_path(&key)?)
+        let created = link_if_absent(&manifest.to_json(), &self.local_path(&key)?, &mut dirs)
             .with_context(|| format!("writing `{key}` to storage"))?;
         Ok(created.then_some(manifest))
     }
@@ -851,6 +855,74 @@ impl Target<'_> {
         }
         storage.confine(key)
     }
+
+    /// The directory of the prefix that the walk found missing (its parent exists), under
+    /// `root`.
+    fn missing_dir(&self, root: &FsPath) -> Option<PathBuf> {
+        let Walk::Missing { found } = self.walk else {
+            return None;
+        };
+        let segments = leading_segments(self.prefix, found + 1)?;
+        Some(
+            segments
+                .into_iter()
+                .fold(root.to_path_buf(), |dir, s| dir.join(s)),
+        )
+    }
+}
+
+/// Makes the directories one local commit writes into, with as few `mkdir` calls as it
+/// can. From the directory the confinement walk found missing it makes each level down
+/// in turn, each call succeeding the first time (`create_dir_all` tries the deepest
+/// first and fails its way up: three calls for a fresh job's prefix instead of two). A
+/// directory this commit already made is not made again: a task's outputs share their run
+/// directory, and the manifest's directory is above it.
+struct DirMaker {
+    /// The first directory of the commit's prefix that the walk found missing.
+    missing: Option<PathBuf>,
+    /// The directories this commit has made (or found) so far.
+    made: Vec<PathBuf>,
+}
+
+impl DirMaker {
+    /// Makes `dir` and whatever above it is missing.
+    fn make(&mut self, dir: &FsPath) -> std::io::Result<()> {
+        let exists = |made: &[PathBuf], dir: &FsPath| made.iter().any(|m| m.starts_with(dir));
+        if exists(&self.made, dir) {
+            return Ok(());
+        }
+        match &self.missing {
+            Some(top) if dir.starts_with(top) => {
+                let mut levels = vec![top.clone()];
+                for part in dir
+                    .strip_prefix(top)
+                    .unwrap_or(FsPath::new(""))
+                    .components()
+                {
+                    let below = levels[levels.len() - 1].join(part);
+                    levels.push(below);
+                }
+                for level in levels {
+                    if exists(&self.made, &level) {
+                        continue;
+                    }
+                    match std::fs::create_dir(&level) {
+                        Ok(()) => self.made.push(level),
+                        // Made meanwhile (another delivery of the job committing too):
+                        // the general way takes it from there, as it would have.
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                            std::fs::create_dir_all(dir)?;
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            _ => std::fs::create_dir_all(dir)?,
+        }
+        self.made.push(dir.to_path_buf());
+        Ok(())
+    }
 }
 
 /// Where an output file goes: its name under the run's prefix (a name that makes no
@@ -897,9 +969,9 @@ fn staging_path(dest: &FsPath) -> PathBuf {
 
 /// Copies `from` to `dest` so that `dest` appears only complete (staged, then renamed);
 /// the bytes copied.
-fn copy_into_place(from: &FsPath, dest: &FsPath) -> std::io::Result<u64> {
+fn copy_into_place(from: &FsPath, dest: &FsPath, dirs: &mut DirMaker) -> std::io::Result<u64> {
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir)?;
+        dirs.make(dir)?;
     }
     let staged = staging_path(dest);
     let copied = std::fs::copy(from, &staged).and_then(|n| {
@@ -914,9 +986,9 @@ fn copy_into_place(from: &FsPath, dest: &FsPath) -> std::io::Result<u64> {
 
 /// Writes `bytes` to `dest` only if nothing is there: staged, then hard-linked into place
 /// (a link never replaces a name). False if `dest` existed.
-fn link_if_absent(bytes: &[u8], dest: &FsPath) -> std::io::Result<bool> {
+fn link_if_absent(bytes: &[u8], dest: &FsPath, dirs: &mut DirMaker) -> std::io::Result<bool> {
     if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir)?;
+        dirs.make(dir)?;
     }
     let staged = staging_path(dest);
     std::fs::write(&staged, bytes)?;
@@ -1343,5 +1415,35 @@ mod tests {
             reason.starts_with("source `k`: access denied: ") && reason.contains("403 Forbidden"),
             "{reason}"
         );
+    }
+
+    /// A commit's directories are made from the level its walk found missing down, each
+    /// once; a level made meanwhile by someone else is taken as it is.
+    #[test]
+    fn a_commit_makes_each_missing_directory_once_and_tolerates_a_racing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("outputs/job");
+        std::fs::create_dir(dir.path().join("outputs")).unwrap();
+        let mut dirs = DirMaker {
+            missing: Some(job.clone()),
+            made: Vec::new(),
+        };
+        let run = job.join("transcode/run-1/720p");
+        dirs.make(&run).unwrap();
+        assert!(run.is_dir());
+        // The run's directory and the prefix above it are known made: nothing is tried.
+        let made = dirs.made.len();
+        dirs.make(&job.join("transcode")).unwrap();
+        dirs.make(&run).unwrap();
+        assert_eq!(dirs.made.len(), made, "{:?}", dirs.made);
+        // Another delivery made a level first: still made, nothing fails.
+        let racing = dir.path().join("outputs/other");
+        std::fs::create_dir_all(racing.join("transcode")).unwrap();
+        let mut dirs = DirMaker {
+            missing: Some(racing.clone()),
+            made: Vec::new(),
+        };
+        dirs.make(&racing.join("transcode/run-2")).unwrap();
+        assert!(racing.join("transcode/run-2").is_dir());
     }
 }

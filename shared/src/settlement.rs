@@ -1,0 +1,87 @@
+//! Settling a delivery with the broker (ack, or nack to requeue), once, from any thread.
+//!
+//! A job on the filesystem backend is checked, handled and committed in one trip to a
+//! blocking thread (see [`crate::runtime`]). Its ack used to wait for that trip to wake
+//! the async side again and for lapin's RPC task to forward it: two thread wake-ups
+//! between the commit and the broker hearing of it. At prefetch 1 the broker sends
+//! nothing until that ack arrives, so those wake-ups were most of what the runtime added
+//! to a small job. [`Settlement::ack_now`] queues the ack frame straight for lapin's I/O
+//! loop from the thread that made the commit.
+//!
+//! Why on the channel and not through the delivery's `Acker`: the acker forwards through
+//! lapin's internal RPC task (the wake-up saved here). The channel's own `basic.ack`
+//! queues the frame when first polled, which is all [`Settlement::ack_now`] does; the
+//! frame then goes out in order with everything else on the channel. A channel that has
+//! closed refuses at once (its deliveries come back to the queue anyway), and a channel
+//! of a new connection is a different `Channel`, so a stale delivery tag can never be
+//! acked on it.
+//!
+//! At most once: the first of [`Settlement::ack_now`] and [`Settlement::nack_requeue`]
+//! settles the delivery and the other is then a no-op, because a second settlement of a
+//! delivery tag is a protocol error that closes the channel, and with it every other
+//! job's delivery on it.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::DeliveryTag;
+
+/// One delivery's settlement with the broker. Cheap to clone (the clones share it).
+#[derive(Clone)]
+pub(crate) struct Settlement {
+    /// The channel the delivery came on: a delivery tag means something only there.
+    channel: Arc<Channel>,
+    tag: DeliveryTag,
+    settled: Arc<AtomicBool>,
+}
+
+impl Settlement {
+    pub(crate) fn new(channel: Arc<Channel>, tag: DeliveryTag) -> Self {
+        Self {
+            channel,
+            tag,
+            settled: Arc::default(),
+        }
+    }
+
+    /// Takes the right to settle; false if that was already done.
+    fn take(&self) -> bool {
+        !self.settled.swap(true, Ordering::AcqRel)
+    }
+
+    /// Acks the delivery now, without waiting: callable from a blocking thread. The frame
+    /// is queued for lapin's I/O loop before this returns. Nothing waits for it to be
+    /// written: the broker never answers an ack, and if the connection fails first the
+    /// delivery is redelivered, finds its manifest and is acked as a duplicate.
+    pub(crate) fn ack_now(&self) {
+        if !self.take() {
+            return;
+        }
+        let ack = self.channel.basic_ack(self.tag, BasicAckOptions::default());
+        // `basic_ack` queues its frame before its first await, so one poll sends it; the
+        // rest of the future only waits for the write, which nobody needs.
+        let mut ack = std::pin::pin!(ack);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Poll::Ready(Err(e)) = ack.as_mut().poll(&mut cx) {
+            tracing::warn!(error = %e, "ack failed; the broker will redeliver this job");
+        }
+    }
+
+    /// Returns the delivery to its queue (unless it was already settled).
+    pub(crate) async fn nack_requeue(&self) {
+        if !self.take() {
+            return;
+        }
+        let options = BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        };
+        if let Err(e) = self.channel.basic_nack(self.tag, options).await {
+            tracing::warn!(error = %e, "nack failed; the broker will redeliver this job when the channel closes");
+        }
+    }
+}
