@@ -523,11 +523,10 @@ async fn run_steps<H: Handler>(
     let handled = if worker.storage.is_local() && matches!(job.inputs(), Inputs::Source) {
         // A whole task may be acked in the trip once committed; a part checks its fan-in
         // first.
-        let ack_when_committed = fan_in
+        let lone_ack = fan_in
             .is_none()
             .then(|| (run.settlement.clone(), worker.in_flight.clone()));
-        let attempt = (run.attempt, ack_when_committed);
-        run_local(worker, job, attempt, cancel, progress).await
+        run_local(worker, job, run.attempt, lone_ack, cancel, progress).await
     } else {
         // Boxed, as are the other rare or remote paths below: a job's future is moved
         // whole into its task, and unboxed these made it 13 KB for a local job.
@@ -594,7 +593,8 @@ struct Handled<J> {
 async fn run_local<H: Handler>(
     worker: &Worker<H>,
     job: H::Job,
-    (attempt, ack_when_committed): (u32, Option<(Settlement, InFlight)>),
+    attempt: u32,
+    lone_ack: Option<(Settlement, InFlight)>,
     cancel: CancellationToken,
     progress: tokio::sync::watch::Sender<f64>,
 ) -> Result<Handled<H::Job>, Skip> {
@@ -624,8 +624,7 @@ async fn run_local<H: Handler>(
             Ok(output) if output.fan_out.is_empty() => {
                 let committed =
                     storage.commit_blocking(&lookups.prefix, output, completion(started));
-                if let (Ok(Some(_)), Some((settlement, in_flight))) =
-                    (&committed, &ack_when_committed)
+                if let (Ok(Some(_)), Some((settlement, in_flight))) = (&committed, &lone_ack)
                     && in_flight.len() <= 1
                 {
                     // Committed, so done whatever happens next, and the worker's only job:

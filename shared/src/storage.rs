@@ -81,6 +81,22 @@ impl Walk {
     }
 }
 
+/// The deepest directory two keys share (their common leading segments, neither key's
+/// last), if they share one.
+fn shared_dir<'k>(a: &'k StorageKey, b: &StorageKey) -> Option<&'k str> {
+    let a_dir = a.as_str().trim_end_matches('/').rsplit_once('/')?.0;
+    let b_dir = b.as_str().trim_end_matches('/').rsplit_once('/')?.0;
+    // The byte length of the leading segments `a_dir` and `b_dir` have in common.
+    let mut end = 0;
+    for (x, y) in a_dir.split('/').zip(b_dir.split('/')) {
+        if x != y {
+            break;
+        }
+        end += if end == 0 { x.len() } else { x.len() + 1 };
+    }
+    (end > 0).then(|| &a_dir[..end])
+}
+
 /// The first `n` segments of `key`, if it has that many.
 fn leading_segments(key: &StorageKey, n: usize) -> Option<Vec<&str>> {
     let leading: Vec<&str> = key
@@ -555,15 +571,29 @@ impl Storage {
     }
 
     /// [`Self::manifest_owner_blocking`] of `prefix` and [`Self::exists_blocking`] of
-    /// `marker` (a job's own manifest and its task's cancel marker), from one walk where
-    /// it can: a fresh job's prefix is not there yet, and neither is a marker under the
-    /// same missing directory.
+    /// `marker` (a job's own manifest and its task's cancel marker), from one look where
+    /// it can: a fresh job's prefix is not there yet, and neither is a marker in it.
+    ///
+    /// That look is one `lstat` of the deepest directory the two keys share, not a walk:
+    /// if nothing is there, wherever its path leads, neither key exists, and "missing" is
+    /// a safe answer to both questions even through a link (the job runs, and its commit
+    /// confines every write it makes). Only a key that is found must be confined before
+    /// it is read, so anything found is walked as before.
     pub fn owner_and_exists_blocking(
         &self,
         prefix: &StorageKey,
         marker: &StorageKey,
     ) -> (anyhow::Result<Option<Uuid>>, anyhow::Result<bool>) {
         let key = Self::manifest_key(prefix);
+        if let (Some(_), Some(shared)) = (&self.local, shared_dir(&key, marker))
+            && let Err(e) = self.root.join(shared).symlink_metadata()
+            && matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            )
+        {
+            return (Ok(None), Ok(false));
+        }
         let walk = match self.confined(&key).permanent() {
             Ok(walk) => walk,
             Err(e) => return (Err(e), self.exists_blocking(marker)),
@@ -1445,5 +1475,53 @@ mod tests {
         };
         dirs.make(&racing.join("transcode/run-2")).unwrap();
         assert!(racing.join("transcode/run-2").is_dir());
+    }
+
+    /// The directory two keys share: their common leading segments, neither key's last.
+    #[test]
+    fn shared_dir_is_the_common_leading_directories() {
+        let shared = |a: &str, b: &str| shared_dir(&key(a), &key(b)).map(str::to_owned);
+        assert_eq!(
+            shared(
+                "outputs/j/transcode/manifest.json",
+                "outputs/j/transcode/.cancel"
+            ),
+            Some("outputs/j/transcode".into())
+        );
+        assert_eq!(
+            shared(
+                "outputs/j/transcode/parts/s1/manifest.json",
+                "outputs/j/transcode/.c"
+            ),
+            Some("outputs/j/transcode".into())
+        );
+        assert_eq!(
+            shared("outputs/jj/m", "outputs/j/m"),
+            Some("outputs".into())
+        );
+        assert_eq!(shared("a/m", "b/m"), None);
+        assert_eq!(shared("m", "outputs/m"), None);
+    }
+
+    /// A fresh job's manifest and cancel marker are missing from one look, even when the
+    /// job's directory would lie behind a link out of the root (missing is safe: nothing
+    /// is read there); a found manifest behind such a link is still refused.
+    #[test]
+    fn a_fresh_jobs_manifest_and_marker_are_missing_and_a_linked_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (storage, elsewhere) = store_and_elsewhere(dir.path());
+        let (prefix, marker) = (
+            key("outputs/j/transcode/"),
+            key("outputs/j/transcode/.cancel"),
+        );
+        let (owner, marked) = storage.owner_and_exists_blocking(&prefix, &marker);
+        assert!(matches!((owner, marked), (Ok(None), Ok(false))));
+        std::fs::create_dir_all(elsewhere.join("transcode")).unwrap();
+        std::fs::write(elsewhere.join("transcode/manifest.json"), b"{}").unwrap();
+        std::fs::create_dir_all(dir.path().join("store/outputs")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("store/outputs/j")).unwrap();
+        let (owner, _) = storage.owner_and_exists_blocking(&prefix, &marker);
+        let refused = format!("{:#}", owner.unwrap_err());
+        assert!(refused.contains("outside the storage root"), "{refused}");
     }
 }
