@@ -606,7 +606,9 @@ async fn run_local<H: Handler>(
         worker.series.job_seconds.clone(),
     );
     let completion = completion_of(worker, &job, attempt);
-    let (job_id, job_token) = (job.job_id(), cancel.child_token());
+    // The job's own token (a child of the session's), shared with the handler: the time
+    // limit and an operator's cancel fire it.
+    let (job_id, job_token) = (job.job_id(), cancel.clone());
     let context = move |input| {
         let scratch = ScratchDir::MakeIn(scratch_root);
         job_context(job_id, attempt, (input, scratch), job_token, progress)
@@ -984,7 +986,7 @@ async fn run_handler<H: Handler>(
         job.job_id(),
         attempt,
         (input, ScratchDir::Ready(out_dir)),
-        cancel.child_token(),
+        cancel.clone(),
         progress,
     );
     let (handler, job_seconds) = (worker.handler.clone(), worker.series.job_seconds.clone());
@@ -1023,7 +1025,7 @@ fn job_context(
 }
 
 /// Waits for a job's blocking trip; past the job's time limit, cancels `token` (the
-/// parent of the handler's) and waits for the trip to stop. Whether the limit struck.
+/// handler's) and waits for the trip to stop. Whether the limit struck.
 async fn within_time_limit<H: Handler, T>(
     worker: &Worker<H>,
     token: &CancellationToken,
