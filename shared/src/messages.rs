@@ -40,7 +40,7 @@ pub enum PoisonError {
 
 /// What every job message has in common; the worker runtime is generic over it.
 pub trait JobMessage: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// The task kind this message is for, from the [`tasks`](crate::tasks) registry.
+    /// The task kind this message is for, from the [`tasks`] registry.
     const KIND: TaskKind;
     /// The task name: routing key, queue suffix and `task` field (the kind's name).
     const TASK: &'static str = Self::KIND.name;

@@ -6,7 +6,9 @@
 //! between the commit and the broker hearing of it. At prefetch 1 the broker sends
 //! nothing until that ack arrives, so those wake-ups were most of what the runtime added
 //! to a small job. [`Settlement::ack_now`] queues the ack frame straight for lapin's I/O
-//! loop from the thread that made the commit.
+//! loop from the thread that made the commit, when that job is the worker's only one
+//! (with several running, acks sent from the async side leave together; see
+//! `runtime::run_local`).
 //!
 //! Why on the channel and not through the delivery's `Acker`: the acker forwards through
 //! lapin's internal RPC task (the wake-up saved here). The channel's own `basic.ack`

@@ -20,7 +20,7 @@
 //! Errors are `anyhow` with what was being done as context and the store's own error as
 //! the cause; what retrying cannot fix (a missing object or bucket, refused access, a
 //! path out of the root, a manifest that is not one) is marked
-//! [`permanent`](crate::permanent). The worker runtime turns them into a job's outcome
+//! [`permanent`]. The worker runtime turns them into a job's outcome
 //! once, with [`JobError::classify`](crate::JobError::classify), so a dead letter's
 //! reason keeps the whole chain.
 
