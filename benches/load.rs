@@ -7,7 +7,7 @@
 //! taken off). Not a test.
 //!
 //! ```sh
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! LOAD_JOBS=2000 LOAD_WORKERS=4 cargo bench --bench load
 //! ```
 //!
@@ -69,7 +69,7 @@ fn thumbnailer_bin() -> PathBuf {
     let bin = exe.parent().unwrap().parent().unwrap().join("thumbnailer");
     assert!(
         bin.is_file(),
-        "{} is missing: run `cargo build --release --bins` first",
+        "{} is missing: run `cargo build --release --workspace --bins` first",
         bin.display()
     );
     bin

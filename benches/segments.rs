@@ -3,7 +3,7 @@
 //! the default ladder. Wall time is from publishing the job to its manifest. Not a test.
 //!
 //! ```sh
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! cargo bench --bench segments                    # 3-minute 1080p source
 //! SEG_BENCH_SECS=60 cargo bench --bench segments  # shorter
 //! ```
