@@ -97,6 +97,16 @@ fn shared_dir<'k>(a: &'k StorageKey, b: &StorageKey) -> Option<&'k str> {
     (end > 0).then(|| &a_dir[..end])
 }
 
+/// Whether a file system error says the path is not there, as the object store sees it:
+/// nothing at all, or a file where a directory of the path should be (nothing exists
+/// under a file).
+fn is_absent(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// The first `n` segments of `key`, if it has that many.
 fn leading_segments(key: &StorageKey, n: usize) -> Option<Vec<&str>> {
     let leading: Vec<&str> = key
@@ -269,12 +279,7 @@ impl Storage {
                 }
                 Ok(meta) => last = Some(meta),
                 // Under a file nothing exists either, as the object store sees it.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                    ) =>
-                {
+                Err(e) if is_absent(&e) => {
                     return Ok(Walk::Missing { found });
                 }
                 Err(_) => return Ok(Walk::Unknown { linked: false }),
@@ -549,14 +554,7 @@ impl Storage {
         }
         match std::fs::metadata(self.local_path(key)?) {
             Ok(meta) => Ok(meta.is_file()),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-                ) =>
-            {
-                Ok(false)
-            }
+            Err(e) if is_absent(&e) => Ok(false),
             Err(e) => Err(e).with_context(|| format!("checking `{key}` in storage")),
         }
     }
@@ -587,10 +585,7 @@ impl Storage {
         let key = Self::manifest_key(prefix);
         if let (Some(_), Some(shared)) = (&self.local, shared_dir(&key, marker))
             && let Err(e) = self.root.join(shared).symlink_metadata()
-            && matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
-            )
+            && is_absent(&e)
         {
             return (Ok(None), Ok(false));
         }
@@ -923,21 +918,15 @@ impl DirMaker {
         }
         match &self.missing {
             Some(top) if dir.starts_with(top) => {
-                let mut levels = vec![top.clone()];
-                for part in dir
-                    .strip_prefix(top)
-                    .unwrap_or(FsPath::new(""))
-                    .components()
-                {
-                    let below = levels[levels.len() - 1].join(part);
-                    levels.push(below);
-                }
-                for level in levels {
-                    if exists(&self.made, &level) {
+                // `top`, then each level below it down to `dir`, top first.
+                let levels: Vec<&FsPath> =
+                    dir.ancestors().take_while(|a| a.starts_with(top)).collect();
+                for level in levels.into_iter().rev() {
+                    if exists(&self.made, level) {
                         continue;
                     }
-                    match std::fs::create_dir(&level) {
-                        Ok(()) => self.made.push(level),
+                    match std::fs::create_dir(level) {
+                        Ok(()) => self.made.push(level.to_path_buf()),
                         // Made meanwhile (another delivery of the job committing too):
                         // the general way takes it from there, as it would have.
                         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -1326,20 +1315,19 @@ mod tests {
             assert!(storage.exists_blocking(&key(k)).is_err(), "{k}");
         }
 
-        let source = storage
-            .local_source_blocking(&key("uploads/a/src.bin"))
-            .unwrap();
-        assert_eq!(
-            (source.path, source.size),
-            (storage.root.join("uploads/a/src.bin"), 5)
-        );
-        let linked = storage
-            .local_source_blocking(&key("uploads/inside"))
-            .unwrap();
-        assert_eq!(
-            (linked.path, linked.size),
-            (storage.root.join("shared/f.bin"), 6)
-        );
+        // A plain source is read where it is; one through a link inside the root, at the
+        // link's real target.
+        for (k, path, size) in [
+            ("uploads/a/src.bin", "uploads/a/src.bin", 5),
+            ("uploads/inside", "shared/f.bin", 6),
+        ] {
+            let source = storage.local_source_blocking(&key(k)).unwrap();
+            assert_eq!(
+                (source.path, source.size),
+                (storage.root.join(path), size),
+                "{k}"
+            );
+        }
         for k in ["uploads/a", "uploads/none/src.bin"] {
             let err = storage.local_source_blocking(&key(k)).unwrap_err();
             assert!(
