@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use serde_json::json;
-use shared::events::JobState;
+use shared::events::{EventPublisher, JobState};
+use shared::inflight::InFlight;
 use shared::storage::Storage;
 use shared::storage_key::StorageKey;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::support::{TestEnv, broker_ctl, eventually, job_keys, stays, test_job};
@@ -317,6 +319,81 @@ async fn sigterm_lets_a_short_job_finish_and_acks_it() {
     })
     .await;
     assert_no_error_lines(&log);
+}
+
+/// Each job's events arrive in the order they were sent, whichever way they went out: a
+/// job alone sends its own (one at a time, below), jobs running together queue theirs for
+/// the publisher's task (the burst), and a job that starts busy and ends alone changes
+/// ways midway.
+#[tokio::test]
+async fn a_jobs_events_arrive_in_order_whether_it_runs_alone_or_among_others() {
+    let mut env = TestEnv::new().await;
+    env.spawn_worker(
+        WORKER,
+        "in-order",
+        &[
+            ("VIDPIPE__WORKER__CONCURRENCY", "4"),
+            ("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0"),
+        ],
+    );
+    let mut events = env.follow_all_events().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (id, prefix) = submit(&env, json!({})).await;
+        env.wait_manifest(&prefix, PATIENCE).await;
+        ids.push(id);
+    }
+    for i in 0..12 {
+        ids.push(submit(&env, json!({ "work_ms": 40 * (i % 4) })).await.0);
+    }
+    events
+        .wait_for_nth("transcode", JobState::Completed, ids.len(), PATIENCE)
+        .await;
+    for id in &ids {
+        let states: Vec<JobState> = events
+            .seen
+            .iter()
+            .filter(|e| e.job_id == *id)
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(states.first(), Some(&JobState::Started), "{id}: {states:?}");
+        assert_eq!(
+            states.last(),
+            Some(&JobState::Completed),
+            "{id}: {states:?}"
+        );
+        let completed = states.iter().filter(|s| **s == JobState::Completed).count();
+        assert_eq!(completed, 1, "{id}: {states:?}");
+    }
+}
+
+/// The publisher's side of the above, made deterministic: an event emitted while another
+/// job runs waits in the publisher's queue, and the job's next event, emitted once it is
+/// alone, waits behind it instead of going out directly ahead of it.
+#[tokio::test]
+async fn an_event_sent_alone_waits_behind_one_queued_while_busy() {
+    let env = TestEnv::new().await;
+    let id = Uuid::new_v4();
+    let mut events = env.follow_events(id).await;
+    let (in_flight, session) = (InFlight::default(), CancellationToken::new());
+    let this = in_flight.track(id, "transcode", None, &session);
+    let other = in_flight.track(Uuid::new_v4(), "transcode", None, &session);
+    let channel = env.conn.create_channel().await.expect("a channel");
+    let publisher = EventPublisher::new(channel, env.topology.events_exchange(), "order".into())
+        .with_progress_to(in_flight.clone());
+    // Busy: queued for the publisher's task, which has not run yet (this test's runtime
+    // has one thread, and nothing has yielded to the task).
+    publisher.emit(id, "transcode", None, JobState::Started, 1, None, None);
+    drop(other);
+    publisher.emit(id, "transcode", None, JobState::Completed, 1, None, None);
+    drop(this);
+    publisher.finish(Duration::from_secs(5)).await;
+    events
+        .wait_for("transcode", JobState::Completed, PATIENCE)
+        .await;
+    events.poll(Duration::from_millis(300)).await;
+    let states: Vec<JobState> = events.seen.iter().map(|e| e.state).collect();
+    assert_eq!(states, [JobState::Started, JobState::Completed]);
 }
 
 /// While a worker drains after SIGTERM it takes no new job: one published meanwhile stays
