@@ -12,7 +12,8 @@
 //!   starting a worker (connect, declare, consumers) is not dispatch. Per job it also
 //!   prints the CPU time of this process and of the broker (from `/proc`) and this
 //!   process's context switches. Each prefetch runs in rounds (`DISPATCH_ROUNDS`, 5)
-//!   of all four back to back; the results are the rounds' medians.
+//!   of all four back to back, each round starting with the next one; the results are
+//!   the rounds' medians.
 //! - publish: `shared::broker::publish_confirmed` vs raw `basic_publish` + confirm.
 
 #[path = "support/cpu.rs"]
@@ -190,6 +191,8 @@ impl Bench {
         }
     }
 
+    /// Publishes `n` jobs (confirmed), then lets the broker settle for a moment, so the
+    /// measured run does not share it with the tail of the publishing.
     async fn fill(&self, n: usize) {
         let ch = broker::confirm_channel(&self.conn).await.unwrap();
         let mut pending = Vec::with_capacity(n);
@@ -221,6 +224,7 @@ impl Bench {
         for c in pending {
             c.await.unwrap();
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
     /// Raw lapin consume + ack, and with [`Consumer::Floor`] or [`Consumer::Hop`] also
@@ -469,9 +473,14 @@ async fn main() {
         bench.raw_consume(200, prefetch, Consumer::Raw).await;
         bench.runtime_consume(200, prefetch).await;
         let mut measured: Vec<[Measured; 4]> = Vec::with_capacity(rounds);
-        for _ in 0..rounds {
+        for r in 0..rounds {
             let mut round = [None; 4];
-            for kind in Consumer::ALL {
+            // Each round starts with the next consumer: whoever runs right after another
+            // meets the broker still busy with that run's acks (a quorum queue's log), so a
+            // fixed order would favour some consumer every round.
+            let mut order = Consumer::ALL;
+            order.rotate_left(r % Consumer::ALL.len());
+            for kind in order {
                 round[kind as usize] = Some(bench.consume(JOBS, prefetch, kind).await);
             }
             let round = round.map(|m| m.expect("every consumer ran"));
