@@ -126,8 +126,9 @@ impl Consumer {
 }
 
 /// Does nothing but count its calls, and says when the run's last job has been handled:
-/// the bench then waits without waking every millisecond to look (a timer's wake-up per
-/// job at prefetch 1 was a tenth of the client CPU charged to the runtime).
+/// the bench then waits without waking every millisecond to look (at prefetch 1, about a
+/// job a millisecond, those wake-ups were a quarter of the client CPU charged to the
+/// runtime: 463 µs a job with them, 350 without).
 struct EmptyHandler {
     handled: AtomicUsize,
     last: usize,

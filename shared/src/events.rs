@@ -103,9 +103,9 @@ pub fn now_rfc3339() -> String {
 ///   event's publish. Its one run sends the events of several jobs, so lapin's I/O loop
 ///   wakes once for them all.
 /// - Alone (one job at most, nothing queued): the emitting call polls the publish itself,
-///   sparing the task's wake-up. At prefetch 1 that wake-up was a fifth of what the
-///   runtime added to a small job; at prefetch 50 publishing every event directly was 10 %
-///   slower, as each woke the I/O loop on its own.
+///   sparing the task's wake-up: at prefetch 1, 2.5 fewer context switches a job and
+///   about 30 µs less worker CPU. Publishing every event directly was tried: at prefetch
+///   50 it gave about 9 % fewer jobs/s, as each event woke the I/O loop on its own.
 ///
 /// The direct way is taken only while the queue is empty (every event queued before has
 /// been handed to lapin), so a job's events never overtake its own earlier ones.
