@@ -176,7 +176,9 @@ impl EventPublisher {
             // Under the lock: `last_direct` is then always the newest direct publish.
             let mut last = self.last_direct.lock().unwrap_or_else(|e| e.into_inner());
             if self.queued.load(Ordering::Acquire) == 0 {
-                let mut publish = publish(&self.channel, &self.exchange, routing_key, body);
+                let (channel, exchange) = (self.channel.clone(), self.exchange.clone());
+                let mut publish: Publish =
+                    Box::pin(async move { publish(&channel, &exchange, routing_key, body).await });
                 let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
                 match publish.as_mut().poll(&mut cx) {
                     Poll::Ready(sent) => report(sent),
@@ -253,20 +255,23 @@ impl EventPublisher {
 /// How many queued events [`EventPublisher`]'s task sends at once, at most.
 const EVENTS_AT_ONCE: usize = 64;
 
-/// One event's publish on `channel`, not yet polled.
-fn publish(channel: &Channel, exchange: &Arc<str>, routing_key: String, body: Vec<u8>) -> Publish {
-    let (channel, exchange) = (channel.clone(), exchange.clone());
-    Box::pin(async move {
-        channel
-            .basic_publish(
-                (*exchange).into(),
-                routing_key.into(),
-                BasicPublishOptions::default(),
-                &body,
-                BasicProperties::default().with_content_type("application/json".into()),
-            )
-            .await
-    })
+/// One event's publish on `channel`, not yet polled (it queues its frames when first
+/// polled, then waits for them to be written).
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: String,
+    body: Vec<u8>,
+) -> lapin::Result<PublisherConfirm> {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default().with_content_type("application/json".into()),
+        )
+        .await
 }
 
 fn report(sent: lapin::Result<PublisherConfirm>) {
@@ -279,9 +284,13 @@ fn report(sent: lapin::Result<PublisherConfirm>) {
 /// counting each off `queued`, then waits until each is written. The waits overlap, and a
 /// busy worker's events go out several per write instead of one per round trip to the
 /// connection's I/O loop.
-async fn send_in_order(publishes: impl Iterator<Item = Publish>, queued: &AtomicUsize) {
+async fn send_in_order(
+    publishes: impl Iterator<Item = impl Future<Output = lapin::Result<PublisherConfirm>>>,
+    queued: &AtomicUsize,
+) {
     let mut writing = futures::stream::FuturesUnordered::new();
-    for mut publish in publishes {
+    for publish in publishes {
+        let mut publish = Box::pin(publish);
         let polled = futures::poll!(&mut publish);
         queued.fetch_sub(1, Ordering::AcqRel);
         match polled {

@@ -1013,7 +1013,7 @@ mod tests {
         assert!(taken > 0, "some variants are still well-formed");
         let job = r#""job_id":"6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e","source":"uploads/x/source.mp4","output_prefix":"outputs/6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e/transcode/""#;
         for body in [
-            format!(r#"[1,"transcode","6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e","a","b/"]"#),
+            r#"[1,"transcode","6f1c1f0e-8a53-4b8e-9d5e-1b2f0a3c4d5e","a","b/"]"#.to_owned(),
             format!(r#"{{"schema":1,"schema":2,"task":"transcode",{job}}}"#),
             format!(r#"{{"schema":2,"schema":1,"task":"transcode",{job}}}"#),
             format!(r#"{{"schema":1,"task":"thumbnail","task":"transcode",{job}}}"#),
