@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::inflight::InFlight;
+use crate::settlement::queue_frames;
 use crate::split::PartRef;
 
 /// Where a task is in its life.
@@ -124,7 +126,7 @@ pub struct EventPublisher {
     /// The worker's jobs: told of every progress event (its in-flight map keeps the last
     /// percent for its heartbeats), and asked whether an event may go the direct way.
     /// Without it, every event goes through the task.
-    in_flight: Option<crate::inflight::InFlight>,
+    in_flight: Option<InFlight>,
 }
 
 /// One event's publish, from its frames queued until they are written.
@@ -164,14 +166,14 @@ impl EventPublisher {
 
     /// Also records every progress this publisher sends in `in_flight`, and sends the
     /// direct way while it holds one job at most.
-    pub fn with_progress_to(mut self, in_flight: crate::inflight::InFlight) -> Self {
+    pub fn with_progress_to(mut self, in_flight: InFlight) -> Self {
         self.in_flight = Some(in_flight);
         self
     }
 
     /// Sends any body under any routing key (worker announcements).
     pub fn send(&self, routing_key: String, body: Vec<u8>) {
-        let alone = self.in_flight.as_ref().is_some_and(|jobs| jobs.len() <= 1);
+        let alone = self.in_flight.as_ref().is_some_and(InFlight::at_most_one);
         if alone {
             // Under the lock: `last_direct` is then always the newest direct publish.
             let mut last = self.last_direct.lock().unwrap_or_else(|e| e.into_inner());
@@ -179,8 +181,7 @@ impl EventPublisher {
                 let (channel, exchange) = (self.channel.clone(), self.exchange.clone());
                 let mut publish: Publish =
                     Box::pin(async move { publish(&channel, &exchange, routing_key, body).await });
-                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                match publish.as_mut().poll(&mut cx) {
+                match queue_frames(publish.as_mut()) {
                     Poll::Ready(sent) => report(sent),
                     // Queued; the rest only waits for the write (see `finish`).
                     Poll::Pending => *last = Some(publish),

@@ -154,6 +154,13 @@ impl InFlight {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the worker runs one job at most: then it sends a job's ack and events
+    /// itself, at once, instead of leaving them to be sent together with other jobs'
+    /// (see `Settlement::ack_now` and `EventPublisher::send`).
+    pub fn at_most_one(&self) -> bool {
+        self.len() <= 1
+    }
 }
 
 impl Tracked {

@@ -627,7 +627,7 @@ async fn run_local<H: Handler>(
                 let committed =
                     storage.commit_blocking(&lookups.prefix, output, completion(started));
                 if let (Ok(Some(_)), Some((settlement, in_flight))) = (&committed, &lone_ack)
-                    && in_flight.len() <= 1
+                    && in_flight.at_most_one()
                 {
                     // Committed, so done whatever happens next, and the worker's only job:
                     // the broker sends no more until this ack, so it goes now, without

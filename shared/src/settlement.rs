@@ -64,11 +64,8 @@ impl Settlement {
             return;
         }
         let ack = self.channel.basic_ack(self.tag, BasicAckOptions::default());
-        // `basic_ack` queues its frame before its first await, so one poll sends it; the
-        // rest of the future only waits for the write, which nobody needs.
-        let mut ack = std::pin::pin!(ack);
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        if let Poll::Ready(Err(e)) = ack.as_mut().poll(&mut cx) {
+        // The rest of the future only waits for the write, which nobody needs.
+        if let Poll::Ready(Err(e)) = queue_frames(std::pin::pin!(ack)) {
             tracing::warn!(error = %e, "ack failed; the broker will redeliver this job");
         }
     }
@@ -86,4 +83,12 @@ impl Settlement {
             tracing::warn!(error = %e, "nack failed; the broker will redeliver this job when the channel closes");
         }
     }
+}
+
+/// Polls a lapin method future once, from any thread, with no waker: lapin's `basic_ack`
+/// and `basic_publish` queue their frames for the I/O loop before their first await, so
+/// this one poll sends them. What is left of the future only waits for the write; a
+/// caller that needs that keeps the future and awaits it.
+pub(crate) fn queue_frames<F: Future + ?Sized>(frames: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    frames.poll(&mut Context::from_waker(std::task::Waker::noop()))
 }
