@@ -321,6 +321,105 @@ async fn sigterm_lets_a_short_job_finish_and_acks_it() {
     assert_no_error_lines(&log);
 }
 
+/// Jobs that finish while another runs are acked (held for a batch at most a moment),
+/// and no ack, batched or not, covers the job still running: killed mid-run, the worker
+/// leaves exactly that one job to come back. The long job sits between short ones in
+/// delivery order, so the short ones before it can be acked as one batch (`multiple`)
+/// and those after it wait behind a running delivery.
+#[tokio::test]
+async fn a_batched_ack_never_covers_a_job_still_running() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(
+        WORKER,
+        "batcher",
+        &[
+            ("VIDPIPE__WORKER__CONCURRENCY", "5"),
+            ("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0"),
+        ],
+    );
+    let mut events = env.follow_all_events().await;
+    let mut short = Vec::new();
+    let mut long = None;
+    for i in 0..5 {
+        let work_ms = if i == 2 { 60_000 } else { 50 };
+        let (id, _) = submit(&env, json!({ "work_ms": work_ms })).await;
+        match i {
+            2 => long = Some(id),
+            _ => short.push(id),
+        }
+    }
+    let long = long.expect("the long job");
+    events
+        .wait_for_nth("transcode", JobState::Completed, short.len(), PATIENCE)
+        .await;
+    let completed: Vec<Uuid> = events
+        .seen
+        .iter()
+        .filter(|e| e.state == JobState::Completed)
+        .map(|e| e.job_id)
+        .collect();
+    assert!(
+        !completed.contains(&long),
+        "the long job cannot be done yet"
+    );
+    // Well past the straggler wait: every short job's ack has been sent by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.worker(w).signal("KILL");
+    env.worker(w)
+        .wait_exit(Duration::from_secs(5))
+        .expect("killed");
+    let queue = env.topology.work_queue("transcode");
+    eventually(PATIENCE, "the running job to come back", async || {
+        env.queue_depth(&queue).await >= 1
+    })
+    .await;
+    let what = "exactly the running job to come back (a short one unacked, or the long one acked, changes the count)";
+    stays(Duration::from_secs(1), what, async || {
+        env.queue_depth(&queue).await == 1
+    })
+    .await;
+    let back = env.take_all(&queue).await;
+    let job: serde_json::Value = serde_json::from_slice(&back[0].body).expect("a job");
+    assert_eq!(job["job_id"], long.to_string());
+}
+
+/// SIGTERM while several jobs run: they finish together during the drain, and every ack,
+/// those held for a batch included, reaches the broker before the channel closes.
+#[tokio::test]
+async fn sigterm_with_several_jobs_running_acks_them_all() {
+    let mut env = TestEnv::new().await;
+    let w = env.spawn_worker(
+        WORKER,
+        "drain-acks",
+        &[
+            ("VIDPIPE__WORKER__CONCURRENCY", "4"),
+            ("VIDPIPE__WORKER__SHUTDOWN_GRACE_SECS", "20"),
+            ("VIDPIPE__WORKER__STARTED_EVENT_AFTER_SECS", "0"),
+        ],
+    );
+    let mut events = env.follow_all_events().await;
+    for _ in 0..4 {
+        submit(&env, json!({ "work_ms": 1500 })).await;
+    }
+    events
+        .wait_for_nth("transcode", JobState::Started, 4, PATIENCE)
+        .await;
+    env.worker(w).signal("TERM");
+    let status = env.worker(w).wait_exit(PATIENCE).expect("worker exits");
+    let log = env.worker(w).log_text();
+    assert!(status.success(), "exit status {status:?}; log:\n{log}");
+    events
+        .wait_for_nth("transcode", JobState::Completed, 4, PATIENCE)
+        .await;
+    let queue = env.topology.work_queue("transcode");
+    let what = format!("the finished jobs to stay acked; worker log:\n{log}");
+    stays(Duration::from_secs(2), &what, async || {
+        env.queue_depth(&queue).await == 0
+    })
+    .await;
+    assert_no_error_lines(&log);
+}
+
 /// Each job's events arrive in the order they were sent, whichever way they went out: a
 /// job alone sends its own (one at a time, below), jobs running together queue theirs for
 /// the publisher's task (the burst), and a job that starts busy and ends alone changes

@@ -13,12 +13,12 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, Consumer};
+use lapin::{Connection, Consumer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::priority::{Priority, StartGate};
-use crate::settlement::Settlement;
+use crate::settlement::{Ledger, Settlement};
 use crate::topology::Topology;
 
 /// The consumers of one session, the deliveries waiting for a slot, and the slots.
@@ -29,10 +29,10 @@ pub(crate) struct Intake {
     slots: Arc<Semaphore>,
 }
 
-/// One priority's channel and consumer (the channel must outlive the jobs it delivered:
-/// a delivery is acked on its own channel).
+/// One priority's channel (in its ledger) and consumer. The channel must outlive the
+/// jobs it delivered: a delivery is acked on its own channel.
 struct Stream {
-    channel: Arc<Channel>,
+    ledger: Arc<Ledger>,
     consumer: Consumer,
 }
 
@@ -67,7 +67,7 @@ impl Intake {
                 )
                 .await?;
             Ok::<_, anyhow::Error>(Stream {
-                channel: Arc::new(channel),
+                ledger: Ledger::new(Arc::new(channel)),
                 consumer,
             })
         };
@@ -100,27 +100,29 @@ impl Intake {
         }
     }
 
-    /// The settlement of a delivery of the given priority: on its stream's channel.
+    /// The settlement of a delivery of the given priority: on its stream's channel. Made
+    /// as deliveries leave the gate, which within a priority is the order they arrived
+    /// in, as the ledger needs.
     fn settlement(&self, priority: Priority, delivery: &Delivery) -> Settlement {
         let stream = match priority {
             Priority::High => &self.high,
             Priority::Normal => &self.normal,
         };
-        Settlement::new(stream.channel.clone(), delivery.delivery_tag)
+        Settlement::new(&stream.ledger, delivery.delivery_tag)
     }
 
     /// Stops both consumers and returns to the queues at once every delivery that has
-    /// not started, so other workers can take them. The channels stay open (returned)
-    /// for the acks of the jobs still running.
-    pub(crate) async fn stop(mut self) -> Vec<Arc<Channel>> {
+    /// not started, so other workers can take them. The channels stay open (their ledgers
+    /// returned) for the acks of the jobs still running.
+    pub(crate) async fn stop(mut self) -> Vec<Arc<Ledger>> {
         let mut unstarted = Vec::new();
         while let Some((priority, delivery)) = self.gate.pop() {
             unstarted.push(self.settlement(priority, &delivery));
         }
         let mut returned = Vec::new();
         for stream in [self.high, self.normal] {
-            crate::runtime::stop_consuming(&stream.channel, stream.consumer).await;
-            returned.push(stream.channel);
+            crate::runtime::stop_consuming(&stream.ledger, stream.consumer).await;
+            returned.push(stream.ledger);
         }
         for settlement in unstarted {
             settlement.nack_requeue().await;

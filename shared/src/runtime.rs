@@ -44,7 +44,7 @@ use crate::messages::{self, JobMessage};
 use crate::outcome::{Action, JobError, Outcome, RetryPolicy, decide};
 use crate::priority::Priority;
 use crate::settings::Settings;
-use crate::settlement::Settlement;
+use crate::settlement::{Ledger, Settlement};
 use crate::split::{self, FanIn, Inputs, PartRef};
 use crate::storage::Storage;
 use crate::storage_key::StorageKey;
@@ -313,10 +313,14 @@ async fn consume<H: Handler>(
     drain(worker, jobs, cancel_jobs).await;
     operator.end();
     events.finish(Duration::from_secs(5)).await;
-    for ch in consumed.iter().map(|c| &**c).chain([&publisher]) {
-        if let Err(e) = ch.close(200, "worker shutting down".into()).await {
+    // Each consuming channel sends the acks it holds for a batch before it closes.
+    for ledger in &consumed {
+        if let Err(e) = ledger.close().await {
             tracing::warn!(error = %e, "closing a channel failed");
         }
+    }
+    if let Err(e) = publisher.close(200, "worker shutting down".into()).await {
+        tracing::warn!(error = %e, "closing a channel failed");
     }
     SessionEnd::Shutdown
 }
@@ -324,8 +328,9 @@ async fn consume<H: Handler>(
 /// Stops deliveries (`basic.cancel`) and returns at once the ones already prefetched
 /// but not started, so other workers can take them during the grace period instead of
 /// after it. After the cancel-ok the consumer yields what it buffered, then ends.
-pub(crate) async fn stop_consuming(channel: &Arc<Channel>, mut consumer: lapin::Consumer) {
-    if let Err(e) = channel
+pub(crate) async fn stop_consuming(ledger: &Arc<Ledger>, mut consumer: lapin::Consumer) {
+    if let Err(e) = ledger
+        .channel()
         .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await
     {
@@ -335,7 +340,7 @@ pub(crate) async fn stop_consuming(channel: &Arc<Channel>, mut consumer: lapin::
     let returned = async {
         let mut count = 0;
         while let Some(Ok(delivery)) = consumer.next().await {
-            Settlement::new(channel.clone(), delivery.delivery_tag)
+            Settlement::new(ledger, delivery.delivery_tag)
                 .nack_requeue()
                 .await;
             count += 1;
@@ -1145,7 +1150,7 @@ async fn settle<H: Handler>(
     };
     match decide(outcome, run.attempt, &worker.policy) {
         Action::Ack => {
-            run.settlement.ack_now();
+            run.settlement.ack();
             worker.series.completed.inc();
             // `completed` is the task's, sent once: not for a part (its 100 % is
             // progress of the task), not for a duplicate (the first delivery sent it).
@@ -1172,7 +1177,7 @@ async fn settle<H: Handler>(
         }
         Action::Discard => {
             tracing::info!("job cancelled by an operator; acked, not retried");
-            run.settlement.ack_now();
+            run.settlement.ack();
             worker.series.cancelled.inc();
             run.emit::<H>(
                 job_id,
@@ -1322,7 +1327,7 @@ async fn park(
     let props = broker::persistent_json(headers);
     match broker::publish_confirmed(publisher, exchange, routing_key, body, props).await {
         Ok(()) => {
-            settlement.ack_now();
+            settlement.ack();
             true
         }
         Err(e) => {
