@@ -495,6 +495,46 @@ async fn an_event_sent_alone_waits_behind_one_queued_while_busy() {
     assert_eq!(states, [JobState::Started, JobState::Completed]);
 }
 
+/// Events sent the direct way (a job alone) right before the publisher finishes all reach
+/// the broker: `finish` waits for them to be written before the channel may close (a
+/// close overtakes publishes still queued, and the broker then drops them). Sent in a
+/// burst, on a connection of its own, the last ones are still queued when `finish` runs.
+#[tokio::test]
+async fn events_sent_alone_just_before_finish_all_arrive() {
+    let env = TestEnv::new().await;
+    let id = Uuid::new_v4();
+    let mut events = env.follow_events(id).await;
+    let conn = shared::broker::try_connect(&env.amqp_url, "vidpipe-tests-finish")
+        .await
+        .expect("a connection");
+    let channel = conn.create_channel().await.expect("a channel");
+    let publisher = EventPublisher::new(channel, env.topology.events_exchange(), "burst".into())
+        .with_progress_to(InFlight::default());
+    const SENT: usize = 300;
+    for i in 0..SENT {
+        let percent = Some(i as f64 / SENT as f64 * 100.0);
+        publisher.emit(id, "transcode", None, JobState::Progress, 1, percent, None);
+    }
+    publisher.emit(id, "transcode", None, JobState::Completed, 1, None, None);
+    publisher.finish(Duration::from_secs(5)).await;
+    events
+        .wait_for("transcode", JobState::Completed, PATIENCE)
+        .await;
+    let progress = events
+        .seen
+        .iter()
+        .filter(|e| e.state == JobState::Progress)
+        .count();
+    assert_eq!(
+        progress, SENT,
+        "every progress event before the completed one"
+    );
+    assert!(
+        conn.status().connected(),
+        "the broker closed the connection"
+    );
+}
+
 /// While a worker drains after SIGTERM it takes no new job: one published meanwhile stays
 /// in the queue for another worker, even though the draining one has a free slot.
 #[tokio::test]

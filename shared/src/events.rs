@@ -200,19 +200,22 @@ impl EventPublisher {
     /// (the sending task only ends once every clone is gone). For a clean shutdown: the
     /// last `completed` of a job finished during the drain still reaches `--wait`.
     pub async fn finish(self, limit: Duration) {
-        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let direct = self
-            .last_direct
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        drop(self);
-        let written = async {
-            // Written before the channel closes: a close goes out ahead of publishes
-            // still queued.
+        let written = async move {
+            // The newest direct publish is written before this clone goes. When it is the
+            // last clone, the task then closes the channel, and a close goes out ahead of
+            // publishes still queued: the broker would drop them, and take a publish
+            // arriving after the close for a frame on a closed channel, closing the whole
+            // connection with an error.
+            let direct = self
+                .last_direct
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
             if let Some(direct) = direct {
                 report(direct.await);
             }
+            let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+            drop(self);
             if let Some(sender) = sender {
                 let _ = sender.await;
             }
